@@ -1,0 +1,107 @@
+"""The ``kzpool`` command: ``serve``, ``check``, ``status``, ``example-config``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import config as config_mod
+from . import control, exitcodes, logs
+from .errors import ConfigError, KzpoolError, PoolNotRunning
+from .settings import SETTINGS
+
+DEFAULT_CONFIG = "/etc/kzpool/config.ini"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kzpool", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the pool (master and workers)")
+    check = commands.add_parser("check", help="validate a config file")
+    status = commands.add_parser("status", help="show connections and leases")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--socket", help="lease socket (default: from the config)")
+    for command in (serve, check, status):
+        command.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                             help=f"config file (default {DEFAULT_CONFIG})")
+    for setting in SETTINGS:
+        if setting.cli:
+            serve.add_argument(setting.flag, dest=f"set_{setting.name}", metavar="VALUE",
+                               help=f"{setting.help} [pool] {setting.name}")
+    commands.add_parser("example-config", help="print the [pool] section with every setting")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "example-config":
+            print(example_pool_section())
+            return exitcodes.OK
+        if args.command == "status" and args.socket:
+            return _status(args.socket, args.json)
+        overrides = {k[4:]: v for k, v in vars(args).items()
+                     if k.startswith("set_") and v is not None}
+        config = config_mod.load(args.config, overrides)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return exitcodes.CONFIG
+    except KzpoolError as exc:
+        print(f"kzpool: {exc}", file=sys.stderr)
+        return exitcodes.ERROR
+    if args.command == "check":
+        print(f"{config.path}: ok ({len(config.brokers)} broker(s), local zone"
+              f" {config.local_zone})")
+        return exitcodes.OK
+    if args.command == "status":
+        return _status(config.settings.socket, args.json)
+    return _serve(config)
+
+
+def _serve(config: config_mod.Config) -> int:
+    from .master import Master  # deferred: `check` and `status` stay light
+
+    logs.setup(config.settings.log_level, config.passwords)
+    try:
+        return Master(config).run()
+    except KzpoolError as exc:
+        print(f"kzpool: {exc}", file=sys.stderr)
+        return exitcodes.ERROR
+
+
+def _status(socket_path: str, as_json: bool) -> int:
+    from .status import render
+
+    try:
+        reply = control.call(socket_path, {"op": "status"})
+    except PoolNotRunning as exc:
+        print(f"kzpool: {exc}", file=sys.stderr)
+        return exitcodes.NO_POOL
+    except (KzpoolError, OSError) as exc:
+        print(f"kzpool: the pool at {socket_path} did not answer: {exc}", file=sys.stderr)
+        return exitcodes.ERROR
+    reply.pop("ok", None)
+    print(json.dumps(reply, indent=2) if as_json else render(reply))
+    return exitcodes.OK
+
+
+def example_pool_section() -> str:
+    """The ``[pool]`` section of config.ini.example, derived from the settings table."""
+    lines = ["[pool]"]
+    for setting in SETTINGS:
+        lines.append(f"; {setting.help}")
+        if setting.env:
+            lines.append(f"; Environment: {setting.env}. Flag: {setting.flag}.")
+        else:
+            lines.append(f"; Flag: {setting.flag}.")
+        default = setting.default if setting.default is not None else ""
+        lines.append(f";{setting.name} = {default}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

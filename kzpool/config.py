@@ -1,0 +1,235 @@
+"""Load a Kazoo-style ``config.ini``.
+
+Brokers come from ``[zone:NAME]`` sections (or Kazoo's ``[zone]`` with ``name =``), each with
+repeated ``uri =`` / ``amqp_uri =`` lines, or else from one ``[amqp]`` section whose zone is
+named ``local``.  ``[pool]`` holds the settings declared in :mod:`kzpool.settings`.
+
+Every fault is collected and raised at once as :class:`~kzpool.errors.ConfigError`, one line
+per fault, naming the file, the line, the key and the bad value.  Passwords are masked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import BrokerURIError, ConfigError
+from .settings import BY_NAME, SETTINGS
+from .uri import BrokerURI, mask
+
+URI_KEYS = ("uri", "amqp_uri")
+LOCAL = "local"
+
+
+@dataclass
+class Entry:
+    key: str
+    value: str
+    line: int
+
+
+@dataclass
+class Section:
+    name: str
+    line: int
+    entries: list[Entry] = field(default_factory=list)
+
+
+def parse_ini(text: str, path: str, problems: list[str]) -> list[Section]:
+    """Split ini text into sections, keeping repeated keys and line numbers."""
+    sections: list[Section] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        stripped = raw.strip()
+        if not stripped or stripped[0] in ";#":
+            continue
+        if raw[0].isspace() and sections and sections[-1].entries:
+            last = sections[-1].entries[-1]
+            last.value = f"{last.value}\n{_clean(stripped)}"
+        elif stripped.startswith("["):
+            if not stripped.endswith("]") or len(stripped) < 3:
+                problems.append(f"{path}:{number}: bad section header {stripped!r}")
+                continue
+            sections.append(Section(stripped[1:-1].strip(), number))
+        elif "=" in stripped and sections:
+            key, _, value = stripped.partition("=")
+            sections[-1].entries.append(Entry(key.strip(), _clean(value), number))
+        elif not sections:
+            problems.append(f"{path}:{number}: {stripped!r} stands before any [section]")
+        else:
+            problems.append(f"{path}:{number}: expected 'key = value', got {mask(stripped)!r}")
+    return sections
+
+
+def _clean(value: str) -> str:
+    """Drop an inline comment and Kazoo's optional double quotes."""
+    for marker in (" ;", " #", "\t;", "\t#"):
+        value = value.split(marker, 1)[0]
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    return value
+
+
+class Settings:
+    """The ``[pool]`` values by attribute: ``settings.prechannels``."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self._values = dict(values)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+@dataclass(frozen=True)
+class Broker:
+    """A broker of the config: its URI, zone and place in config order."""
+
+    uri: BrokerURI
+    zone: str
+    local: bool
+    order: int
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    settings: Settings
+    local_zone: str
+    brokers: tuple[Broker, ...]
+
+    def zone_brokers(self, zone: str) -> list[Broker]:
+        return [b for b in self.brokers if b.zone == zone]
+
+    @property
+    def passwords(self) -> set[str]:
+        return {b.uri.password for b in self.brokers if b.uri.password}
+
+
+def load(path: str, overrides: Mapping[str, str] | None = None,
+         environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate ``path``; ``overrides`` (setting name → text) come from CLI flags."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    return loads(text, path, overrides, os.environ if environ is None else environ)
+
+
+def loads(text: str, path: str = "<config>", overrides: Mapping[str, str] | None = None,
+          environ: Mapping[str, str] | None = None) -> Config:
+    problems: list[str] = []
+    sections = parse_ini(text, path, problems)
+    pool_entries = [e for s in sections if s.name == "pool" for e in s.entries]
+    settings = _settings(pool_entries, path, overrides or {}, environ or {}, problems)
+    zones = _zones(sections, path, problems)
+    local = settings.zone or (next(iter(zones)) if len(zones) == 1 else None)
+    if zones and local is None:
+        problems.append(f"{path}: several zones ({', '.join(zones)}): name the local one with"
+                        " [pool] zone = NAME or KZPOOL_ZONE")
+    elif zones and local not in zones:
+        problems.append(f"{path}: local zone {local!r} ([pool] zone or KZPOOL_ZONE) has no"
+                        f" [zone:{local}] section; zones are: {', '.join(zones)}")
+    if problems:
+        raise ConfigError(sorted(problems, key=_line_of))
+    assert local is not None
+    brokers = tuple(
+        Broker(uri, zone, zone == local, order)
+        for order, (zone, uri) in enumerate((z, u) for z, uris in zones.items() for u in uris)
+    )
+    return Config(path, settings, local, brokers)
+
+
+def _settings(entries: list[Entry], path: str, overrides: Mapping[str, str],
+              environ: Mapping[str, str], problems: list[str]) -> Settings:
+    given: dict[str, tuple[str, str]] = {}
+    for entry in entries:
+        if entry.key not in BY_NAME:
+            known = ", ".join(BY_NAME)
+            problems.append(f"{path}:{entry.line}: [pool] unknown key {entry.key!r}"
+                            f" (known: {known})")
+        elif entry.key in given:
+            problems.append(f"{path}:{entry.line}: [pool] {entry.key} given twice")
+        else:
+            given[entry.key] = (entry.value, f"{path}:{entry.line}: [pool] {entry.key}")
+    for setting in SETTINGS:
+        if setting.env and environ.get(setting.env):
+            given[setting.name] = (environ[setting.env], f"environment {setting.env}")
+    for name, text in overrides.items():
+        given[name] = (text, f"option {BY_NAME[name].flag}")
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        text, where = given.get(setting.name, (setting.default, "default"))
+        try:
+            values[setting.name] = None if text is None else setting.parse(text)
+        except ValueError as exc:
+            problems.append(f"{where} = {text!r}: {exc}")
+    return Settings(values)
+
+
+def _zones(sections: list[Section], path: str,
+           problems: list[str]) -> dict[str, list[BrokerURI]]:
+    zoned = [s for s in sections if s.name == "zone" or s.name.startswith("zone:")]
+    flat = [s for s in sections if s.name == "amqp"]
+    for section in sections:
+        if section.name not in ("pool", "amqp", "zone") and not section.name.startswith("zone:"):
+            problems.append(f"{path}:{section.line}: unknown section [{section.name}]"
+                            " (known: [pool], [amqp], [zone:NAME])")
+    if zoned and flat:
+        problems.append(f"{path}:{flat[0].line}: [amqp] and [zone] sections together;"
+                        " use one or the other")
+    zones: dict[str, list[BrokerURI]] = {}
+    seen: dict[str, str] = {}
+    for section in zoned or flat:
+        name = _zone_name(section, path, problems)
+        uris = zones.setdefault(name, [])
+        for entry in section.entries:
+            if entry.key == "name" and section.name == "zone":
+                continue
+            where = f"{path}:{entry.line}: [{section.name}] {entry.key}"
+            if entry.key not in URI_KEYS:
+                problems.append(f"{where}: unknown key (known: uri, amqp_uri)")
+                continue
+            try:
+                uri = BrokerURI.parse(entry.value)
+            except BrokerURIError as exc:
+                problems.append(f"{where} = {mask(entry.value)!r}: {exc.fields['reason']}")
+                continue
+            if uri.short in seen:
+                problems.append(f"{where} = {uri.masked!r}: broker already listed in"
+                                f" {seen[uri.short]}")
+                continue
+            seen[uri.short] = where.split(": ", 1)[0]
+            uris.append(uri)
+    if not zones:
+        problems.append(f"{path}: no brokers: add an [amqp] section with uri = lines")
+    for name, uris in zones.items():
+        if not uris:
+            problems.append(f"{path}: zone {name!r} lists no broker (uri = ...)")
+    return zones
+
+
+def _zone_name(section: Section, path: str, problems: list[str]) -> str:
+    if section.name == "amqp":
+        return LOCAL
+    if section.name.startswith("zone:"):
+        name = section.name[5:].strip()
+    else:
+        name = next((e.value for e in section.entries if e.key == "name"), "")
+    if not name:
+        problems.append(f"{path}:{section.line}: [{section.name}] has no zone name")
+    return name
+
+
+def _line_of(problem: str) -> int:
+    """Sort key: the line number a problem names, else 0."""
+    parts = problem.split(":", 2)
+    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 0

@@ -1,0 +1,110 @@
+"""kzpool's one error tree.
+
+Every error kzpool raises derives from :class:`KzpoolError`.  Errors carry fields (the
+broker, the config key, the reply code) rather than only a message, and a stable ``code``
+so that they can cross a process boundary as data, never as a pickled exception.
+"""
+
+from __future__ import annotations
+
+import re
+
+
+class KzpoolError(Exception):
+    """Root of every error kzpool raises."""
+
+    code = "error"
+
+    def __init__(self, message: str, **fields: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self.fields.items())
+        return f"{type(self).__name__}({self.message!r}{extra})"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(KzpoolError):
+    """The configuration is invalid; ``problems`` holds one line per fault."""
+
+    code = "config"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems), problems=problems)
+        self.problems = problems
+
+
+class BrokerURIError(KzpoolError):
+    """A broker URI cannot be used (scheme, port, vhost, ...)."""
+
+    code = "bad_uri"
+
+
+class PoolNotRunning(KzpoolError):
+    """No pool answers on the lease socket."""
+
+    code = "no_pool"
+
+
+class ProtocolError(KzpoolError):
+    """A peer sent a frame that breaks the wire format."""
+
+    code = "protocol"
+
+
+class StartupError(KzpoolError):
+    """The pool could not reach its local primary broker within ``startup_timeout``."""
+
+    code = "startup"
+
+
+def connection_fault(exc: BaseException | str) -> tuple[bool, str]:
+    """Classify a broker connection failure: ``(fatal, short reason)``.
+
+    Fatal means a reconnect or a restart will not fix it (credentials refused, vhost missing
+    or denied); everything else (refused, reset, timed out, heartbeats missed, closed by the
+    broker) is recoverable: reconnect with backoff.
+    """
+    import pika.exceptions as pe  # deferred: keeps this module importable without pika
+
+    if isinstance(exc, str):
+        return False, exc
+    if isinstance(exc, pe.ProbableAuthenticationError | pe.AuthenticationError):
+        return True, f"authentication refused: {_innermost(exc)}"
+    if isinstance(exc, pe.ProbableAccessDeniedError):
+        return True, f"vhost refused: {_innermost(exc)}"
+    if isinstance(exc, pe.ConnectionClosedByBroker):
+        return False, f"closed by broker: {exc.reply_code} {exc.reply_text}"
+    if isinstance(exc, pe.AMQPHeartbeatTimeout):
+        return False, "heartbeats missed"
+    return False, _innermost(exc)
+
+
+def _innermost(exc: BaseException) -> str:
+    """The most specific text of pika's nested connection errors."""
+    import pika.adapters.utils.connection_workflow as wf
+    import pika.exceptions as pe
+
+    while True:
+        if isinstance(exc, wf.AMQPConnectionWorkflowFailed) and exc.exceptions:
+            exc = exc.exceptions[-1]
+        elif isinstance(exc, wf.AMQPConnectorPhaseErrorBase) and exc.exception:
+            exc = exc.exception
+        elif isinstance(exc, wf.AMQPConnectorStackTimeout):
+            return "timed out"
+        elif isinstance(exc, pe.AMQPConnectionError) and exc.args and isinstance(
+                exc.args[0], BaseException):
+            exc = exc.args[0]
+        else:
+            break
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    if isinstance(exc, pe.ConnectionClosedByBroker):
+        return f"{exc.reply_code} {exc.reply_text}"
+    text = str(exc).replace("ConnectionClosedByBroker: ", "")
+    text = re.sub(r"\((\d+)\) '([^']*)'?", r"\1 \2", text).strip("()\",' ")
+    return text or type(exc).__name__

@@ -1,0 +1,465 @@
+"""The master: forks and supervises the connection workers and the registry.
+
+One loop, one :meth:`Master.tick` in a fixed order: wait for I/O (worker links, the lease
+socket, the signal pipe), handle recorded signals, reap dead children, check the workers'
+liveness and memory, fork what is missing, publish the tables.  Signal handlers only record
+the signal; the tick acts on it.
+
+Start-up blocks until the local zone's primary broker is connected (see
+:func:`kzpool.slots.startup_settled`) or ``startup_timeout`` passes.  Stopping is a ladder:
+SIGTERM to every child, wait up to ``shutdown_timeout``, SIGKILL what is left, final reap;
+a second SIGTERM/SIGINT (or SIGQUIT) skips the wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from typing import Any
+
+import psutil
+
+from . import config as config_mod
+from . import control, exitcodes, proc, protocol
+from .backoff import Backoff
+from .config import Config
+from .errors import ConfigError, KzpoolError, ProtocolError, StartupError
+from .registry import Registry
+from .slots import STABLE_AFTER, Slot, broker_key, plan, primary_broker, startup_settled
+from .states import ConnState, PoolState
+from .worker import WorkerSpec, run_worker
+
+log = logging.getLogger("kzpool.master")
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
+SAMPLE_INTERVAL = 1.0
+
+
+class Master:
+    """The pre-fork supervisor.  Not thread-safe; everything runs in :meth:`run`'s loop."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.settings = config.settings
+        self.pid = os.getpid()
+        self.state = PoolState.STARTING
+        self.slots: dict[str, Slot] = {}
+        self.by_pid: dict[int, Slot] = {}
+        self.signals: list[int] = []
+        self.selector = selectors.DefaultSelector()
+        self.registry = Registry(self._registry_child_setup)
+        self.listener: socket.socket | None = None
+        self.peers: dict[int, control.Peer] = {}
+        self.written: dict[str, dict[str, Any]] = {}
+        self.next_id = 1
+        self.deadline = 0.0  # monotonic: start-up or stop deadline
+        self.next_sample = 0.0
+        self.exit_code = exitcodes.OK
+        self.started_at = time.time()
+
+    # ----- life cycle ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start, serve until stopped, return the exit code."""
+        proc.set_title("kzpool: master")
+        self.listener = control.bind(self.settings.socket)
+        self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+        self._install_signals()
+        self.registry.start()
+        for broker, index in plan(self.config):
+            self._add_slot(WorkerSpec(self._new_id(), broker, index, self.settings))
+        self.deadline = time.monotonic() + self.settings.startup_timeout
+        log.info("starting %d connection worker(s); waiting up to %.0f s for the primary",
+                  len(self.slots), self.settings.startup_timeout)
+        try:
+            while self.state is not PoolState.STOPPED:
+                self.tick()
+        finally:
+            self._close()
+        return self.exit_code
+
+    def tick(self) -> None:
+        self._wait_io(self._timeout())
+        self.handle_signals()
+        self.reap()
+        now = time.monotonic()
+        if self.state is PoolState.STARTING:
+            self._check_startup(now)
+        if self.state is PoolState.STOPPING:
+            self._check_stop(now)
+            return
+        self._check_workers(now)
+        self._spawn_missing(now)
+        self._publish()
+
+    def _timeout(self) -> float:
+        if self.state is PoolState.STOPPING:
+            return 0.05
+        waits = [s.respawn_at for s in self.slots.values() if s.respawn_at]
+        soonest = min([*waits, self.next_sample])
+        return max(0.0, min(SAMPLE_INTERVAL, soonest - time.monotonic()))
+
+    def _check_startup(self, now: float) -> None:
+        if startup_settled(self.slots.values()):
+            self.state = PoolState.RUNNING
+            primary = primary_broker(self.slots.values())
+            log.info("ready in %.2f s; primary %s", time.time() - self.started_at,
+                     self._masked(primary))
+        elif now >= self.deadline:
+            tried = "; ".join(f"{s.spec.broker.uri.masked}: {s.error or s.state.value}"
+                              for s in self.slots.values() if s.spec.broker.local)
+            error = StartupError(f"no local primary broker after {self.settings.startup_timeout:g}"
+                                 f" s ({tried})")
+            log.error("%s", error)
+            self.exit_code = exitcodes.STARTUP
+            self.stop(graceful=True)
+
+    def stop(self, graceful: bool) -> None:
+        """Begin (or hurry) the shutdown ladder."""
+        if self.state is PoolState.STOPPING and graceful:
+            return
+        if self.state is not PoolState.STOPPING:
+            log.info("stopping (%s)", "graceful" if graceful else "quick")
+            self.state = PoolState.STOPPING
+            self.deadline = time.monotonic() + self.settings.shutdown_timeout
+            self._signal_children(signal.SIGTERM)
+        if not graceful:
+            self.deadline = time.monotonic()
+
+    def _check_stop(self, now: float) -> None:
+        workers = [s for s in self.slots.values() if s.pid]
+        if not workers and self.registry.tables is not None:
+            self.registry.stop()  # the workers are gone: the tables may go too
+        if not workers and not self.registry.pid:
+            self.state = PoolState.STOPPED
+        elif now >= self.deadline:
+            log.warning("shutdown_timeout passed; killing %d worker(s)", len(workers))
+            self._signal_children(signal.SIGKILL)
+            self._final_reap()
+            self.state = PoolState.STOPPED
+
+    def _signal_children(self, sig: int) -> None:
+        pids = [s.pid for s in self.slots.values() if s.pid]
+        if sig == signal.SIGKILL and self.registry.pid:
+            pids.append(self.registry.pid)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _final_reap(self) -> None:
+        pids = [s.pid for s in self.slots.values() if s.pid] + [self.registry.pid]
+        for pid in filter(None, pids):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self.registry.forget()
+
+    def _close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            try:
+                os.unlink(self.settings.socket)
+            except FileNotFoundError:
+                pass
+        for peer in self.peers.values():
+            peer.sock.close()
+        log.info("stopped")
+
+    # ----- signals ----------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        read_end, write_end = os.pipe()
+        for fd in (read_end, write_end):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(write_end)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self._record_signal)
+        self.selector.register(read_end, selectors.EVENT_READ, self._drain_signal_pipe)
+
+    def _record_signal(self, signum: int, _frame: Any) -> None:
+        self.signals.append(signum)
+
+    def _drain_signal_pipe(self, fd: int) -> None:
+        try:
+            os.read(fd, 4096)
+        except BlockingIOError:
+            pass
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.stop(graceful=self.state is not PoolState.STOPPING)
+            elif signum == signal.SIGQUIT:
+                self.stop(graceful=False)
+            elif signum == signal.SIGHUP:
+                self.handle_hup()
+
+    def handle_hup(self) -> None:
+        """Re-read the config: add and remove brokers, leave unchanged connections alone."""
+        if self.state is PoolState.STOPPING:
+            return
+        try:
+            new = config_mod.load(self.config.path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config:\n%s", exc)
+            return
+        wanted = {(broker_key(b), i): b for b, i in plan(new)}
+        kept: set[tuple[str, int]] = set()
+        for slot in list(self.slots.values()):
+            key = (broker_key(slot.spec.broker), slot.spec.index)
+            if key in wanted and not slot.removed:
+                kept.add(key)
+                slot.spec = WorkerSpec(slot.spec.id, wanted[key], slot.spec.index, new.settings)
+                if slot.state.final:
+                    slot.state, slot.respawn_at = ConnState.DEAD, time.monotonic()
+            else:
+                self._remove_slot(slot)
+        for key, broker in wanted.items():
+            if key not in kept:
+                self._add_slot(WorkerSpec(self._new_id(), broker, key[1], new.settings))
+        self.config, self.settings = new, new.settings
+        log.info("reloaded %s: %d connection worker(s)", new.path, len(self.slots))
+
+    # ----- children -------------------------------------------------------------------------
+
+    def _new_id(self) -> str:
+        self.next_id += 1
+        return f"c{self.next_id - 1}"
+
+    def _add_slot(self, spec: WorkerSpec) -> None:
+        slot = Slot(spec, Backoff(self.settings.reconnect_backoff_min,
+                                  self.settings.respawn_backoff_max, immediate=True))
+        self.slots[spec.id] = slot
+        self._spawn(slot)
+
+    def _remove_slot(self, slot: Slot) -> None:
+        slot.removed = True
+        log.info("removing %s", slot.spec.broker.uri.masked)
+        if slot.pid:
+            os.kill(slot.pid, signal.SIGTERM)
+        else:
+            self._forget_slot(slot)
+
+    def _forget_slot(self, slot: Slot) -> None:
+        self.slots.pop(slot.spec.id, None)
+        if self.registry.tables is not None:
+            self.registry.tables.drop_connection(slot.spec.id)
+        self.written.pop(slot.spec.id, None)
+
+    def _spawn(self, slot: Slot) -> None:
+        ours, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            code = exitcodes.ERROR
+            try:
+                code = run_worker(slot.spec, theirs, self.pid)
+            except BaseException:
+                log.exception("connection worker crashed")
+            finally:
+                os._exit(code)
+        theirs.close()
+        ours.setblocking(False)
+        now = time.monotonic()
+        slot.pid, slot.link, slot.process = pid, ours, psutil.Process(pid)
+        slot.state, slot.started, slot.last_seen, slot.respawn_at = (
+            ConnState.STARTING, now, now, 0.0)
+        slot.reader = protocol.FrameReader()
+        self.by_pid[pid] = slot
+        self.selector.register(ours, selectors.EVENT_READ, lambda _fd: self._read_link(slot))
+        self._send(slot, {"op": "role", "primary": slot.primary})
+
+    def _registry_child_setup(self, keep: int) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        proc.close_fds_except(0, 1, 2, keep)
+        proc.die_with_parent(signal.SIGKILL)
+        proc.set_title("kzpool: registry")
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.registry.pid:
+                self.handle_registry_death(status)
+            elif pid in self.by_pid:
+                self.handle_worker_exit(self.by_pid.pop(pid), status)
+
+    def handle_worker_exit(self, slot: Slot, status: int) -> None:
+        why = _exit_reason(status)
+        if slot.link is not None:
+            self.selector.unregister(slot.link)
+            slot.link.close()
+        slot.pid, slot.link, slot.process, slot.tried = 0, None, None, True
+        slot.rss = slot.cpu = slot.prechannels = slot.channels = 0
+        if self.state is PoolState.STOPPING or slot.removed:
+            if slot.removed:
+                self._forget_slot(slot)
+            return
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == exitcodes.WORKER_FATAL:
+            slot.state = ConnState.FAILED
+            log.error("worker for %s %s: %s; not respawning (SIGHUP retries)",
+                      slot.spec.broker.uri.masked, why, slot.error)
+            return
+        if slot.retiring or time.monotonic() - slot.started > STABLE_AFTER:
+            slot.backoff.reset()
+        delay = slot.backoff.next_delay()
+        slot.retiring = False
+        slot.state, slot.error = ConnState.DEAD, f"worker {why}"
+        slot.respawn_at = time.monotonic() + delay
+        log.warning("worker for %s %s; respawning in %.1f s", slot.spec.broker.uri.masked,
+                    why, delay)
+
+    def handle_registry_death(self, status: int) -> None:
+        self.registry.forget()
+        if self.state is PoolState.STOPPING:
+            return
+        log.error("the registry process %s; starting a new one", _exit_reason(status))
+        self.registry.start()
+        self.written.clear()  # rewrite every row from the workers' reports
+        for slot in self.slots.values():
+            self._send(slot, {"op": "report"})
+
+    def _check_workers(self, now: float) -> None:
+        sample = now >= self.next_sample
+        if sample:
+            self.next_sample = now + SAMPLE_INTERVAL
+        for slot in list(self.slots.values()):
+            if not slot.pid or slot.process is None:
+                continue
+            if now - slot.last_seen > self.settings.worker_timeout:
+                log.error("worker %d for %s silent for %.1f s; killing it", slot.pid,
+                          slot.spec.broker.uri.masked, now - slot.last_seen)
+                os.kill(slot.pid, signal.SIGKILL)
+                slot.last_seen = now
+            elif sample:
+                self._sample(slot)
+
+    def _sample(self, slot: Slot) -> None:
+        assert slot.process is not None
+        slot.rss, slot.cpu = proc.rss_and_cpu(slot.process)
+        limit = self.settings.worker_max_rss
+        if limit and slot.rss > limit and not slot.retiring:
+            log.warning("worker %d for %s uses %d MiB > worker_max_rss; replacing it",
+                        slot.pid, slot.spec.broker.uri.masked, slot.rss >> 20)
+            slot.retiring = True
+            os.kill(slot.pid, signal.SIGTERM)
+
+    def _spawn_missing(self, now: float) -> None:
+        for slot in list(self.slots.values()):
+            if not slot.pid and slot.respawn_at and now >= slot.respawn_at and not slot.removed:
+                self._spawn(slot)
+
+    # ----- I/O --------------------------------------------------------------------------------
+
+    def _wait_io(self, timeout: float) -> None:
+        for key, _events in self.selector.select(timeout):
+            key.data(key.fd)
+
+    def _read_link(self, slot: Slot) -> None:
+        assert slot.link is not None
+        try:
+            data = slot.link.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            return  # EOF: the reaper will tell why
+        slot.last_seen = time.monotonic()
+        try:
+            for message in slot.reader.feed(data):
+                if message.get("op") == "report":
+                    slot.apply_report(message)
+        except ProtocolError as exc:
+            log.error("worker %d sent a bad frame (%s); killing it", slot.pid, exc)
+            os.kill(slot.pid, signal.SIGKILL)
+
+    def _send(self, slot: Slot, message: dict[str, Any]) -> None:
+        if slot.link is None:
+            return
+        try:
+            slot.link.sendall(protocol.encode(message))
+        except OSError:
+            pass  # the reaper will see it die
+
+    def _accept(self, _fd: int) -> None:
+        assert self.listener is not None
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        peer = control.Peer(sock)
+        self.peers[sock.fileno()] = peer
+        self.selector.register(sock, selectors.EVENT_READ, self._serve_peer)
+
+    def _serve_peer(self, fd: int) -> None:
+        peer = self.peers[fd]
+        if not peer.serve(self.handle_request):
+            self.selector.unregister(peer.sock)
+            del self.peers[fd]
+            peer.sock.close()
+
+    def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "status":
+            return self.status()
+        raise KzpoolError(f"unknown request {op!r}", op=op)
+
+    # ----- the tables -------------------------------------------------------------------------
+
+    def _publish(self) -> None:
+        """Recompute the primary, tell workers whose role changed, write changed rows."""
+        primary = primary_broker(self.slots.values())
+        for slot in self.slots.values():
+            is_primary = primary is not None and broker_key(slot.spec.broker) == primary
+            if is_primary != slot.primary:
+                slot.primary = is_primary
+                self._send(slot, {"op": "role", "primary": is_primary})
+        if self.registry.tables is None:
+            return
+        for slot in self.slots.values():
+            row = slot.row()
+            if self.written.get(slot.spec.id) != row:
+                self.registry.tables.put_connection(slot.spec.id, row)
+                self.written[slot.spec.id] = row
+
+    def status(self) -> dict[str, Any]:
+        if self.registry.tables is not None:
+            tables: dict[str, Any] = self.registry.tables.snapshot()
+        else:
+            tables = {"connections": [s.row() for s in self.slots.values()], "assignments": []}
+        tables["connections"].sort(key=lambda r: int(r["id"][1:]))
+        return {"pool": {"pid": self.pid, "state": self.state.value,
+                         "config": self.config.path, "socket": self.settings.socket,
+                         "local_zone": self.config.local_zone,
+                         "rss": proc.rss_and_cpu(psutil.Process())[0]},
+                **tables}
+
+    def _masked(self, key: str | None) -> str:
+        for slot in self.slots.values():
+            if broker_key(slot.spec.broker) == key:
+                return slot.spec.broker.uri.masked
+        return "none"
+
+
+def _exit_reason(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
+        hint = " (out of memory?)" if sig == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return exitcodes.describe(os.WEXITSTATUS(status))

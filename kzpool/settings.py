@@ -1,0 +1,136 @@
+"""Every ``[pool]`` setting, declared once.
+
+The config loader, the ``kzpool serve`` flags and ``config.ini.example`` are all derived from
+:data:`SETTINGS`.  A value that does not convert raises :class:`ValueError` with a message
+that the loader prefixes with the file, line and key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def to_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("not a whole number") from None
+
+
+def to_seconds(text: str) -> float:
+    try:
+        value = float(text.rstrip("s ") if text.strip().endswith("s") else text)
+    except ValueError:
+        raise ValueError("not a number of seconds") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("not a finite number of seconds")
+    return value
+
+
+def to_size(text: str) -> int:
+    """Bytes from ``512M``, ``1G``, ``65536K`` or a bare number of MiB."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError("not a size (a number of MiB, or with a K, M or G suffix)")
+    number, unit = match.groups()
+    return int(number) * _UNITS[(unit or "m")[0].lower()]
+
+
+def to_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError("not one of debug, info, warning, error")
+    return level
+
+
+def to_path(text: str) -> str:
+    if not text.strip():
+        raise ValueError("empty path")
+    return os.path.abspath(text.strip())
+
+
+def at_least(minimum: float) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum:g}")
+
+    return check
+
+
+def above(minimum: float) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value <= minimum:
+            raise ValueError(f"must be more than {minimum:g}")
+
+    return check
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of the ``[pool]`` section."""
+
+    name: str
+    convert: Callable[[str], Any]
+    default: str | None
+    help: str
+    check: Callable[[Any], None] | None = None
+    env: str | None = None
+    cli: bool = True
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def parse(self, text: str) -> Any:
+        """Convert and validate ``text``; ``ValueError`` says what is wrong with it."""
+        value = self.convert(text)
+        if self.check is not None:
+            self.check(value)
+        return value
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("socket", to_path, "/run/kzpool/kzpool.sock",
+            "Path of the lease socket that clients and `kzpool status` connect to.",
+            env="KZPOOL_SOCKET"),
+    Setting("zone", str, None,
+            "Name of the local zone when [zone:NAME] sections are used.", env="KZPOOL_ZONE"),
+    Setting("prechannels", to_int, "10",
+            "Channels each connection opens ahead of time (Kazoo: 10).", at_least(0)),
+    Setting("connections_per_broker", to_int, "1",
+            "Connection workers per broker URI.", at_least(1)),
+    Setting("heartbeat", to_int, "10",
+            "AMQP heartbeat in seconds, kept by the connection workers; 0 disables.",
+            at_least(0)),
+    Setting("connect_timeout", to_seconds, "5",
+            "Seconds allowed to open one broker connection.", above(0)),
+    Setting("startup_timeout", to_seconds, "30",
+            "Seconds `kzpool serve` waits for the local primary broker before giving up.",
+            above(0)),
+    Setting("shutdown_timeout", to_seconds, "10",
+            "Seconds a graceful stop may take before what is left is killed.", above(0)),
+    Setting("reconnect_backoff_min", to_seconds, "0.1",
+            "First reconnect delay in seconds; it doubles after each failure.", above(0)),
+    Setting("reconnect_backoff_max", to_seconds, "5",
+            "Cap of the reconnect delay for brokers of the local zone (Kazoo: 5 s).", above(0)),
+    Setting("reconnect_backoff_max_remote", to_seconds, "60",
+            "Cap of the reconnect delay for brokers of remote zones (Kazoo: 60 s).", above(0)),
+    Setting("respawn_backoff_max", to_seconds, "30",
+            "Cap of the delay before a crashed worker is started again.", above(0)),
+    Setting("worker_timeout", to_seconds, "10",
+            "A worker silent this long (no report to the master) is killed and replaced.",
+            above(0)),
+    Setting("worker_max_rss", to_size, "256M",
+            "A connection worker above this resident memory is replaced; 0 disables.",
+            at_least(0)),
+    Setting("log_level", to_level, "info", "One of debug, info, warning, error."),
+)
+
+BY_NAME = {s.name: s for s in SETTINGS}

@@ -1,0 +1,123 @@
+"""The master's picture of its connection workers: one :class:`Slot` per worker it keeps.
+
+A slot outlives its worker processes: when a worker dies the slot stays, marked dead, until
+the master forks a new one into it.  Pure data and decisions, no I/O: unit-testable.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from .backoff import Backoff
+from .config import Broker, Config
+from .protocol import FrameReader
+from .states import ConnState
+from .worker import WorkerSpec
+
+STABLE_AFTER = 30.0  # a worker that lived this long resets its respawn backoff
+
+
+@dataclass
+class Slot:
+    spec: WorkerSpec
+    backoff: Backoff
+    state: ConnState = ConnState.STARTING
+    pid: int = 0
+    link: socket.socket | None = None
+    reader: FrameReader = field(default_factory=FrameReader)
+    process: psutil.Process | None = None
+    started: float = 0.0  # monotonic
+    last_seen: float = 0.0  # monotonic
+    respawn_at: float = 0.0  # monotonic; 0: not waiting
+    error: str | None = None
+    since: float = field(default_factory=time.time)  # wall clock, for status
+    prechannels: int = 0
+    channels: int = 0
+    blocked: bool = False
+    rss: int = 0
+    cpu: float = 0.0
+    primary: bool = False
+    tried: bool = False  # at least one connect attempt has ended, well or not
+    retiring: bool = False  # replaced on purpose (RSS): respawn at once
+    removed: bool = False  # dropped from the config: never respawn
+
+    @property
+    def available(self) -> bool:
+        return self.pid != 0 and self.state.available
+
+    def apply_report(self, report: dict[str, Any]) -> None:
+        """Take a worker's report; unknown states are ignored, not trusted."""
+        try:
+            self.state = ConnState(report.get("state"))
+        except ValueError:
+            return
+        self.error = report.get("error")
+        self.since = float(report.get("since") or time.time())
+        self.blocked = bool(report.get("blocked"))
+        self.prechannels = int(report.get("prechannels") or 0)
+        self.channels = int(report.get("channels") or 0)
+        if self.state is not ConnState.CONNECTING:
+            self.tried = True
+
+    def row(self) -> dict[str, Any]:
+        """The connections-table row: never a password."""
+        broker = self.spec.broker
+        return {
+            "id": self.spec.id,
+            "broker": broker.uri.masked,
+            "zone": broker.zone,
+            "local": broker.local,
+            "primary": self.primary,
+            "available": self.available,
+            "state": self.state.value,
+            "pid": self.pid or None,
+            "prechannels": self.prechannels,
+            "channels": self.channels,
+            "blocked": self.blocked,
+            "error": self.error,
+            "since": round(self.since, 3),
+            "rss": self.rss,
+            "cpu": round(self.cpu, 1),
+        }
+
+
+def broker_key(broker: Broker) -> str:
+    """Identity of a broker across reloads: the full URI (a new password is a new broker)."""
+    return broker.uri.uri
+
+
+def plan(config: Config) -> list[tuple[Broker, int]]:
+    """Every (broker, index) the config asks a worker for, in config order."""
+    per_broker = config.settings.connections_per_broker
+    return [(b, i) for b in config.brokers for i in range(1, per_broker + 1)]
+
+
+def primary_broker(slots: Iterable[Slot]) -> str | None:
+    """Key of the primary: the first available broker of the local zone, in config order."""
+    local = sorted((s for s in slots if s.spec.broker.local and not s.removed),
+                   key=lambda s: (s.spec.broker.order, s.spec.index))
+    for slot in local:
+        if slot.available:
+            return broker_key(slot.spec.broker)
+    return None
+
+
+def startup_settled(slots: Iterable[Slot]) -> bool:
+    """Ready to serve: a local broker is up and every local broker before it was tried.
+
+    This keeps the primary at READY the one config order names, not the fastest to connect.
+    """
+    local = sorted((s for s in slots if s.spec.broker.local),
+                   key=lambda s: (s.spec.broker.order, s.spec.index))
+    for slot in local:
+        if slot.available:
+            return True
+        if not (slot.tried or slot.state.final):
+            return False
+    return False

@@ -1,0 +1,34 @@
+"""The states of kzpool's state machines."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ConnState(enum.Enum):
+    """A connection worker's link to its broker, as the worker reports it."""
+
+    STARTING = "starting"  # forked, not yet reporting
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    WAITING = "waiting"  # backing off before the next connect
+    FAILED = "failed"  # a restart will not fix it (credentials, vhost)
+    STOPPING = "stopping"
+    DEAD = "dead"  # the worker process is gone; the master will respawn it
+
+    @property
+    def available(self) -> bool:
+        return self is ConnState.CONNECTED
+
+    @property
+    def final(self) -> bool:
+        return self is ConnState.FAILED
+
+
+class PoolState(enum.Enum):
+    """The master's own life cycle."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"

@@ -1,0 +1,311 @@
+"""The connection worker: one process, one broker connection, its heartbeats, its prechannels.
+
+The master forks a worker per broker URI (times ``connections_per_broker``).  Everything the
+worker does runs in one pika ``IOLoop``: the AMQP connection (pika ``SelectConnection``,
+heartbeats included), the link to the master (a socketpair) and a signal pipe.  No callback
+blocks, so heartbeats are answered even while clients are busy elsewhere.
+
+Hazards:
+
+* The worker is forked from the master: it closes every inherited descriptor but its link
+  before opening anything (:func:`kzpool.proc.close_fds_except`).
+* Signal handlers only write to a pipe (``signal.set_wakeup_fd``); the loop does the work.
+* If the master dies, the link reads EOF and Linux sends SIGTERM (PDEATHSIG): the worker
+  closes its connection and exits with :data:`~kzpool.exitcodes.WORKER_PARENT_GONE`.
+* A failure a reconnect will not fix (credentials, vhost) is reported, then the worker exits
+  with :data:`~kzpool.exitcodes.WORKER_FATAL` and the master does not respawn it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.select_connection import IOLoop, SelectConnection
+
+from . import exitcodes, proc
+from .backoff import Backoff
+from .config import Broker, Settings
+from .errors import ProtocolError, connection_fault
+from .protocol import FrameReader, encode
+from .states import ConnState
+
+log = logging.getLogger("kzpool.worker")
+
+BEAT_INTERVAL = 1.0
+READ = IOLoop.READ
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the master decides for a worker before it forks it."""
+
+    id: str  # "c1": the connection row's key
+    broker: Broker
+    index: int  # 1..connections_per_broker
+    settings: Settings
+
+    def title(self, primary: bool) -> str:
+        roles = [self.broker.zone] + (["primary"] if primary else [])
+        suffix = f" #{self.index}" if self.settings.connections_per_broker > 1 else ""
+        return f"kzpool: connection {self.broker.uri.short}{suffix} [{', '.join(roles)}]"
+
+
+class ConnectionWorker:
+    """Runs in the forked child; :meth:`run` returns the process exit code."""
+
+    def __init__(self, spec: WorkerSpec, link: socket.socket, master_pid: int) -> None:
+        self.spec = spec
+        self.link = link
+        self.master_pid = master_pid
+        self.ioloop = IOLoop()
+        self.state = ConnState.STARTING
+        self.error: str | None = None
+        self.since = time.time()
+        self.blocked = False
+        self.primary = False
+        self.connection: SelectConnection | None = None
+        self.prechannels: list[Any] = []
+        self.in_use: dict[int, Any] = {}
+        self.exit_code = exitcodes.OK
+        settings = spec.settings
+        cap = (settings.reconnect_backoff_max if spec.broker.local
+               else settings.reconnect_backoff_max_remote)
+        self.backoff = Backoff(settings.reconnect_backoff_min, cap)
+        self._reader = FrameReader()
+        self._report_pending = False
+        self._opening = 0  # channels asked for, not yet open
+
+    # ----- life cycle -------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        self.ioloop.add_handler(self.link.fileno(), self._on_link, READ)
+        self.ioloop.call_later(BEAT_INTERVAL, self._beat)
+        self._connect()
+        self.ioloop.start()
+        return self.exit_code
+
+    def stop(self, code: int = exitcodes.OK) -> None:
+        """Close the connection gracefully, then leave the loop (bounded)."""
+        if self.state is ConnState.STOPPING:
+            return
+        self.exit_code = code
+        self._set_state(ConnState.STOPPING)
+        self.ioloop.call_later(self.spec.settings.shutdown_timeout, self.ioloop.stop)
+        connection = self.connection
+        if connection is None or connection.is_closed:
+            self.ioloop.stop()
+        elif not connection.is_closing:
+            try:
+                connection.close()  # _on_closed or _on_open_error stops the loop
+            except pika.exceptions.ConnectionWrongStateError:
+                self.ioloop.stop()
+
+    def _install_signals(self) -> None:
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        os.set_blocking(write_end, False)
+        signal.set_wakeup_fd(write_end)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: None)  # record only: the wakeup fd carries it
+        self.ioloop.add_handler(read_end, self._on_signal, READ)
+
+    def _on_signal(self, fd: int, _events: int) -> None:
+        for signum in os.read(fd, 64):
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                code = exitcodes.OK if os.getppid() == self.master_pid else (
+                    exitcodes.WORKER_PARENT_GONE)
+                self.stop(code)
+
+    # ----- the broker connection ----------------------------------------------------------
+
+    def _parameters(self) -> pika.URLParameters:
+        settings = self.spec.settings
+        params = pika.URLParameters(self.spec.broker.uri.uri)
+        params.heartbeat = settings.heartbeat
+        params.connection_attempts = 1
+        params.socket_timeout = settings.connect_timeout
+        params.stack_timeout = settings.connect_timeout
+        params.client_properties = {"connection_name": self.spec.title(False)[8:],
+                                    "product": "kzpool"}
+        return params
+
+    def _connect(self) -> None:
+        if self.state is ConnState.STOPPING:
+            return
+        self._set_state(ConnState.CONNECTING)
+        self.connection = SelectConnection(
+            self._parameters(),
+            on_open_callback=self._on_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_closed,
+            custom_ioloop=self.ioloop,
+        )
+
+    def _on_open(self, connection: SelectConnection) -> None:
+        log.info("connected to %s", self.spec.broker.uri.masked)
+        self.backoff.reset()
+        self.error = None
+        self.blocked = False
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(self._on_unblocked)
+        self._set_state(ConnState.CONNECTED)
+        self._fill_prechannels()
+
+    def _on_open_error(self, _connection: SelectConnection, exc: BaseException | str) -> None:
+        self.connection = None
+        self._lost(exc)
+
+    def _on_closed(self, _connection: SelectConnection, exc: BaseException) -> None:
+        self.connection = None
+        self.prechannels.clear()
+        self.in_use.clear()
+        self._opening = 0
+        if self.state is ConnState.STOPPING:
+            self.ioloop.stop()
+            return
+        self._lost(exc)
+
+    def _lost(self, exc: BaseException | str) -> None:
+        if self.state is ConnState.STOPPING:
+            self.ioloop.stop()
+            return
+        fatal, reason = connection_fault(exc)
+        self.error = reason
+        if fatal:
+            log.error("%s: %s; not retrying", self.spec.broker.uri.masked, reason)
+            self._set_state(ConnState.FAILED)
+            self._flush_report()
+            self.exit_code = exitcodes.WORKER_FATAL
+            self.ioloop.stop()
+            return
+        delay = self.backoff.next_delay()
+        log.warning("%s: %s; reconnecting in %.1f s", self.spec.broker.uri.masked, reason, delay)
+        self._set_state(ConnState.WAITING)
+        self.ioloop.call_later(delay, self._connect)
+
+    def _on_blocked(self, _connection: SelectConnection, _frame: Any) -> None:
+        log.warning("%s blocked the connection (flow control)", self.spec.broker.uri.masked)
+        self.blocked = True
+        self._report_soon()
+
+    def _on_unblocked(self, _connection: SelectConnection, _frame: Any) -> None:
+        log.info("%s unblocked the connection", self.spec.broker.uri.masked)
+        self.blocked = False
+        self._report_soon()
+
+    # ----- prechannels ----------------------------------------------------------------------
+
+    def _fill_prechannels(self) -> None:
+        """Open channels until ``prechannels`` are ready or opening."""
+        connection = self.connection
+        if connection is None or not connection.is_open:
+            return
+        for _ in range(self.spec.settings.prechannels - len(self.prechannels) - self._opening):
+            self._opening += 1
+            connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_channel_open(self, channel: Any) -> None:
+        self._opening -= 1
+        channel.add_on_close_callback(self._on_channel_closed)
+        self.prechannels.append(channel)
+        self._report_soon()
+
+    def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
+        if channel in self.prechannels:
+            self.prechannels.remove(channel)
+        self.in_use.pop(channel.channel_number, None)
+        if self.state is ConnState.CONNECTED:
+            log.info("channel %d closed: %s", channel.channel_number, reason)
+            self._fill_prechannels()
+        self._report_soon()
+
+    # ----- the link to the master -------------------------------------------------------------
+
+    def _on_link(self, fd: int, _events: int) -> None:
+        try:
+            data = self.link.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self._master_gone()
+            return
+        try:
+            for message in self._reader.feed(data):
+                self._handle(message)
+        except ProtocolError as exc:
+            log.error("bad frame from the master: %s", exc)
+            self._master_gone()
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "role":
+            self.primary = bool(message.get("primary"))
+            proc.set_title(self.spec.title(self.primary))
+        elif op == "report":
+            self._flush_report()
+
+    def _master_gone(self) -> None:
+        if self.state is not ConnState.STOPPING:
+            log.warning("the master is gone; closing")
+            self.ioloop.remove_handler(self.link.fileno())
+            self.stop(exitcodes.WORKER_PARENT_GONE)
+
+    def _beat(self) -> None:
+        if os.getppid() != self.master_pid:
+            self._master_gone()
+            return
+        self._send({"op": "beat"})
+        self.ioloop.call_later(BEAT_INTERVAL, self._beat)
+
+    def _set_state(self, state: ConnState) -> None:
+        if state is not self.state:
+            self.state = state
+            self.since = time.time()
+            self._report_soon()
+
+    def _report_soon(self) -> None:
+        """Coalesce the changes of one loop pass into one report."""
+        if not self._report_pending:
+            self._report_pending = True
+            self.ioloop.call_later(0, self._flush_report)
+
+    def _flush_report(self) -> None:
+        self._report_pending = False
+        self._send({
+            "op": "report",
+            "state": self.state.value,
+            "error": self.error,
+            "since": self.since,
+            "blocked": self.blocked,
+            "prechannels": len(self.prechannels),
+            "channels": len(self.in_use),
+        })
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            self.link.sendall(encode(message))
+        except OSError:
+            pass  # the master is gone: the link's EOF handler stops us
+
+
+def run_worker(spec: WorkerSpec, link: socket.socket, master_pid: int) -> int:
+    """Entry point in the forked child."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    proc.close_fds_except(link.fileno(), 0, 1, 2)
+    proc.die_with_parent(signal.SIGTERM)
+    proc.set_title(spec.title(False))
+    if os.getppid() != master_pid:
+        return exitcodes.WORKER_PARENT_GONE
+    link.setblocking(True)
+    return ConnectionWorker(spec, link, master_pid).run()
