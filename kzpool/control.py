@@ -22,10 +22,14 @@ log = logging.getLogger("kzpool.control")
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 REPLY_TIMEOUT = 2.0
+MAX_PATH = 107  # sun_path is 108 bytes with its NUL
 
 
 def bind(path: str) -> socket.socket:
     """Listen on ``path`` (directory 0750, socket 0660); refuse if a pool already answers."""
+    if len(os.fsencode(path)) > MAX_PATH:
+        raise KzpoolError(f"socket path {path} is {len(os.fsencode(path))} bytes long; AF_UNIX"
+                          f" allows {MAX_PATH}", socket=path)
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o750, exist_ok=True)
     if os.path.exists(path):

@@ -154,6 +154,12 @@ def _is_beam_of(pid: int, name: str) -> bool:
     return f"RABBITMQ_NODENAME={name}".encode() in environ.split(b"\0")
 
 
+def _beam_pids(name: str) -> list[int]:
+    """OS pids of the live beam.smp processes of node `name`."""
+    pids = (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
+    return [pid for pid in pids if _is_beam_of(pid, name) and _pid_alive(pid)]
+
+
 def _read_pid(pid_file: Path) -> int | None:
     try:
         return int(pid_file.read_text().strip())
@@ -180,7 +186,8 @@ def _log_tail(node: Node, lines: int = 30) -> str:
     for f in files:
         with contextlib.suppress(OSError):
             tail = f.read_text(errors="replace").splitlines()[-lines:]
-            parts.append(f"--- tail of {f} ---\n" + "\n".join(tail))
+            if tail:
+                parts.append(f"--- tail of {f} ---\n" + "\n".join(tail))
     return "\n".join(parts) or f"(no logs under {node.base})"
 
 
@@ -281,8 +288,15 @@ def ensure_default(timeout: float = 120) -> None:
             stderr=subprocess.DEVNULL,
             timeout=60,
         )
-        left = max(deadline - time.monotonic(), 1)
-        _ctl(None, "await_startup", "--timeout", str(int(left)), timeout=left + 15)
+
+        def booted() -> bool:  # await_startup fails at once until the node is registered
+            return _ctl(None, "await_startup", "--timeout", "10", check=False).returncode == 0
+
+        _wait(
+            booted,
+            max(deadline - time.monotonic(), 1),
+            "the default node to boot (see /var/log/rabbitmq/)",
+        )
     _wait(
         lambda: port_open(DEFAULT_PORT),
         max(deadline - time.monotonic(), 1),
@@ -342,6 +356,16 @@ def start_node(name: str, port: int, base: Path | None = None, timeout: float = 
                 ).returncode
             if rc != 0:
                 raise RuntimeError(f"rabbitmq-server -detached exited with {rc}")
+            launched = time.monotonic()
+
+            def pid_file_written() -> bool:  # fail fast if the beam died during boot
+                if node.pid_file.exists():
+                    return True
+                if time.monotonic() - launched > 5 and not _beam_pids(name):
+                    raise RuntimeError("its beam.smp exited before writing the pid file")
+                return False
+
+            _wait(pid_file_written, max(deadline - time.monotonic(), 1), f"{node.pid_file}")
             left = max(deadline - time.monotonic(), 1)
             _ctl(name, "wait", str(node.pid_file), "--timeout", str(int(left)), timeout=left + 15)
             _wait(
@@ -351,7 +375,8 @@ def start_node(name: str, port: int, base: Path | None = None, timeout: float = 
             )
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
             raise RuntimeError(
-                f"could not start {name} on port {port}: {e}\n{_log_tail(node)}"
+                f"could not start {name} on port {port} (dist port {port + DIST_PORT_OFFSET}): "
+                f"{e}\n{_log_tail(node)}"
             ) from e
     _say(f"{name} up: {node.url}")
     return node
@@ -408,6 +433,9 @@ def _node_os_pid(name: str) -> int:
     pid = _read_pid(node.pid_file) if node else None
     if pid is not None and _pid_alive(pid) and _is_beam_of(pid, name):
         return pid
+    found = _beam_pids(name)
+    if len(found) == 1:
+        return found[0]
     res = _ctl(name, "eval", "os:getpid().", check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{name} is not running: no pid to kill")
