@@ -103,3 +103,91 @@ def test_unknown_vhost_fails_with_its_reason(pools: PoolMaker) -> None:
     pool.wait_ready()
     rows = pool.wait_rows(lambda rs: rs[1]["state"] == "failed", 10, "the vhost to fail")
     assert "vhost" in rows[1]["error"] and "not found" in rows[1]["error"]
+
+
+def test_worker_kill_9_is_respawned_and_refilled(pools: PoolMaker) -> None:
+    pool = pools([DEFAULT_URI], prechannels=5).start()
+    pool.wait_ready()
+    old = pool.wait_rows(lambda rs: rs[0]["prechannels"] == 5, 10, "prechannels")[0]["pid"]
+    psutil.Process(old).send_signal(signal.SIGKILL)
+    rows = pool.wait_rows(lambda rs: rs[0]["pid"] not in (None, old) and rs[0]["available"]
+                          and rs[0]["prechannels"] == 5, 10, "a new worker with prechannels")
+    assert rows[0]["primary"]
+    assert "was killed by SIGKILL" in pool.logs()
+
+
+def test_sighup_adds_and_removes_brokers(pools: PoolMaker, vhost: str) -> None:
+    pool = pools([DEFAULT_URI]).start()
+    pool.wait_ready()
+    kept = pool.connections()[0]
+    pool.config.write_text(pool.config.read_text().replace(
+        f"uri = {DEFAULT_URI}", f"uri = {DEFAULT_URI}\nuri = {vhost}"))
+    pool.signal(signal.SIGHUP)
+    rows = pool.wait_rows(lambda rs: len(rs) == 2 and rs[1]["available"], 10, "the added broker")
+    assert rows[0]["pid"] == kept["pid"] and rows[0]["id"] == kept["id"]
+    pool.config.write_text(pool.config.read_text().replace(f"uri = {DEFAULT_URI}\n", ""))
+    pool.signal(signal.SIGHUP)
+    rows = pool.wait_rows(lambda rs: len(rs) == 1, 10, "the removed broker to go")
+    assert rows[0]["pid"] == rows[0]["pid"] and rows[0]["broker"].endswith(vhost.split("/")[-1])
+    wait_for(lambda: not psutil.pid_exists(kept["pid"]) or
+             psutil.Process(kept["pid"]).status() == "zombie", 5, "the removed worker to exit")
+    # adding it back works: no stale row is left behind
+    pool.config.write_text(pool.config.read_text().replace(
+        f"uri = {vhost}", f"uri = {vhost}\nuri = {DEFAULT_URI}"))
+    pool.signal(signal.SIGHUP)
+    pool.wait_rows(lambda rs: len(rs) == 2 and all(r["available"] for r in rs), 10,
+                   "the broker added again")
+
+
+def test_sighup_with_a_bad_config_keeps_running(pools: PoolMaker) -> None:
+    pool = pools([DEFAULT_URI]).start()
+    pool.wait_ready()
+    before = pool.connections()
+    pool.config.write_text(pool.config.read_text().replace("[pool]\n",
+                                                           "[pool]\nprechannels = lots\n"))
+    pool.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in pool.logs(), 5, "the reload to be refused")
+    assert "'lots'" in pool.logs()
+    assert [r["pid"] for r in pool.connections()] == [r["pid"] for r in before]
+
+
+def test_master_kill_9_leaves_no_orphans(pools: PoolMaker, vhost: str) -> None:
+    pool = pools([DEFAULT_URI, vhost]).start()
+    pool.wait_ready()
+    wait_for(lambda: len(pool.group()) == 4, 5, "master, registry and two workers")
+    pool.signal(signal.SIGKILL)
+    pool.wait_exit(5)
+    wait_for(lambda: not pool.group(), 5, "every child to exit after the master's death")
+
+
+def test_registry_kill_9_rebuilds_the_tables(pools: PoolMaker, vhost: str) -> None:
+    pool = pools([DEFAULT_URI, vhost]).start()
+    pool.wait_ready()
+    before = pool.wait_rows(lambda rs: all(r["prechannels"] == 10 for r in rs), 10, "ready rows")
+    registry = next(p for p, t in titles(pool).items() if t == "kzpool: registry")
+    psutil.Process(registry).send_signal(signal.SIGKILL)
+    wait_for(lambda: "starting a new one" in pool.logs(), 5, "the registry restart")
+    rows = pool.wait_rows(lambda rs: len(rs) == 2 and all(r["prechannels"] == 10 for r in rs),
+                          5, "tables rebuilt")
+    assert [r["pid"] for r in rows] == [r["pid"] for r in before]
+    assert registry not in titles(pool)
+
+
+def test_worker_over_max_rss_is_replaced(pools: PoolMaker) -> None:
+    pool = pools([DEFAULT_URI], worker_max_rss="1M", respawn_backoff_max=0.5).start()
+    pool.wait_ready()
+    wait_for(lambda: pool.logs().count("> worker_max_rss; replacing it") >= 2, 10,
+             "the worker to be replaced twice")
+
+
+def test_second_signal_stops_at_once(pools: PoolMaker) -> None:
+    pool = pools([DEFAULT_URI], shutdown_timeout=30).start()
+    pool.wait_ready()
+    worker = pool.connections()[0]["pid"]
+    psutil.Process(worker).send_signal(signal.SIGSTOP)  # a worker that will not stop by itself
+    pool.signal(signal.SIGTERM)
+    wait_for(lambda: "stopping (graceful)" in pool.logs(), 5, "the graceful stop to begin")
+    pool.signal(signal.SIGINT)
+    assert pool.wait_exit(5) == 0
+    assert "killing 1 worker" in pool.logs()
+    assert not pool.group()
