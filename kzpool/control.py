@@ -69,7 +69,7 @@ class Peer:
             data = self.sock.recv(65536)
             if not data:
                 return False
-            for request in self.reader.feed(data):
+            for request in self.reader.messages(data):
                 self.sock.sendall(protocol.encode(_answer(handler, request)))
         except ProtocolError as exc:
             log.warning("dropping a client: %s", exc)

@@ -381,7 +381,7 @@ class Master:
             return  # EOF: the reaper will tell why
         slot.last_seen = time.monotonic()
         try:
-            for message in slot.reader.feed(data):
+            for message in slot.reader.messages(data):
                 if message.get("op") == "report":
                     slot.apply_report(message)
         except ProtocolError as exc:

@@ -1,8 +1,8 @@
 """kzpool's wire format, version 1: length-prefixed frames over AF_UNIX stream sockets.
 
-Used between the master and its workers, and between clients and the pool.  Nothing a peer
-sends is unpickled or evaluated: a frame is a fixed header and a payload whose kind says how
-to read it (``JSON``: one UTF-8 JSON object).
+Used between the master and its workers, between clients and the master, and between a
+lease and the worker that owns its channel.  Nothing a peer sends is unpickled or evaluated:
+a frame is a fixed header and a payload whose kind says exactly how to read it.
 
 ::
 
@@ -10,11 +10,30 @@ to read it (``JSON``: one UTF-8 JSON object).
     +-------+-------+-------+-------+---------------+---------------------+
     |  'K'  |  ver  | kind  | flags |  length (u32) |  payload (length)   |
     +-------+-------+-------+-------+---------------+---------------------+
-     magic    = 1     Kind    0       big-endian        at most max_frame
+     magic    = 1     Kind    per kind  big-endian      at most max_frame
 
-A frame with another magic or version, an unknown kind, or a length above the reader's
-limit is a :class:`~kzpool.errors.ProtocolError`: the connection is dropped, nothing more is
-read from it.
+Payloads (integers big-endian; ``str8`` is a u8 length and UTF-8 bytes, AMQP's shortstr;
+``props`` is a u16 length and AMQP 0-9-1 content-header properties, as pika encodes them):
+
+=========  ==========  =====================================================  ==============
+kind       direction   payload                                                flags
+=========  ==========  =====================================================  ==============
+JSON       any         one UTF-8 JSON object: requests, replies, events       -
+PUBLISH    client→wkr  str8 exchange, str8 routing key, props, body           1 mandatory
+DELIVER    wkr→client  u64 tag, u32 message count, str8 consumer tag,         1 redelivered,
+                       str8 exchange, str8 routing key, props, body           2 basic.get
+CONFIRM    wkr→client  u64 tag                                                1 multiple,
+                                                                              2 nack
+RETURN     wkr→client  u16 reply code, str8 reply text, str8 exchange,        -
+                       str8 routing key, props, body
+SETTLE     client→wkr  u64 tag                                                1 multiple,
+                                                                              2 requeue,
+                                                                              4 nack, 8 reject
+=========  ==========  =====================================================  ==============
+
+A frame with another magic or version, an unknown kind, a length above the reader's limit or
+a payload that does not parse is a :class:`~kzpool.errors.ProtocolError`: the connection is
+dropped and nothing more is read from it.
 """
 
 from __future__ import annotations
@@ -32,44 +51,47 @@ MAGIC = ord("K")
 VERSION = 1
 HEADER = struct.Struct("!BBBBI")
 MAX_FRAME = 16 << 20
+MAX_DATA_FRAME = 129 << 20  # RabbitMQ's largest message (128 MiB) and its envelope
+
+_U8 = struct.Struct("!B")
+_U16 = struct.Struct("!H")
+_DELIVER = struct.Struct("!QI")
+_U64 = struct.Struct("!Q")
 
 
 class Kind(enum.IntEnum):
     JSON = 1
+    PUBLISH = 2
+    DELIVER = 3
+    CONFIRM = 4
+    RETURN = 5
+    SETTLE = 6
+
+
+class Flag(enum.IntFlag):
+    MANDATORY = 1
+    REDELIVERED = 1
+    GET = 2
+    MULTIPLE = 1
+    NACK = 2
+    REQUEUE = 2
+    SETTLE_NACK = 4
+    SETTLE_REJECT = 8
+
+
+Frame = tuple[int, int, bytes]  # kind, flags, payload
+
+
+def frame(kind: Kind, payload: bytes, flags: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, kind, flags, len(payload)) + payload
 
 
 def encode(obj: dict[str, Any]) -> bytes:
     """One JSON frame."""
-    payload = json.dumps(obj, separators=(",", ":")).encode()
-    return HEADER.pack(MAGIC, VERSION, Kind.JSON, 0, len(payload)) + payload
+    return frame(Kind.JSON, json.dumps(obj, separators=(",", ":")).encode())
 
 
-class FrameReader:
-    """Incremental decoder: ``feed`` bytes, iterate the complete messages."""
-
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._buffer = bytearray()
-        self._max = max_frame
-
-    def feed(self, data: bytes) -> Iterator[dict[str, Any]]:
-        self._buffer += data
-        while len(self._buffer) >= HEADER.size:
-            magic, version, kind, _flags, length = HEADER.unpack_from(self._buffer)
-            if magic != MAGIC or version != VERSION:
-                raise ProtocolError(f"bad frame header (magic {magic}, version {version})")
-            if kind != Kind.JSON:
-                raise ProtocolError(f"unknown frame kind {kind}")
-            if length > self._max:
-                raise ProtocolError(f"frame of {length} bytes is over the {self._max} limit")
-            end = HEADER.size + length
-            if len(self._buffer) < end:
-                return
-            payload = bytes(self._buffer[HEADER.size:end])
-            del self._buffer[:end]
-            yield _decode(payload)
-
-
-def _decode(payload: bytes) -> dict[str, Any]:
+def decode_json(payload: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(payload)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -77,6 +99,151 @@ def _decode(payload: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ProtocolError("frame payload is not a JSON object")
     return obj
+
+
+def str8(text: str) -> bytes:
+    data = text.encode()
+    if len(data) > 255:
+        raise ValueError(f"{text[:40]!r}... is longer than 255 bytes")
+    return _U8.pack(len(data)) + data
+
+
+def props(encoded: bytes) -> bytes:
+    if len(encoded) > 0xFFFF:
+        raise ValueError("message properties are over 64 KiB")
+    return _U16.pack(len(encoded)) + encoded
+
+
+class Cursor:
+    """Reads the fields of one payload in order; any overrun is a :class:`ProtocolError`."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def str8(self) -> str:
+        size = self.data[self.pos] if self.pos < len(self.data) else -1
+        end = self.pos + 1 + size
+        if size < 0 or end > len(self.data):
+            raise ProtocolError("truncated frame")
+        text = self.data[self.pos + 1:end]
+        self.pos = end
+        try:
+            return text.decode()
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("a string field is not UTF-8") from exc
+
+    def props(self) -> bytes:
+        if self.pos + 2 > len(self.data):
+            raise ProtocolError("truncated frame")
+        (size,) = _U16.unpack_from(self.data, self.pos)
+        end = self.pos + 2 + size
+        if end > len(self.data):
+            raise ProtocolError("truncated frame")
+        value = self.data[self.pos + 2:end]
+        self.pos = end
+        return value
+
+    def struct(self, layout: struct.Struct) -> tuple[Any, ...]:
+        if self.pos + layout.size > len(self.data):
+            raise ProtocolError("truncated frame")
+        values = layout.unpack_from(self.data, self.pos)
+        self.pos += layout.size
+        return values
+
+    def rest(self) -> bytes:
+        return self.data[self.pos:]
+
+
+def publish(exchange: str, routing_key: str, properties: bytes, body: bytes,
+            mandatory: bool) -> bytes:
+    payload = b"".join((str8(exchange), str8(routing_key), props(properties), body))
+    return frame(Kind.PUBLISH, payload, Flag.MANDATORY if mandatory else 0)
+
+
+def deliver(tag: int, count: int, consumer_tag: str, exchange: str, routing_key: str,
+            properties: bytes, body: bytes, flags: int) -> bytes:
+    payload = b"".join((_DELIVER.pack(tag, count), str8(consumer_tag), str8(exchange),
+                        str8(routing_key), props(properties), body))
+    return frame(Kind.DELIVER, payload, flags)
+
+
+def returned(code: int, text: str, exchange: str, routing_key: str, properties: bytes,
+             body: bytes) -> bytes:
+    payload = b"".join((_U16.pack(code), str8(text[:255]), str8(exchange), str8(routing_key),
+                        props(properties), body))
+    return frame(Kind.RETURN, payload)
+
+
+def tagged(kind: Kind, tag: int, flags: int) -> bytes:
+    """A CONFIRM or SETTLE frame."""
+    return frame(kind, _U64.pack(tag), flags)
+
+
+def read_tag(payload: bytes) -> int:
+    return int(Cursor(payload).struct(_U64)[0])
+
+
+def read_deliver(payload: bytes) -> tuple[int, int, str, str, str, bytes, bytes]:
+    cursor = Cursor(payload)
+    tag, count = cursor.struct(_DELIVER)
+    return (tag, count, cursor.str8(), cursor.str8(), cursor.str8(), cursor.props(),
+            cursor.rest())
+
+
+def read_publish(payload: bytes) -> tuple[str, str, bytes, bytes]:
+    cursor = Cursor(payload)
+    return cursor.str8(), cursor.str8(), cursor.props(), cursor.rest()
+
+
+def read_return(payload: bytes) -> tuple[int, str, str, str, bytes, bytes]:
+    cursor = Cursor(payload)
+    (code,) = cursor.struct(_U16)
+    return code, cursor.str8(), cursor.str8(), cursor.str8(), cursor.props(), cursor.rest()
+
+
+class FrameReader:
+    """Incremental decoder: ``feed`` bytes, iterate the complete frames.
+
+    Frames are cut from one buffer with a moving offset; the consumed prefix is dropped once
+    per ``feed``, not once per frame.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME, kinds: frozenset[int] | None = None) -> None:
+        self._buffer = bytearray()
+        self._max = max_frame
+        self._kinds = kinds or frozenset(Kind)
+
+    def feed(self, data: bytes) -> Iterator[Frame]:
+        buffer = self._buffer
+        buffer += data
+        pos = 0
+        size = len(buffer)
+        try:
+            while size - pos >= 8:
+                magic, version, kind, flags, length = HEADER.unpack_from(buffer, pos)
+                if magic != MAGIC or version != VERSION:
+                    raise ProtocolError(f"bad frame header (magic {magic}, version {version})")
+                if kind not in self._kinds:
+                    raise ProtocolError(f"unexpected frame kind {kind}")
+                if length > self._max:
+                    raise ProtocolError(f"frame of {length} bytes is over the {self._max} limit")
+                end = pos + 8 + length
+                if end > size:
+                    break
+                yield kind, flags, bytes(buffer[pos + 8:end])
+                pos = end
+        finally:
+            del buffer[:pos]
+
+    def messages(self, data: bytes) -> Iterator[dict[str, Any]]:
+        """For JSON-only links: the decoded objects."""
+        for kind, _flags, payload in self.feed(data):
+            if kind != Kind.JSON:
+                raise ProtocolError(f"unexpected frame kind {kind}")
+            yield decode_json(payload)
 
 
 def request(sock: socket.socket, obj: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -91,5 +258,5 @@ def request(sock: socket.socket, obj: dict[str, Any], timeout: float) -> dict[st
         data = sock.recv(65536)
         if not data:
             raise ConnectionError("the pool closed the connection")
-        for reply in reader.feed(data):
+        for reply in reader.messages(data):
             return reply

@@ -239,7 +239,7 @@ class ConnectionWorker:
             self._master_gone()
             return
         try:
-            for message in self._reader.feed(data):
+            for message in self._reader.messages(data):
                 self._handle(message)
         except ProtocolError as exc:
             log.error("bad frame from the master: %s", exc)
