@@ -21,7 +21,7 @@ class Backoff:
         if self.immediate and self.failures == 1:
             return 0.0
         exponent = self.failures - (2 if self.immediate else 1)
-        return min(self.cap, self.first * (2 ** min(exponent, 32)))
+        return float(min(self.cap, self.first * 2.0 ** min(exponent, 32)))
 
     def reset(self) -> None:
         self.failures = 0

@@ -96,6 +96,7 @@ class Broker:
     zone: str
     local: bool
     order: int
+    hidden: bool = False  # added at run time for a sticky lease: never a primary
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,10 @@ class Config:
 
     def zone_brokers(self, zone: str) -> list[Broker]:
         return [b for b in self.brokers if b.zone == zone]
+
+    @property
+    def zones(self) -> list[str]:
+        return list(dict.fromkeys(b.zone for b in self.brokers))
 
     @property
     def passwords(self) -> set[str]:
@@ -150,7 +155,7 @@ def loads(text: str, path: str = "<config>", overrides: Mapping[str, str] | None
 
 def _settings(entries: list[Entry], path: str, overrides: Mapping[str, str],
               environ: Mapping[str, str], problems: list[str]) -> Settings:
-    given: dict[str, tuple[str, str]] = {}
+    given: dict[str, tuple[str | None, str]] = {}
     for entry in entries:
         if entry.key not in BY_NAME:
             known = ", ".join(BY_NAME)
@@ -163,8 +168,8 @@ def _settings(entries: list[Entry], path: str, overrides: Mapping[str, str],
     for setting in SETTINGS:
         if setting.env and environ.get(setting.env):
             given[setting.name] = (environ[setting.env], f"environment {setting.env}")
-    for name, text in overrides.items():
-        given[name] = (text, f"option {BY_NAME[name].flag}")
+    for name, value in overrides.items():
+        given[name] = (value, f"option {BY_NAME[name].flag}")
     values: dict[str, Any] = {}
     for setting in SETTINGS:
         text, where = given.get(setting.name, (setting.default, "default"))

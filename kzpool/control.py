@@ -7,7 +7,6 @@ is dropped; nobody else notices.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -63,30 +62,33 @@ class Peer:
         self.reader = protocol.FrameReader(max_frame=1 << 20)
         sock.settimeout(REPLY_TIMEOUT)
 
-    def serve(self, handler: Handler) -> bool:
-        """Read what is there and answer each request; ``False``: drop this peer."""
+    def read(self) -> list[dict[str, Any]] | None:
+        """The requests that arrived; ``None``: the peer is gone or broke the protocol."""
         try:
             data = self.sock.recv(65536)
             if not data:
-                return False
-            for request in self.reader.messages(data):
-                self.sock.sendall(protocol.encode(_answer(handler, request)))
+                return None
+            return list(self.reader.messages(data))
         except ProtocolError as exc:
             log.warning("dropping a client: %s", exc)
-            with contextlib.suppress(OSError):
-                self.sock.sendall(protocol.encode({"ok": False, "code": exc.code,
-                                                   "error": str(exc)}))
-            return False
+            self.reply({"ok": False, "code": exc.code, "error": str(exc)})
+            return None
+        except OSError:
+            return None
+
+    def reply(self, obj: dict[str, Any]) -> bool:
+        try:
+            self.sock.sendall(protocol.encode(obj))
+            return True
         except OSError:
             return False
-        return True
 
-
-def _answer(handler: Handler, request: dict[str, Any]) -> dict[str, Any]:
-    try:
-        return {"ok": True, **handler(request)}
-    except KzpoolError as exc:
-        return {"ok": False, "code": exc.code, "error": str(exc)}
+    def answer(self, handler: Handler, request: dict[str, Any]) -> bool:
+        try:
+            reply = {"ok": True, **handler(request)}
+        except KzpoolError as exc:
+            reply = {"ok": False, "code": exc.code, "error": str(exc)}
+        return self.reply(reply)
 
 
 def call(path: str, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:

@@ -13,6 +13,7 @@ a second SIGTERM/SIGINT (or SIGQUIT) skips the wait.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -25,18 +26,23 @@ import psutil
 
 from . import config as config_mod
 from . import control, exitcodes, proc, protocol
+from .assign import zone_primary
 from .backoff import Backoff
-from .config import Config
+from .config import Broker, Config
 from .errors import ConfigError, KzpoolError, ProtocolError, StartupError
+from .leasing import LeaseBook
 from .registry import Registry
-from .slots import STABLE_AFTER, Slot, broker_key, plan, primary_broker, startup_settled
+from .slots import STABLE_AFTER, Slot, broker_key, plan, startup_settled
 from .states import ConnState, PoolState
+from .uri import BrokerURI
 from .worker import WorkerSpec, run_worker
 
 log = logging.getLogger("kzpool.master")
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
 SAMPLE_INTERVAL = 1.0
+FLUSH_INTERVAL = 0.1  # the registry is written at most this often
+HIDDEN_ORDER = 1_000_000  # hidden brokers sort after every configured one
 
 
 class Master:
@@ -55,6 +61,8 @@ class Master:
         self.listener: socket.socket | None = None
         self.peers: dict[int, control.Peer] = {}
         self.written: dict[str, dict[str, Any]] = {}
+        self.leases = LeaseBook(self)
+        self.next_flush = 0.0
         self.next_id = 1
         self.deadline = 0.0  # monotonic: start-up or stop deadline
         self.next_sample = 0.0
@@ -92,21 +100,25 @@ class Master:
         if self.state is PoolState.STOPPING:
             self._check_stop(now)
             return
+        self.leases.place_waiting(now)
         self._check_workers(now)
         self._spawn_missing(now)
-        self._publish()
+        self._publish(now)
 
     def _timeout(self) -> float:
         if self.state is PoolState.STOPPING:
             return 0.05
         waits = [s.respawn_at for s in self.slots.values() if s.respawn_at]
-        soonest = min([*waits, self.next_sample])
+        deadline = self.leases.next_deadline()
+        soonest = min([*waits, self.next_sample, deadline or self.next_sample])
+        if self.leases.waiting:
+            soonest = min(soonest, time.monotonic() + 0.05)
         return max(0.0, min(SAMPLE_INTERVAL, soonest - time.monotonic()))
 
     def _check_startup(self, now: float) -> None:
         if startup_settled(self.slots.values()):
             self.state = PoolState.RUNNING
-            primary = primary_broker(self.slots.values())
+            primary = zone_primary(self.slots.values(), self.config.local_zone)
             log.info("ready in %.2f s; primary %s", time.time() - self.started_at,
                      self._masked(primary))
         elif now >= self.deadline:
@@ -147,27 +159,21 @@ class Master:
         if sig == signal.SIGKILL and self.registry.pid:
             pids.append(self.registry.pid)
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
 
     def _final_reap(self) -> None:
         pids = [s.pid for s in self.slots.values() if s.pid] + [self.registry.pid]
         for pid in filter(None, pids):
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
         self.registry.forget()
 
     def _close(self) -> None:
         if self.listener is not None:
             self.listener.close()
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.settings.socket)
-            except FileNotFoundError:
-                pass
         for peer in self.peers.values():
             peer.sock.close()
         log.info("stopped")
@@ -187,10 +193,8 @@ class Master:
         self.signals.append(signum)
 
     def _drain_signal_pipe(self, fd: int) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.read(fd, 4096)
-        except BlockingIOError:
-            pass
 
     def handle_signals(self) -> None:
         while self.signals:
@@ -215,6 +219,8 @@ class Master:
         kept: set[tuple[str, int]] = set()
         for slot in list(self.slots.values()):
             key = (broker_key(slot.spec.broker), slot.spec.index)
+            if slot.spec.broker.hidden:
+                continue
             if key in wanted and not slot.removed:
                 kept.add(key)
                 slot.spec = WorkerSpec(slot.spec.id, wanted[key], slot.spec.index, new.settings)
@@ -234,12 +240,20 @@ class Master:
         self.next_id += 1
         return f"c{self.next_id - 1}"
 
-    def _add_slot(self, spec: WorkerSpec) -> None:
+    def _add_slot(self, spec: WorkerSpec) -> Slot:
         slot = Slot(spec, Backoff(self.settings.reconnect_backoff_min,
                                   self.settings.respawn_backoff_max, immediate=True))
         self.slots[spec.id] = slot
         self._spawn(slot)
+        return slot
 
+    def add_hidden_broker(self, uri: BrokerURI) -> Broker:
+        """A sticky lease names a broker the config does not: connect to it, hidden."""
+        broker = Broker(uri, self.config.local_zone, True, HIDDEN_ORDER + self.next_id, True)
+        log.info("adding hidden broker %s for a sticky lease", uri.masked)
+        for index in range(1, self.settings.connections_per_broker + 1):
+            self._add_slot(WorkerSpec(self._new_id(), broker, index, self.settings))
+        return broker
     def _remove_slot(self, slot: Slot) -> None:
         slot.removed = True
         log.info("removing %s", slot.spec.broker.uri.masked)
@@ -250,9 +264,6 @@ class Master:
 
     def _forget_slot(self, slot: Slot) -> None:
         self.slots.pop(slot.spec.id, None)
-        if self.registry.tables is not None:
-            self.registry.tables.drop_connection(slot.spec.id)
-        self.written.pop(slot.spec.id, None)
 
     def _spawn(self, slot: Slot) -> None:
         ours, theirs = socket.socketpair()
@@ -274,7 +285,7 @@ class Master:
         slot.reader = protocol.FrameReader()
         self.by_pid[pid] = slot
         self.selector.register(ours, selectors.EVENT_READ, lambda _fd: self._read_link(slot))
-        self._send(slot, {"op": "role", "primary": slot.primary})
+        self.send(slot, {"op": "role", "primary": slot.primary})
 
     def _registry_child_setup(self, keep: int) -> None:
         signal.set_wakeup_fd(-1)
@@ -301,10 +312,12 @@ class Master:
     def handle_worker_exit(self, slot: Slot, status: int) -> None:
         why = _exit_reason(status)
         if slot.link is not None:
-            self.selector.unregister(slot.link)
+            with contextlib.suppress(KeyError):  # unregistered already on EOF
+                self.selector.unregister(slot.link)
             slot.link.close()
         slot.pid, slot.link, slot.process, slot.tried = 0, None, None, True
         slot.rss = slot.cpu = slot.prechannels = slot.channels = 0
+        self.leases.on_worker_exit(slot)
         if self.state is PoolState.STOPPING or slot.removed:
             if slot.removed:
                 self._forget_slot(slot)
@@ -330,14 +343,17 @@ class Master:
         log.error("the registry process %s; starting a new one", _exit_reason(status))
         self.registry.start()
         self.written.clear()  # rewrite every row from the workers' reports
+        self.leases.dirty.update(self.leases.rows)
         for slot in self.slots.values():
-            self._send(slot, {"op": "report"})
+            self.send(slot, {"op": "report"})
 
     def _check_workers(self, now: float) -> None:
         sample = now >= self.next_sample
         if sample:
             self.next_sample = now + SAMPLE_INTERVAL
         for slot in list(self.slots.values()):
+            if sample:
+                self.leases.forget_dead_clients()
             if not slot.pid or slot.process is None:
                 continue
             if now - slot.last_seen > self.settings.worker_timeout:
@@ -378,23 +394,44 @@ class Master:
         except OSError:
             data = b""
         if not data:
-            return  # EOF: the reaper will tell why
+            slot.state = ConnState.DEAD  # the reaper will tell why
+            self.selector.unregister(slot.link)
+            return
         slot.last_seen = time.monotonic()
         try:
             for message in slot.reader.messages(data):
-                if message.get("op") == "report":
+                op = message.get("op")
+                if op == "report":
                     slot.apply_report(message)
+                elif op == "lease":
+                    self.leases.on_worker_event(slot, message)
         except ProtocolError as exc:
             log.error("worker %d sent a bad frame (%s); killing it", slot.pid, exc)
             os.kill(slot.pid, signal.SIGKILL)
 
-    def _send(self, slot: Slot, message: dict[str, Any]) -> None:
+    def drain_links(self) -> None:
+        """Read whatever the workers have said, without waiting."""
+        for slot in list(self.slots.values()):
+            if slot.link is not None and slot.state is not ConnState.DEAD:
+                self._read_link(slot)
+
+    def send(self, slot: Slot, message: dict[str, Any]) -> None:
         if slot.link is None:
             return
-        try:
+        with contextlib.suppress(OSError):  # the reaper will see it die
             slot.link.sendall(protocol.encode(message))
+
+    def pass_socket(self, slot: Slot, sock: socket.socket, lease: str) -> bool:
+        """Hand a client's socket to ``slot``'s worker; ``False`` if its link is broken."""
+        if slot.link is None:
+            return False
+        try:
+            socket.send_fds(slot.link, [protocol.encode({"op": "adopt", "lease": lease})],
+                            [sock.fileno()])
+            return True
         except OSError:
-            pass  # the reaper will see it die
+            slot.state = ConnState.DEAD
+            return False
 
     def _accept(self, _fd: int) -> None:
         assert self.listener is not None
@@ -408,40 +445,70 @@ class Master:
 
     def _serve_peer(self, fd: int) -> None:
         peer = self.peers[fd]
-        if not peer.serve(self.handle_request):
-            self.selector.unregister(peer.sock)
-            del self.peers[fd]
+        messages = peer.read()
+        if messages is None:
+            self._drop_peer(fd)
+            return
+        for message in messages:
+            if message.get("op") == "lease" and self.state is not PoolState.STOPPING:
+                self._drop_peer(fd, close=False)
+                self.leases.request(peer.sock, message)
+                return
+            if not peer.answer(self.handle_request, message):
+                self._drop_peer(fd)
+                return
+
+    def _drop_peer(self, fd: int, close: bool = True) -> None:
+        peer = self.peers.pop(fd)
+        self.selector.unregister(peer.sock)
+        if close:
             peer.sock.close()
 
     def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
         if op == "status":
             return self.status()
+        if op == "ping":
+            return {"pid": self.pid, "state": self.state.value}
         raise KzpoolError(f"unknown request {op!r}", op=op)
 
     # ----- the tables -------------------------------------------------------------------------
 
-    def _publish(self) -> None:
-        """Recompute the primary, tell workers whose role changed, write changed rows."""
-        primary = primary_broker(self.slots.values())
+    def _publish(self, now: float) -> None:
+        """Recompute the primary, tell workers whose role changed, fail back, write tables."""
+        primary = zone_primary(self.slots.values(), self.config.local_zone)
         for slot in self.slots.values():
             is_primary = primary is not None and broker_key(slot.spec.broker) == primary
             if is_primary != slot.primary:
                 slot.primary = is_primary
-                self._send(slot, {"op": "role", "primary": is_primary})
-        if self.registry.tables is None:
+                self.send(slot, {"op": "role", "primary": is_primary})
+        self.leases.fail_back()
+        if now >= self.next_flush:
+            self.flush_registry()
+
+    def flush_registry(self) -> None:
+        """Write the rows that changed: one Manager call per table, none when nothing did."""
+        self.next_flush = time.monotonic() + FLUSH_INTERVAL
+        tables = self.registry.tables
+        if tables is None:
             return
-        for slot in self.slots.values():
-            row = slot.row()
-            if self.written.get(slot.spec.id) != row:
-                self.registry.tables.put_connection(slot.spec.id, row)
-                self.written[slot.spec.id] = row
+        rows = {s.spec.id: s.row() for s in self.slots.values()}
+        changed = {k: r for k, r in rows.items() if self.written.get(k) != r}
+        gone = [k for k in self.written if k not in rows]
+        if changed or gone:
+            tables.update("connections", changed, gone)
+            self.written = rows
+        put, drop = self.leases.changes()
+        if put or drop:
+            tables.update("assignments", put, drop)
 
     def status(self) -> dict[str, Any]:
+        self.flush_registry()
         if self.registry.tables is not None:
             tables: dict[str, Any] = self.registry.tables.snapshot()
         else:
-            tables = {"connections": [s.row() for s in self.slots.values()], "assignments": []}
+            tables = {"connections": [s.row() for s in self.slots.values()],
+                      "assignments": self.leases.table()}
         tables["connections"].sort(key=lambda r: int(r["id"][1:]))
         return {"pool": {"pid": self.pid, "state": self.state.value,
                          "config": self.config.path, "socket": self.settings.socket,

@@ -10,6 +10,7 @@ the workers' latest reports (see :meth:`kzpool.master.Master.handle_registry_dea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Callable
@@ -27,17 +28,12 @@ class Tables:
         self._connections: dict[str, Row] = {}
         self._assignments: dict[str, Row] = {}
 
-    def put_connection(self, key: str, row: Row) -> None:
-        self._connections[key] = row
-
-    def drop_connection(self, key: str) -> None:
-        self._connections.pop(key, None)
-
-    def put_assignment(self, key: str, row: Row) -> None:
-        self._assignments[key] = row
-
-    def drop_assignment(self, key: str) -> None:
-        self._assignments.pop(key, None)
+    def update(self, table: str, put: dict[str, Row], drop: list[str]) -> None:
+        """Write changed rows and drop gone ones of ``connections`` or ``assignments``."""
+        rows = self._connections if table == "connections" else self._assignments
+        rows.update(put)
+        for key in drop:
+            rows.pop(key, None)
 
     def snapshot(self) -> dict[str, list[Row]]:
         return {
@@ -68,7 +64,7 @@ class Registry:
 
     def start(self) -> None:
         authkey = os.urandom(32)
-        # TCP on loopback, not AF_UNIX: the parent's copy of a unix listener unlinks its path on close
+        # TCP on loopback, not AF_UNIX: the parent's unix listener unlinks its path on close
         server = _Manager(address=("127.0.0.1", 0), authkey=authkey).get_server()
         pid = os.fork()
         if pid == 0:  # the Manager process
@@ -86,10 +82,8 @@ class Registry:
     def stop(self) -> None:
         """SIGTERM the Manager process; the master reaps it."""
         if self.pid:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         self.tables = None
 
     def forget(self) -> None:

@@ -98,16 +98,6 @@ def plan(config: Config) -> list[tuple[Broker, int]]:
     return [(b, i) for b in config.brokers for i in range(1, per_broker + 1)]
 
 
-def primary_broker(slots: Iterable[Slot]) -> str | None:
-    """Key of the primary: the first available broker of the local zone, in config order."""
-    local = sorted((s for s in slots if s.spec.broker.local and not s.removed),
-                   key=lambda s: (s.spec.broker.order, s.spec.index))
-    for slot in local:
-        if slot.available:
-            return broker_key(slot.spec.broker)
-    return None
-
-
 def startup_settled(slots: Iterable[Slot]) -> bool:
     """Ready to serve: a local broker is up and every local broker before it was tried.
 

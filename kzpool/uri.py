@@ -53,7 +53,8 @@ class BrokerURI:
     @property
     def masked(self) -> str:
         """The URI with its password replaced by ``***``: safe for logs and status."""
-        return f"{self.scheme}://{quote(self.user, safe='')}:***@{self.short[len(self.scheme) + 3:]}"
+        where = self.short[len(self.scheme) + 3:]
+        return f"{self.scheme}://{quote(self.user, safe='')}:***@{where}"
 
     @property
     def short(self) -> str:
@@ -72,4 +73,5 @@ def mask(text: str) -> str:
 
 
 def _bad(text: str, reason: str) -> BrokerURIError:
-    return BrokerURIError(f"bad broker URI {mask(text)!r}: {reason}", uri=mask(text), reason=reason)
+    return BrokerURIError(f"bad broker URI {mask(text)!r}: {reason}", uri=mask(text),
+                          reason=reason)

@@ -18,6 +18,7 @@ Hazards:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -35,6 +36,7 @@ from .backoff import Backoff
 from .config import Broker, Settings
 from .errors import ProtocolError, connection_fault
 from .protocol import FrameReader, encode
+from .session import End, Session
 from .states import ConnState
 
 log = logging.getLogger("kzpool.worker")
@@ -73,7 +75,9 @@ class ConnectionWorker:
         self.primary = False
         self.connection: SelectConnection | None = None
         self.prechannels: list[Any] = []
-        self.in_use: dict[int, Any] = {}
+        self.sessions: dict[str, Session] = {}  # by lease id
+        self.waiting: list[tuple[str, socket.socket]] = []  # adopted before a channel was ready
+        self._fds: list[int] = []  # passed by the master, not yet claimed
         self.exit_code = exitcodes.OK
         settings = spec.settings
         cap = (settings.reconnect_backoff_max if spec.broker.local
@@ -167,8 +171,18 @@ class ConnectionWorker:
     def _on_closed(self, _connection: SelectConnection, exc: BaseException) -> None:
         self.connection = None
         self.prechannels.clear()
-        self.in_use.clear()
         self._opening = 0
+        lost = {"op": "lost", "reason": {"class": "ConnectionClosed", "code": 0,
+                                         "text": "connection to the broker lost"}}
+        for session in list(self.sessions.values()):
+            session.event(lost)
+            session.end(End.LOST, "connection lost")
+        for lease, sock in self.waiting:
+            with contextlib.suppress(OSError):
+                sock.sendall(encode(lost))
+            sock.close()
+            self._send({"op": "lease", "event": End.LOST.value, "lease": lease})
+        self.waiting.clear()
         if self.state is ConnState.STOPPING:
             self.ioloop.stop()
             return
@@ -195,12 +209,18 @@ class ConnectionWorker:
     def _on_blocked(self, _connection: SelectConnection, _frame: Any) -> None:
         log.warning("%s blocked the connection (flow control)", self.spec.broker.uri.masked)
         self.blocked = True
+        self._tell_sessions({"op": "blocked"})
         self._report_soon()
 
     def _on_unblocked(self, _connection: SelectConnection, _frame: Any) -> None:
         log.info("%s unblocked the connection", self.spec.broker.uri.masked)
         self.blocked = False
+        self._tell_sessions({"op": "unblocked"})
         self._report_soon()
+
+    def _tell_sessions(self, event: dict[str, Any]) -> None:
+        for session in self.sessions.values():
+            session.event(event)
 
     # ----- prechannels ----------------------------------------------------------------------
 
@@ -209,32 +229,69 @@ class ConnectionWorker:
         connection = self.connection
         if connection is None or not connection.is_open:
             return
-        for _ in range(self.spec.settings.prechannels - len(self.prechannels) - self._opening):
+        wanted = self.spec.settings.prechannels + len(self.waiting)
+        for _ in range(wanted - len(self.prechannels) - self._opening):
             self._opening += 1
             connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_channel_open(self, channel: Any) -> None:
         self._opening -= 1
-        channel.add_on_close_callback(self._on_channel_closed)
-        self.prechannels.append(channel)
+        channel.add_on_close_callback(self._on_prechannel_closed)
+        if self.waiting:
+            self._bind(*self.waiting.pop(0), channel)
+        else:
+            self.prechannels.append(channel)
         self._report_soon()
 
-    def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
+    def _on_prechannel_closed(self, channel: Any, _reason: BaseException) -> None:
         if channel in self.prechannels:
             self.prechannels.remove(channel)
-        self.in_use.pop(channel.channel_number, None)
-        if self.state is ConnState.CONNECTED:
-            log.info("channel %d closed: %s", channel.channel_number, reason)
             self._fill_prechannels()
+            self._report_soon()
+
+    # ----- leases ---------------------------------------------------------------------------
+
+    def _adopt(self, lease: str, sock: socket.socket) -> None:
+        """The master hands us a client socket for ``lease``: bind it to a prechannel."""
+        connection = self.connection
+        if self.state is not ConnState.CONNECTED or connection is None:
+            sock.sendall(encode({"op": "lost", "reason": {
+                "class": "ConnectionClosed", "code": 0, "text": "broker not connected"}}))
+            sock.close()
+            self._send({"op": "lease", "event": End.LOST.value, "lease": lease})
+            return
+        if self.prechannels:
+            self._bind(lease, sock, self.prechannels.pop(0))
+        else:
+            self.waiting.append((lease, sock))
+        self._fill_prechannels()
+
+    def _bind(self, lease: str, sock: socket.socket, channel: Any) -> None:
+        session = Session(self, sock, lease, channel)
+        self.sessions[lease] = session
+        session.event({"op": "leased", "lease": lease, "broker": self.spec.broker.uri.masked,
+                       "zone": self.spec.broker.zone, "channel": channel.channel_number,
+                       "worker": os.getpid(), "blocked": self.blocked})
+        self._send({"op": "lease", "event": "assigned", "lease": lease,
+                    "channel": channel.channel_number})
+        self._report_soon()
+
+    def session_ended(self, session: Session, how: End, why: str) -> None:
+        if self.sessions.get(session.lease) is session:
+            del self.sessions[session.lease]
+        log.debug("lease %s %s: %s", session.lease, how.value, why)
+        self._send({"op": "lease", "event": how.value, "lease": session.lease})
+        self._fill_prechannels()
         self._report_soon()
 
     # ----- the link to the master -------------------------------------------------------------
 
     def _on_link(self, fd: int, _events: int) -> None:
         try:
-            data = self.link.recv(65536)
+            data, fds, _flags, _addr = socket.recv_fds(self.link, 65536, 64)
         except OSError:
-            data = b""
+            data, fds = b"", []
+        self._fds += fds
         if not data:
             self._master_gone()
             return
@@ -252,6 +309,11 @@ class ConnectionWorker:
             proc.set_title(self.spec.title(self.primary))
         elif op == "report":
             self._flush_report()
+        elif op == "adopt" and self._fds:
+            sock = socket.socket(fileno=self._fds.pop(0))
+            self._adopt(str(message.get("lease")), sock)
+        elif op == "move" and message.get("lease") in self.sessions:
+            self.sessions[message["lease"]].move()
 
     def _master_gone(self) -> None:
         if self.state is not ConnState.STOPPING:
@@ -287,14 +349,12 @@ class ConnectionWorker:
             "since": self.since,
             "blocked": self.blocked,
             "prechannels": len(self.prechannels),
-            "channels": len(self.in_use),
+            "channels": len(self.sessions),
         })
 
     def _send(self, message: dict[str, Any]) -> None:
-        try:
+        with contextlib.suppress(OSError):  # the master is gone: the link's EOF stops us
             self.link.sendall(encode(message))
-        except OSError:
-            pass  # the master is gone: the link's EOF handler stops us
 
 
 def run_worker(spec: WorkerSpec, link: socket.socket, master_pid: int) -> int:

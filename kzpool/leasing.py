@@ -1,0 +1,247 @@
+"""The master's side of leases: reservations, placement, moves, the assignments table.
+
+A client asks the master for a lease on the lease socket.  The master picks a worker (float:
+the zone's primary; sticky: the named broker, added as a hidden connection if unknown) and
+passes the client's socket to it with SCM_RIGHTS; from then on the client talks to that
+worker only.  When no worker can take it yet, the request waits as a reservation until one
+can or the client's timeout passes.  Workers report what becomes of each lease.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from . import protocol
+from .assign import Assignment, Kind, RowState, choose_slot, new_lease_id, target_of, to_move
+from .errors import BrokerURIError, KzpoolError
+from .slots import Slot, broker_key
+from .uri import BrokerURI
+
+if TYPE_CHECKING:
+    from .master import Master
+
+log = logging.getLogger("kzpool.leasing")
+
+_UCRED = struct.Struct("3i")
+MAX_TIMEOUT = 3600.0
+
+
+@dataclass
+class Reservation:
+    assignment: Assignment
+    sock: socket.socket
+    deadline: float  # monotonic
+
+
+class LeaseBook:
+    """Every lease the master knows of.  Runs in the master's loop only."""
+
+    def __init__(self, master: Master) -> None:
+        self.master = master
+        self.rows: dict[str, Assignment] = {}
+        self.waiting: list[Reservation] = []
+        self.dirty: set[str] = set()
+        self.dropped: set[str] = set()
+
+    # ----- requests -------------------------------------------------------------------------
+
+    def request(self, sock: socket.socket, message: dict[str, Any]) -> None:
+        """A lease (or resume) request; the socket is ours until placed or refused."""
+        try:
+            assignment, timeout = self._admit(sock, message)
+        except KzpoolError as exc:
+            _refuse(sock, exc.code, str(exc))
+            return
+        reservation = Reservation(assignment, sock, time.monotonic() + timeout)
+        self.master.drain_links()  # act on the freshest worker reports
+        if not self._place(reservation):
+            self.waiting.append(reservation)
+
+    def _admit(self, sock: socket.socket, message: dict[str, Any]) -> tuple[Assignment, float]:
+        kind_text = message.get("kind", "float")
+        try:
+            kind = Kind(kind_text)
+        except ValueError:
+            raise KzpoolError(f"unknown lease kind {kind_text!r} (float or sticky)",
+                              code="bad_kind") from None
+        timeout = _timeout(message.get("timeout", 10.0))
+        zone = message.get("zone") or self.master.config.local_zone
+        zones = self.master.config.zones
+        if zone not in zones:
+            raise KzpoolError(f"unknown zone {zone!r} (zones: {', '.join(zones)})",
+                              code="bad_zone")
+        broker = self._sticky_broker(kind, message.get("broker"))
+        lease = str(message.get("lease") or new_lease_id())
+        row = self.rows.get(lease)
+        if row is None or row.state.placed:
+            row = Assignment(lease, kind, zone, _peer_pid(sock), broker)
+            self.rows[lease] = row
+        row.state = RowState.WAITING
+        self._touch(row)
+        return row, timeout
+
+    def _sticky_broker(self, kind: Kind, text: Any) -> str | None:
+        if kind is Kind.FLOAT:
+            if text:
+                raise KzpoolError("a float lease takes no broker (use a sticky lease)",
+                                  code="bad_request")
+            return None
+        if not text:
+            raise KzpoolError("a sticky lease needs a broker URI", code="bad_request")
+        try:
+            uri = BrokerURI.parse(str(text))
+        except BrokerURIError as exc:
+            raise KzpoolError(str(exc), code=exc.code) from exc
+        for slot in self.master.slots.values():
+            if slot.spec.broker.uri.short == uri.short and not slot.removed:
+                return broker_key(slot.spec.broker)
+        return broker_key(self.master.add_hidden_broker(uri))
+
+    # ----- placement ----------------------------------------------------------------------------
+
+    def _place(self, reservation: Reservation) -> bool:
+        row = reservation.assignment
+        slots = list(self.master.slots.values())
+        while True:
+            slot = choose_slot(slots, target_of(row, slots), self._load())
+            if slot is None:
+                return False
+            if self.master.pass_socket(slot, reservation.sock, row.lease):
+                break
+            slots.remove(slot)  # its link is broken: the worker is dying
+        reservation.sock.close()
+        if row.placed_once:
+            row.moves += 1
+        row.placed_once = True
+        row.state, row.slot, row.since = RowState.ASSIGNING, slot, time.time()
+        self._touch(row)
+        return True
+
+    def _load(self) -> dict[str, int]:
+        load: dict[str, int] = {}
+        for row in self.rows.values():
+            if row.slot is not None and row.state.placed:
+                load[row.slot.spec.id] = load.get(row.slot.spec.id, 0) + 1
+        return load
+
+    def place_waiting(self, now: float) -> None:
+        """Place what can be placed; refuse what waited too long."""
+        if not self.waiting:
+            return
+        still = []
+        for reservation in self.waiting:
+            if self._place(reservation):
+                continue
+            if now >= reservation.deadline:
+                self._expire(reservation)
+            else:
+                still.append(reservation)
+        self.waiting = still
+
+    def _expire(self, reservation: Reservation) -> None:
+        row = reservation.assignment
+        if row.kind is Kind.STICKY:
+            slot = next((s for s in self.master.slots.values()
+                         if broker_key(s.spec.broker) == row.broker), None)
+            name = slot.spec.broker.uri.masked if slot else "?"
+            why = slot.error if slot and slot.error else "not connected"
+            text = f"broker {name} is not available ({why})"
+        else:
+            text = f"no broker of zone {row.zone!r} is available"
+        _refuse(reservation.sock, "unavailable", text)
+        if not row.placed_once:
+            self._drop(row.lease)
+
+    def next_deadline(self) -> float | None:
+        return min((r.deadline for r in self.waiting), default=None)
+
+    # ----- what workers report ------------------------------------------------------------------
+
+    def on_worker_event(self, slot: Slot, message: dict[str, Any]) -> None:
+        row = self.rows.get(str(message.get("lease")))
+        if row is None or row.slot is not slot:
+            return
+        event = message.get("event")
+        if event == "assigned":
+            row.state = RowState.ASSIGNED
+            row.channel = message.get("channel")
+        elif event == "released":
+            self._drop(row.lease)
+            return
+        else:  # lost, moved: the client comes back to resume
+            row.state = RowState.LOST
+        self._touch(row)
+
+    def on_worker_exit(self, slot: Slot) -> None:
+        for row in self.rows.values():
+            if row.slot is slot and row.state.placed:
+                row.state = RowState.LOST
+                self._touch(row)
+
+    def fail_back(self) -> None:
+        """Tell workers to move float leases to their zone's primary."""
+        for row in to_move(self.rows.values(), list(self.master.slots.values())):
+            assert row.slot is not None
+            self.master.send(row.slot, {"op": "move", "lease": row.lease})
+            row.state = RowState.MOVING
+            self._touch(row)
+
+    def forget_dead_clients(self) -> None:
+        """Rows waiting for a client that died will never be resumed: drop them."""
+        for row in list(self.rows.values()):
+            if not row.state.placed and not psutil.pid_exists(row.client_pid) and not any(
+                    r.assignment is row for r in self.waiting):
+                self._drop(row.lease)
+
+    # ----- the table --------------------------------------------------------------------------
+
+    def _touch(self, row: Assignment) -> None:
+        self.dirty.add(row.lease)
+
+    def _drop(self, lease: str) -> None:
+        self.rows.pop(lease, None)
+        self.dirty.discard(lease)
+        self.dropped.add(lease)
+
+    def changes(self) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """Rows to write and leases to drop since the last call."""
+        put = {k: self.rows[k].row() for k in self.dirty if k in self.rows}
+        drop = list(self.dropped)
+        self.dirty.clear()
+        self.dropped.clear()
+        return put, drop
+
+    def table(self) -> list[dict[str, Any]]:
+        return [row.row() for row in self.rows.values()]
+
+
+def _timeout(value: Any) -> float:
+    try:
+        timeout = float(value)
+    except (TypeError, ValueError):
+        raise KzpoolError(f"bad timeout {value!r}", code="bad_request") from None
+    if not 0 <= timeout <= MAX_TIMEOUT:
+        raise KzpoolError(f"timeout {timeout:g} is not between 0 and {MAX_TIMEOUT:g} s",
+                          code="bad_request")
+    return timeout
+
+
+def _peer_pid(sock: socket.socket) -> int:
+    pid, _uid, _gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return int(pid)
+
+
+def _refuse(sock: socket.socket, code: str, text: str) -> None:
+    with contextlib.suppress(OSError):
+        sock.settimeout(1.0)
+        sock.sendall(protocol.encode({"ok": False, "code": code, "error": text}))
+    sock.close()

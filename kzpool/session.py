@@ -1,0 +1,295 @@
+"""Worker side of a lease: one client socket bound to one pika channel.
+
+The master passes the client's socket to the worker (SCM_RIGHTS); from then on the client
+and the worker talk directly, in :mod:`kzpool.protocol` frames.  Everything here runs in the
+worker's pika ``IOLoop``: no call blocks.  Output to the client is buffered per session and
+flushed once per loop pass; a client that stops reading is held back by the channel's QoS.
+
+A session ends when the client goes away (``released``), when its channel or connection is
+lost (``lost``: the client comes back through the master and replays its topology), or when
+the master moves it to another broker (``moved``, after the client says ``bye``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pika.exceptions
+from pika import spec
+
+from . import protocol
+from .errors import ProtocolError
+from .protocol import Flag, Kind
+
+if TYPE_CHECKING:
+    from .worker import ConnectionWorker
+
+log = logging.getLogger("kzpool.session")
+
+READ_SIZE = 256 << 10
+MOVE_GRACE = 5.0  # seconds a moved client may take to say bye
+
+# JSON calls a client may make, with the arguments pika's Channel method takes
+RPC_METHODS: dict[str, tuple[str, ...]] = {
+    "exchange_declare": ("exchange", "exchange_type", "passive", "durable", "auto_delete",
+                         "internal", "arguments"),
+    "exchange_delete": ("exchange", "if_unused"),
+    "exchange_bind": ("destination", "source", "routing_key", "arguments"),
+    "exchange_unbind": ("destination", "source", "routing_key", "arguments"),
+    "queue_declare": ("queue", "passive", "durable", "exclusive", "auto_delete", "arguments"),
+    "queue_bind": ("queue", "exchange", "routing_key", "arguments"),
+    "queue_unbind": ("queue", "exchange", "routing_key", "arguments"),
+    "queue_purge": ("queue",),
+    "queue_delete": ("queue", "if_unused", "if_empty"),
+    "basic_qos": ("prefetch_size", "prefetch_count", "global_qos"),
+    "basic_cancel": ("consumer_tag",),
+    "basic_recover": ("requeue",),
+}
+
+
+class End(enum.Enum):
+    RELEASED = "released"  # the client closed the lease or died
+    LOST = "lost"  # channel or connection lost; the client will resume elsewhere
+    MOVED = "moved"  # the master moved it; the client resumes on the new broker
+
+
+class Session:
+    """One lease on this worker.  Not thread-safe: the worker's loop only."""
+
+    def __init__(self, worker: ConnectionWorker, sock: socket.socket, lease: str,
+                 channel: Any) -> None:
+        self.worker = worker
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.lease = lease
+        self.channel = channel
+        self.reader = protocol.FrameReader(protocol.MAX_DATA_FRAME)
+        self.out = bytearray()
+        self.flush_pending = False
+        self.writing = False
+        self.ended: End | None = None
+        self.gets: deque[int] = deque()  # ids of basic.get calls in flight
+        self.moving = False
+        sock.setblocking(False)
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.add_callback(self._on_get_empty, [spec.Basic.GetEmpty], one_shot=False)
+        worker.ioloop.add_handler(self.fd, self._on_io, worker.ioloop.READ)
+
+    @property
+    def done(self) -> bool:
+        return self.ended is not None
+
+    # ----- output ---------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        self.out += data
+        if not self.flush_pending and not self.writing:
+            self.flush_pending = True
+            self.worker.ioloop.call_later(0, self.flush)
+
+    def event(self, obj: dict[str, Any]) -> None:
+        self.send(protocol.encode(obj))
+
+    def flush(self) -> None:
+        self.flush_pending = False
+        if not self.out or self.sock.fileno() < 0:
+            return
+        try:
+            sent = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.end(End.RELEASED, "client gone")
+            return
+        del self.out[:sent]
+        want_write = bool(self.out)
+        if want_write != self.writing:
+            self.writing = want_write
+            events = self.worker.ioloop.READ | (self.worker.ioloop.WRITE if want_write else 0)
+            self.worker.ioloop.update_handler(self.fd, events)
+
+    # ----- input ------------------------------------------------------------------------------
+
+    def _on_io(self, _fd: int, events: int) -> None:
+        if events & self.worker.ioloop.WRITE:
+            self.flush()
+        if not events & self.worker.ioloop.READ or self.ended is not None:
+            return
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.end(End.MOVED if self.moving else End.RELEASED, "client closed")
+            return
+        try:
+            for kind, flags, payload in self.reader.feed(data):
+                self._dispatch(kind, flags, payload)
+                if self.done:
+                    return
+        except ProtocolError as exc:
+            log.warning("lease %s: dropping the client: %s", self.lease, exc)
+            self.end(End.RELEASED, f"protocol error: {exc}")
+
+    def _dispatch(self, kind: int, flags: int, payload: bytes) -> None:
+        if kind == Kind.PUBLISH:
+            exchange, routing_key, props, body = protocol.read_publish(payload)
+            properties = _decode_props(props)
+            try:
+                self.channel.basic_publish(exchange, routing_key, body, properties,
+                                           bool(flags & Flag.MANDATORY))
+            except pika.exceptions.AMQPError as exc:
+                self.event({"op": "error", "error": _error(exc)})
+        elif kind == Kind.SETTLE:
+            self._settle(protocol.read_tag(payload), flags)
+        elif kind == Kind.JSON:
+            self._request(protocol.decode_json(payload))
+        else:
+            raise ProtocolError(f"unexpected frame kind {kind} from a client")
+
+    def _settle(self, tag: int, flags: int) -> None:
+        multiple = bool(flags & Flag.MULTIPLE)
+        requeue = bool(flags & Flag.REQUEUE)
+        try:
+            if flags & Flag.SETTLE_REJECT:
+                self.channel.basic_reject(tag, requeue)
+            elif flags & Flag.SETTLE_NACK:
+                self.channel.basic_nack(tag, multiple, requeue)
+            else:
+                self.channel.basic_ack(tag, multiple)
+        except pika.exceptions.AMQPError as exc:
+            self.event({"op": "error", "error": _error(exc)})
+
+    def _request(self, request: dict[str, Any]) -> None:
+        op, rid = request.get("op"), request.get("id")
+        args = request.get("args") or {}
+        if not isinstance(args, dict):
+            raise ProtocolError("call arguments are not an object")
+        reply = self._replier(rid)
+        try:
+            if op == "call" and request.get("method") in RPC_METHODS:
+                method = request["method"]
+                kwargs = {k: args[k] for k in RPC_METHODS[method] if k in args}
+                getattr(self.channel, method)(callback=reply, **kwargs)
+            elif op == "consume":
+                self.channel.basic_consume(
+                    str(args.get("queue", "")), self._on_message,
+                    auto_ack=bool(args.get("auto_ack")), exclusive=bool(args.get("exclusive")),
+                    consumer_tag=args.get("consumer_tag"), arguments=args.get("arguments"),
+                    callback=reply)
+            elif op == "confirm":
+                self.channel.confirm_delivery(self._on_confirm, callback=reply)
+            elif op == "get":
+                self.gets.append(int(rid or 0))
+                self.channel.basic_get(str(args.get("queue", "")), self._on_get_ok,
+                                       auto_ack=bool(args.get("auto_ack")))
+            elif op == "bye":
+                self.end(End.MOVED, "moved")
+            elif op == "close":
+                self.end(End.RELEASED, "closed by the client")
+            else:
+                raise ProtocolError(f"unknown request {op!r}")
+        except (TypeError, ValueError, pika.exceptions.AMQPError) as exc:
+            self.event({"op": "reply", "id": rid, "error": _error(exc)})
+
+    def _replier(self, rid: Any) -> Callable[[Any], None]:
+        def reply(frame: Any) -> None:
+            method = frame.method
+            self.event({"op": "reply", "id": rid, "method": method.NAME,
+                        "fields": _fields(method)})
+        return reply
+
+    # ----- broker events ----------------------------------------------------------------------
+
+    def _on_message(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        self.send(protocol.deliver(
+            method.delivery_tag, 0, method.consumer_tag, method.exchange, method.routing_key,
+            _encode_props(properties), body, Flag.REDELIVERED if method.redelivered else 0))
+
+    def _on_get_ok(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        rid = self.gets.popleft() if self.gets else None
+        flags = Flag.GET | (Flag.REDELIVERED if method.redelivered else 0)
+        self.send(protocol.deliver(method.delivery_tag, method.message_count, "",
+                                   method.exchange, method.routing_key,
+                                   _encode_props(properties), body, flags))
+        self.event({"op": "reply", "id": rid, "method": "Basic.GetOk", "fields": {}})
+
+    def _on_get_empty(self, _frame: Any) -> None:
+        rid = self.gets.popleft() if self.gets else None
+        self.event({"op": "reply", "id": rid, "method": "Basic.GetEmpty", "fields": {}})
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        flags = (Flag.MULTIPLE if method.multiple else 0) | (
+            Flag.NACK if isinstance(method, spec.Basic.Nack) else 0)
+        self.send(protocol.tagged(Kind.CONFIRM, method.delivery_tag, flags))
+
+    def _on_return(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        self.send(protocol.returned(method.reply_code, method.reply_text, method.exchange,
+                                    method.routing_key, _encode_props(properties), body))
+
+    def _on_channel_closed(self, _channel: Any, reason: BaseException) -> None:
+        if self.ended is None:
+            self.event({"op": "lost", "reason": _error(reason)})
+            self.end(End.LOST, str(reason))
+
+    # ----- ending -----------------------------------------------------------------------------
+
+    def move(self) -> None:
+        """The master moves this lease: tell the client, stop deliveries, wait for its bye."""
+        if self.moving or self.ended is not None:
+            return
+        self.moving = True
+        self.event({"op": "move"})
+        for tag in list(getattr(self.channel, "consumer_tags", [])):
+            self.channel.basic_cancel(tag)
+        self.worker.ioloop.call_later(MOVE_GRACE, lambda: self.end(End.MOVED, "no bye in time"))
+
+    def end(self, how: End, why: str) -> None:
+        """Close the channel and the client socket; tell the worker."""
+        if self.ended is not None:
+            return
+        self.ended = how
+        if self.channel.is_open:
+            self.channel.close()
+        self.flush()
+        self.worker.ioloop.remove_handler(self.fd)
+        self.sock.close()
+        self.worker.session_ended(self, how, why)
+
+
+def _fields(method: Any) -> dict[str, Any]:
+    return {k: v for k, v in vars(method).items() if isinstance(v, str | int | bool | None)}
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, pika.exceptions.ChannelClosed | pika.exceptions.ConnectionClosed):
+        return {"class": type(exc).__name__, "code": exc.reply_code, "text": exc.reply_text}
+    return {"class": type(exc).__name__, "code": 0, "text": str(exc)}
+
+
+_EMPTY = spec.BasicProperties()
+
+
+def _decode_props(data: bytes) -> spec.BasicProperties | None:
+    if not data:
+        return None
+    properties = spec.BasicProperties()
+    try:
+        properties.decode(data)
+    except Exception as exc:  # pika raises assorted errors on bad bytes
+        raise ProtocolError(f"bad message properties: {exc}") from exc
+    return properties
+
+
+def _encode_props(properties: Any) -> bytes:
+    data = b"".join(properties.encode())
+    return b"" if data == b"\x00\x00" else data
