@@ -1,16 +1,32 @@
-"""kzpool: reliable RabbitMQ channels for CPU-heavy Python consumers."""
+"""kzpool: reliable RabbitMQ channels for CPU-heavy Python consumers.
+
+    pool = kzpool.connect()                     # the pool's lease socket
+    with pool.lease("float") as channel:        # pika BlockingChannel's interface
+        channel.basic_publish("", "jobs", b"hello")
+"""
 
 from __future__ import annotations
 
+from .client import PoolClient, connect
 from .config import Config, load
 from .errors import (
+    BrokerUnavailable,
     BrokerURIError,
+    ChannelClosedByBroker,
     ConfigError,
+    ConnectionBlockedTimeout,
     KzpoolError,
+    LeaseClosed,
+    LeaseRequestError,
+    LeaseTimeout,
+    NackError,
+    PoolAccessDenied,
     PoolNotRunning,
     ProtocolError,
     StartupError,
+    UnroutableError,
 )
+from .lease import Confirm, Lease, MoveEvent
 from .uri import BrokerURI
 
 __version__ = "0.1.0"
@@ -18,12 +34,26 @@ __version__ = "0.1.0"
 __all__ = [
     "BrokerURI",
     "BrokerURIError",
+    "BrokerUnavailable",
+    "ChannelClosedByBroker",
     "Config",
     "ConfigError",
+    "Confirm",
+    "ConnectionBlockedTimeout",
     "KzpoolError",
+    "Lease",
+    "LeaseClosed",
+    "LeaseRequestError",
+    "LeaseTimeout",
+    "MoveEvent",
+    "NackError",
+    "PoolAccessDenied",
+    "PoolClient",
     "PoolNotRunning",
     "ProtocolError",
     "StartupError",
+    "UnroutableError",
     "__version__",
+    "connect",
     "load",
 ]

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import protocol
-from .errors import KzpoolError, PoolNotRunning, ProtocolError
+from .errors import KzpoolError, PoolAccessDenied, PoolNotRunning, ProtocolError
 
 log = logging.getLogger("kzpool.control")
 
@@ -98,17 +98,19 @@ def call(path: str, request: dict[str, Any], timeout: float = 5.0) -> dict[str, 
         sock.settimeout(timeout)
         try:
             sock.connect(path)
-        except FileNotFoundError:
-            raise PoolNotRunning(f"no pool is running at {path} (no such socket)",
-                                 socket=path) from None
         except OSError as exc:
-            reason = "permission denied" if exc.errno == errno.EACCES else (
-                exc.strerror or str(exc)).lower()
-            raise PoolNotRunning(f"no pool is running at {path} ({reason})",
-                                 socket=path) from exc
+            raise not_running(path, exc) from exc
         reply = protocol.request(sock, request, timeout)
     finally:
         sock.close()
     if not reply.get("ok"):
         raise KzpoolError(str(reply.get("error")), code=reply.get("code"))
     return reply
+
+
+def not_running(path: str, exc: OSError) -> PoolNotRunning:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PoolAccessDenied(f"access to the pool at {path} is refused (permission denied)",
+                                socket=path)
+    reason = "no such socket" if exc.errno == errno.ENOENT else (exc.strerror or str(exc)).lower()
+    return PoolNotRunning(f"no pool is running at {path} ({reason})", socket=path)

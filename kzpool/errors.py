@@ -108,3 +108,98 @@ def _innermost(exc: BaseException) -> str:
     text = str(exc).replace("ConnectionClosedByBroker: ", "")
     text = re.sub(r"\((\d+)\) '([^']*)'?", r"\1 \2", text).strip("()\",' ")
     return text or type(exc).__name__
+
+
+# ----- lease errors: subclasses of pika's where one matches, so pika code keeps working ------
+
+import pika.exceptions as _pe  # noqa: E402
+
+
+class PoolAccessDenied(PoolNotRunning):
+    """The lease socket exists but this process may not use it."""
+
+    code = "access"
+
+
+class LeaseRequestError(KzpoolError, ValueError):
+    """The pool refused a lease request as malformed: unknown kind, zone, bad broker URI."""
+
+    code = "bad_request"
+
+
+class BrokerUnavailable(KzpoolError):
+    """No broker could serve the lease within its timeout; ``broker`` names the one waited for."""
+
+    code = "unavailable"
+
+
+class LeaseTimeout(KzpoolError, TimeoutError):
+    """A wait on a lease (confirms, a call across a move) passed its timeout."""
+
+    code = "timeout"
+
+
+class LeaseClosed(KzpoolError, _pe.ChannelWrongStateError):
+    """The lease was closed by its owner."""
+
+    code = "closed"
+
+
+class ChannelClosedByBroker(KzpoolError, _pe.ChannelClosedByBroker):
+    """The broker closed the lease's channel because of a call; the lease recovers after."""
+
+    code = "channel_closed"
+
+    def __init__(self, reply_code: int, reply_text: str, **fields: object) -> None:
+        _pe.ChannelClosedByBroker.__init__(self, reply_code, reply_text)
+        self.message = f"{reply_code} {reply_text}"
+        self.fields = {"reply_code": reply_code, **fields}
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UnroutableError(KzpoolError, _pe.UnroutableError):
+    """A mandatory publish was returned by the broker: no queue took it."""
+
+    code = "unroutable"
+
+    def __init__(self, messages: list[object]) -> None:
+        _pe.UnroutableError.__init__(self, messages)
+        self.message = f"{len(messages)} unroutable message(s) returned by the broker"
+        self.fields = {}
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NackError(KzpoolError, _pe.NackError):
+    """The broker nacked a publish."""
+
+    code = "nack"
+
+    def __init__(self, messages: list[object]) -> None:
+        _pe.NackError.__init__(self, messages)
+        self.message = f"{len(messages)} message(s) nacked by the broker"
+        self.fields = {}
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConnectionBlockedTimeout(KzpoolError, _pe.ConnectionBlockedTimeout):
+    """The broker blocked the connection (flow control) longer than the lease waits."""
+
+    code = "blocked"
+
+
+def from_reply(reply: dict[str, object]) -> KzpoolError:
+    """The error a pool's refusal names, by its stable code."""
+    code, text = str(reply.get("code")), str(reply.get("error"))
+    if code == "unavailable":
+        return BrokerUnavailable(text)
+    if code == "access":
+        return PoolAccessDenied(text)
+    if code in ("bad_kind", "bad_zone", "bad_request", "bad_uri"):
+        return LeaseRequestError(text, reason=code)
+    return KzpoolError(text, reason=code)

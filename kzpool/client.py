@@ -1,0 +1,65 @@
+"""The lease client: ``kzpool.connect()`` and the leases it hands out.
+
+Any Python process can use it; nothing in it runs in the background.  A :class:`PoolClient`
+may be shared by threads (it only opens sockets); each :class:`~kzpool.lease.Lease` belongs
+to one thread at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from . import control
+from .errors import LeaseRequestError
+from .lease import Lease, MoveEvent
+from .settings import BY_NAME
+
+KINDS = ("float", "sticky")
+
+
+class PoolClient:
+    """A handle on the pool at ``socket_path``."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+
+    def __repr__(self) -> str:
+        return f"<PoolClient {self.socket_path}>"
+
+    def open_socket(self) -> socket.socket:
+        """A new connection to the lease socket; a clear error if no pool answers."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            sock.close()
+            raise control.not_running(self.socket_path, exc) from exc
+        return sock
+
+    def ping(self) -> dict[str, Any]:
+        return control.call(self.socket_path, {"op": "ping"})
+
+    def status(self) -> dict[str, Any]:
+        return control.call(self.socket_path, {"op": "status"})
+
+    def lease(self, kind: str = "float", *, zone: str | None = None, broker: str | None = None,
+              timeout: float = 10.0, on_move: Callable[[MoveEvent], None] | None = None) -> Lease:
+        """A channel: ``float`` follows the zone's primary, ``sticky`` stays on ``broker``.
+
+        Blocks up to ``timeout`` seconds for a broker to serve it, then raises
+        :class:`~kzpool.errors.BrokerUnavailable` naming what it waited for.
+        """
+        if kind not in KINDS:
+            raise LeaseRequestError(f"unknown lease kind {kind!r} (float or sticky)")
+        return Lease(self, kind, zone, broker, timeout, on_move)
+
+
+def connect(socket: str | None = None) -> PoolClient:
+    """The pool at ``socket``, else ``$KZPOOL_SOCKET``, else the default socket path."""
+    path = socket or os.environ.get("KZPOOL_SOCKET") or str(BY_NAME["socket"].default)
+    client = PoolClient(path)
+    client.ping()
+    return client
