@@ -21,7 +21,7 @@ import psutil
 
 from . import protocol
 from .assign import Assignment, Kind, RowState, choose_slot, new_lease_id, target_of, to_move
-from .errors import BrokerURIError, KzpoolError
+from .errors import BrokerURIError, KzpoolError, LeaseRequestError
 from .slots import Slot, broker_key
 from .uri import BrokerURI
 
@@ -70,14 +70,12 @@ class LeaseBook:
         try:
             kind = Kind(kind_text)
         except ValueError:
-            raise KzpoolError(f"unknown lease kind {kind_text!r} (float or sticky)",
-                              code="bad_kind") from None
+            raise LeaseRequestError(f"unknown lease kind {kind_text!r} (float or sticky)") from None
         timeout = _timeout(message.get("timeout", 10.0))
         zone = message.get("zone") or self.master.config.local_zone
         zones = self.master.config.zones
         if zone not in zones:
-            raise KzpoolError(f"unknown zone {zone!r} (zones: {', '.join(zones)})",
-                              code="bad_zone")
+            raise LeaseRequestError(f"unknown zone {zone!r} (zones: {', '.join(zones)})")
         broker = self._sticky_broker(kind, message.get("broker"))
         lease = str(message.get("lease") or new_lease_id())
         row = self.rows.get(lease)
@@ -91,15 +89,14 @@ class LeaseBook:
     def _sticky_broker(self, kind: Kind, text: Any) -> str | None:
         if kind is Kind.FLOAT:
             if text:
-                raise KzpoolError("a float lease takes no broker (use a sticky lease)",
-                                  code="bad_request")
+                raise LeaseRequestError("a float lease takes no broker (use a sticky lease)")
             return None
         if not text:
-            raise KzpoolError("a sticky lease needs a broker URI", code="bad_request")
+            raise LeaseRequestError("a sticky lease needs a broker URI")
         try:
             uri = BrokerURI.parse(str(text))
         except BrokerURIError as exc:
-            raise KzpoolError(str(exc), code=exc.code) from exc
+            raise LeaseRequestError(str(exc)) from exc
         for slot in self.master.slots.values():
             if slot.spec.broker.uri.short == uri.short and not slot.removed:
                 return broker_key(slot.spec.broker)
@@ -227,10 +224,9 @@ def _timeout(value: Any) -> float:
     try:
         timeout = float(value)
     except (TypeError, ValueError):
-        raise KzpoolError(f"bad timeout {value!r}", code="bad_request") from None
+        raise LeaseRequestError(f"bad timeout {value!r}") from None
     if not 0 <= timeout <= MAX_TIMEOUT:
-        raise KzpoolError(f"timeout {timeout:g} is not between 0 and {MAX_TIMEOUT:g} s",
-                          code="bad_request")
+        raise LeaseRequestError(f"timeout {timeout:g} is not between 0 and {MAX_TIMEOUT:g} s")
     return timeout
 
 

@@ -1,0 +1,214 @@
+"""Leases against the real default broker: pika's interface, confirms, errors, client death."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import uuid
+from collections.abc import Callable, Iterator
+from multiprocessing.queues import SimpleQueue
+
+import pika
+import pika.exceptions
+import pytest
+
+import kzpool
+
+from .helpers import DEFAULT_URI, Pool, wait_for
+
+PoolMaker = Callable[..., Pool]
+
+
+@pytest.fixture
+def pool(pools: PoolMaker) -> Pool:
+    p = pools([DEFAULT_URI], prechannels=4).start()
+    p.wait_ready()
+    return p
+
+
+@pytest.fixture
+def queue() -> Iterator[str]:
+    name = f"kzt-{uuid.uuid4().hex[:10]}"
+    yield name
+    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
+        conn.channel().queue_delete(name)
+
+
+def message_count(queue: str) -> int:
+    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
+        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
+
+
+def test_a_lease_speaks_pika(pool: Pool, queue: str) -> None:
+    client = kzpool.connect(pool.socket)
+    with client.lease("float") as lease:
+        assert lease.kind == "float" and lease.id
+        assert lease.broker == "amqp://guest:***@127.0.0.1:5672/%2F"
+        declared = lease.queue_declare(queue)
+        assert declared.method.queue == queue and declared.method.message_count == 0
+        lease.exchange_declare(f"{queue}-x", "topic", auto_delete=True)
+        lease.queue_bind(queue, f"{queue}-x", "a.*")
+        props = pika.BasicProperties(content_type="text/plain", headers={"n": 1})
+        lease.basic_publish(f"{queue}-x", "a.b", b"one", props)
+        lease.basic_publish("", queue, "two")
+        method, properties, body = _get(lease, queue)
+        assert body == b"one" and properties.headers == {"n": 1}
+        assert isinstance(method, pika.spec.Basic.GetOk)
+        lease.basic_ack(method.delivery_tag)
+        seen = []
+        for method, _props, body in lease.consume(queue, inactivity_timeout=1):
+            if method is None:
+                break
+            seen.append(body)
+            lease.basic_ack(method.delivery_tag)
+        lease.cancel()
+        assert seen == [b"two"]
+        assert lease.basic_get(queue) == (None, None, None)
+
+
+def _get(lease: kzpool.Lease, queue: str) -> tuple[object, object, bytes]:
+    def got() -> tuple[object, object, bytes] | None:
+        method, props, body = lease.basic_get(queue)
+        return (method, props, body) if method else None
+    return wait_for(got, 5, "a message from basic_get")
+
+
+def test_pipelined_confirms_and_returns(pool: Pool, queue: str) -> None:
+    with kzpool.connect(pool.socket).lease("float") as lease:
+        lease.queue_declare(queue)
+        lease.confirm_delivery()
+        futures = [lease.basic_publish("", queue, b"x" * 256, wait=False) for _ in range(500)]
+        lease.wait_for_confirms(timeout=10)
+        assert all(f.done() and f.exception() is None for f in futures)
+        returned = lease.basic_publish("", f"{queue}-nobody", b"lost", mandatory=True,
+                                       wait=False)
+        assert returned is not None
+        with pytest.raises(pika.exceptions.UnroutableError):
+            returned.result(5)
+        with pytest.raises(kzpool.UnroutableError):
+            lease.basic_publish("", f"{queue}-nobody", b"lost", mandatory=True)
+        lease.basic_publish("", queue, b"after")
+    assert message_count(queue) == 501
+
+
+def test_channel_error_fails_the_call_and_the_lease_recovers(pool: Pool, queue: str) -> None:
+    client = kzpool.connect(pool.socket)
+    other = client.lease("float")
+    other.queue_declare(queue)
+    with client.lease("float") as lease:
+        lease.confirm_delivery()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
+            lease.basic_publish(f"{queue}-missing-exchange", "rk", b"x")
+        assert info.value.reply_code == 404
+        with pytest.raises(kzpool.ChannelClosedByBroker) as passive:
+            lease.queue_declare(f"{queue}-missing", passive=True)
+        assert passive.value.reply_code == 404
+        lease.basic_publish("", queue, b"fine")  # recovered, confirms still on
+    other.basic_publish("", queue, b"untouched")
+    assert message_count(queue) == 2
+    other.close()
+
+
+def _consume_and_die(socket_path: str, queue: str, got: SimpleQueue[int]) -> None:
+    lease = kzpool.connect(socket_path).lease("float")
+    lease.basic_qos(prefetch_count=10)
+    for method, _props, _body in lease.consume(queue):
+        got.put(method.delivery_tag)  # never acked
+        if method.delivery_tag == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_client_death_returns_its_messages(pool: Pool, queue: str) -> None:
+    lease = kzpool.connect(pool.socket).lease("float")
+    lease.queue_declare(queue)
+    for i in range(5):
+        lease.basic_publish("", queue, b"m%d" % i)
+    context = multiprocessing.get_context("fork")
+    got: SimpleQueue[int] = context.SimpleQueue()  # put() is synchronous: kill -9 loses nothing
+    child = context.Process(target=_consume_and_die, args=(pool.socket, queue, got))
+    child.start()
+    child.join(20)
+    assert child.exitcode == -signal.SIGKILL
+    assert [got.get() for _ in range(3)] == [1, 2, 3]
+    wait_for(lambda: not [r for r in pool.status()["assignments"]
+                          if r["client_pid"] == child.pid], 5, "the dead client's rows to go")
+    wait_for(lambda: message_count(queue) == 5, 5, "its messages back on the queue")
+    lease.close()
+
+
+def test_status_lists_leases(pool: Pool) -> None:
+    client = kzpool.connect(pool.socket)
+    leases = [client.lease("float") for _ in range(3)]
+    rows = wait_for(lambda: [r for r in pool.status()["assignments"] if r["state"] == "assigned"
+                             and len(pool.status()["assignments"]) == 3] or None, 5, "3 rows")
+    worker = pool.connections()[0]["pid"]
+    assert {r["lease"] for r in rows} == {lease.id for lease in leases}
+    for row in rows:
+        assert row["kind"] == "float" and row["client_pid"] == os.getpid()
+        assert row["pid"] == worker and row["channel"] and row["moves"] == 0
+        assert row["broker"] == "amqp://guest:***@127.0.0.1:5672/%2F" and row["since"]
+    for lease in leases:
+        lease.close()
+    wait_for(lambda: not pool.status()["assignments"], 5, "rows to go on close")
+    wait_for(lambda: pool.connections()[0]["prechannels"] == 4, 5, "prechannels refilled")
+
+
+def test_bad_lease_requests_are_named(pool: Pool) -> None:
+    client = kzpool.connect(pool.socket)
+    with pytest.raises(kzpool.LeaseRequestError, match="unknown lease kind 'wobbly'"):
+        client.lease("wobbly")
+    with pytest.raises(kzpool.LeaseRequestError, match="unknown zone 'mars'"):
+        client.lease("float", zone="mars")
+    with pytest.raises(kzpool.LeaseRequestError, match="scheme 'http'"):
+        client.lease("sticky", broker="http://guest:pw@127.0.0.1/")
+    with pytest.raises(kzpool.LeaseRequestError, match="needs a broker"):
+        client.lease("sticky")
+    with pytest.raises(kzpool.BrokerUnavailable, match="127.0.0.1:5799"):
+        client.lease("sticky", broker="amqp://guest:guest@127.0.0.1:5799/%2F", timeout=1)
+
+
+def test_connect_without_a_pool(tmp_path: object) -> None:
+    with pytest.raises(kzpool.PoolNotRunning, match="no pool is running at .*none.sock"):
+        kzpool.connect(f"{tmp_path}/none.sock")
+
+
+def test_sticky_to_an_unknown_broker_adds_a_hidden_connection(pool: Pool, vhost: str) -> None:
+    with kzpool.connect(pool.socket).lease("sticky", broker=vhost) as lease:
+        assert lease.broker == vhost.replace("guest:guest", "guest:***")
+        lease.queue_declare("kzt-hidden", auto_delete=True)
+        rows = pool.connections()
+        assert len(rows) == 2 and rows[0]["primary"] and not rows[1]["primary"]
+        with kzpool.connect(pool.socket).lease("float") as floating:
+            assert floating.broker == rows[0]["broker"]
+
+
+def test_worker_kill_9_under_a_consuming_lease(pool: Pool, queue: str) -> None:
+    moves: list[kzpool.MoveEvent] = []
+    lease = kzpool.connect(pool.socket).lease("float", on_move=moves.append)
+    lease.queue_declare(queue)
+    lease.basic_qos(prefetch_count=5)
+    for i in range(10):
+        lease.basic_publish("", queue, b"%d" % i)
+    stream = lease.consume(queue, inactivity_timeout=5)
+    first = [next(stream) for _ in range(3)]  # delivered, not acked
+    old_tags = [m.delivery_tag for m, _p, _b in first]
+    worker = pool.connections()[0]["pid"]
+    os.kill(worker, signal.SIGKILL)
+    bodies: list[bytes] = []
+    for method, _props, body in stream:
+        assert method is not None, "consuming stopped after the worker died"
+        assert method.delivery_tag > max(old_tags)  # tags stay unique across the move
+        bodies.append(body)
+        lease.basic_ack(method.delivery_tag)
+        if len(set(bodies)) == 10:
+            break
+    lease.basic_ack(old_tags[0])  # a tag of the lost channel: dropped, not misapplied
+    assert moves and moves[0].new_broker == lease.broker
+    assert sorted(set(bodies)) == sorted(b"%d" % i for i in range(10))
+    lease.cancel()
+    row = wait_for(lambda: [r for r in pool.status()["assignments"] if r["lease"] == lease.id
+                            and r["state"] == "assigned"], 5, "the row")[0]
+    assert row["moves"] == 1 and row["pid"] != worker
+    lease.close()
+    assert message_count(queue) == 0
