@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -124,10 +125,8 @@ class Pool:
         if self.proc is None:
             shutil.rmtree(self.rundir, ignore_errors=True)
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(10)
         wait_for(lambda: not self.group(), 10, "the pool's processes to be gone")
         shutil.rmtree(self.rundir, ignore_errors=True)

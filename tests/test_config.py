@@ -63,7 +63,8 @@ def test_cli_override_beats_the_file() -> None:
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("[pool]\nprechannels = many\n" + OK, "c.ini:2: [pool] prechannels = 'many': not a whole number"),
+    ("[pool]\nprechannels = many\n" + OK,
+     "c.ini:2: [pool] prechannels = 'many': not a whole number"),
     ("[pool]\nheartbeat = -1\n" + OK, "c.ini:2: [pool] heartbeat = '-1': must be at least 0"),
     ("[pool]\nconnect_timeout = 0\n" + OK, "c.ini:2: [pool] connect_timeout = '0': must be more"),
     ("[pool]\nworker_max_rss = lots\n" + OK, "c.ini:2: [pool] worker_max_rss = 'lots': not a size"),

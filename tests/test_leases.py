@@ -156,7 +156,7 @@ def test_status_lists_leases(pool: Pool) -> None:
 
 def test_bad_lease_requests_are_named(pool: Pool) -> None:
     client = kzpool.connect(pool.socket)
-    with pytest.raises(kzpool.LeaseRequestError, match="unknown lease kind 'wobbly'"):
+    with pytest.raises(kzpool.LeaseRequestError, match=r"unknown lease kind 'wobbly'"):
         client.lease("wobbly")
     with pytest.raises(kzpool.LeaseRequestError, match="unknown zone 'mars'"):
         client.lease("float", zone="mars")
@@ -164,12 +164,12 @@ def test_bad_lease_requests_are_named(pool: Pool) -> None:
         client.lease("sticky", broker="http://guest:pw@127.0.0.1/")
     with pytest.raises(kzpool.LeaseRequestError, match="needs a broker"):
         client.lease("sticky")
-    with pytest.raises(kzpool.BrokerUnavailable, match="127.0.0.1:5799"):
+    with pytest.raises(kzpool.BrokerUnavailable, match=r"127\.0\.0\.1:5799"):
         client.lease("sticky", broker="amqp://guest:guest@127.0.0.1:5799/%2F", timeout=1)
 
 
 def test_connect_without_a_pool(tmp_path: object) -> None:
-    with pytest.raises(kzpool.PoolNotRunning, match="no pool is running at .*none.sock"):
+    with pytest.raises(kzpool.PoolNotRunning, match=r"no pool is running at .*none\.sock"):
         kzpool.connect(f"{tmp_path}/none.sock")
 
 
