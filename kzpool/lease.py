@@ -229,6 +229,9 @@ class Lease:
         data = protocol.publish(exchange, routing_key, props, body, mandatory)
         if not self._confirming:
             self._send_publish(data)
+            if self._lost is not None:  # the worker was gone before it read this: send again
+                self._ready()
+                self._send_publish(data)
             return None
         self._seq += 1
         future = Confirm(self)
@@ -601,13 +604,21 @@ class Lease:
                     break
                 self._pump(deadline + REPLY_GRACE - time.monotonic())
             if self._refusal is not None:
-                raise from_reply(self._refusal)
+                error = from_reply(self._refusal)
+                self._give_up(error)
+                raise error
             if self._leased:
                 self._tag_base = self._tag_max
                 return
             if time.monotonic() > deadline:
-                raise LeaseTimeout(f"no channel within {self.timeout} s", lease=self.id)
+                error = LeaseTimeout(f"no channel within {self.timeout} s", lease=self.id)
+                self._give_up(error)
+                raise error
             time.sleep(retry.next_delay())  # the worker had just lost its broker
+
+    def _give_up(self, error: KzpoolError) -> None:
+        """No channel this time: stay lost, so the next call asks again."""
+        self._on_lost({"class": type(error).__name__, "code": 0, "text": str(error)})
 
     def _replay(self, renamed: dict[str, str]) -> bool:
         """Rebuild the topology on the new channel, then re-send unconfirmed publishes.
