@@ -603,8 +603,9 @@ class Lease:
                     self._on_lost({"class": "Timeout", "code": 0, "text": "no reply"})
                     break
                 self._pump(deadline + REPLY_GRACE - time.monotonic())
-            if self._refusal is not None:
-                error = from_reply(self._refusal)
+            refusal = self._refused()  # set by _pump: mypy cannot see that
+            if refusal is not None:
+                error = from_reply(refusal)
                 self._give_up(error)
                 raise error
             if self._leased:
@@ -615,6 +616,9 @@ class Lease:
                 self._give_up(error)
                 raise error
             time.sleep(retry.next_delay())  # the worker had just lost its broker
+
+    def _refused(self) -> dict[str, Any] | None:
+        return self._refusal
 
     def _give_up(self, error: KzpoolError) -> None:
         """No channel this time: stay lost, so the next call asks again."""

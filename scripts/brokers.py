@@ -109,28 +109,34 @@ def _clean_env() -> dict[str, str]:
 def _ctl(
     name: str | None, *args: str, timeout: float = CTL_TIMEOUT, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """Run rabbitmqctl against node `name` (None: the default node)."""
-    cmd = [_need_tool("rabbitmqctl"), *(["-n", name] if name else []), *args]
+    """Run rabbitmqctl against node `name` (None: the default node).
+
+    rabbitmqctl gets the timeout itself: its CLI beam runs in a session of its
+    own (the Debian wrapper su's to rabbitmq), which killing `su` would orphan.
+    """
+    ctl = _need_tool("rabbitmqctl")
+    cmd = [ctl, *(["-n", name] if name else []), "--timeout", str(max(int(timeout), 1)), *args]
     try:
         res = subprocess.run(
             cmd,
             capture_output=True,
             text=True,
-            timeout=timeout,
+            timeout=timeout + 30,
             stdin=subprocess.DEVNULL,
             env=_clean_env(),
         )
     except subprocess.TimeoutExpired as e:
         raise RuntimeError(f"{' '.join(cmd)} timed out after {timeout:.0f}s") from e
     if check and res.returncode != 0:
-        out = (res.stderr.strip() or res.stdout.strip()).splitlines()[-5:]
+        lines = (res.stderr.strip() or res.stdout.strip()).splitlines()
+        out = [ln.strip() for ln in lines if ln.strip()][:2]  # the diagnostics trail on
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {res.returncode}): " + " | ".join(out))
     return res
 
 
 def is_running(name: str) -> bool:
     """True when the Erlang node answers (its app may still be stopped)."""
-    return _ctl(full_name(name), "status", check=False).returncode == 0
+    return _ctl(full_name(name), "ping", timeout=10, check=False).returncode == 0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -275,7 +281,7 @@ def ensure_default(timeout: float = 120) -> None:
         _install_rabbitmq()
         if port_open(DEFAULT_PORT):  # the package's postinst may have started it
             return
-    if _ctl(None, "status", check=False).returncode == 0:
+    if _ctl(None, "ping", timeout=10, check=False).returncode == 0:
         _say("default node is up but its app is stopped: rabbitmqctl start_app")
         _ctl(None, "start_app", timeout=timeout)
     else:
@@ -290,7 +296,7 @@ def ensure_default(timeout: float = 120) -> None:
         )
 
         def booted() -> bool:  # await_startup fails at once until the node is registered
-            return _ctl(None, "await_startup", "--timeout", "10", check=False).returncode == 0
+            return _ctl(None, "await_startup", timeout=10, check=False).returncode == 0
 
         _wait(
             booted,
@@ -317,14 +323,19 @@ def start_node(name: str, port: int, base: Path | None = None, timeout: float = 
     node = Node(name, port, Path(base) if base else state_dir() / name)
     deadline = time.monotonic() + timeout
     with _lock(name):
+        known = load_node(name)
+        pid = _read_pid((known or node).pid_file)
+        live = pid is not None and _pid_alive(pid) and _is_beam_of(pid, name)
+        if live or is_running(name):  # never launch a second beam: it would break the first
+            if known is None:
+                _save(node)
+            if not port_open(port):
+                start_app(name, timeout=max(deadline - time.monotonic(), 1))
+            return known or node
         if port_open(port):
-            if is_running(name):
-                known = load_node(name)
-                if known is None:
-                    _save(node)
-                return known or node
             raise RuntimeError(f"port {port} is already taken by something other than {name}")
 
+        server = _need_tool("rabbitmq-server")
         _say(f"starting {name} on port {port} in {node.base}")
         node.base.mkdir(parents=True, exist_ok=True)
         (node.base / "rabbitmq.conf").write_text(
@@ -347,7 +358,7 @@ def start_node(name: str, port: int, base: Path | None = None, timeout: float = 
         try:
             with open(node.base / "startup.log", "ab") as log:
                 rc = subprocess.run(
-                    [_need_tool("rabbitmq-server"), "-detached"],
+                    [server, "-detached"],
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
@@ -367,7 +378,7 @@ def start_node(name: str, port: int, base: Path | None = None, timeout: float = 
 
             _wait(pid_file_written, max(deadline - time.monotonic(), 1), f"{node.pid_file}")
             left = max(deadline - time.monotonic(), 1)
-            _ctl(name, "wait", str(node.pid_file), "--timeout", str(int(left)), timeout=left + 15)
+            _ctl(name, "wait", str(node.pid_file), timeout=left)
             _wait(
                 lambda: port_open(port),
                 max(deadline - time.monotonic(), 1),
