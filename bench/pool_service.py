@@ -25,10 +25,8 @@ from typing import Any
 import pika
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from kzpool import control  # noqa: E402
-from kzpool.errors import KzpoolError  # noqa: E402
+from kzpool import control
+from kzpool.errors import KzpoolError
 
 DEFAULT = "amqp://guest:guest@127.0.0.1:5672/%2F"
 SECOND = "amqp://guest:guest@127.0.0.1:5701/%2F"
@@ -82,6 +80,14 @@ class Run:
         self.proc.wait(15)
 
 
+def ms(xs: list[float]) -> str:
+    return f"median {statistics.median(xs) * 1000:7.1f} ms   max {max(xs) * 1000:7.1f} ms"
+
+
+def mb(xs: list[int]) -> str:
+    return f"median {statistics.median(xs) / 2**20:6.1f} MB   max {max(xs) / 2**20:6.1f} MB"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=10)
@@ -108,8 +114,6 @@ def main() -> None:
         start = time.perf_counter()
         pika.BlockingConnection(pika.URLParameters(DEFAULT)).close()
         pika_open.append(time.perf_counter() - start)
-    ms = lambda xs: f"median {statistics.median(xs) * 1000:7.1f} ms   max {max(xs) * 1000:7.1f} ms"  # noqa: E731
-    mb = lambda xs: f"median {statistics.median(xs) / 2**20:6.1f} MB   max {max(xs) / 2**20:6.1f} MB"  # noqa: E731
     print(f"brokers: {', '.join(u.split('@')[1] for u in uris)}; {args.runs} runs,"
           f" {args.prechannels} prechannels")
     print(f"kzpool serve -> ready ({len(uris)} brokers)     {ms(ready)}   (target <= 1500 ms)")
