@@ -1,0 +1,170 @@
+"""Pure logic: wire format, backoff, topology replay rules, placement decisions."""
+
+from __future__ import annotations
+
+import pytest
+
+import kzpool
+from kzpool import protocol
+from kzpool.assign import Assignment, Kind, RowState, choose_slot, to_move, zone_primary
+from kzpool.backoff import Backoff
+from kzpool.config import Broker, loads
+from kzpool.errors import ProtocolError
+from kzpool.protocol import Flag
+from kzpool.slots import Slot, startup_settled
+from kzpool.states import ConnState
+from kzpool.topology import Topology
+from kzpool.uri import BrokerURI
+from kzpool.worker import WorkerSpec
+
+
+def test_public_api() -> None:
+    assert sorted(kzpool.__all__) == sorted([
+        "BrokerURI", "BrokerURIError", "BrokerUnavailable", "ChannelClosedByBroker", "Config",
+        "ConfigError", "Confirm", "ConnectionBlockedTimeout", "KzpoolError", "Lease",
+        "LeaseClosed", "LeaseRequestError", "LeaseTimeout", "MoveEvent", "NackError",
+        "PoolAccessDenied", "PoolClient", "PoolNotRunning", "ProtocolError", "StartupError",
+        "UnroutableError", "__version__", "connect", "load"])
+    for name in kzpool.__all__:
+        assert getattr(kzpool, name) is not None
+
+
+# ----- wire format -------------------------------------------------------------------------
+
+def test_frames_round_trip_in_one_feed() -> None:
+    data = (protocol.encode({"op": "x", "n": 1})
+            + protocol.publish("ex", "rk", b"\x00\x01", b"body", mandatory=True)
+            + protocol.deliver(7, 3, "ctag", "ex", "rk", b"", b"payload", Flag.REDELIVERED)
+            + protocol.tagged(protocol.Kind.CONFIRM, 9, Flag.MULTIPLE))
+    reader = protocol.FrameReader()
+    frames = []
+    for i in range(0, len(data), 5):  # arrives in pieces
+        frames += list(reader.feed(data[i:i + 5]))
+    kinds = [f[0] for f in frames]
+    assert kinds == [protocol.Kind.JSON, protocol.Kind.PUBLISH, protocol.Kind.DELIVER,
+                     protocol.Kind.CONFIRM]
+    assert protocol.decode_json(frames[0][2]) == {"op": "x", "n": 1}
+    assert protocol.read_publish(frames[1][2]) == ("ex", "rk", b"\x00\x01", b"body")
+    assert frames[1][1] == Flag.MANDATORY
+    assert protocol.read_deliver(frames[2][2]) == (7, 3, "ctag", "ex", "rk", b"", b"payload")
+    assert protocol.read_tag(frames[3][2]) == 9
+
+
+@pytest.mark.parametrize(("data", "error"), [
+    (b"GARBAGE!" * 2, "bad frame header"),
+    (bytes([75, 2, 1, 0, 0, 0, 0, 2]) + b"{}", "version 2"),
+    (bytes([75, 1, 99, 0, 0, 0, 0, 0]), "unexpected frame kind 99"),
+    (bytes([75, 1, 1, 0, 0xFF, 0, 0, 0]), "over the"),
+    (protocol.frame(protocol.Kind.JSON, b"[1, 2]"), "not a JSON object"),
+    (protocol.frame(protocol.Kind.JSON, b"\xff\xfe"), "not JSON"),
+])
+def test_bad_frames_are_protocol_errors(data: bytes, error: str) -> None:
+    reader = protocol.FrameReader(max_frame=1 << 20)
+    with pytest.raises(ProtocolError, match=error):
+        for kind, _flags, payload in reader.feed(data):
+            if kind == protocol.Kind.JSON:
+                protocol.decode_json(payload)
+
+
+def test_truncated_payload_fields_are_protocol_errors() -> None:
+    with pytest.raises(ProtocolError, match="truncated"):
+        protocol.read_publish(b"\x05ab")
+    with pytest.raises(ProtocolError, match="truncated"):
+        protocol.read_deliver(b"\x00" * 5)
+
+
+def test_a_partial_frame_waits_for_the_rest() -> None:
+    reader = protocol.FrameReader()
+    frame = protocol.encode({"op": "x"})
+    assert list(reader.feed(frame[:-1])) == []
+    assert [protocol.decode_json(p) for _k, _f, p in reader.feed(frame[-1:])] == [{"op": "x"}]
+
+
+# ----- backoff ---------------------------------------------------------------------------------
+
+def test_backoff_doubles_to_its_cap_and_resets() -> None:
+    backoff = Backoff(0.1, 5.0)
+    assert [backoff.next_delay() for _ in range(8)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+    backoff.reset()
+    assert backoff.next_delay() == 0.1
+    respawn = Backoff(0.1, 1.0, immediate=True)
+    assert [respawn.next_delay() for _ in range(3)] == [0.0, 0.1, 0.2]
+
+
+# ----- topology --------------------------------------------------------------------------------
+
+def test_topology_records_what_creates_state_and_forgets_what_is_undone() -> None:
+    topo = Topology()
+    topo.record("call", "exchange_declare", {"exchange": "x"})
+    topo.record("call", "queue_declare", {"queue": "q"})
+    topo.record("call", "queue_declare", {"queue": "q", "passive": True})
+    topo.record("call", "queue_bind", {"queue": "q", "exchange": "x", "routing_key": "a"})
+    topo.record("call", "queue_bind", {"queue": "q", "exchange": "x", "routing_key": "b"})
+    topo.record("call", "basic_qos", {"prefetch_count": 5})
+    topo.record("consume", "basic_consume", {"queue": "q", "consumer_tag": "t1"})
+    topo.record("confirm", "confirm_delivery", {})
+    topo.record("call", "queue_purge", {"queue": "q"})
+    topo.record("call", "queue_unbind", {"queue": "q", "exchange": "x", "routing_key": "a"})
+    topo.record("call", "basic_cancel", {"consumer_tag": "t1"})
+    assert [(s.method, s.args.get("routing_key")) for s in topo.steps] == [
+        ("exchange_declare", None), ("queue_declare", None), ("queue_bind", "b"),
+        ("basic_qos", None), ("confirm_delivery", None)]
+    topo.record("call", "exchange_delete", {"exchange": "x"})
+    assert [s.method for s in topo.steps] == ["queue_declare", "basic_qos", "confirm_delivery"]
+    assert topo.confirming
+
+
+def test_server_named_queues_follow_renames() -> None:
+    topo = Topology()
+    topo.renamed("amq.gen-1", "amq.gen-2")
+    topo.renamed("amq.gen-2", "amq.gen-3")
+    assert topo.name("amq.gen-1") == topo.name("amq.gen-2") == "amq.gen-3"
+    assert topo.name("plain") == "plain"
+
+
+# ----- placement -------------------------------------------------------------------------------
+
+CONFIG = loads("[zone:a]\nuri = amqp://h1/\nuri = amqp://h2/\n[zone:b]\nuri = amqp://h3/\n"
+               "[pool]\nzone = a\n", environ={})
+
+
+def slot(n: int, state: ConnState = ConnState.CONNECTED, broker: Broker | None = None) -> Slot:
+    broker = broker or CONFIG.brokers[n]
+    s = Slot(WorkerSpec(f"c{n}", broker, 1, CONFIG.settings), Backoff(0.1, 1), state=state)
+    s.pid = 100 + n
+    return s
+
+
+def test_primary_is_the_first_available_broker_in_config_order() -> None:
+    slots = [slot(0, ConnState.WAITING), slot(1), slot(2)]
+    assert zone_primary(slots, "a") == "amqp://h2/"
+    slots[0].state = ConnState.CONNECTED
+    assert zone_primary(slots, "a") == "amqp://h1/"
+    assert zone_primary(slots, "b") == "amqp://h3/"
+    hidden = Broker(BrokerURI.parse("amqp://h0/"), "a", True, -1, hidden=True)
+    assert zone_primary([slot(9, broker=hidden), *slots], "a") == "amqp://h1/"
+
+
+def test_startup_waits_for_earlier_brokers_to_be_tried() -> None:
+    first, second = slot(0, ConnState.CONNECTING), slot(1)
+    assert not startup_settled([first, second])  # the primary must be the first if it comes
+    first.tried, first.state = True, ConnState.WAITING
+    assert startup_settled([first, second])
+
+
+def test_choose_slot_spreads_and_skips_unavailable() -> None:
+    a, b, down = slot(0), slot(0), slot(0, ConnState.WAITING)
+    b.spec = WorkerSpec("c7", a.spec.broker, 2, CONFIG.settings)
+    assert choose_slot([a, b, down], "amqp://h1/", {"c0": 3, "c7": 1}) is b
+    assert choose_slot([down], "amqp://h1/", {}) is None
+    assert choose_slot([a], None, {}) is None
+
+
+def test_float_leases_off_the_primary_are_moved_back() -> None:
+    slots = [slot(0), slot(1)]
+    on_secondary = Assignment("l1", Kind.FLOAT, "a", 1, state=RowState.ASSIGNED, slot=slots[1])
+    on_primary = Assignment("l2", Kind.FLOAT, "a", 1, state=RowState.ASSIGNED, slot=slots[0])
+    sticky = Assignment("l3", Kind.STICKY, "a", 1, "amqp://h2/", RowState.ASSIGNED, slots[1])
+    assert to_move([on_secondary, on_primary, sticky], slots) == [on_secondary]
+    slots[0].state = ConnState.WAITING
+    assert to_move([on_secondary, on_primary, sticky], slots) == [on_primary]
