@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,12 +76,18 @@ def zone_primary(slots: Iterable[Slot], zone: str) -> str | None:
 
 
 def choose_slot(slots: Iterable[Slot], target: str | None,
-                load: dict[str, int]) -> Slot | None:
-    """The available worker of broker ``target`` with the fewest leases."""
+                load: Callable[[], dict[str, int]]) -> Slot | None:
+    """The available worker of broker ``target`` with the fewest leases.
+
+    ``load`` (leases per worker id) is only asked for when there is a choice to make.
+    """
     if target is None:
         return None
     candidates = [s for s in slots if s.available and broker_key(s.spec.broker) == target]
-    return min(candidates, key=lambda s: load.get(s.spec.id, 0), default=None)
+    if len(candidates) < 2:
+        return candidates[0] if candidates else None
+    counts = load()
+    return min(candidates, key=lambda s: counts.get(s.spec.id, 0))
 
 
 def target_of(assignment: Assignment, slots: Iterable[Slot]) -> str | None:

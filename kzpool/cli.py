@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from . import config as config_mod
@@ -92,7 +93,7 @@ def example_pool_section() -> str:
     """The ``[pool]`` section of config.ini.example, derived from the settings table."""
     lines = ["[pool]"]
     for setting in SETTINGS:
-        lines.append(f"; {setting.help}")
+        lines += textwrap.wrap(setting.help, 94, initial_indent="; ", subsequent_indent="; ")
         if setting.env:
             lines.append(f"; Environment: {setting.env}. Flag: {setting.flag}.")
         else:

@@ -65,10 +65,12 @@ class Peer:
     def read(self) -> list[dict[str, Any]] | None:
         """The requests that arrived; ``None``: the peer is gone or broke the protocol."""
         try:
-            data = self.sock.recv(65536)
+            data = self.sock.recv(65536, socket.MSG_DONTWAIT)
             if not data:
                 return None
             return list(self.reader.messages(data))
+        except (BlockingIOError, InterruptedError):
+            return []
         except ProtocolError as exc:
             log.warning("dropping a client: %s", exc)
             self.reply({"ok": False, "code": exc.code, "error": str(exc)})

@@ -53,7 +53,10 @@ log = logging.getLogger("kzpool.lease")
 
 READ_SIZE = 256 << 10
 REPLY_GRACE = 5.0  # the master answers a lease request within its timeout; allow this more
-DRAIN_EVERY = 64  # publishes between two non-blocking reads of confirms and events
+DRAIN_EVERY = 64
+SETTLE_BATCH = 64  # acks sent together at most  # publishes between two non-blocking reads of confirms and events
+_DELIVER, _CONFIRM, _RETURN, _JSON = map(int, (Kind.DELIVER, Kind.CONFIRM, Kind.RETURN,
+                                               Kind.JSON))
 METHODS = {cls.NAME: cls for cls in spec.methods.values()}
 Delivery = tuple[Any, Any, bytes]
 OnMessage = Callable[[Any, Any, Any, bytes], None]
@@ -128,6 +131,7 @@ class Lease:
         self._seq = 0
         self._unconfirmed: dict[int, _Unconfirmed] = {}
         self._publishes = 0
+        self._settles: list[bytes] = []  # acks batched while read deliveries wait
         self._tag_base = 0
         self._tag_max = 0
         self._blocked = False
@@ -335,7 +339,7 @@ class Lease:
         self._closed = True
         if self._sock is not None:
             with contextlib.suppress(OSError):
-                self._sock.sendall(protocol.encode({"op": "close"}))
+                self._sock.sendall(b"".join(self._settles) + protocol.encode({"op": "close"}))
             self._sock.close()
             self._sock = None
 
@@ -398,7 +402,9 @@ class Lease:
                       delivery_tag)
             return
         tag = delivery_tag - self._tag_base if delivery_tag else 0
-        self._send(protocol.tagged(Kind.SETTLE, tag, flags))
+        self._settles.append(protocol.tagged(Kind.SETTLE, tag, flags))
+        if len(self._settles) >= SETTLE_BATCH or not (self._deliveries or self._generator):
+            self._send(b"")  # sends the settles; while read deliveries wait, they batch up
 
     def _send_publish(self, data: bytes) -> None:
         self._send(data)
@@ -407,7 +413,11 @@ class Lease:
             self._drain()
 
     def _send(self, data: bytes) -> None:
+        """Send ``data``, after any batched settles (acks keep their order)."""
         assert self._sock is not None
+        if self._settles:
+            data = b"".join(self._settles) + data
+            self._settles.clear()
         try:
             self._sock.sendall(data)
         except OSError:
@@ -431,6 +441,10 @@ class Lease:
         sock = self._sock
         if sock is None:
             return
+        if self._settles:
+            self._send(b"")
+            if self._sock is None:
+                return
         if timeout is not None and not select.select([sock], [], [], max(0.0, timeout))[0]:
             return
         try:
@@ -465,13 +479,13 @@ class Lease:
             self._on_lost({"class": "ProtocolError", "code": 0, "text": str(exc)})
 
     def _process(self, kind: int, flags: int, payload: bytes) -> None:
-        if kind == Kind.DELIVER:
+        if kind == _DELIVER:
             self._on_deliver(flags, payload)
-        elif kind == Kind.CONFIRM:
+        elif kind == _CONFIRM:
             self._on_confirm(protocol.read_tag(payload), flags)
-        elif kind == Kind.RETURN:
+        elif kind == _RETURN:
             self._on_return(payload)
-        elif kind == Kind.JSON:
+        elif kind == _JSON:
             self._on_event(protocol.decode_json(payload))
 
     def _on_deliver(self, flags: int, payload: bytes) -> None:
@@ -493,15 +507,23 @@ class Lease:
             self._deliveries.append(delivery)
 
     def _on_confirm(self, tag: int, flags: int) -> None:
-        seqs = [s for s in self._unconfirmed if s <= tag] if flags & Flag.MULTIPLE else [tag]
+        unconfirmed = self._unconfirmed
+        if flags & Flag.MULTIPLE:  # sequence numbers were inserted in increasing order
+            seqs = []
+            for seq in unconfirmed:
+                if seq > tag:
+                    break
+                seqs.append(seq)
+        else:
+            seqs = [tag]
         for seq in seqs:
-            entry = self._unconfirmed.pop(seq, None)
+            entry = unconfirmed.pop(seq, None)
             if entry is None:
                 continue
-            message = ReturnedMessage(spec.Basic.Publish(exchange=entry.exchange,
-                                                         routing_key=entry.routing_key),
-                                      entry.properties, entry.body)
             if flags & Flag.NACK:
+                message = ReturnedMessage(spec.Basic.Publish(exchange=entry.exchange,
+                                                             routing_key=entry.routing_key),
+                                          entry.properties, entry.body)
                 entry.future.set_exception(NackError([message]))
             elif entry.returned is not None:
                 entry.future.set_exception(UnroutableError([entry.returned]))
@@ -549,6 +571,7 @@ class Lease:
             return
         self._lost = {"reason": reason}
         self._leased = False
+        self._settles.clear()  # acks for the lost channel: meaningless now
         if _is_channel_error(reason) and self._unconfirmed:
             error = ChannelClosedByBroker(int(reason["code"]), str(reason.get("text")))
             for entry in self._unconfirmed.values():  # caused by a publish: not re-sent

@@ -50,6 +50,7 @@ class LeaseBook:
         self.waiting: list[Reservation] = []
         self.dirty: set[str] = set()
         self.dropped: set[str] = set()
+        self.check_moves = False  # a primary changed or a lease was placed: look for moves
 
     # ----- requests -------------------------------------------------------------------------
 
@@ -79,10 +80,11 @@ class LeaseBook:
         broker = self._sticky_broker(kind, message.get("broker"))
         lease = str(message.get("lease") or new_lease_id())
         row = self.rows.get(lease)
-        if row is None or row.state.placed:
+        if row is None:
             row = Assignment(lease, kind, zone, _peer_pid(sock), broker)
             self.rows[lease] = row
-        row.state = RowState.WAITING
+        # a resume: the client knows its channel is gone before its worker's report arrives
+        row.state, row.slot = RowState.WAITING, None
         self._touch(row)
         return row, timeout
 
@@ -108,7 +110,7 @@ class LeaseBook:
         row = reservation.assignment
         slots = list(self.master.slots.values())
         while True:
-            slot = choose_slot(slots, target_of(row, slots), self._load())
+            slot = choose_slot(slots, target_of(row, slots), self._load)
             if slot is None:
                 return False
             if self.master.pass_socket(slot, reservation.sock, row.lease):
@@ -170,6 +172,7 @@ class LeaseBook:
         if event == "assigned":
             row.state = RowState.ASSIGNED
             row.channel = message.get("channel")
+            self.check_moves = row.kind is Kind.FLOAT or self.check_moves
         elif event == "released":
             self._drop(row.lease)
             return
@@ -185,6 +188,9 @@ class LeaseBook:
 
     def fail_back(self) -> None:
         """Tell workers to move float leases to their zone's primary."""
+        if not self.check_moves:
+            return
+        self.check_moves = False
         for row in to_move(self.rows.values(), list(self.master.slots.values())):
             assert row.slot is not None
             self.master.send(row.slot, {"op": "move", "lease": row.lease})

@@ -63,6 +63,7 @@ class Master:
         self.written: dict[str, dict[str, Any]] = {}
         self.leases = LeaseBook(self)
         self.next_flush = 0.0
+        self.primaries: tuple[str | None, ...] = ()
         self.next_id = 1
         self.deadline = 0.0  # monotonic: start-up or stop deadline
         self.next_sample = 0.0
@@ -351,9 +352,8 @@ class Master:
         sample = now >= self.next_sample
         if sample:
             self.next_sample = now + SAMPLE_INTERVAL
+            self.leases.forget_dead_clients()
         for slot in list(self.slots.values()):
-            if sample:
-                self.leases.forget_dead_clients()
             if not slot.pid or slot.process is None:
                 continue
             if now - slot.last_seen > self.settings.worker_timeout:
@@ -382,8 +382,10 @@ class Master:
     # ----- I/O --------------------------------------------------------------------------------
 
     def _wait_io(self, timeout: float) -> None:
+        registered = self.selector.get_map()
         for key, _events in self.selector.select(timeout):
-            key.data(key.fd)
+            if registered.get(key.fd) is key:  # an earlier handler may have dropped it
+                key.data(key.fd)
 
     def _read_link(self, slot: Slot) -> None:
         assert slot.link is not None
@@ -395,7 +397,8 @@ class Master:
             data = b""
         if not data:
             slot.state = ConnState.DEAD  # the reaper will tell why
-            self.selector.unregister(slot.link)
+            with contextlib.suppress(KeyError):
+                self.selector.unregister(slot.link)
             return
         slot.last_seen = time.monotonic()
         try:
@@ -442,6 +445,7 @@ class Master:
         peer = control.Peer(sock)
         self.peers[sock.fileno()] = peer
         self.selector.register(sock, selectors.EVENT_READ, self._serve_peer)
+        self._serve_peer(sock.fileno())  # a client sends its request right after connecting
 
     def _serve_peer(self, fd: int) -> None:
         peer = self.peers[fd]
@@ -482,6 +486,10 @@ class Master:
             if is_primary != slot.primary:
                 slot.primary = is_primary
                 self.send(slot, {"op": "role", "primary": is_primary})
+        primaries = tuple(zone_primary(self.slots.values(), z) for z in self.config.zones)
+        if primaries != self.primaries:
+            self.primaries = primaries
+            self.leases.check_moves = True
         self.leases.fail_back()
         if now >= self.next_flush:
             self.flush_registry()

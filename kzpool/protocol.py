@@ -68,7 +68,9 @@ class Kind(enum.IntEnum):
     SETTLE = 6
 
 
-class Flag(enum.IntFlag):
+class Flag:
+    """Flag bits by frame kind (plain ints: they are tested on every message)."""
+
     MANDATORY = 1
     REDELIVERED = 1
     GET = 2

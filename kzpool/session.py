@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kzpool.session")
 
+_PUBLISH, _SETTLE, _JSON = int(Kind.PUBLISH), int(Kind.SETTLE), int(Kind.JSON)
+
 READ_SIZE = 256 << 10
 MOVE_GRACE = 5.0  # seconds a moved client may take to say bye
 
@@ -75,6 +77,7 @@ class Session:
         self.ended: End | None = None
         self.gets: deque[int] = deque()  # ids of basic.get calls in flight
         self.moving = False
+        self.qos_set = False
         sock.setblocking(False)
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
@@ -140,7 +143,7 @@ class Session:
             self.end(End.RELEASED, f"protocol error: {exc}")
 
     def _dispatch(self, kind: int, flags: int, payload: bytes) -> None:
-        if kind == Kind.PUBLISH:
+        if kind == _PUBLISH:
             exchange, routing_key, props, body = protocol.read_publish(payload)
             properties = _decode_props(props)
             try:
@@ -148,9 +151,9 @@ class Session:
                                            bool(flags & Flag.MANDATORY))
             except pika.exceptions.AMQPError as exc:
                 self.event({"op": "error", "error": _error(exc)})
-        elif kind == Kind.SETTLE:
+        elif kind == _SETTLE:
             self._settle(protocol.read_tag(payload), flags)
-        elif kind == Kind.JSON:
+        elif kind == _JSON:
             self._request(protocol.decode_json(payload))
         else:
             raise ProtocolError(f"unexpected frame kind {kind} from a client")
@@ -177,9 +180,11 @@ class Session:
         try:
             if op == "call" and request.get("method") in RPC_METHODS:
                 method = request["method"]
+                self.qos_set = self.qos_set or method == "basic_qos"
                 kwargs = {k: args[k] for k in RPC_METHODS[method] if k in args}
                 getattr(self.channel, method)(callback=reply, **kwargs)
             elif op == "consume":
+                self._bound_prefetch()
                 self.channel.basic_consume(
                     str(args.get("queue", "")), self._on_message,
                     auto_ack=bool(args.get("auto_ack")), exclusive=bool(args.get("exclusive")),
@@ -199,6 +204,13 @@ class Session:
                 raise ProtocolError(f"unknown request {op!r}")
         except (TypeError, ValueError, pika.exceptions.AMQPError) as exc:
             self.event({"op": "reply", "id": rid, "error": _error(exc)})
+
+    def _bound_prefetch(self) -> None:
+        """A consumer without QoS would let the broker push without limit: bound it."""
+        prefetch = self.worker.spec.settings.default_prefetch
+        if not self.qos_set and prefetch:
+            self.channel.basic_qos(prefetch_count=prefetch)
+            self.qos_set = True
 
     def _replier(self, rid: Any) -> Callable[[Any], None]:
         def reply(frame: Any) -> None:

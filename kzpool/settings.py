@@ -130,6 +130,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker_max_rss", to_size, "256M",
             "A connection worker above this resident memory is replaced; 0 disables.",
             at_least(0)),
+    Setting("default_prefetch", to_int, "1000",
+            "Prefetch a lease's consumers get when the lease set no basic_qos: it bounds what"
+            " a worker buffers for a client that stops reading; 0: unlimited.", at_least(0)),
     Setting("log_level", to_level, "info", "One of debug, info, warning, error."),
 )
 

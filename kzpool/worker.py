@@ -45,6 +45,32 @@ BEAT_INTERVAL = 1.0
 READ = IOLoop.READ
 
 
+class BatchedConnection(SelectConnection):  # type: ignore[misc]
+    """pika's ``SelectConnection``, sending what one loop pass produced in one write.
+
+    pika hands the transport every frame on its own (three per publish), and the transport
+    makes a ``send()`` per frame.  ``_adapter_emit_data`` is pika's adapter hook for output:
+    here it collects the frames and flushes them once, at the end of the loop pass.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._out: list[bytes] = []
+        self._flush_due = False
+        super().__init__(*args, **kwargs)
+
+    def _adapter_emit_data(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._flush_due:
+            self._flush_due = True
+            self.ioloop.call_later(0, self._flush_out)
+
+    def _flush_out(self) -> None:
+        self._flush_due = False
+        data, self._out = b"".join(self._out), []
+        if data and self._transport is not None:
+            super()._adapter_emit_data(data)
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """What the master decides for a worker before it forks it."""
@@ -146,7 +172,7 @@ class ConnectionWorker:
         if self.state is ConnState.STOPPING:
             return
         self._set_state(ConnState.CONNECTING)
-        self.connection = SelectConnection(
+        self.connection = BatchedConnection(
             self._parameters(),
             on_open_callback=self._on_open,
             on_open_error_callback=self._on_open_error,
@@ -272,6 +298,7 @@ class ConnectionWorker:
         session.event({"op": "leased", "lease": lease, "broker": self.spec.broker.uri.masked,
                        "zone": self.spec.broker.zone, "channel": channel.channel_number,
                        "worker": os.getpid(), "blocked": self.blocked})
+        session.flush()  # the client waits for this: before anything else
         self._send({"op": "lease", "event": "assigned", "lease": lease,
                     "channel": channel.channel_number})
         self._report_soon()

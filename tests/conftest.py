@@ -50,6 +50,7 @@ def pools(tmp_path: Path) -> Iterator[Callable[..., Pool]]:
     yield make
     for pool in made:
         pool.close()
+        print(f"--- log of the pool at {pool.socket}:\n{pool.logs()}")  # shown on failure
 
 
 @pytest.fixture(scope="session")

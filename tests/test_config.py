@@ -135,11 +135,11 @@ def test_check_exit_codes(tmp_path: Path) -> None:
 def test_example_config_is_valid_and_documents_every_setting() -> None:
     example = (ROOT / "config.ini.example").read_text()
     assert run_cli("check", "-c", str(ROOT / "config.ini.example")).returncode == 0
+    generated = example_pool_section()
+    assert generated.replace(";socket = /run/kzpool/kzpool.sock",
+                             "socket = /tmp/kzpool/kzpool.sock") in example
     for setting in SETTINGS:
-        assert f"; {setting.help}" in example, setting.name
-        assert f"{setting.name} = " in example, setting.name
-    assert example_pool_section().count("; Flag") + example_pool_section().count(
-        "Flag:") >= len(SETTINGS)
+        assert f"{setting.name} = " in generated and setting.flag in generated
 
 
 def test_serve_flags_derive_from_the_settings_table() -> None:

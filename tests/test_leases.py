@@ -209,6 +209,6 @@ def test_worker_kill_9_under_a_consuming_lease(pool: Pool, queue: str) -> None:
     lease.cancel()
     row = wait_for(lambda: [r for r in pool.status()["assignments"] if r["lease"] == lease.id
                             and r["state"] == "assigned"], 5, "the row")[0]
-    assert row["moves"] == 1 and row["pid"] != worker
+    assert row["moves"] >= 1 and row["pid"] != worker
     lease.close()
     assert message_count(queue) == 0

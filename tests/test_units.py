@@ -155,9 +155,9 @@ def test_startup_waits_for_earlier_brokers_to_be_tried() -> None:
 def test_choose_slot_spreads_and_skips_unavailable() -> None:
     a, b, down = slot(0), slot(0), slot(0, ConnState.WAITING)
     b.spec = WorkerSpec("c7", a.spec.broker, 2, CONFIG.settings)
-    assert choose_slot([a, b, down], "amqp://h1/", {"c0": 3, "c7": 1}) is b
-    assert choose_slot([down], "amqp://h1/", {}) is None
-    assert choose_slot([a], None, {}) is None
+    assert choose_slot([a, b, down], "amqp://h1/", lambda: {"c0": 3, "c7": 1}) is b
+    assert choose_slot([down], "amqp://h1/", dict) is None
+    assert choose_slot([a], None, dict) is None
 
 
 def test_float_leases_off_the_primary_are_moved_back() -> None:
