@@ -53,8 +53,8 @@ log = logging.getLogger("kzpool.lease")
 
 READ_SIZE = 256 << 10
 REPLY_GRACE = 5.0  # the master answers a lease request within its timeout; allow this more
-DRAIN_EVERY = 64
-SETTLE_BATCH = 64  # acks sent together at most  # publishes between two non-blocking reads of confirms and events
+DRAIN_EVERY = 64  # publishes between two non-blocking reads of confirms and events
+SETTLE_BATCH = 64  # acks sent together at most
 _DELIVER, _CONFIRM, _RETURN, _JSON = map(int, (Kind.DELIVER, Kind.CONFIRM, Kind.RETURN,
                                                Kind.JSON))
 METHODS = {cls.NAME: cls for cls in spec.methods.values()}
