@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 from . import control
 from .errors import LeaseRequestError
@@ -25,17 +25,29 @@ class PoolClient:
 
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
+        # (kind, zone or broker) -> the lease socket of the worker that served it last
+        self.routes: dict[tuple[str, str | None], str] = {}
 
     def __repr__(self) -> str:
         return f"<PoolClient {self.socket_path}>"
 
-    def open_socket(self) -> socket.socket:
-        """A new connection to the lease socket; a clear error if no pool answers."""
+    @overload
+    def open_socket(self) -> socket.socket: ...
+
+    @overload
+    def open_socket(self, path: str) -> socket.socket | None: ...
+
+    def open_socket(self, path: str | None = None) -> socket.socket | None:
+        """A new connection to the pool's lease socket (a clear error if no pool answers),
+        or to a worker's (``None`` if that worker is gone)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(self.socket_path)
+            sock.connect(path or self.socket_path)
         except OSError as exc:
             sock.close()
+            if path is not None:
+                self.routes = {k: v for k, v in self.routes.items() if v != path}
+                return None
             raise control.not_running(self.socket_path, exc) from exc
         return sock
 

@@ -7,6 +7,7 @@ is dropped; nobody else notices.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -40,6 +41,19 @@ def bind(path: str) -> socket.socket:
     os.chmod(path, 0o660)
     sock.listen(128)
     sock.setblocking(False)
+    return sock
+
+
+def bind_worker(path: str) -> socket.socket:
+    """A worker's own lease socket (0660), made by the master before the fork."""
+    if len(os.fsencode(path)) > MAX_PATH:
+        raise KzpoolError(f"worker socket path {path} is over {MAX_PATH} bytes", socket=path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o660)
+    sock.listen(128)
     return sock
 
 

@@ -34,10 +34,12 @@ from pika.adapters.blocking_connection import ReturnedMessage
 from . import protocol
 from .backoff import Backoff
 from .errors import (
+    BrokerURIError,
     ChannelClosedByBroker,
     ConnectionBlockedTimeout,
     KzpoolError,
     LeaseClosed,
+    LeaseRequestError,
     LeaseTimeout,
     NackError,
     UnroutableError,
@@ -45,6 +47,7 @@ from .errors import (
 )
 from .protocol import Flag, Kind
 from .topology import Topology
+from .uri import BrokerURI
 
 if TYPE_CHECKING:
     from .client import PoolClient
@@ -115,6 +118,8 @@ class Lease:
         self.broker: str | None = None  # the broker serving it now, password masked
         self.channel_number = 0
         self._sticky = broker
+        # what the client's route cache knows this lease by
+        self._route_key = (kind, _broker_id(broker) if broker else zone)
         self._sock: socket.socket | None = None
         self._reader = protocol.FrameReader(protocol.MAX_DATA_FRAME)
         self._topology = Topology()
@@ -550,6 +555,10 @@ class Lease:
             self.id, self.broker = event.get("lease"), event.get("broker")
             self.channel_number = int(event.get("channel") or 0)
             self._blocked = bool(event.get("blocked"))
+            if event.get("route"):
+                self.client.routes[self._route_key] = str(event["route"])
+        elif op == "redirect":
+            self._on_lost({"class": "Redirect", "code": 0, "text": "ask the master"})
         elif op == "lost":
             self._on_lost(event.get("reason") or {})
         elif op == "move":
@@ -569,8 +578,8 @@ class Lease:
     def _on_lost(self, reason: dict[str, Any]) -> None:
         if self._lost is not None:
             return
+        had_channel, self._leased = self._leased, False
         self._lost = {"reason": reason}
-        self._leased = False
         self._settles.clear()  # acks for the lost channel: meaningless now
         if _is_channel_error(reason) and self._unconfirmed:
             error = ChannelClosedByBroker(int(reason["code"]), str(reason.get("text")))
@@ -584,8 +593,9 @@ class Lease:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        log.info("lease %s lost its channel on %s: %s", self.id, self.broker,
-                 reason.get("text"))
+        if had_channel:
+            log.info("lease %s lost its channel on %s: %s", self.id, self.broker,
+                     reason.get("text"))
 
     def _ready(self) -> None:
         """Make sure the lease has a channel: recover (resume and replay) if it lost it."""
@@ -610,17 +620,27 @@ class Lease:
                                    renamed))
 
     def _acquire(self) -> None:
-        """Ask the master for a channel (new or resumed); wait for a worker to bind it."""
+        """Get a channel (new or resumed) and wait for a worker to bind it.
+
+        First at the worker that served this kind of lease last (the client's route cache):
+        one round trip.  If that worker is gone or no longer the right one, at the master,
+        which may keep the request waiting until a broker can serve it.
+        """
         deadline = time.monotonic() + self.timeout
         retry = Backoff(0.005, 0.25)
         while True:
             self._lost = None
             self._refusal = None
             self._reader = protocol.FrameReader(protocol.MAX_DATA_FRAME)
-            self._sock = self.client.open_socket()
+            route = self.client.routes.get(self._route_key)
+            self._sock = self.client.open_socket(route) if route else None
+            if self._sock is None:
+                route = None
+                self._sock = self.client.open_socket()
             self._send(protocol.encode({
                 "op": "lease", "kind": self.kind, "zone": self.zone, "broker": self._sticky,
-                "lease": self.id, "timeout": max(0.0, deadline - time.monotonic())}))
+                "broker_id": self._route_key[1] if self._sticky else None, "lease": self.id,
+                "timeout": max(0.0, deadline - time.monotonic())}))
             while not self._leased and self._lost is None and self._refusal is None:
                 if time.monotonic() > deadline + REPLY_GRACE:
                     self._on_lost({"class": "Timeout", "code": 0, "text": "no reply"})
@@ -634,6 +654,9 @@ class Lease:
             if self._leased:
                 self._tag_base = self._tag_max
                 return
+            if route is not None:  # that worker would not: ask the master, at once
+                self.client.routes.pop(self._route_key, None)
+                continue
             if time.monotonic() > deadline:
                 error = LeaseTimeout(f"no channel within {self.timeout} s", lease=self.id)
                 self._give_up(error)
@@ -684,6 +707,13 @@ class Lease:
         if not self._wait(lambda: not self._blocked, self.timeout):
             raise ConnectionBlockedTimeout(f"the broker {self.broker} blocked publishing for"
                                            f" over {self.timeout} s", broker=self.broker)
+
+
+def _broker_id(uri: str) -> str:
+    try:
+        return BrokerURI.parse(uri).short
+    except BrokerURIError as exc:
+        raise LeaseRequestError(str(exc)) from exc
 
 
 def _is_channel_error(reason: dict[str, Any]) -> bool:

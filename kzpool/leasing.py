@@ -113,7 +113,8 @@ class LeaseBook:
             slot = choose_slot(slots, target_of(row, slots), self._load)
             if slot is None:
                 return False
-            if self.master.pass_socket(slot, reservation.sock, row.lease):
+            request = {"lease": row.lease, "kind": row.kind.value, "zone": row.zone}
+            if self.master.pass_socket(slot, reservation.sock, request):
                 break
             slots.remove(slot)  # its link is broken: the worker is dying
         reservation.sock.close()
@@ -165,19 +166,35 @@ class LeaseBook:
     # ----- what workers report ------------------------------------------------------------------
 
     def on_worker_event(self, slot: Slot, message: dict[str, Any]) -> None:
-        row = self.rows.get(str(message.get("lease")))
-        if row is None or row.slot is not slot:
-            return
-        event = message.get("event")
+        lease, event = str(message.get("lease")), message.get("event")
+        row = self.rows.get(lease)
         if event == "assigned":
-            row.state = RowState.ASSIGNED
-            row.channel = message.get("channel")
-            self.check_moves = row.kind is Kind.FLOAT or self.check_moves
+            self._assigned(slot, lease, row, message)
+            return
+        if row is None or row.slot is not slot:
+            return  # news of an earlier placement
         elif event == "released":
             self._drop(row.lease)
             return
         else:  # lost, moved: the client comes back to resume
             row.state = RowState.LOST
+        self._touch(row)
+
+    def _assigned(self, slot: Slot, lease: str, row: Assignment | None,
+                  message: dict[str, Any]) -> None:
+        """A worker bound a lease: placed by us, or asked for at the worker directly."""
+        if row is None:
+            kind = Kind.STICKY if message.get("kind") == "sticky" else Kind.FLOAT
+            broker = broker_key(slot.spec.broker) if kind is Kind.STICKY else None
+            row = Assignment(lease, kind, str(message.get("zone") or slot.spec.broker.zone),
+                             int(message.get("client_pid") or 0), broker)
+            self.rows[lease] = row
+        elif row.placed_once and row.state is not RowState.ASSIGNING:
+            row.moves += 1  # a resume the client made at the worker directly
+        row.placed_once = True
+        row.state, row.slot, row.since = RowState.ASSIGNED, slot, time.time()
+        row.channel = message.get("channel")
+        self.check_moves = row.kind is Kind.FLOAT or self.check_moves
         self._touch(row)
 
     def on_worker_exit(self, slot: Slot) -> None:

@@ -267,17 +267,20 @@ class Master:
         self.slots.pop(slot.spec.id, None)
 
     def _spawn(self, slot: Slot) -> None:
+        """Fork a worker into ``slot``: its link and its lease socket are made before the fork."""
         ours, theirs = socket.socketpair()
+        listener = control.bind_worker(self._worker_socket(slot))
         pid = os.fork()
         if pid == 0:
             code = exitcodes.ERROR
             try:
-                code = run_worker(slot.spec, theirs, self.pid)
+                code = run_worker(slot.spec, theirs, listener, self.pid)
             except BaseException:
                 log.exception("connection worker crashed")
             finally:
                 os._exit(code)
         theirs.close()
+        listener.close()  # the worker's now; the path stays until the worker is reaped
         ours.setblocking(False)
         now = time.monotonic()
         slot.pid, slot.link, slot.process = pid, ours, psutil.Process(pid)
@@ -287,6 +290,9 @@ class Master:
         self.by_pid[pid] = slot
         self.selector.register(ours, selectors.EVENT_READ, lambda _fd: self._read_link(slot))
         self.send(slot, {"op": "role", "primary": slot.primary})
+
+    def _worker_socket(self, slot: Slot) -> str:
+        return f"{self.settings.socket}.{slot.spec.id}"
 
     def _registry_child_setup(self, keep: int) -> None:
         signal.set_wakeup_fd(-1)
@@ -313,9 +319,12 @@ class Master:
     def handle_worker_exit(self, slot: Slot, status: int) -> None:
         why = _exit_reason(status)
         if slot.link is not None:
+            self._read_link(slot, to_end=True)  # its last report may still be unread
             with contextlib.suppress(KeyError):  # unregistered already on EOF
                 self.selector.unregister(slot.link)
             slot.link.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._worker_socket(slot))
         slot.pid, slot.link, slot.process, slot.tried = 0, None, None, True
         slot.rss = slot.cpu = slot.prechannels = slot.channels = 0
         self.leases.on_worker_exit(slot)
@@ -387,7 +396,8 @@ class Master:
             if registered.get(key.fd) is key:  # an earlier handler may have dropped it
                 key.data(key.fd)
 
-    def _read_link(self, slot: Slot) -> None:
+    def _read_link(self, slot: Slot, to_end: bool = False) -> None:
+        """Take a worker's reports; ``to_end``: everything up to EOF (it has exited)."""
         assert slot.link is not None
         try:
             data = slot.link.recv(65536)
@@ -400,6 +410,8 @@ class Master:
             with contextlib.suppress(KeyError):
                 self.selector.unregister(slot.link)
             return
+        if to_end:
+            self._read_link(slot, to_end)
         slot.last_seen = time.monotonic()
         try:
             for message in slot.reader.messages(data):
@@ -424,12 +436,12 @@ class Master:
         with contextlib.suppress(OSError):  # the reaper will see it die
             slot.link.sendall(protocol.encode(message))
 
-    def pass_socket(self, slot: Slot, sock: socket.socket, lease: str) -> bool:
+    def pass_socket(self, slot: Slot, sock: socket.socket, request: dict[str, Any]) -> bool:
         """Hand a client's socket to ``slot``'s worker; ``False`` if its link is broken."""
         if slot.link is None:
             return False
         try:
-            socket.send_fds(slot.link, [protocol.encode({"op": "adopt", "lease": lease})],
+            socket.send_fds(slot.link, [protocol.encode({"op": "adopt", **request})],
                             [sock.fileno()])
             return True
         except OSError:
@@ -480,13 +492,12 @@ class Master:
 
     def _publish(self, now: float) -> None:
         """Recompute the primary, tell workers whose role changed, fail back, write tables."""
-        primary = zone_primary(self.slots.values(), self.config.local_zone)
+        primaries = tuple(zone_primary(self.slots.values(), z) for z in self.config.zones)
         for slot in self.slots.values():
-            is_primary = primary is not None and broker_key(slot.spec.broker) == primary
+            is_primary = broker_key(slot.spec.broker) in primaries  # of its own zone
             if is_primary != slot.primary:
                 slot.primary = is_primary
                 self.send(slot, {"op": "role", "primary": is_primary})
-        primaries = tuple(zone_primary(self.slots.values(), z) for z in self.config.zones)
         if primaries != self.primaries:
             self.primaries = primaries
             self.leases.check_moves = True

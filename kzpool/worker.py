@@ -35,6 +35,7 @@ from . import exitcodes, proc
 from .backoff import Backoff
 from .config import Broker, Settings
 from .errors import ProtocolError, connection_fault
+from .intake import Intake
 from .protocol import FrameReader, encode
 from .session import End, Session
 from .states import ConnState
@@ -89,7 +90,8 @@ class WorkerSpec:
 class ConnectionWorker:
     """Runs in the forked child; :meth:`run` returns the process exit code."""
 
-    def __init__(self, spec: WorkerSpec, link: socket.socket, master_pid: int) -> None:
+    def __init__(self, spec: WorkerSpec, link: socket.socket, listener: socket.socket | None,
+                 master_pid: int) -> None:
         self.spec = spec
         self.link = link
         self.master_pid = master_pid
@@ -102,7 +104,7 @@ class ConnectionWorker:
         self.connection: SelectConnection | None = None
         self.prechannels: list[Any] = []
         self.sessions: dict[str, Session] = {}  # by lease id
-        self.waiting: list[tuple[str, socket.socket]] = []  # adopted before a channel was ready
+        self.intake = Intake(self, listener)
         self._fds: list[int] = []  # passed by the master, not yet claimed
         self.exit_code = exitcodes.OK
         settings = spec.settings
@@ -188,7 +190,7 @@ class ConnectionWorker:
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
         self._set_state(ConnState.CONNECTED)
-        self._fill_prechannels()
+        self.fill_prechannels()
 
     def _on_open_error(self, _connection: SelectConnection, exc: BaseException | str) -> None:
         self.connection = None
@@ -203,12 +205,7 @@ class ConnectionWorker:
         for session in list(self.sessions.values()):
             session.event(lost)
             session.end(End.LOST, "connection lost")
-        for lease, sock in self.waiting:
-            with contextlib.suppress(OSError):
-                sock.sendall(encode(lost))
-            sock.close()
-            self._send({"op": "lease", "event": End.LOST.value, "lease": lease})
-        self.waiting.clear()
+        self.intake.connection_lost()
         if self.state is ConnState.STOPPING:
             self.ioloop.stop()
             return
@@ -236,13 +233,13 @@ class ConnectionWorker:
         log.warning("%s blocked the connection (flow control)", self.spec.broker.uri.masked)
         self.blocked = True
         self._tell_sessions({"op": "blocked"})
-        self._report_soon()
+        self.report_soon()
 
     def _on_unblocked(self, _connection: SelectConnection, _frame: Any) -> None:
         log.info("%s unblocked the connection", self.spec.broker.uri.masked)
         self.blocked = False
         self._tell_sessions({"op": "unblocked"})
-        self._report_soon()
+        self.report_soon()
 
     def _tell_sessions(self, event: dict[str, Any]) -> None:
         for session in self.sessions.values():
@@ -250,12 +247,12 @@ class ConnectionWorker:
 
     # ----- prechannels ----------------------------------------------------------------------
 
-    def _fill_prechannels(self) -> None:
+    def fill_prechannels(self) -> None:
         """Open channels until ``prechannels`` are ready or opening."""
         connection = self.connection
         if connection is None or not connection.is_open:
             return
-        wanted = self.spec.settings.prechannels + len(self.waiting)
+        wanted = self.spec.settings.prechannels + len(self.intake.waiting)
         for _ in range(wanted - len(self.prechannels) - self._opening):
             self._opening += 1
             connection.channel(on_open_callback=self._on_channel_open)
@@ -263,53 +260,25 @@ class ConnectionWorker:
     def _on_channel_open(self, channel: Any) -> None:
         self._opening -= 1
         channel.add_on_close_callback(self._on_prechannel_closed)
-        if self.waiting:
-            self._bind(*self.waiting.pop(0), channel)
-        else:
+        if not self.intake.channel_opened(channel):
             self.prechannels.append(channel)
-        self._report_soon()
+        self.report_soon()
 
     def _on_prechannel_closed(self, channel: Any, _reason: BaseException) -> None:
         if channel in self.prechannels:
             self.prechannels.remove(channel)
-            self._fill_prechannels()
-            self._report_soon()
+            self.fill_prechannels()
+            self.report_soon()
 
     # ----- leases ---------------------------------------------------------------------------
-
-    def _adopt(self, lease: str, sock: socket.socket) -> None:
-        """The master hands us a client socket for ``lease``: bind it to a prechannel."""
-        connection = self.connection
-        if self.state is not ConnState.CONNECTED or connection is None:
-            sock.sendall(encode({"op": "lost", "reason": {
-                "class": "ConnectionClosed", "code": 0, "text": "broker not connected"}}))
-            sock.close()
-            self._send({"op": "lease", "event": End.LOST.value, "lease": lease})
-            return
-        if self.prechannels:
-            self._bind(lease, sock, self.prechannels.pop(0))
-        else:
-            self.waiting.append((lease, sock))
-        self._fill_prechannels()
-
-    def _bind(self, lease: str, sock: socket.socket, channel: Any) -> None:
-        session = Session(self, sock, lease, channel)
-        self.sessions[lease] = session
-        session.event({"op": "leased", "lease": lease, "broker": self.spec.broker.uri.masked,
-                       "zone": self.spec.broker.zone, "channel": channel.channel_number,
-                       "worker": os.getpid(), "blocked": self.blocked})
-        session.flush()  # the client waits for this: before anything else
-        self._send({"op": "lease", "event": "assigned", "lease": lease,
-                    "channel": channel.channel_number})
-        self._report_soon()
 
     def session_ended(self, session: Session, how: End, why: str) -> None:
         if self.sessions.get(session.lease) is session:
             del self.sessions[session.lease]
         log.debug("lease %s %s: %s", session.lease, how.value, why)
-        self._send({"op": "lease", "event": how.value, "lease": session.lease})
-        self._fill_prechannels()
-        self._report_soon()
+        self.send({"op": "lease", "event": how.value, "lease": session.lease})
+        self.fill_prechannels()
+        self.report_soon()
 
     # ----- the link to the master -------------------------------------------------------------
 
@@ -338,7 +307,7 @@ class ConnectionWorker:
             self._flush_report()
         elif op == "adopt" and self._fds:
             sock = socket.socket(fileno=self._fds.pop(0))
-            self._adopt(str(message.get("lease")), sock)
+            self.intake.admit(str(message.get("lease")), sock, message)
         elif op == "move" and message.get("lease") in self.sessions:
             self.sessions[message["lease"]].move()
 
@@ -352,16 +321,16 @@ class ConnectionWorker:
         if os.getppid() != self.master_pid:
             self._master_gone()
             return
-        self._send({"op": "beat"})
+        self.send({"op": "beat"})
         self.ioloop.call_later(BEAT_INTERVAL, self._beat)
 
     def _set_state(self, state: ConnState) -> None:
         if state is not self.state:
             self.state = state
             self.since = time.time()
-            self._report_soon()
+            self.report_soon()
 
-    def _report_soon(self) -> None:
+    def report_soon(self) -> None:
         """Coalesce the changes of one loop pass into one report."""
         if not self._report_pending:
             self._report_pending = True
@@ -369,7 +338,7 @@ class ConnectionWorker:
 
     def _flush_report(self) -> None:
         self._report_pending = False
-        self._send({
+        self.send({
             "op": "report",
             "state": self.state.value,
             "error": self.error,
@@ -379,20 +348,21 @@ class ConnectionWorker:
             "channels": len(self.sessions),
         })
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def send(self, message: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):  # the master is gone: the link's EOF stops us
             self.link.sendall(encode(message))
 
 
-def run_worker(spec: WorkerSpec, link: socket.socket, master_pid: int) -> int:
+def run_worker(spec: WorkerSpec, link: socket.socket, listener: socket.socket,
+               master_pid: int) -> int:
     """Entry point in the forked child."""
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
-    proc.close_fds_except(link.fileno(), 0, 1, 2)
+    proc.close_fds_except(link.fileno(), listener.fileno(), 0, 1, 2)
     proc.die_with_parent(signal.SIGTERM)
     proc.set_title(spec.title(False))
     if os.getppid() != master_pid:
         return exitcodes.WORKER_PARENT_GONE
     link.setblocking(True)
-    return ConnectionWorker(spec, link, master_pid).run()
+    return ConnectionWorker(spec, link, listener, master_pid).run()

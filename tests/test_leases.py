@@ -140,8 +140,10 @@ def test_client_death_returns_its_messages(pool: Pool, queue: str) -> None:
 def test_status_lists_leases(pool: Pool) -> None:
     client = kzpool.connect(pool.socket)
     leases = [client.lease("float") for _ in range(3)]
-    rows = wait_for(lambda: [r for r in pool.status()["assignments"] if r["state"] == "assigned"
-                             and len(pool.status()["assignments"]) == 3] or None, 5, "3 rows")
+    def assigned() -> list[dict[str, object]] | None:
+        rows = pool.status()["assignments"]
+        return rows if len(rows) == 3 and all(r["state"] == "assigned" for r in rows) else None
+    rows = wait_for(assigned, 5, "3 assigned rows")
     worker = pool.connections()[0]["pid"]
     assert {r["lease"] for r in rows} == {lease.id for lease in leases}
     for row in rows:

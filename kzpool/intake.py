@@ -1,0 +1,162 @@
+"""How a client's socket reaches a worker and gets a channel.
+
+Two ways in:
+
+* **direct** (the fast path): the client connects to the worker's own socket, which it
+  learned from the master (``route``), and asks for a lease there.  The worker serves it if
+  it still is what the client wants: connected, and for a float lease the primary of the
+  zone asked for; else it answers ``redirect`` and the client asks the master again.
+* **adopted**: the master passes a socket it accepted (SCM_RIGHTS) after a reservation, for
+  a request only the master can serve (waiting for a broker, a broker not yet connected).
+
+Either way the socket is bound to a prechannel (or to the next channel that opens), the
+client hears ``leased`` before anything else happens, and the master hears ``assigned``.
+Runs in the worker's loop only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import struct
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from . import protocol
+from .errors import ProtocolError
+from .session import End, Session
+from .states import ConnState
+
+if TYPE_CHECKING:
+    from .worker import ConnectionWorker
+
+log = logging.getLogger("kzpool.intake")
+
+_UCRED = struct.Struct("3i")
+NOT_CONNECTED = {"class": "ConnectionClosed", "code": 0, "text": "broker not connected"}
+
+
+class Intake:
+    def __init__(self, worker: ConnectionWorker, listener: socket.socket | None) -> None:
+        self.worker = worker
+        self.listener = listener
+        self.route = listener.getsockname() if listener is not None else None
+        self.pending: dict[int, tuple[socket.socket, protocol.FrameReader]] = {}
+        self.waiting: list[tuple[str, socket.socket, dict[str, Any]]] = []
+        if listener is not None:
+            listener.setblocking(False)
+            worker.ioloop.add_handler(listener.fileno(), self._on_accept, worker.ioloop.READ)
+
+    # ----- direct requests --------------------------------------------------------------------
+
+    def _on_accept(self, _fd: int, _events: int) -> None:
+        assert self.listener is not None
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            self.pending[sock.fileno()] = (sock, protocol.FrameReader(1 << 16))
+            self.worker.ioloop.add_handler(sock.fileno(), self._on_request, self.worker.ioloop.READ)
+            self._on_request(sock.fileno(), 0)  # the request is usually there already
+
+    def _on_request(self, fd: int, _events: int) -> None:
+        sock, reader = self.pending[fd]
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        try:
+            frames = list(reader.feed(data)) if data else None
+        except ProtocolError as exc:
+            log.warning("dropping a client: %s", exc)
+            frames = None
+        if frames == []:
+            return
+        self.worker.ioloop.remove_handler(fd)
+        del self.pending[fd]
+        if frames is None or frames[0][0] != protocol.Kind.JSON:
+            sock.close()
+            return
+        request = protocol.decode_json(frames[0][2])
+        if self._serves(request):
+            self.admit(str(request.get("lease") or uuid.uuid4().hex[:12]), sock, request)
+        else:
+            _answer(sock, {"op": "redirect"})
+
+    def _serves(self, request: dict[str, Any]) -> bool:
+        worker = self.worker
+        broker = worker.spec.broker
+        if request.get("op") != "lease" or worker.state is not ConnState.CONNECTED:
+            return False
+        if request.get("kind") == "float":
+            zone = request.get("zone")
+            in_zone = broker.local if zone is None else zone == broker.zone
+            return worker.primary and in_zone and not broker.hidden
+        return request.get("kind") == "sticky" and request.get("broker_id") == broker.uri.short
+
+    # ----- binding ----------------------------------------------------------------------------
+
+    def admit(self, lease: str, sock: socket.socket, request: dict[str, Any]) -> None:
+        """Bind ``sock`` to a channel for ``lease`` (now, or when the next one opens)."""
+        worker = self.worker
+        if worker.state is not ConnState.CONNECTED or worker.connection is None:
+            _answer(sock, {"op": "lost", "reason": NOT_CONNECTED})
+            worker.send({"op": "lease", "event": End.LOST.value, "lease": lease})
+            return
+        if worker.prechannels:
+            self.bind(lease, sock, request, worker.prechannels.pop(0))
+        else:
+            self.waiting.append((lease, sock, request))
+        worker.fill_prechannels()
+
+    def bind(self, lease: str, sock: socket.socket, request: dict[str, Any],
+             channel: Any) -> None:
+        worker = self.worker
+        session = Session(worker, sock, lease, channel)
+        worker.sessions[lease] = session
+        session.event({"op": "leased", "lease": lease, "broker": worker.spec.broker.uri.masked,
+                       "zone": worker.spec.broker.zone, "channel": channel.channel_number,
+                       "worker": os.getpid(), "blocked": worker.blocked, "route": self.route})
+        session.flush()  # the client waits for this: before anything else
+        worker.send({"op": "lease", "event": "assigned", "lease": lease,
+                     "channel": channel.channel_number, "kind": request.get("kind"),
+                     "zone": request.get("zone") or worker.spec.broker.zone,
+                     "client_pid": _peer_pid(sock)})
+        worker.report_soon()
+
+    def channel_opened(self, channel: Any) -> bool:
+        """A channel opened: give it to a waiting client; ``False`` if none waits."""
+        if not self.waiting:
+            return False
+        self.bind(*self.waiting.pop(0), channel)
+        return True
+
+    def connection_lost(self) -> None:
+        """Nothing can be bound any more: tell whoever waits or is half-way in."""
+        for lease, sock, _request in self.waiting:
+            _answer(sock, {"op": "lost", "reason": NOT_CONNECTED})
+            self.worker.send({"op": "lease", "event": End.LOST.value, "lease": lease})
+        self.waiting.clear()
+
+
+def _answer(sock: socket.socket, message: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):
+        sock.setblocking(True)
+        sock.settimeout(1.0)
+        sock.sendall(protocol.encode(message))
+    sock.close()
+
+
+def _peer_pid(sock: socket.socket) -> int:
+    pid, _uid, _gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return int(pid)
