@@ -123,6 +123,7 @@ class Intake:
         worker = self.worker
         session = Session(worker, sock, lease, channel)
         worker.sessions[lease] = session
+        worker.bound[channel.channel_number] = session
         session.event({"op": "leased", "lease": lease, "broker": worker.spec.broker.uri.masked,
                        "zone": worker.spec.broker.zone, "channel": channel.channel_number,
                        "worker": os.getpid(), "blocked": worker.blocked, "route": self.route})

@@ -54,6 +54,10 @@ RPC_METHODS: dict[str, tuple[str, ...]] = {
 }
 
 
+# calls that leave state on the channel itself, not on the broker
+CHANNEL_STATE = frozenset({"basic_qos", "basic_recover", "basic_cancel"})
+
+
 class End(enum.Enum):
     RELEASED = "released"  # the client closed the lease or died
     LOST = "lost"  # channel or connection lost; the client will resume elsewhere
@@ -79,9 +83,7 @@ class Session:
         self.moving = False
         self.qos_set = False
         sock.setblocking(False)
-        channel.add_on_close_callback(self._on_channel_closed)
-        channel.add_on_return_callback(self._on_return)
-        channel.add_callback(self._on_get_empty, [spec.Basic.GetEmpty], one_shot=False)
+        self.clean = True  # nothing of this lease stays on the channel: it may serve another
         worker.ioloop.add_handler(self.fd, self._on_io, worker.ioloop.READ)
 
     @property
@@ -146,6 +148,8 @@ class Session:
         if kind == _PUBLISH:
             exchange, routing_key, props, body = protocol.read_publish(payload)
             properties = _decode_props(props)
+            if flags & Flag.MANDATORY:
+                self.clean = False  # a return may still come back on this channel
             try:
                 self.channel.basic_publish(exchange, routing_key, body, properties,
                                            bool(flags & Flag.MANDATORY))
@@ -177,6 +181,8 @@ class Session:
         if not isinstance(args, dict):
             raise ProtocolError("call arguments are not an object")
         reply = self._replier(rid)
+        if op != "call" or request.get("method") in CHANNEL_STATE:
+            self.clean = False  # consumers, deliveries, QoS or confirm mode live on the channel
         try:
             if op == "call" and request.get("method") in RPC_METHODS:
                 method = request["method"]
@@ -234,7 +240,7 @@ class Session:
                                    _encode_props(properties), body, flags))
         self.event({"op": "reply", "id": rid, "method": "Basic.GetOk", "fields": {}})
 
-    def _on_get_empty(self, _frame: Any) -> None:
+    def on_get_empty(self) -> None:
         rid = self.gets.popleft() if self.gets else None
         self.event({"op": "reply", "id": rid, "method": "Basic.GetEmpty", "fields": {}})
 
@@ -244,11 +250,11 @@ class Session:
             Flag.NACK if isinstance(method, spec.Basic.Nack) else 0)
         self.send(protocol.tagged(Kind.CONFIRM, method.delivery_tag, flags))
 
-    def _on_return(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+    def on_return(self, method: Any, properties: Any, body: bytes) -> None:
         self.send(protocol.returned(method.reply_code, method.reply_text, method.exchange,
                                     method.routing_key, _encode_props(properties), body))
 
-    def _on_channel_closed(self, _channel: Any, reason: BaseException) -> None:
+    def on_channel_closed(self, reason: BaseException) -> None:
         if self.ended is None:
             self.event({"op": "lost", "reason": _error(reason)})
             self.end(End.LOST, str(reason))
@@ -270,7 +276,9 @@ class Session:
         if self.ended is not None:
             return
         self.ended = how
-        if self.channel.is_open:
+        if self.channel.is_open and how is End.RELEASED and self.clean:
+            self.worker.recycle(self.channel)
+        elif self.channel.is_open:
             self.channel.close()
         self.flush()
         self.worker.ioloop.remove_handler(self.fd)

@@ -29,6 +29,7 @@ from typing import Any
 
 import pika
 import pika.exceptions
+from pika import spec
 from pika.adapters.select_connection import IOLoop, SelectConnection
 
 from . import exitcodes, proc
@@ -104,6 +105,7 @@ class ConnectionWorker:
         self.connection: SelectConnection | None = None
         self.prechannels: list[Any] = []
         self.sessions: dict[str, Session] = {}  # by lease id
+        self.bound: dict[int, Session] = {}  # by channel number
         self.intake = Intake(self, listener)
         self._fds: list[int] = []  # passed by the master, not yet claimed
         self.exit_code = exitcodes.OK
@@ -199,6 +201,7 @@ class ConnectionWorker:
     def _on_closed(self, _connection: SelectConnection, exc: BaseException) -> None:
         self.connection = None
         self.prechannels.clear()
+        self.bound.clear()
         self._opening = 0
         lost = {"op": "lost", "reason": {"class": "ConnectionClosed", "code": 0,
                                          "text": "connection to the broker lost"}}
@@ -258,17 +261,42 @@ class ConnectionWorker:
             connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_channel_open(self, channel: Any) -> None:
+        """Channel callbacks are set once, here, and find the lease bound at the time."""
         self._opening -= 1
-        channel.add_on_close_callback(self._on_prechannel_closed)
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.add_callback(self._on_get_empty, [spec.Basic.GetEmpty], one_shot=False)
+        self._give(channel)
+
+    def _give(self, channel: Any) -> None:
+        """A ready channel: to the first client waiting for one, else to the prechannels."""
         if not self.intake.channel_opened(channel):
             self.prechannels.append(channel)
         self.report_soon()
 
-    def _on_prechannel_closed(self, channel: Any, _reason: BaseException) -> None:
-        if channel in self.prechannels:
+    def recycle(self, channel: Any) -> None:
+        """A released lease left nothing on its channel: it serves the next one as is."""
+        self.bound.pop(channel.channel_number, None)
+        self._give(channel)
+
+    def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
+        session = self.bound.pop(channel.channel_number, None)
+        if session is not None:
+            session.on_channel_closed(reason)
+        elif channel in self.prechannels:
             self.prechannels.remove(channel)
             self.fill_prechannels()
             self.report_soon()
+
+    def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        session = self.bound.get(channel.channel_number)
+        if session is not None:
+            session.on_return(method, properties, body)
+
+    def _on_get_empty(self, frame: Any) -> None:
+        session = self.bound.get(frame.channel_number)
+        if session is not None:
+            session.on_get_empty()
 
     # ----- leases ---------------------------------------------------------------------------
 
