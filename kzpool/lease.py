@@ -435,6 +435,8 @@ class Lease:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not done():
             self._ready()
+            if done():  # a recovery may have read what we wait for
+                return True
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
