@@ -56,7 +56,7 @@ log = logging.getLogger("kzpool.lease")
 
 READ_SIZE = 256 << 10
 REPLY_GRACE = 5.0  # the master answers a lease request within its timeout; allow this more
-DRAIN_EVERY = 64  # publishes between two non-blocking reads of confirms and events
+DRAIN_INTERVAL = 0.001  # seconds between two reads of confirms and events while publishing
 SETTLE_BATCH = 64  # acks sent together at most
 _DELIVER, _CONFIRM, _RETURN, _JSON = map(int, (Kind.DELIVER, Kind.CONFIRM, Kind.RETURN,
                                                Kind.JSON))
@@ -135,7 +135,7 @@ class Lease:
         self._confirming = False
         self._seq = 0
         self._unconfirmed: dict[int, _Unconfirmed] = {}
-        self._publishes = 0
+        self._next_drain = 0.0
         self._settles: list[bytes] = []  # acks batched while read deliveries wait
         self._tag_base = 0
         self._tag_max = 0
@@ -230,6 +230,11 @@ class Lease:
                       wait: bool = True) -> Confirm | None:
         """Publish as pika does; with confirms and ``wait=False``, return a Future instead."""
         self._ready()
+        now = time.monotonic()
+        if now >= self._next_drain:  # now and then, read what came: confirms, "blocked"
+            self._next_drain = now + DRAIN_INTERVAL
+            self._drain()
+            self._ready()
         if self._blocked:
             self._wait_unblocked()
         if isinstance(body, str):
@@ -237,16 +242,16 @@ class Lease:
         props = _encode_props(properties)
         data = protocol.publish(exchange, routing_key, props, body, mandatory)
         if not self._confirming:
-            self._send_publish(data)
+            self._send(data)
             if self._lost is not None:  # the worker was gone before it read this: send again
                 self._ready()
-                self._send_publish(data)
+                self._send(data)
             return None
         self._seq += 1
         future = Confirm(self)
         self._unconfirmed[self._seq] = _Unconfirmed(future, data, exchange, routing_key,
                                                     properties, body)
-        self._send_publish(data)
+        self._send(data)
         if wait:
             future.result(None)
             return None
@@ -410,12 +415,6 @@ class Lease:
         self._settles.append(protocol.tagged(Kind.SETTLE, tag, flags))
         if len(self._settles) >= SETTLE_BATCH or not (self._deliveries or self._generator):
             self._send(b"")  # sends the settles; while read deliveries wait, they batch up
-
-    def _send_publish(self, data: bytes) -> None:
-        self._send(data)
-        self._publishes += 1
-        if self._publishes % DRAIN_EVERY == 0:
-            self._drain()
 
     def _send(self, data: bytes) -> None:
         """Send ``data``, after any batched settles (acks keep their order)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -81,3 +82,24 @@ def test_sticky_lease_waits_for_its_broker_and_says_which(pools: PoolMaker,
     assert lease.broker == faulty_node.url.replace("guest:guest", "guest:***")
     lease.close()
     assert drain(faulty_node.url, queue) == [b"back"]
+
+
+def test_flow_control_holds_publishes_and_says_so(pools: PoolMaker, faulty_node: Any) -> None:
+    pool = pools([faulty_node.url], reconnect_backoff_max=0.5).start()
+    pool.wait_ready()
+    queue = f"kzt-{uuid.uuid4().hex[:10]}"
+    lease = kzpool.connect(pool.socket).lease("float", timeout=2)
+    lease.queue_declare(queue)
+    watermark = ["rabbitmqctl", "-q", "-n", faulty_node.name, "set_vm_memory_high_watermark"]
+    subprocess.run([*watermark, "0.000001"], check=True, capture_output=True, timeout=60)
+    try:
+        lease.basic_publish("", queue, b"while blocked")  # the broker blocks on a publish
+        pool.wait_rows(lambda rs: rs[0]["blocked"], 10, "status to show the block")
+        with pytest.raises(kzpool.ConnectionBlockedTimeout, match="blocked"):
+            lease.basic_publish("", queue, b"waits, then raises")
+    finally:
+        subprocess.run([*watermark, "0.4"], check=True, capture_output=True, timeout=60)
+    pool.wait_rows(lambda rs: not rs[0]["blocked"], 10, "the block to lift")
+    lease.basic_publish("", queue, b"after")
+    lease.close()
+    assert b"after" in drain(faulty_node.url, queue)

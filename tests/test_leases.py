@@ -214,3 +214,21 @@ def test_worker_kill_9_under_a_consuming_lease(pool: Pool, queue: str) -> None:
     assert row["moves"] >= 1 and row["pid"] != worker
     lease.close()
     assert message_count(queue) == 0
+
+
+def test_a_released_channel_carries_nothing_to_the_next_lease(pool: Pool, queue: str) -> None:
+    client = kzpool.connect(pool.socket)
+    with client.lease("float") as consumer:
+        consumer.queue_declare(queue)
+        consumer.basic_qos(prefetch_count=1)
+        consumer.basic_consume(queue, lambda *_: None)
+        assert message_count(queue) == 0
+    for _ in range(20):  # publish-only leases: their clean channels are handed on
+        with client.lease("float") as publisher:
+            publisher.basic_publish("", queue, b"x")
+    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
+        declared = conn.channel().queue_declare(queue, passive=True).method
+    assert declared.consumer_count == 0 and declared.message_count == 20
+    rows = pool.wait_rows(lambda rs: rs[0]["prechannels"] == 4 and rs[0]["channels"] == 0, 5,
+                          "prechannels back to 4 and no channel in use")
+    assert rows[0]["available"]
