@@ -306,26 +306,30 @@ def confirm_kzpool_pipelined(bench: Bench, count: int) -> float:
 # ----- consume + ack ---------------------------------------------------------------------------
 
 
+def consume_on(channel: Any, queue: str, count: int) -> tuple[float, int]:
+    """The same pika consumer code for a pika channel and a lease: seconds taken, received."""
+    channel.basic_qos(prefetch_count=PREFETCH)
+    received = 0
+
+    def on_message(ch: Any, method: Any, _props: Any, _body: bytes) -> None:
+        nonlocal received
+        ch.basic_ack(method.delivery_tag)
+        received += 1
+        if received == count:
+            ch.stop_consuming()
+
+    def run() -> None:
+        channel.basic_consume(queue, on_message)
+        channel.start_consuming()
+    return timed(run), received
+
+
 def consume_pika(bench: Bench, count: int) -> float:
     connection = pika.BlockingConnection(pika.URLParameters(bench.uri))
     try:
-        channel = connection.channel()
         with bench.queue("cons-pika") as queue:
             bench.fill(queue, count)
-            channel.basic_qos(prefetch_count=PREFETCH)
-            received = 0
-
-            def on_message(ch: Any, method: Any, _props: Any, _body: bytes) -> None:
-                nonlocal received
-                ch.basic_ack(method.delivery_tag)
-                received += 1
-                if received == count:
-                    ch.stop_consuming()
-
-            def run() -> None:
-                channel.basic_consume(queue, on_message)
-                channel.start_consuming()
-            elapsed = timed(run)
+            elapsed, _received = consume_on(connection.channel(), queue, count)
             bench.check(queue, 0, "pika consume")
     finally:
         connection.close()
@@ -358,20 +362,7 @@ def consume_kombu(bench: Bench, count: int) -> float:
 def consume_kzpool(bench: Bench, count: int) -> float:
     with bench.pool.client.lease("float") as lease, bench.queue("cons-kz") as queue:
         bench.fill(queue, count)
-        lease.basic_qos(prefetch_count=PREFETCH)
-        received = 0
-
-        def on_message(ch: Any, method: Any, _props: Any, _body: bytes) -> None:
-            nonlocal received
-            ch.basic_ack(method.delivery_tag)
-            received += 1
-            if received == count:
-                ch.stop_consuming()
-
-        def run() -> None:
-            lease.basic_consume(queue, on_message)
-            lease.start_consuming()
-        elapsed = timed(run)
+        elapsed, received = consume_on(lease, queue, count)
         if received != count:
             print(f"  !! kzpool consume: start_consuming returned after {received} of {count}",
                   file=sys.stderr)
