@@ -1,0 +1,224 @@
+"""The master's children: forking, reaping and watching connection workers and the registry.
+
+A mixin of :class:`kzpool.master.Master`, kept apart so that each file holds one idea: this
+one is gunicorn's ``spawn_worker``/``reap_workers``/``murder_workers``.  It runs in the
+master's loop only.  Hazards: ``reap`` must be the only ``waitpid`` in the process (it reaps
+the registry too); a worker exiting with :data:`~kzpool.exitcodes.WORKER_FATAL` is not
+respawned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from . import control, exitcodes, proc, protocol
+from .backoff import Backoff
+from .config import Broker
+from .slots import STABLE_AFTER, Slot
+from .states import ConnState, PoolState
+from .uri import BrokerURI
+from .worker import WorkerSpec, run_worker
+
+if TYPE_CHECKING:
+    from .config import Config, Settings
+    from .leasing import LeaseBook
+    from .registry import Registry
+
+log = logging.getLogger("kzpool.master")
+
+SAMPLE_INTERVAL = 1.0  # seconds between two RSS/CPU samples of the workers
+HIDDEN_ORDER = 1_000_000  # hidden brokers sort after every configured one
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
+
+
+class Children:
+    """Forks, reaps and watches; the state it uses is the master's."""
+
+    pid: int
+    state: PoolState
+    config: Config
+    settings: Settings
+    slots: dict[str, Slot]
+    by_pid: dict[int, Slot]
+    selector: selectors.BaseSelector
+    registry: Registry
+    leases: LeaseBook
+    written: dict[str, dict[str, Any]]
+    next_id: int
+    next_sample: float
+
+    def send(self, slot: Slot, message: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _read_link(self, slot: Slot, to_end: bool = False) -> None:
+        raise NotImplementedError
+
+
+    def _new_id(self) -> str:
+        self.next_id += 1
+        return f"c{self.next_id - 1}"
+
+    def _add_slot(self, spec: WorkerSpec) -> Slot:
+        slot = Slot(spec, Backoff(self.settings.reconnect_backoff_min,
+                                  self.settings.respawn_backoff_max, immediate=True))
+        self.slots[spec.id] = slot
+        self._spawn(slot)
+        return slot
+
+    def add_hidden_broker(self, uri: BrokerURI) -> Broker:
+        """A sticky lease names a broker the config does not: connect to it, hidden."""
+        broker = Broker(uri, self.config.local_zone, True, HIDDEN_ORDER + self.next_id, True)
+        log.info("adding hidden broker %s for a sticky lease", uri.masked)
+        for index in range(1, self.settings.connections_per_broker + 1):
+            self._add_slot(WorkerSpec(self._new_id(), broker, index, self.settings))
+        return broker
+    def _remove_slot(self, slot: Slot) -> None:
+        slot.removed = True
+        log.info("removing %s", slot.spec.broker.uri.masked)
+        if slot.pid:
+            os.kill(slot.pid, signal.SIGTERM)
+        else:
+            self._forget_slot(slot)
+
+    def _forget_slot(self, slot: Slot) -> None:
+        self.slots.pop(slot.spec.id, None)
+
+    def _spawn(self, slot: Slot) -> None:
+        """Fork a worker into ``slot``: its link and its lease socket are made before the fork."""
+        ours, theirs = socket.socketpair()
+        listener = control.bind_worker(self._worker_socket(slot))
+        pid = os.fork()
+        if pid == 0:
+            code = exitcodes.ERROR
+            try:
+                code = run_worker(slot.spec, theirs, listener, self.pid)
+            except BaseException:
+                log.exception("connection worker crashed")
+            finally:
+                os._exit(code)
+        theirs.close()
+        listener.close()  # the worker's now; the path stays until the worker is reaped
+        ours.setblocking(False)
+        now = time.monotonic()
+        slot.pid, slot.link, slot.process = pid, ours, psutil.Process(pid)
+        slot.state, slot.started, slot.last_seen, slot.respawn_at = (
+            ConnState.STARTING, now, now, 0.0)
+        slot.reader = protocol.FrameReader()
+        self.by_pid[pid] = slot
+        self.selector.register(ours, selectors.EVENT_READ, lambda _fd: self._read_link(slot))
+        self.send(slot, {"op": "role", "primary": slot.primary})
+
+    def _worker_socket(self, slot: Slot) -> str:
+        return f"{self.settings.socket}.{slot.spec.id}"
+
+    def _registry_child_setup(self, keep: int) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        proc.close_fds_except(0, 1, 2, keep)
+        proc.die_with_parent(signal.SIGKILL)
+        proc.set_title("kzpool: registry")
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.registry.pid:
+                self.handle_registry_death(status)
+            elif pid in self.by_pid:
+                self.handle_worker_exit(self.by_pid.pop(pid), status)
+
+    def handle_worker_exit(self, slot: Slot, status: int) -> None:
+        why = _exit_reason(status)
+        if slot.link is not None:
+            self._read_link(slot, to_end=True)  # its last report may still be unread
+            with contextlib.suppress(KeyError):  # unregistered already on EOF
+                self.selector.unregister(slot.link)
+            slot.link.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._worker_socket(slot))
+        slot.pid, slot.link, slot.process, slot.tried = 0, None, None, True
+        slot.rss = slot.cpu = slot.prechannels = slot.channels = 0
+        self.leases.on_worker_exit(slot)
+        if self.state is PoolState.STOPPING or slot.removed:
+            if slot.removed:
+                self._forget_slot(slot)
+            return
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == exitcodes.WORKER_FATAL:
+            slot.state = ConnState.FAILED
+            log.error("worker for %s %s: %s; not respawning (SIGHUP retries)",
+                      slot.spec.broker.uri.masked, why, slot.error)
+            return
+        if slot.retiring or time.monotonic() - slot.started > STABLE_AFTER:
+            slot.backoff.reset()
+        delay = slot.backoff.next_delay()
+        slot.retiring = False
+        slot.state, slot.error = ConnState.DEAD, f"worker {why}"
+        slot.respawn_at = time.monotonic() + delay
+        log.warning("worker for %s %s; respawning in %.1f s", slot.spec.broker.uri.masked,
+                    why, delay)
+
+    def handle_registry_death(self, status: int) -> None:
+        self.registry.forget()
+        if self.state is PoolState.STOPPING:
+            return
+        log.error("the registry process %s; starting a new one", _exit_reason(status))
+        self.registry.start()
+        self.written.clear()  # rewrite every row from the workers' reports
+        self.leases.dirty.update(self.leases.rows)
+        for slot in self.slots.values():
+            self.send(slot, {"op": "report"})
+
+    def _check_workers(self, now: float) -> None:
+        sample = now >= self.next_sample
+        if sample:
+            self.next_sample = now + SAMPLE_INTERVAL
+            self.leases.forget_dead_clients()
+        for slot in list(self.slots.values()):
+            if not slot.pid or slot.process is None:
+                continue
+            if now - slot.last_seen > self.settings.worker_timeout:
+                log.error("worker %d for %s silent for %.1f s; killing it", slot.pid,
+                          slot.spec.broker.uri.masked, now - slot.last_seen)
+                os.kill(slot.pid, signal.SIGKILL)
+                slot.last_seen = now
+            elif sample:
+                self._sample(slot)
+
+    def _sample(self, slot: Slot) -> None:
+        assert slot.process is not None
+        slot.rss, slot.cpu = proc.rss_and_cpu(slot.process)
+        limit = self.settings.worker_max_rss
+        if limit and slot.rss > limit and not slot.retiring:
+            log.warning("worker %d for %s uses %d MiB > worker_max_rss; replacing it",
+                        slot.pid, slot.spec.broker.uri.masked, slot.rss >> 20)
+            slot.retiring = True
+            os.kill(slot.pid, signal.SIGTERM)
+
+    def _spawn_missing(self, now: float) -> None:
+        for slot in list(self.slots.values()):
+            if not slot.pid and slot.respawn_at and now >= slot.respawn_at and not slot.removed:
+                self._spawn(slot)
+
+
+def _exit_reason(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
+        hint = " (out of memory?)" if sig == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return exitcodes.describe(os.WEXITSTATUS(status))
