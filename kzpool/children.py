@@ -62,7 +62,6 @@ class Children:
     def _read_link(self, slot: Slot, to_end: bool = False) -> None:
         raise NotImplementedError
 
-
     def _new_id(self) -> str:
         self.next_id += 1
         return f"c{self.next_id - 1}"
