@@ -83,7 +83,7 @@ def choose_slot(slots: Iterable[Slot], target: str | None,
     """
     if target is None:
         return None
-    candidates = [s for s in slots if s.available and broker_key(s.spec.broker) == target]
+    candidates = [s for s in slots if s.has_room and broker_key(s.spec.broker) == target]
     if len(candidates) < 2:
         return candidates[0] if candidates else None
     counts = load()

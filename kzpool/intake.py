@@ -97,6 +97,8 @@ class Intake:
         broker = worker.spec.broker
         if request.get("op") != "lease" or worker.state is not ConnState.CONNECTED:
             return False
+        if worker.full and not worker.prechannels:
+            return False  # the master knows which other connection has room
         if request.get("kind") == "float":
             zone = request.get("zone")
             in_zone = broker.local if zone is None else zone == broker.zone
@@ -108,7 +110,8 @@ class Intake:
     def admit(self, lease: str, sock: socket.socket, request: dict[str, Any]) -> None:
         """Bind ``sock`` to a channel for ``lease`` (now, or when the next one opens)."""
         worker = self.worker
-        if worker.state is not ConnState.CONNECTED or worker.connection is None:
+        if worker.state is not ConnState.CONNECTED or worker.connection is None or (
+                worker.full and not worker.prechannels):
             _answer(sock, {"op": "lost", "reason": NOT_CONNECTED})
             worker.send({"op": "lease", "event": End.LOST.value, "lease": lease})
             return

@@ -40,6 +40,7 @@ class Slot:
     prechannels: int = 0
     channels: int = 0
     blocked: bool = False
+    full: bool = False  # its connection reached channel_max
     rss: int = 0
     cpu: float = 0.0
     primary: bool = False
@@ -51,6 +52,11 @@ class Slot:
     def available(self) -> bool:
         return self.pid != 0 and self.state.available
 
+    @property
+    def has_room(self) -> bool:
+        """It can bind one more lease: a prechannel ready, or room for a new channel."""
+        return self.available and (self.prechannels > 0 or not self.full)
+
     def apply_report(self, report: dict[str, Any]) -> None:
         """Take a worker's report; unknown states are ignored, not trusted."""
         try:
@@ -60,6 +66,7 @@ class Slot:
         self.error = report.get("error")
         self.since = float(report.get("since") or time.time())
         self.blocked = bool(report.get("blocked"))
+        self.full = bool(report.get("full"))
         self.prechannels = int(report.get("prechannels") or 0)
         self.channels = int(report.get("channels") or 0)
         if self.state is not ConnState.CONNECTING:
@@ -80,6 +87,7 @@ class Slot:
             "prechannels": self.prechannels,
             "channels": self.channels,
             "blocked": self.blocked,
+            "full": self.full,
             "error": self.error,
             "since": round(self.since, 3),
             "rss": self.rss,

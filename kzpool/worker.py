@@ -101,6 +101,7 @@ class ConnectionWorker:
         self.error: str | None = None
         self.since = time.time()
         self.blocked = False
+        self.full = False  # the connection has channel_max channels
         self.primary = False
         self.connection: SelectConnection | None = None
         self.prechannels: list[Any] = []
@@ -257,8 +258,15 @@ class ConnectionWorker:
             return
         wanted = self.spec.settings.prechannels + len(self.intake.waiting)
         for _ in range(wanted - len(self.prechannels) - self._opening):
+            try:
+                connection.channel(on_open_callback=self._on_channel_open)
+            except pika.exceptions.NoFreeChannels:  # channel_max: other connections serve
+                if not self.full:
+                    log.warning("%s: channel_max reached", self.spec.broker.uri.masked)
+                    self.full = True
+                    self.report_soon()
+                return
             self._opening += 1
-            connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_channel_open(self, channel: Any) -> None:
         """Channel callbacks are set once, here, and find the lease bound at the time."""
@@ -280,6 +288,9 @@ class ConnectionWorker:
         self._give(channel)
 
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
+        if self.full:
+            self.full = False
+            self.report_soon()
         session = self.bound.pop(channel.channel_number, None)
         if session is not None:
             session.on_channel_closed(reason)
@@ -372,6 +383,7 @@ class ConnectionWorker:
             "error": self.error,
             "since": self.since,
             "blocked": self.blocked,
+            "full": self.full,
             "prechannels": len(self.prechannels),
             "channels": len(self.sessions),
         })

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from multiprocessing.queues import SimpleQueue
@@ -232,3 +233,56 @@ def test_a_released_channel_carries_nothing_to_the_next_lease(pool: Pool, queue:
     rows = pool.wait_rows(lambda rs: rs[0]["prechannels"] == 4 and rs[0]["channels"] == 0, 5,
                           "prechannels back to 4 and no channel in use")
     assert rows[0]["available"]
+
+
+def test_leases_spread_when_a_connection_is_full(pools: PoolMaker) -> None:
+    small = f"{DEFAULT_URI}?channel_max=4"  # a tiny channel_max, as the broker may impose
+    pool = pools([small], connections_per_broker=2, prechannels=1).start()
+    pool.wait_ready()
+    pool.wait_rows(lambda rs: all(r["prechannels"] == 1 for r in rs), 10, "prechannels")
+    client = kzpool.connect(pool.socket)
+    leases = [client.lease("float", timeout=5) for _ in range(7)]
+    rows = pool.wait_rows(lambda rs: sum(r["channels"] for r in rs) == 7, 10, "7 channels bound")
+    assert sorted(r["channels"] for r in rows) == [3, 4]  # 4 + 3: both connections serve
+    assert any(r["full"] for r in rows)
+    for lease in leases:
+        lease.basic_publish("", "kzt-nowhere", b"x")
+        lease.close()
+
+
+def test_one_lease_per_thread(pool: Pool, queue: str) -> None:
+    client = kzpool.connect(pool.socket)
+    with client.lease("float") as setup:
+        setup.queue_declare(queue)
+    errors: list[BaseException] = []
+
+    def publish(n: int) -> None:
+        try:
+            with client.lease("float") as lease:
+                lease.confirm_delivery()
+                for i in range(50):
+                    lease.basic_publish("", queue, b"%d-%d" % (n, i))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=publish, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors
+    assert message_count(queue) == 400
+
+
+def test_a_server_named_queue_follows_its_lease(pool: Pool) -> None:
+    moves: list[kzpool.MoveEvent] = []
+    lease = kzpool.connect(pool.socket).lease("float", on_move=moves.append)
+    old = lease.queue_declare("", exclusive=True).method.queue
+    lease.exchange_declare("kzt-renamed", "fanout", auto_delete=True)
+    os.kill(pool.connections()[0]["pid"], signal.SIGKILL)
+    lease.queue_bind(old, "kzt-renamed")  # the lease recovers first, then binds the new name
+    new = moves[-1].renamed[old]
+    assert new != old and new.startswith("amq.gen-")
+    lease.basic_publish("kzt-renamed", "", b"to the renamed queue")
+    _method, _props, body = _get(lease, old)  # the old name still works through the lease
+    assert body == b"to the renamed queue"
+    lease.close()
