@@ -31,6 +31,7 @@ from .children import HANDLED_SIGNALS, SAMPLE_INTERVAL, Children
 from .config import Config
 from .errors import ConfigError, KzpoolError, ProtocolError, StartupError
 from .leasing import LeaseBook
+from .notify import Notifier
 from .registry import Registry
 from .slots import Slot, broker_key, plan, startup_settled
 from .states import ConnState, PoolState
@@ -58,6 +59,7 @@ class Master(Children):
         self.peers: dict[int, control.Peer] = {}
         self.written: dict[str, dict[str, Any]] = {}
         self.leases = LeaseBook(self)
+        self.notifier = Notifier()
         self.next_flush = 0.0
         self.primaries: tuple[str | None, ...] = ()
         self.next_id = 1
@@ -92,6 +94,7 @@ class Master(Children):
         self.handle_signals()
         self.reap()
         now = time.monotonic()
+        self.notifier.tick(now)
         if self.state is PoolState.STARTING:
             self._check_startup(now)
         if self.state is PoolState.STOPPING:
@@ -108,6 +111,8 @@ class Master(Children):
         waits = [s.respawn_at for s in self.slots.values() if s.respawn_at]
         deadline = self.leases.next_deadline()
         soonest = min([*waits, self.next_sample, deadline or self.next_sample])
+        if self.notifier.watchdog:
+            soonest = min(soonest, self.notifier.next_ping)
         if self.leases.waiting:
             soonest = min(soonest, time.monotonic() + 0.05)
         return max(0.0, min(SAMPLE_INTERVAL, soonest - time.monotonic()))
@@ -118,6 +123,7 @@ class Master(Children):
             primary = zone_primary(self.slots.values(), self.config.local_zone)
             log.info("ready in %.2f s; primary %s", time.time() - self.started_at,
                      self._masked(primary))
+            self.notifier.ready(self.summary())
         elif now >= self.deadline:
             tried = "; ".join(f"{s.spec.broker.uri.masked}: {s.error or s.state.value}"
                               for s in self.slots.values() if s.spec.broker.local)
@@ -133,6 +139,7 @@ class Master(Children):
             return
         if self.state is not PoolState.STOPPING:
             log.info("stopping (%s)", "graceful" if graceful else "quick")
+            self.notifier.stopping()
             self.state = PoolState.STOPPING
             self.deadline = time.monotonic() + self.settings.shutdown_timeout
             self._signal_children(signal.SIGTERM)
@@ -207,10 +214,12 @@ class Master(Children):
         """Re-read the config: add and remove brokers, leave unchanged connections alone."""
         if self.state is PoolState.STOPPING:
             return
+        self.notifier.reloading()
         try:
             new = config_mod.load(self.config.path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config:\n%s", exc)
+            self.notifier.ready(self.summary())
             return
         wanted = {(broker_key(b), i): b for b, i in plan(new)}
         kept: set[tuple[str, int]] = set()
@@ -230,6 +239,7 @@ class Master(Children):
                 self._add_slot(WorkerSpec(self._new_id(), broker, key[1], new.settings))
         self.config, self.settings = new, new.settings
         log.info("reloaded %s: %d connection worker(s)", new.path, len(self.slots))
+        self.notifier.ready(self.summary())
 
     # ----- I/O --------------------------------------------------------------------------------
 
@@ -347,6 +357,8 @@ class Master(Children):
         self.leases.fail_back()
         if now >= self.next_flush:
             self.flush_registry()
+            if self.state is PoolState.RUNNING and self.notifier.address:
+                self.notifier.status(self.summary())
 
     def flush_registry(self) -> None:
         """Write the rows that changed: one Manager call per table, none when nothing did."""
@@ -377,6 +389,14 @@ class Master(Children):
                          "local_zone": self.config.local_zone,
                          "rss": proc.rss_and_cpu(psutil.Process())[0]},
                 **tables}
+
+    def summary(self) -> str:
+        """systemd's one-line STATUS."""
+        up = sum(1 for s in self.slots.values() if s.available)
+        primary = zone_primary(self.slots.values(), self.config.local_zone)
+        leases = sum(1 for r in self.leases.rows.values() if r.state.placed)
+        return (f"{up}/{len(self.slots)} connections up, primary {self._masked(primary)},"
+                f" {leases} leases")
 
     def _masked(self, key: str | None) -> str:
         for slot in self.slots.values():

@@ -65,11 +65,12 @@ class Pool:
         self.log = tmp / "pool.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *args: str) -> Pool:
+    def start(self, *args: str, env: dict[str, str] | None = None) -> Pool:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kzpool", "serve", "-c", str(self.config), *args],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, **(env or {})})
         return self
 
     @property
