@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import protocol
-from .errors import KzpoolError, PoolAccessDenied, PoolNotRunning, ProtocolError
+from .errors import KzpoolError, PoolAccessDenied, PoolNotRunning, ProtocolError, from_reply
 
 log = logging.getLogger("kzpool.control")
 
@@ -55,6 +55,14 @@ def bind_worker(path: str) -> socket.socket:
     os.chmod(path, 0o660)
     sock.listen(128)
     return sock
+
+
+def refuse(sock: socket.socket, code: str, text: str) -> None:
+    """Tell a peer why it is turned away, then close (never blocks for long)."""
+    with contextlib.suppress(OSError):
+        sock.settimeout(1.0)
+        sock.sendall(protocol.encode({"ok": False, "code": code, "error": text}))
+    sock.close()
 
 
 def _answers(path: str) -> bool:
@@ -120,7 +128,7 @@ def call(path: str, request: dict[str, Any], timeout: float = 5.0) -> dict[str, 
     finally:
         sock.close()
     if not reply.get("ok"):
-        raise KzpoolError(str(reply.get("error")), code=reply.get("code"))
+        raise from_reply(reply)
     return reply
 
 

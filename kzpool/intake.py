@@ -20,11 +20,11 @@ import contextlib
 import logging
 import os
 import socket
-import struct
 import uuid
 from typing import TYPE_CHECKING, Any
 
 from . import protocol
+from .access import Access, peer
 from .errors import ProtocolError
 from .session import End, Session
 from .states import ConnState
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kzpool.intake")
 
-_UCRED = struct.Struct("3i")
 NOT_CONNECTED = {"class": "ConnectionClosed", "code": 0, "text": "broker not connected"}
 
 
@@ -43,6 +42,8 @@ class Intake:
         self.worker = worker
         self.listener = listener
         self.route = listener.getsockname() if listener is not None else None
+        settings = worker.spec.settings
+        self.access = Access(settings.allow_users, settings.allow_groups)
         self.pending: dict[int, tuple[socket.socket, protocol.FrameReader]] = {}
         self.waiting: list[tuple[str, socket.socket, dict[str, Any]]] = []
         if listener is not None:
@@ -61,6 +62,11 @@ class Intake:
             except OSError as exc:
                 log.warning("accept failed: %s", exc)
                 return
+            refusal = self.access.refusal(sock)
+            if refusal is not None:
+                log.warning("%s", refusal)
+                _answer(sock, {"ok": False, "code": "access", "error": refusal})
+                continue
             sock.setblocking(False)
             self.pending[sock.fileno()] = (sock, protocol.FrameReader(1 << 16))
             self.worker.ioloop.add_handler(sock.fileno(), self._on_request, self.worker.ioloop.READ)
@@ -83,10 +89,12 @@ class Intake:
             return
         self.worker.ioloop.remove_handler(fd)
         del self.pending[fd]
-        if frames is None or frames[0][0] != protocol.Kind.JSON:
-            sock.close()
+        try:
+            request = _request(frames)
+        except ProtocolError as exc:
+            log.warning("dropping a client: %s", exc)
+            _answer(sock, {"ok": False, "code": exc.code, "error": str(exc)})
             return
-        request = protocol.decode_json(frames[0][2])
         if self._serves(request):
             self.admit(str(request.get("lease") or uuid.uuid4().hex[:12]), sock, request)
         else:
@@ -134,7 +142,7 @@ class Intake:
         worker.send({"op": "lease", "event": "assigned", "lease": lease,
                      "channel": channel.channel_number, "kind": request.get("kind"),
                      "zone": request.get("zone") or worker.spec.broker.zone,
-                     "client_pid": _peer_pid(sock)})
+                     "client_pid": peer(sock)[0]})
         worker.report_soon()
 
     def channel_opened(self, channel: Any) -> bool:
@@ -152,15 +160,22 @@ class Intake:
         self.waiting.clear()
 
 
+def _request(frames: list[protocol.Frame] | None) -> dict[str, Any]:
+    """The lease request a new client sent; anything else is a protocol error."""
+    if not frames:
+        raise ProtocolError("the client went away before asking")
+    kind, _flags, payload = frames[0]
+    if kind != protocol.Kind.JSON:
+        raise ProtocolError(f"expected a lease request, got a frame of kind {kind}")
+    request = protocol.decode_json(payload)
+    if not all(isinstance(request.get(k), str | None) for k in ("op", "kind", "zone", "lease")):
+        raise ProtocolError("malformed lease request")
+    return request
+
+
 def _answer(sock: socket.socket, message: dict[str, Any]) -> None:
     with contextlib.suppress(OSError):
         sock.setblocking(True)
         sock.settimeout(1.0)
         sock.sendall(protocol.encode(message))
     sock.close()
-
-
-def _peer_pid(sock: socket.socket) -> int:
-    pid, _uid, _gid = _UCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return int(pid)

@@ -9,17 +9,15 @@ can or the client's timeout passes.  Workers report what becomes of each lease.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
-import struct
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from . import protocol
+from . import access, control
 from .assign import Assignment, Kind, RowState, choose_slot, new_lease_id, target_of, to_move
 from .errors import BrokerURIError, KzpoolError, LeaseRequestError
 from .slots import Slot, broker_key
@@ -30,7 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kzpool.leasing")
 
-_UCRED = struct.Struct("3i")
 MAX_TIMEOUT = 3600.0
 
 
@@ -59,7 +56,7 @@ class LeaseBook:
         try:
             assignment, timeout = self._admit(sock, message)
         except KzpoolError as exc:
-            _refuse(sock, exc.code, str(exc))
+            control.refuse(sock, exc.code, str(exc))
             return
         reservation = Reservation(assignment, sock, time.monotonic() + timeout)
         self.master.drain_links()  # act on the freshest worker reports
@@ -81,7 +78,7 @@ class LeaseBook:
         lease = str(message.get("lease") or new_lease_id())
         row = self.rows.get(lease)
         if row is None:
-            row = Assignment(lease, kind, zone, _peer_pid(sock), broker)
+            row = Assignment(lease, kind, zone, access.peer(sock)[0], broker)
             self.rows[lease] = row
         # a resume: the client knows its channel is gone before its worker's report arrives
         row.state, row.slot = RowState.WAITING, None
@@ -156,7 +153,7 @@ class LeaseBook:
             text = f"broker {name} is not available ({why})"
         else:
             text = f"no broker of zone {row.zone!r} is available"
-        _refuse(reservation.sock, "unavailable", text)
+        control.refuse(reservation.sock, "unavailable", text)
         if not row.placed_once:
             self._drop(row.lease)
 
@@ -251,16 +248,3 @@ def _timeout(value: Any) -> float:
     if not 0 <= timeout <= MAX_TIMEOUT:
         raise LeaseRequestError(f"timeout {timeout:g} is not between 0 and {MAX_TIMEOUT:g} s")
     return timeout
-
-
-def _peer_pid(sock: socket.socket) -> int:
-    pid, _uid, _gid = _UCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return int(pid)
-
-
-def _refuse(sock: socket.socket, code: str, text: str) -> None:
-    with contextlib.suppress(OSError):
-        sock.settimeout(1.0)
-        sock.sendall(protocol.encode({"ok": False, "code": code, "error": text}))
-    sock.close()

@@ -26,6 +26,7 @@ import psutil
 
 from . import config as config_mod
 from . import control, exitcodes, proc, protocol
+from .access import Access
 from .assign import zone_primary
 from .children import HANDLED_SIGNALS, SAMPLE_INTERVAL, Children
 from .config import Config
@@ -60,6 +61,7 @@ class Master(Children):
         self.written: dict[str, dict[str, Any]] = {}
         self.leases = LeaseBook(self)
         self.notifier = Notifier()
+        self.access = Access(self.settings.allow_users, self.settings.allow_groups)
         self.next_flush = 0.0
         self.primaries: tuple[str | None, ...] = ()
         self.next_id = 1
@@ -238,6 +240,7 @@ class Master(Children):
             if key not in kept:
                 self._add_slot(WorkerSpec(self._new_id(), broker, key[1], new.settings))
         self.config, self.settings = new, new.settings
+        self.access = Access(new.settings.allow_users, new.settings.allow_groups)
         log.info("reloaded %s: %d connection worker(s)", new.path, len(self.slots))
         self.notifier.ready(self.summary())
 
@@ -306,6 +309,11 @@ class Master(Children):
         try:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
+            return
+        refusal = self.access.refusal(sock)
+        if refusal is not None:
+            log.warning("%s", refusal)
+            control.refuse(sock, "access", refusal)
             return
         peer = control.Peer(sock)
         self.peers[sock.fileno()] = peer

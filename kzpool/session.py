@@ -140,7 +140,8 @@ class Session:
                 self._dispatch(kind, flags, payload)
                 if self.done:
                     return
-        except ProtocolError as exc:
+        except (ProtocolError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            # whatever a client sends, it must not take the worker down: drop that client
             log.warning("lease %s: dropping the client: %s", self.lease, exc)
             self.end(End.RELEASED, f"protocol error: {exc}")
 
@@ -178,8 +179,8 @@ class Session:
     def _request(self, request: dict[str, Any]) -> None:
         op, rid = request.get("op"), request.get("id")
         args = request.get("args") or {}
-        if not isinstance(args, dict):
-            raise ProtocolError("call arguments are not an object")
+        if not isinstance(args, dict) or not isinstance(request.get("method", ""), str):
+            raise ProtocolError("malformed call")
         reply = self._replier(rid)
         if op != "call" or request.get("method") in CHANNEL_STATE:
             self.clean = False  # consumers, deliveries, QoS or confirm mode live on the channel

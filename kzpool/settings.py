@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .access import to_gids, to_uids
+
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -133,6 +135,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("default_prefetch", to_int, "1000",
             "Prefetch a lease's consumers get when the lease set no basic_qos: it bounds what"
             " a worker buffers for a client that stops reading; 0: unlimited.", at_least(0)),
+    Setting("allow_users", to_uids, "",
+            "Users (names or uids) whose processes may use the lease socket; empty: the"
+            " service's own user."),
+    Setting("allow_groups", to_gids, "",
+            "Groups (names or gids) whose members may use the lease socket; empty: the"
+            " service's own group."),
     Setting("log_level", to_level, "info", "One of debug, info, warning, error."),
 )
 
