@@ -159,32 +159,32 @@ class ChannelClosedByBroker(KzpoolError, _pe.ChannelClosedByBroker):
         return self.message
 
 
-class UnroutableError(KzpoolError, _pe.UnroutableError):
+class _Undelivered(KzpoolError):
+    """Publishes the broker did not take; ``messages`` as pika gives them."""
+
+    what = "not delivered"
+
+    def __init__(self, messages: list[object]) -> None:
+        super(KzpoolError, self).__init__(messages)  # pika's own __init__, next in the MRO
+        self.message = f"{len(messages)} message(s) {self.what}"
+        self.fields = {}
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UnroutableError(_Undelivered, _pe.UnroutableError):
     """A mandatory publish was returned by the broker: no queue took it."""
 
     code = "unroutable"
-
-    def __init__(self, messages: list[object]) -> None:
-        _pe.UnroutableError.__init__(self, messages)
-        self.message = f"{len(messages)} unroutable message(s) returned by the broker"
-        self.fields = {}
-
-    def __str__(self) -> str:
-        return self.message
+    what = "returned by the broker: no queue took them"
 
 
-class NackError(KzpoolError, _pe.NackError):
+class NackError(_Undelivered, _pe.NackError):
     """The broker nacked a publish."""
 
     code = "nack"
-
-    def __init__(self, messages: list[object]) -> None:
-        _pe.NackError.__init__(self, messages)
-        self.message = f"{len(messages)} message(s) nacked by the broker"
-        self.fields = {}
-
-    def __str__(self) -> str:
-        return self.message
+    what = "nacked by the broker"
 
 
 class ConnectionBlockedTimeout(KzpoolError, _pe.ConnectionBlockedTimeout):
