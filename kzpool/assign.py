@@ -17,7 +17,7 @@ from typing import Any
 from .slots import Slot, broker_key
 
 
-class Kind(enum.Enum):
+class LeaseKind(enum.Enum):
     FLOAT = "float"  # the zone's primary; fails over, fails back
     STICKY = "sticky"  # one broker; waits for it
 
@@ -37,7 +37,7 @@ class RowState(enum.Enum):
 @dataclass
 class Assignment:
     lease: str
-    kind: Kind
+    kind: LeaseKind
     zone: str
     client_pid: int
     broker: str | None = None  # sticky: the broker key it is pinned to
@@ -92,7 +92,7 @@ def choose_slot(slots: Iterable[Slot], target: str | None,
 
 def target_of(assignment: Assignment, slots: Iterable[Slot]) -> str | None:
     """The broker an assignment should be on now."""
-    if assignment.kind is Kind.STICKY:
+    if assignment.kind is LeaseKind.STICKY:
         return assignment.broker
     return zone_primary(slots, assignment.zone)
 
@@ -102,7 +102,7 @@ def to_move(assignments: Iterable[Assignment], slots: list[Slot]) -> list[Assign
     primaries: dict[str, str | None] = {}
     moves = []
     for a in assignments:
-        if a.kind is not Kind.FLOAT or a.state is not RowState.ASSIGNED or a.slot is None:
+        if a.kind is not LeaseKind.FLOAT or a.state is not RowState.ASSIGNED or a.slot is None:
             continue
         if a.zone not in primaries:
             primaries[a.zone] = zone_primary(slots, a.zone)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from . import access, control
-from .assign import Assignment, Kind, RowState, choose_slot, new_lease_id, target_of, to_move
+from .assign import Assignment, LeaseKind, RowState, choose_slot, new_lease_id, target_of, to_move
 from .errors import BrokerURIError, KzpoolError, LeaseRequestError
 from .slots import Slot, broker_key
 from .uri import BrokerURI
@@ -66,7 +66,7 @@ class LeaseBook:
     def _admit(self, sock: socket.socket, message: dict[str, Any]) -> tuple[Assignment, float]:
         kind_text = message.get("kind", "float")
         try:
-            kind = Kind(kind_text)
+            kind = LeaseKind(kind_text)
         except ValueError:
             raise LeaseRequestError(f"unknown lease kind {kind_text!r} (float or sticky)") from None
         timeout = _timeout(message.get("timeout", 10.0))
@@ -85,8 +85,8 @@ class LeaseBook:
         self._touch(row)
         return row, timeout
 
-    def _sticky_broker(self, kind: Kind, text: Any) -> str | None:
-        if kind is Kind.FLOAT:
+    def _sticky_broker(self, kind: LeaseKind, text: Any) -> str | None:
+        if kind is LeaseKind.FLOAT:
             if text:
                 raise LeaseRequestError("a float lease takes no broker (use a sticky lease)")
             return None
@@ -145,7 +145,7 @@ class LeaseBook:
 
     def _expire(self, reservation: Reservation) -> None:
         row = reservation.assignment
-        if row.kind is Kind.STICKY:
+        if row.kind is LeaseKind.STICKY:
             slot = next((s for s in self.master.slots.values()
                          if broker_key(s.spec.broker) == row.broker), None)
             name = slot.spec.broker.uri.masked if slot else "?"
@@ -181,8 +181,8 @@ class LeaseBook:
                   message: dict[str, Any]) -> None:
         """A worker bound a lease: placed by us, or asked for at the worker directly."""
         if row is None:
-            kind = Kind.STICKY if message.get("kind") == "sticky" else Kind.FLOAT
-            broker = broker_key(slot.spec.broker) if kind is Kind.STICKY else None
+            kind = LeaseKind.STICKY if message.get("kind") == "sticky" else LeaseKind.FLOAT
+            broker = broker_key(slot.spec.broker) if kind is LeaseKind.STICKY else None
             row = Assignment(lease, kind, str(message.get("zone") or slot.spec.broker.zone),
                              int(message.get("client_pid") or 0), broker)
             self.rows[lease] = row
@@ -191,7 +191,7 @@ class LeaseBook:
         row.placed_once = True
         row.state, row.slot, row.since = RowState.ASSIGNED, slot, time.time()
         row.channel = message.get("channel")
-        self.check_moves = row.kind is Kind.FLOAT or self.check_moves
+        self.check_moves = row.kind is LeaseKind.FLOAT or self.check_moves
         self._touch(row)
 
     def on_worker_exit(self, slot: Slot) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 import kzpool
 from kzpool import protocol
-from kzpool.assign import Assignment, Kind, RowState, choose_slot, to_move, zone_primary
+from kzpool.assign import Assignment, LeaseKind, RowState, choose_slot, to_move, zone_primary
 from kzpool.backoff import Backoff
 from kzpool.config import Broker, loads
 from kzpool.errors import ProtocolError
@@ -162,9 +162,9 @@ def test_choose_slot_spreads_and_skips_unavailable() -> None:
 
 def test_float_leases_off_the_primary_are_moved_back() -> None:
     slots = [slot(0), slot(1)]
-    on_secondary = Assignment("l1", Kind.FLOAT, "a", 1, state=RowState.ASSIGNED, slot=slots[1])
-    on_primary = Assignment("l2", Kind.FLOAT, "a", 1, state=RowState.ASSIGNED, slot=slots[0])
-    sticky = Assignment("l3", Kind.STICKY, "a", 1, "amqp://h2/", RowState.ASSIGNED, slots[1])
+    on_secondary = Assignment("l1", LeaseKind.FLOAT, "a", 1, state=RowState.ASSIGNED, slot=slots[1])
+    on_primary = Assignment("l2", LeaseKind.FLOAT, "a", 1, state=RowState.ASSIGNED, slot=slots[0])
+    sticky = Assignment("l3", LeaseKind.STICKY, "a", 1, "amqp://h2/", RowState.ASSIGNED, slots[1])
     assert to_move([on_secondary, on_primary, sticky], slots) == [on_secondary]
     slots[0].state = ConnState.WAITING
     assert to_move([on_secondary, on_primary, sticky], slots) == [on_primary]
