@@ -121,7 +121,7 @@ class Intake:
         if worker.state is not ConnState.CONNECTED or worker.connection is None or (
                 worker.full and not worker.prechannels):
             _answer(sock, {"op": "lost", "reason": NOT_CONNECTED})
-            worker.send({"op": "lease", "event": End.LOST.value, "lease": lease})
+            worker.lease_event({"event": End.LOST.value, "lease": lease})
             return
         if worker.prechannels:
             self.bind(lease, sock, request, worker.prechannels.pop(0))
@@ -139,7 +139,7 @@ class Intake:
                        "zone": worker.spec.broker.zone, "channel": channel.channel_number,
                        "worker": os.getpid(), "blocked": worker.blocked, "route": self.route})
         session.flush()  # the client waits for this: before anything else
-        worker.send({"op": "lease", "event": "assigned", "lease": lease,
+        worker.lease_event({"event": "assigned", "lease": lease,
                      "channel": channel.channel_number, "kind": request.get("kind"),
                      "zone": request.get("zone") or worker.spec.broker.zone,
                      "client_pid": peer(sock)[0]})
@@ -156,7 +156,7 @@ class Intake:
         """Nothing can be bound any more: tell whoever waits or is half-way in."""
         for lease, sock, _request in self.waiting:
             _answer(sock, {"op": "lost", "reason": NOT_CONNECTED})
-            self.worker.send({"op": "lease", "event": End.LOST.value, "lease": lease})
+            self.worker.lease_event({"event": End.LOST.value, "lease": lease})
         self.waiting.clear()
 
 

@@ -44,6 +44,7 @@ from .states import ConnState
 log = logging.getLogger("kzpool.worker")
 
 BEAT_INTERVAL = 1.0
+NEWS_DELAY = 0.005  # seconds counter changes, assignments, releases may wait for the master
 READ = IOLoop.READ
 
 
@@ -117,6 +118,8 @@ class ConnectionWorker:
         self._reader = FrameReader()
         self._report_pending = False
         self._opening = 0  # channels asked for, not yet open
+        self._lease_news: list[dict[str, Any]] = []
+        self._lease_news_due = False
 
     # ----- life cycle -------------------------------------------------------------------
 
@@ -311,11 +314,32 @@ class ConnectionWorker:
 
     # ----- leases ---------------------------------------------------------------------------
 
+    def lease_event(self, event: dict[str, Any]) -> None:
+        """Tell the master what became of a lease.
+
+        A lost or moved lease is told at once (its client is about to ask the master for a
+        new channel); assignments and releases wait up to ``NEWS_DELAY`` to go
+        together, so that a burst of short leases wakes the master once, not per lease.
+        """
+        self._lease_news.append({"op": "lease", **event})
+        if event["event"] in (End.LOST.value, End.MOVED.value):
+            self._flush_lease_news()
+        elif not self._lease_news_due:
+            self._lease_news_due = True
+            self.ioloop.call_later(NEWS_DELAY, self._flush_lease_news)
+
+    def _flush_lease_news(self) -> None:
+        self._lease_news_due = False
+        if self._lease_news:
+            news, self._lease_news = self._lease_news, []
+            with contextlib.suppress(OSError):
+                self.link.sendall(b"".join(encode(n) for n in news))
+
     def session_ended(self, session: Session, how: End, why: str) -> None:
         if self.sessions.get(session.lease) is session:
             del self.sessions[session.lease]
         log.debug("lease %s %s: %s", session.lease, how.value, why)
-        self.send({"op": "lease", "event": how.value, "lease": session.lease})
+        self.lease_event({"event": how.value, "lease": session.lease})
         self.fill_prechannels()
         self.report_soon()
 
@@ -367,13 +391,14 @@ class ConnectionWorker:
         if state is not self.state:
             self.state = state
             self.since = time.time()
-            self.report_soon()
+            self._flush_report()  # the master decides on it: at once
 
     def report_soon(self) -> None:
-        """Coalesce the changes of one loop pass into one report."""
+        """Coalesce counter changes (prechannels, channels) for ``NEWS_DELAY``: a burst of
+        short leases then wakes the master once, not per lease."""
         if not self._report_pending:
             self._report_pending = True
-            self.ioloop.call_later(0, self._flush_report)
+            self.ioloop.call_later(NEWS_DELAY, self._flush_report)
 
     def _flush_report(self) -> None:
         self._report_pending = False

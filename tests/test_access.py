@@ -132,6 +132,7 @@ def test_leases_opened_and_dropped_leak_nothing(pools: PoolMaker) -> None:
     client = kzpool.connect(pool.socket)
     for _ in range(50):
         client.lease("float").close()
+    pool.wait_rows(lambda rs: rs[0]["channels"] == 0, 10, "the warm-up leases to go")
     worker = psutil.Process(pool.connections()[0]["pid"])
     master = psutil.Process(pool.pid)
     fds = worker.num_fds(), master.num_fds()
@@ -144,7 +145,8 @@ def test_leases_opened_and_dropped_leak_nothing(pools: PoolMaker) -> None:
     rows = pool.wait_rows(lambda rs: rs[0]["prechannels"] == 4 and rs[0]["channels"] == 0, 10,
                           "prechannels back, no channel in use")
     assert rows[0]["pid"] == worker.pid
-    wait_for(lambda: (worker.num_fds(), master.num_fds()) == fds, 10, "fds back to where they were")
+    wait_for(lambda: worker.num_fds() <= fds[0] and master.num_fds() <= fds[1], 10,
+             f"open fds (worker, master) back to at most {fds}")
 
 
 def test_a_client_that_never_reads_does_not_grow_the_worker(pools: PoolMaker) -> None:
