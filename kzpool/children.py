@@ -23,8 +23,9 @@ import psutil
 from . import control, exitcodes, proc, protocol
 from .backoff import Backoff
 from .config import Broker
-from .slots import STABLE_AFTER, Slot
-from .states import ConnState, PoolState
+from .consumer import run_consumer
+from .slots import STABLE_AFTER, ConsumerSlot, Slot
+from .states import ConnState, PoolState, ProcState
 from .uri import BrokerURI
 from .worker import WorkerSpec, run_worker
 
@@ -49,6 +50,8 @@ class Children:
     settings: Settings
     slots: dict[str, Slot]
     by_pid: dict[int, Slot]
+    consumers: list[ConsumerSlot]
+    by_consumer_pid: dict[int, ConsumerSlot]
     selector: selectors.BaseSelector
     registry: Registry
     leases: LeaseBook
@@ -140,6 +143,8 @@ class Children:
                 self.handle_registry_death(status)
             elif pid in self.by_pid:
                 self.handle_worker_exit(self.by_pid.pop(pid), status)
+            elif pid in self.by_consumer_pid:
+                self.handle_consumer_exit(self.by_consumer_pid.pop(pid), status)
 
     def handle_worker_exit(self, slot: Slot, status: int) -> None:
         why = _exit_reason(status)
@@ -197,6 +202,10 @@ class Children:
                 slot.last_seen = now
             elif sample:
                 self._sample(slot)
+        if sample:
+            for consumer in self.consumers:
+                if consumer.process is not None:
+                    consumer.rss = proc.rss_and_cpu(consumer.process)[0]
 
     def _sample(self, slot: Slot) -> None:
         assert slot.process is not None
@@ -212,6 +221,51 @@ class Children:
         for slot in list(self.slots.values()):
             if not slot.pid and slot.respawn_at and now >= slot.respawn_at and not slot.removed:
                 self._spawn(slot)
+        for consumer in self.consumers:
+            if not consumer.pid and consumer.respawn_at and now >= consumer.respawn_at:
+                self._spawn_consumer(consumer)
+
+    # ----- in-service consumers -----------------------------------------------------------
+
+    def _spawn_consumer(self, slot: ConsumerSlot) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = exitcodes.ERROR
+            try:
+                for sig in HANDLED_SIGNALS:
+                    signal.signal(sig, signal.SIG_DFL)
+                proc.close_fds_except(0, 1, 2)
+                code = run_consumer(slot.consumer, slot.index, self.settings.socket, self.pid)
+            except BaseException:
+                log.exception("%s crashed", slot.title)
+            finally:
+                os._exit(code)
+        slot.pid, slot.process = pid, psutil.Process(pid)
+        slot.state, slot.started, slot.respawn_at = ProcState.RUNNING, time.monotonic(), 0.0
+        slot.since = time.time()
+        self.by_consumer_pid[pid] = slot
+
+    def handle_consumer_exit(self, slot: ConsumerSlot, status: int) -> None:
+        why = _exit_reason(status)
+        slot.pid, slot.process, slot.rss, slot.state = 0, None, 0, ProcState.DEAD
+        if self.state is PoolState.STOPPING:
+            return
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        if code == exitcodes.CONSUMER_BOOT:
+            slot.state = ProcState.FAILED
+            slot.error = f"cannot load {slot.consumer.settings.handler}"
+            log.error("%s %s; not restarting (fix the handler, then restart the pool)",
+                      slot.title, why)
+            return
+        recycled = code == exitcodes.OK
+        if recycled or time.monotonic() - slot.started > STABLE_AFTER:
+            slot.backoff.reset()
+        delay = 0.0 if recycled else slot.backoff.next_delay()
+        slot.restarts += 1
+        slot.error = None if recycled else f"process {why}"
+        slot.respawn_at = time.monotonic() + delay
+        log.log(logging.INFO if recycled else logging.WARNING, "%s %s; starting another in %.1f s",
+                slot.title, "recycled" if recycled else why, delay)
 
 
 def _exit_reason(status: int) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import BrokerURIError, ConfigError
-from .settings import BY_NAME, SETTINGS
+from .settings import BY_NAME, CONSUMER_BY_NAME, SETTINGS, Setting
 from .uri import BrokerURI, mask
 
 URI_KEYS = ("uri", "amqp_uri")
@@ -100,11 +100,20 @@ class Broker:
 
 
 @dataclass(frozen=True)
+class Consumer:
+    """One ``[consumer:NAME]`` section."""
+
+    name: str
+    settings: Settings  # handler, processes, lease, queue, bindings, ...
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     settings: Settings
     local_zone: str
     brokers: tuple[Broker, ...]
+    consumers: tuple[Consumer, ...] = ()
 
     def zone_brokers(self, zone: str) -> list[Broker]:
         return [b for b in self.brokers if b.zone == zone]
@@ -143,6 +152,7 @@ def loads(text: str, path: str = "<config>", overrides: Mapping[str, str] | None
     elif zones and local not in zones:
         problems.append(f"{path}: local zone {local!r} ([pool] zone or KZPOOL_ZONE) has no"
                         f" [zone:{local}] section; zones are: {', '.join(zones)}")
+    consumers = _consumers(sections, path, problems)
     if problems:
         raise ConfigError(sorted(problems, key=_line_of))
     assert local is not None
@@ -150,7 +160,61 @@ def loads(text: str, path: str = "<config>", overrides: Mapping[str, str] | None
         Broker(uri, zone, zone == local, order)
         for order, (zone, uri) in enumerate((z, u) for z, uris in zones.items() for u in uris)
     )
-    return Config(path, settings, local, brokers)
+    return Config(path, settings, local, brokers, consumers)
+
+
+def _consumers(sections: list[Section], path: str, problems: list[str]) -> tuple[Consumer, ...]:
+    found: dict[str, Consumer] = {}
+    for section in sections:
+        if not section.name.startswith("consumer:"):
+            continue
+        name = section.name[9:].strip()
+        where = f"{path}:{section.line}: [{section.name}]"
+        if not name.replace("-", "_").isidentifier():
+            problems.append(f"{where}: a consumer name is letters, digits, - and _")
+            continue
+        if name in found:
+            problems.append(f"{where}: consumer {name!r} defined twice")
+            continue
+        values = _section_values(section, CONSUMER_BY_NAME, path, problems)
+        values["queue"] = values["queue"] or name
+        if values["handler"] is None:
+            problems.append(f"{where}: handler is required (module.path:callable)")
+        if (values["lease"] == "sticky") != bool(values["broker"]):
+            problems.append(f"{where}: a sticky consumer needs broker = URI, a float one none")
+        elif values["broker"]:
+            try:
+                BrokerURI.parse(values["broker"])
+            except BrokerURIError as exc:
+                problems.append(f"{where} broker: {exc.fields['reason']}")
+        if values["federate"]:
+            problems.append(f"{where}: federate = true is not supported by this version yet")
+        found[name] = Consumer(name, Settings(values))
+    return tuple(found.values())
+
+
+def _section_values(section: Section, table: Mapping[str, Setting], path: str,
+                    problems: list[str]) -> dict[str, Any]:
+    """Values of one section against a settings table: every key known, every value valid."""
+    given: dict[str, Entry] = {}
+    for entry in section.entries:
+        if entry.key not in table:
+            problems.append(f"{path}:{entry.line}: [{section.name}] unknown key {entry.key!r}"
+                            f" (known: {', '.join(table)})")
+        elif entry.key in given:
+            problems.append(f"{path}:{entry.line}: [{section.name}] {entry.key} given twice")
+        else:
+            given[entry.key] = entry
+    values: dict[str, Any] = {}
+    for name, setting in table.items():
+        written = given.get(name)
+        text = written.value if written else setting.default
+        try:
+            values[name] = None if text is None else setting.parse(text)
+        except ValueError as exc:
+            where = f"{path}:{written.line}: [{section.name}] {name}" if written else name
+            problems.append(f"{where} = {text!r}: {exc}")
+    return values
 
 
 def _settings(entries: list[Entry], path: str, overrides: Mapping[str, str],
@@ -185,9 +249,10 @@ def _zones(sections: list[Section], path: str,
     zoned = [s for s in sections if s.name == "zone" or s.name.startswith("zone:")]
     flat = [s for s in sections if s.name == "amqp"]
     for section in sections:
-        if section.name not in ("pool", "amqp", "zone") and not section.name.startswith("zone:"):
+        if section.name not in ("pool", "amqp", "zone") and not section.name.startswith(
+                ("zone:", "consumer:")):
             problems.append(f"{path}:{section.line}: unknown section [{section.name}]"
-                            " (known: [pool], [amqp], [zone:NAME])")
+                            " (known: [pool], [amqp], [zone:NAME], [consumer:NAME])")
     if zoned and flat:
         problems.append(f"{path}:{flat[0].line}: [amqp] and [zone] sections together;"
                         " use one or the other")

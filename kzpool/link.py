@@ -13,6 +13,7 @@ in the background, so confirms and events are read while the owner is inside a l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import socket
@@ -409,10 +410,12 @@ class LeaseLink:
             if self._sock is None:
                 route = None
                 self._sock = self.client.open_socket()
-            self._send(protocol.encode({
+            request = protocol.encode({
                 "op": "lease", "kind": self.kind, "zone": self.zone, "broker": self._sticky,
                 "broker_id": self._route_key[1] if self._sticky else None, "lease": self.id,
-                "timeout": max(0.0, deadline - time.monotonic())}))
+                "timeout": max(0.0, deadline - time.monotonic())})
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self._sock.sendall(request)  # a refusal may be waiting to be read: read on
             while not self._leased and self._lost is None and self._refusal is None:
                 if time.monotonic() > deadline + REPLY_GRACE:
                     self._on_lost({"class": "Timeout", "code": 0, "text": "no reply"})

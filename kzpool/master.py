@@ -28,13 +28,14 @@ from . import config as config_mod
 from . import control, exitcodes, proc, protocol
 from .access import Access
 from .assign import zone_primary
+from .backoff import Backoff
 from .children import HANDLED_SIGNALS, SAMPLE_INTERVAL, Children
 from .config import Config
 from .errors import ConfigError, KzpoolError, ProtocolError, StartupError
 from .leasing import LeaseBook
 from .notify import Notifier
 from .registry import Registry
-from .slots import Slot, broker_key, plan, startup_settled
+from .slots import ConsumerSlot, Slot, broker_key, plan, startup_settled
 from .states import ConnState, PoolState
 from .worker import WorkerSpec
 
@@ -53,6 +54,12 @@ class Master(Children):
         self.state = PoolState.STARTING
         self.slots: dict[str, Slot] = {}
         self.by_pid: dict[int, Slot] = {}
+        self.consumers = [ConsumerSlot(c, i, Backoff(self.settings.reconnect_backoff_min,
+                                                     self.settings.respawn_backoff_max))
+                          for c in config.consumers
+                          for i in range(1, c.settings.processes + 1)]
+        self.by_consumer_pid: dict[int, ConsumerSlot] = {}
+        self.workers_stopping = False
         self.signals: list[int] = []
         self.selector = selectors.DefaultSelector()
         self.registry = Registry(self._registry_child_setup)
@@ -125,6 +132,8 @@ class Master(Children):
             primary = zone_primary(self.slots.values(), self.config.local_zone)
             log.info("ready in %.2f s; primary %s", time.time() - self.started_at,
                      self._masked(primary))
+            for consumer in self.consumers:
+                self._spawn_consumer(consumer)
             self.notifier.ready(self.summary())
         elif now >= self.deadline:
             tried = "; ".join(f"{s.spec.broker.uri.masked}: {s.error or s.state.value}"
@@ -144,33 +153,46 @@ class Master(Children):
             self.notifier.stopping()
             self.state = PoolState.STOPPING
             self.deadline = time.monotonic() + self.settings.shutdown_timeout
-            self._signal_children(signal.SIGTERM)
+            self._kill(self._consumer_pids(), signal.SIGTERM)  # they finish, then workers go
         if not graceful:
             self.deadline = time.monotonic()
 
     def _check_stop(self, now: float) -> None:
+        consumers = self._consumer_pids()
+        grace = min(1.0, self.settings.shutdown_timeout / 3)  # left for the workers to close
+        if not self.workers_stopping and (not consumers or now >= self.deadline - grace):
+            if consumers:
+                log.warning("%d consumer(s) still busy; killing them", len(consumers))
+                self._kill(consumers, signal.SIGKILL)  # their unacked messages are requeued
+            self._kill([s.pid for s in self.slots.values() if s.pid], signal.SIGTERM)
+            self.workers_stopping = True
         workers = [s for s in self.slots.values() if s.pid]
         if not workers and self.registry.tables is not None:
             self.registry.stop()  # the workers are gone: the tables may go too
-        if not workers and not self.registry.pid:
+        if not workers and not consumers and not self.registry.pid:
             self.state = PoolState.STOPPED
         elif now >= self.deadline:
             log.warning("shutdown_timeout passed; killing %d worker(s)", len(workers))
-            self._signal_children(signal.SIGKILL)
+            self._kill(self._all_pids(), signal.SIGKILL)
             self._final_reap()
             self.state = PoolState.STOPPED
 
-    def _signal_children(self, sig: int) -> None:
-        pids = [s.pid for s in self.slots.values() if s.pid]
-        if sig == signal.SIGKILL and self.registry.pid:
-            pids.append(self.registry.pid)
+    def _consumer_pids(self) -> list[int]:
+        return [c.pid for c in self.consumers if c.pid]
+
+    def _all_pids(self) -> list[int]:
+        workers = [s.pid for s in self.slots.values() if s.pid]
+        return [*self._consumer_pids(), *workers, *([self.registry.pid] if self.registry.pid
+                                                    else [])]
+
+    @staticmethod
+    def _kill(pids: list[int], sig: int) -> None:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
     def _final_reap(self) -> None:
-        pids = [s.pid for s in self.slots.values() if s.pid] + [self.registry.pid]
-        for pid in filter(None, pids):
+        for pid in self._all_pids():
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
         self.registry.forget()
@@ -392,6 +414,7 @@ class Master(Children):
             tables = {"connections": [s.row() for s in self.slots.values()],
                       "assignments": self.leases.table()}
         tables["connections"].sort(key=lambda r: int(r["id"][1:]))
+        tables["consumers"] = [c.row() for c in self.consumers]
         return {"pool": {"pid": self.pid, "state": self.state.value,
                          "config": self.config.path, "socket": self.settings.socket,
                          "local_zone": self.config.local_zone,

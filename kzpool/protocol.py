@@ -38,6 +38,7 @@ dropped and nothing more is read from it.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import socket
@@ -254,7 +255,9 @@ def request(sock: socket.socket, obj: dict[str, Any], timeout: float) -> dict[st
     Blocks up to ``timeout`` seconds; raises ``TimeoutError`` or ``ConnectionError``.
     """
     sock.settimeout(timeout)
-    sock.sendall(encode(obj))
+    # the pool may have answered (a refusal) and hung up before reading: read on
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(encode(obj))
     reader = FrameReader()
     while True:
         data = sock.recv(65536)

@@ -58,6 +58,34 @@ def to_path(text: str) -> str:
     return os.path.abspath(text.strip())
 
 
+def to_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise ValueError("not true or false")
+
+
+def to_list(text: str) -> tuple[str, ...]:
+    """Items one per line or separated by commas."""
+    return tuple(item.strip() for line in text.splitlines() for item in line.split(",")
+                 if item.strip())
+
+
+def to_handler(text: str) -> str:
+    module, _, attribute = text.strip().partition(":")
+    if not module or not attribute or not all(p.isidentifier() for p in module.split(".")):
+        raise ValueError("not module.path:callable")
+    return text.strip()
+
+
+def to_lease_kind(text: str) -> str:
+    if text.strip() not in ("float", "sticky"):
+        raise ValueError("not float or sticky")
+    return text.strip()
+
+
 def at_least(minimum: float) -> Callable[[Any], None]:
     def check(value: Any) -> None:
         if value < minimum:
@@ -145,3 +173,29 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}
+
+
+# ----- one [consumer:NAME] section: a Listener the pool runs in its own processes ----------
+
+CONSUMER_SETTINGS: tuple[Setting, ...] = (
+    Setting("handler", to_handler, None,
+            "module.path:callable getting each message, or a kzpool.Listener subclass."),
+    Setting("processes", to_int, "1", "Consumer processes the pool forks for it.", at_least(1)),
+    Setting("lease", to_lease_kind, "float", "float, or sticky (with broker =)."),
+    Setting("broker", str, None, "The broker URI of a sticky consumer."),
+    Setting("queue", str, None, "Queue name (default: the section's NAME)."),
+    Setting("exchange", str, "", "Exchange the bindings bind to ('' = the default one)."),
+    Setting("exchange_type", str, "topic", "Type of that exchange."),
+    Setting("bindings", to_list, "", "Routing keys, one per line or comma separated."),
+    Setting("prefetch", to_int, "10", "QoS prefetch of each process.", at_least(0)),
+    Setting("durable", to_bool, "false", "Declare the exchange and queue durable."),
+    Setting("federate", to_bool, "false", "Consume the bindings on remote zones' brokers too."),
+    Setting("requeue_on_error", to_bool, "false",
+            "A message whose handler raised goes back to the queue (else it is dropped)."),
+    Setting("max_messages", to_int, "0",
+            "Recycle a process after this many messages; 0: never.", at_least(0)),
+    Setting("max_rss", to_size, "0", "Recycle a process above this RSS; 0: never.",
+            at_least(0)),
+)
+
+CONSUMER_BY_NAME = {s.name: s for s in CONSUMER_SETTINGS}

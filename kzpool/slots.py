@@ -15,9 +15,9 @@ from typing import Any
 import psutil
 
 from .backoff import Backoff
-from .config import Broker, Config
+from .config import Broker, Config, Consumer
 from .protocol import FrameReader
-from .states import ConnState
+from .states import ConnState, ProcState
 from .worker import WorkerSpec
 
 STABLE_AFTER = 30.0  # a worker that lived this long resets its respawn backoff
@@ -119,3 +119,31 @@ def startup_settled(slots: Iterable[Slot]) -> bool:
         if not (slot.tried or slot.state.final):
             return False
     return False
+
+
+@dataclass
+class ConsumerSlot:
+    """One process of a ``[consumer:NAME]`` section."""
+
+    consumer: Consumer
+    index: int
+    backoff: Backoff
+    state: ProcState = ProcState.DEAD
+    pid: int = 0
+    process: psutil.Process | None = None
+    started: float = 0.0  # monotonic
+    respawn_at: float = 0.0  # monotonic; 0: not waiting
+    restarts: int = 0
+    error: str | None = None
+    since: float = field(default_factory=time.time)
+    rss: int = 0
+
+    @property
+    def title(self) -> str:
+        return f"kzpool: consumer {self.consumer.name} #{self.index}"
+
+    def row(self) -> dict[str, Any]:
+        return {"name": self.consumer.name, "index": self.index, "pid": self.pid or None,
+                "state": self.state.value, "restarts": self.restarts, "error": self.error,
+                "since": round(self.since, 3), "rss": self.rss,
+                "queue": self.consumer.settings.queue}

@@ -25,6 +25,18 @@ class ConnState(enum.Enum):
         return self is ConnState.FAILED
 
 
+class ProcState(enum.Enum):
+    """An in-service consumer process, as the master sees it."""
+
+    RUNNING = "running"
+    DEAD = "dead"  # exited; a new one starts after a backoff
+    FAILED = "failed"  # cannot start (handler); not restarted
+
+    @property
+    def final(self) -> bool:
+        return self is ProcState.FAILED
+
+
 class PoolState(enum.Enum):
     """The master's own life cycle."""
 

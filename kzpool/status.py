@@ -7,6 +7,8 @@ from typing import Any
 
 CONNECTION_COLUMNS = ("id", "broker", "zone", "primary", "state", "pid", "prechannels",
                       "channels", "blocked", "rss", "since", "error")
+CONSUMER_COLUMNS = ("name", "index", "pid", "state", "queue", "restarts", "rss", "since",
+                    "error")
 ASSIGNMENT_COLUMNS = ("lease", "kind", "client_pid", "broker", "pid", "channel", "since",
                       "moves")
 
@@ -19,6 +21,8 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
     lines += _table(CONNECTION_COLUMNS, status.get("connections", []), now)
     lines += ["", "assignments:"]
     lines += _table(ASSIGNMENT_COLUMNS, status.get("assignments", []), now) or ["  (none)"]
+    if status.get("consumers"):
+        lines += ["", "consumers:", *_table(CONSUMER_COLUMNS, status["consumers"], now)]
     return "\n".join(lines)
 
 

@@ -1,0 +1,38 @@
+"""Handlers for the in-service consumer tests: they leave a trace the test can read."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from kzpool.listener import Listener, Message
+
+
+def _trace(line: str) -> None:
+    with open(os.environ["KZT_TRACE"], "a", encoding="utf-8") as out:
+        out.write(f"{line}\n")
+
+
+def record(message: Message) -> None:
+    _trace(f"{os.getpid()} {message.routing_key} {message.body.decode()}")
+
+
+def fail(message: Message) -> None:
+    _trace(f"{os.getpid()} failing {message.body.decode()}")
+    raise RuntimeError(f"cannot handle {message.body!r}")
+
+
+def stuck(message: Message) -> None:
+    _trace(f"{os.getpid()} stuck {message.body.decode()}")
+    while True:  # a handler that never returns, holding the GIL as CPU-bound code does
+        time.monotonic()
+
+
+class Billing(Listener):
+    """A Listener subclass as a handler: responders by routing key."""
+
+    def __post_init__(self) -> None:
+        self.responders["billing.#"] = lambda m: _trace(f"{os.getpid()} billing {m.body.decode()}")
+
+
+not_callable = 42

@@ -1,0 +1,132 @@
+"""In-service consumers: [consumer:NAME] sections run by the pool in their own processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pika
+import psutil
+import pytest
+
+from .helpers import DEFAULT_URI, Pool, titles, wait_for
+
+PoolMaker = Callable[..., Pool]
+
+
+@pytest.fixture
+def names() -> Iterator[dict[str, str]]:
+    tag = uuid.uuid4().hex[:8]
+    found = {"queue": f"kzt-c-{tag}", "exchange": f"kzt-x-{tag}"}
+    yield found
+    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
+        channel = conn.channel()
+        channel.queue_delete(found["queue"])
+        channel.exchange_delete(found["exchange"])
+
+
+def consumer_pool(pools: PoolMaker, tmp_path: Path, names: dict[str, str], handler: str,
+                  **options: object) -> tuple[Pool, Path]:
+    pool = pools([DEFAULT_URI], shutdown_timeout=options.pop("shutdown_timeout", 5))
+    lines = ["[consumer:billing]", f"handler = tests.handlers:{handler}",
+             f"queue = {names['queue']}", f"exchange = {names['exchange']}",
+             "bindings = billing.*, audit.#"]
+    lines += [f"{k} = {v}" for k, v in options.items()]
+    pool.config.write_text(pool.config.read_text() + "\n".join(lines) + "\n")
+    trace = tmp_path / "trace.txt"
+    trace.touch()
+    root = Path(__file__).resolve().parent.parent
+    pool.start(env={"KZT_TRACE": str(trace), "PYTHONPATH": str(root)})
+    pool.wait_ready()
+    return pool, trace
+
+
+def publish(names: dict[str, str], keys: list[str]) -> None:
+    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
+        channel = conn.channel()
+        channel.exchange_declare(names["exchange"], "topic")
+        for i, key in enumerate(keys):
+            channel.basic_publish(names["exchange"], key, b"%d" % i)
+
+
+def traced(trace: Path) -> list[list[str]]:
+    return [line.split(" ") for line in trace.read_text().splitlines()]
+
+
+def consumers(pool: Pool) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = pool.status()["consumers"]
+    return rows
+
+
+def queue_depth(queue: str) -> int:
+    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
+        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
+
+
+def test_consumers_run_in_their_own_processes(pools: PoolMaker, tmp_path: Path,
+                                              names: dict[str, str]) -> None:
+    pool, trace = consumer_pool(pools, tmp_path, names, "record", processes=2)
+    rows = wait_for(lambda: [r for r in consumers(pool) if r["state"] == "running"
+                             and r["pid"]] if len(consumers(pool)) == 2 else None, 10,
+                    "two consumer processes")
+    wait_for(lambda: {"kzpool: consumer billing #1", "kzpool: consumer billing #2"}
+             <= set(titles(pool).values()), 10, "consumer titles")
+    publish(names, ["billing.new"] * 10 + ["audit.x.y"] * 10 + ["other.key"] * 5)
+    done = wait_for(lambda: len(traced(trace)) == 20 and traced(trace), 15, "20 messages handled")
+    assert sorted(int(body) for _pid, _key, body in done) == list(range(20))
+    assert {int(pid) for pid, _k, _b in done} <= {r["pid"] for r in rows}
+    wait_for(lambda: queue_depth(names["queue"]) == 0, 5, "every message acked")
+
+
+def test_a_failing_handler_drops_or_requeues(pools: PoolMaker, tmp_path: Path,
+                                             names: dict[str, str]) -> None:
+    pool, trace = consumer_pool(pools, tmp_path, names, "fail", requeue_on_error="false")
+    publish(names, ["billing.a"])
+    wait_for(lambda: traced(trace), 10, "the handler to fail")
+    wait_for(lambda: queue_depth(names["queue"]) == 0, 5, "the message dropped")
+    assert "RuntimeError: cannot handle b'0'" in pool.logs()
+
+
+def test_a_handler_that_cannot_load_is_not_restarted(pools: PoolMaker, tmp_path: Path,
+                                                     names: dict[str, str]) -> None:
+    pool, _trace = consumer_pool(pools, tmp_path, names, "not_callable")
+    rows = wait_for(lambda: [r for r in consumers(pool) if r["state"] == "failed"], 10,
+                    "the consumer to fail")
+    assert rows[0]["error"] == "cannot load tests.handlers:not_callable"
+    assert pool.logs().count("could not load its handler") == 1
+    assert pool.status()["pool"]["state"] == "running"
+
+
+def test_killed_and_recycled_consumers_come_back(pools: PoolMaker, tmp_path: Path,
+                                                 names: dict[str, str]) -> None:
+    pool, trace = consumer_pool(pools, tmp_path, names, "Billing", max_messages=5)
+    first = wait_for(lambda: consumers(pool)[0]["pid"], 10, "the consumer")
+    os.kill(int(first), signal.SIGKILL)  # type: ignore[call-overload]
+    second = wait_for(lambda: consumers(pool)[0]["pid"] not in (None, first) and
+                      consumers(pool)[0]["pid"], 10, "a new consumer")
+    publish(names, ["billing.x"] * 12)
+    done = wait_for(lambda: len(traced(trace)) >= 12 and traced(trace), 20, "12 handled")
+    pids = {pid for pid, _kind, _body in done}
+    assert len(pids) >= 3 and str(second) in pids  # recycled after every 5 messages
+    assert consumers(pool)[0]["restarts"] >= 3
+    assert "recycled" in pool.logs()
+
+
+def test_stop_is_bounded_with_a_stuck_handler(pools: PoolMaker, tmp_path: Path,
+                                              names: dict[str, str]) -> None:
+    pool, trace = consumer_pool(pools, tmp_path, names, "stuck", shutdown_timeout=3,
+                                prefetch=1)
+    publish(names, ["billing.forever", "billing.later"])
+    wait_for(lambda: traced(trace), 10, "the handler to be stuck")
+    consumer = psutil.Process(int(consumers(pool)[0]["pid"]))  # type: ignore[arg-type]
+    started = time.monotonic()
+    pool.signal(signal.SIGTERM)
+    pool.wait_exit(3 + 1 + 2)  # shutdown_timeout + 1 s, and a margin for a loaded machine
+    elapsed = time.monotonic() - started
+    assert elapsed < 3 + 1 + 2, elapsed
+    assert not consumer.is_running() or consumer.status() == psutil.STATUS_ZOMBIE
+    assert queue_depth(names["queue"]) == 2  # the stuck message is back on its queue
