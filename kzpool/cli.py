@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from . import config as config_mod
 from . import control, exitcodes, logs
 from .errors import ConfigError, KzpoolError, PoolNotRunning
-from .settings import SETTINGS
+from .settings import CONSUMER_SETTINGS, SETTINGS
 
 DEFAULT_CONFIG = "/etc/kzpool/config.ini"
 
@@ -39,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "example-config":
+            print(example_consumer_section())
             print(example_pool_section())
             return exitcodes.OK
         if args.command == "status" and args.socket:
@@ -87,6 +88,19 @@ def _status(socket_path: str, as_json: bool) -> int:
     reply.pop("ok", None)
     print(json.dumps(reply, indent=2) if as_json else render(reply))
     return exitcodes.OK
+
+
+def example_consumer_section() -> str:
+    """A commented ``[consumer:NAME]`` section with every key, from its settings table."""
+    lines = ["; In-service consumers: one [consumer:NAME] section each; the pool forks its",
+             "; processes and restarts them. Every key, with its default:", ";",
+             "; [consumer:billing]"]
+    for setting in CONSUMER_SETTINGS:
+        default = setting.default if setting.default is not None else (
+            "(required)" if setting.name == "handler" else "")
+        lines += textwrap.wrap(f"{setting.name} = {default}   ; {setting.help}", 94,
+                               initial_indent="; ", subsequent_indent=";     ")
+    return "\n".join(lines) + "\n"
 
 
 def example_pool_section() -> str:

@@ -87,6 +87,11 @@ class Settings:
     def as_dict(self) -> dict[str, Any]:
         return dict(self._values)
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Settings) and self._values == other._values
+
+    __hash__ = None  # type: ignore[assignment]
+
 
 @dataclass(frozen=True)
 class Broker:
@@ -178,7 +183,7 @@ def _consumers(sections: list[Section], path: str, problems: list[str]) -> tuple
             continue
         values = _section_values(section, CONSUMER_BY_NAME, path, problems)
         values["queue"] = values["queue"] or name
-        if values["handler"] is None:
+        if values["handler"] is None and "handler" not in {e.key for e in section.entries}:
             problems.append(f"{where}: handler is required (module.path:callable)")
         if (values["lease"] == "sticky") != bool(values["broker"]):
             problems.append(f"{where}: a sticky consumer needs broker = URI, a float one none")
@@ -212,6 +217,7 @@ def _section_values(section: Section, table: Mapping[str, Setting], path: str,
         try:
             values[name] = None if text is None else setting.parse(text)
         except ValueError as exc:
+            values[name] = None  # reported below; the other checks go on
             where = f"{path}:{written.line}: [{section.name}] {name}" if written else name
             problems.append(f"{where} = {text!r}: {exc}")
     return values

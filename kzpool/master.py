@@ -261,6 +261,8 @@ class Master(Children):
         for key, broker in wanted.items():
             if key not in kept:
                 self._add_slot(WorkerSpec(self._new_id(), broker, key[1], new.settings))
+        if new.consumers != self.config.consumers:
+            log.warning("[consumer:*] sections changed: that takes effect at the next start")
         self.config, self.settings = new, new.settings
         self.access = Access(new.settings.allow_users, new.settings.allow_groups)
         log.info("reloaded %s: %d connection worker(s)", new.path, len(self.slots))

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from kzpool import config
-from kzpool.cli import example_pool_section
+from kzpool.cli import example_consumer_section, example_pool_section
 from kzpool.errors import ConfigError
-from kzpool.settings import SETTINGS
+from kzpool.settings import CONSUMER_SETTINGS, SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 A = "amqp://guest:s3cret@127.0.0.1:5672/%2F"
@@ -97,6 +97,34 @@ def test_each_bad_config_is_named(text: str, expected: str) -> None:
     assert not any("s3cret" in p or ":pw@" in p for p in found)
 
 
+@pytest.mark.parametrize(("section", "expected"), [
+    ("processes = 2\n", "handler is required"),
+    ("handler = nocolon\n", "handler = 'nocolon': not module.path:callable"),
+    ("handler = m:f\nprocesses = 0\n", "processes = '0': must be at least 1"),
+    ("handler = m:f\nlease = wobbly\n", "lease = 'wobbly': not float or sticky"),
+    ("handler = m:f\nlease = sticky\n", "a sticky consumer needs broker = URI"),
+    ("handler = m:f\nbroker = amqp://h/\n", "a float one none"),
+    ("handler = m:f\nlease = sticky\nbroker = ftp://h/\n", "scheme 'ftp'"),
+    ("handler = m:f\nfederate = maybe\n", "federate = 'maybe': not true or false"),
+    ("handler = m:f\nfederate = true\n", "not supported by this version yet"),
+    ("handler = m:f\nmax_rss = lots\n", "max_rss = 'lots': not a size"),
+    ("handler = m:f\nqueue_name = q\n", "unknown key 'queue_name'"),
+])
+def test_each_bad_consumer_section_is_named(section: str, expected: str) -> None:
+    found = problems(OK + "[consumer:billing]\n" + section)
+    assert any(expected in p and p.startswith("c.ini") for p in found), found
+
+
+def test_consumer_sections_load() -> None:
+    cfg = config.loads(OK + "[consumer:billing]\nhandler = app.billing:handle\nprocesses = 3\n"
+                       "bindings = billing.*, audit.#\n  more.keys\nrequeue_on_error = yes\n",
+                       environ={})
+    (billing,) = cfg.consumers
+    assert billing.name == "billing" and billing.settings.queue == "billing"
+    assert billing.settings.processes == 3 and billing.settings.requeue_on_error
+    assert billing.settings.bindings == ("billing.*", "audit.#", "more.keys")
+
+
 def test_all_problems_reported_at_once_in_line_order() -> None:
     found = problems(f"[pool]\nprechannels = x\nheartbeat = y\n[amqp]\nuri = ftp://h/\nuri = {A}\n")
     assert [p.split(":")[1] for p in found] == ["2", "3", "5"]
@@ -135,6 +163,9 @@ def test_check_exit_codes(tmp_path: Path) -> None:
 def test_example_config_is_valid_and_documents_every_setting() -> None:
     example = (ROOT / "config.ini.example").read_text()
     assert run_cli("check", "-c", str(ROOT / "config.ini.example")).returncode == 0
+    assert example_consumer_section() in example
+    for setting in CONSUMER_SETTINGS:
+        assert f"; {setting.name} = " in example, setting.name
     generated = example_pool_section()
     assert generated.replace(";socket = /run/kzpool/kzpool.sock",
                              "socket = /tmp/kzpool/kzpool.sock") in example
