@@ -27,7 +27,7 @@ import psutil
 from . import config as config_mod
 from . import control, exitcodes, proc, protocol
 from .access import Access
-from .assign import zone_primary
+from .assign import broker_summary, zone_primary
 from .backoff import Backoff
 from .children import HANDLED_SIGNALS, SAMPLE_INTERVAL, Children
 from .config import Config
@@ -417,6 +417,7 @@ class Master(Children):
                       "assignments": self.leases.table()}
         tables["connections"].sort(key=lambda r: int(r["id"][1:]))
         tables["consumers"] = [c.row() for c in self.consumers]
+        tables["brokers"] = broker_summary(self.slots.values(), self.leases.rows.values())
         return {"pool": {"pid": self.pid, "state": self.state.value,
                          "config": self.config.path, "socket": self.settings.socket,
                          "local_zone": self.config.local_zone,

@@ -7,6 +7,8 @@ from typing import Any
 
 CONNECTION_COLUMNS = ("id", "broker", "zone", "primary", "state", "pid", "prechannels",
                       "channels", "blocked", "rss", "since", "error")
+BROKER_COLUMNS = ("broker", "zone", "primary", "connections", "available", "prechannels",
+                  "float", "sticky", "waiting")
 CONSUMER_COLUMNS = ("name", "index", "pid", "state", "queue", "restarts", "rss", "since",
                     "error")
 ASSIGNMENT_COLUMNS = ("lease", "kind", "client_pid", "broker", "pid", "channel", "since",
@@ -17,7 +19,9 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     pool = status.get("pool", {})
     lines = [f"pool {pool.get('pid')} {pool.get('state')}, local zone {pool.get('local_zone')},"
-             f" socket {pool.get('socket')}", "", "connections:"]
+             f" socket {pool.get('socket')}", "", "brokers:"]
+    lines += _table(BROKER_COLUMNS, status.get("brokers", []), now)
+    lines += ["", "connections:"]
     lines += _table(CONNECTION_COLUMNS, status.get("connections", []), now)
     lines += ["", "assignments:"]
     lines += _table(ASSIGNMENT_COLUMNS, status.get("assignments", []), now) or ["  (none)"]

@@ -60,7 +60,9 @@ def test_status_cli_human_and_json(pools: PoolMaker) -> None:
     assert "connected" in human.stdout and "guest:guest" not in human.stdout
     as_json = subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=30)
     data = json.loads(as_json.stdout)
-    assert set(data) >= {"connections", "assignments"}
+    assert set(data) >= {"connections", "assignments", "brokers", "consumers"}
+    assert data["brokers"][0]["primary"] and data["brokers"][0]["connections"] == 1
+    assert "brokers:" in human.stdout
     assert data["connections"][0]["prechannels"] == 2
     assert "guest:guest" not in as_json.stdout and "guest:guest" not in pool.logs()
 

@@ -168,3 +168,19 @@ def test_float_leases_off_the_primary_are_moved_back() -> None:
     assert to_move([on_secondary, on_primary, sticky], slots) == [on_secondary]
     slots[0].state = ConnState.WAITING
     assert to_move([on_secondary, on_primary, sticky], slots) == [on_primary]
+
+
+def test_broker_summary_counts_connections_and_leases() -> None:
+    from kzpool.assign import broker_summary
+
+    slots = [slot(0), slot(1)]
+    slots[0].primary, slots[0].prechannels = True, 7
+    rows = [Assignment("l1", LeaseKind.FLOAT, "a", 1, state=RowState.ASSIGNED, slot=slots[0]),
+            Assignment("l2", LeaseKind.STICKY, "a", 1, "amqp://h2/", RowState.ASSIGNED,
+                       slots[1]),
+            Assignment("l3", LeaseKind.STICKY, "a", 1, "amqp://h2/", RowState.WAITING)]
+    summary = {b["broker"]: b for b in broker_summary(slots, rows)}
+    first, second = summary["amqp://guest:***@h1:5672/%2F"], summary["amqp://guest:***@h2:5672/%2F"]
+    assert (first["primary"], first["connections"], first["prechannels"], first["float"]) == (
+        True, 1, 7, 1)
+    assert (second["sticky"], second["waiting"], second["float"]) == (1, 1, 0)
