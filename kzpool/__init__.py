@@ -27,6 +27,7 @@ from .errors import (
     UnroutableError,
 )
 from .lease import Confirm, Lease, MoveEvent
+from .listener import Listener, Message
 from .uri import BrokerURI
 
 __version__ = "0.1.0"
@@ -45,6 +46,8 @@ __all__ = [
     "LeaseClosed",
     "LeaseRequestError",
     "LeaseTimeout",
+    "Listener",
+    "Message",
     "MoveEvent",
     "NackError",
     "PoolAccessDenied",

@@ -22,7 +22,8 @@ def test_public_api() -> None:
     assert sorted(kzpool.__all__) == sorted([
         "BrokerURI", "BrokerURIError", "BrokerUnavailable", "ChannelClosedByBroker", "Config",
         "ConfigError", "Confirm", "ConnectionBlockedTimeout", "KzpoolError", "Lease",
-        "LeaseClosed", "LeaseRequestError", "LeaseTimeout", "MoveEvent", "NackError",
+        "LeaseClosed", "LeaseRequestError", "LeaseTimeout", "Listener", "Message", "MoveEvent",
+        "NackError",
         "PoolAccessDenied", "PoolClient", "PoolNotRunning", "ProtocolError", "StartupError",
         "UnroutableError", "__version__", "connect", "load"])
     for name in kzpool.__all__:
