@@ -130,3 +130,30 @@ def test_stop_is_bounded_with_a_stuck_handler(pools: PoolMaker, tmp_path: Path,
     assert elapsed < 3 + 1 + 2, elapsed
     assert not consumer.is_running() or consumer.status() == psutil.STATUS_ZOMBIE
     assert queue_depth(names["queue"]) == 2  # the stuck message is back on its queue
+
+
+def test_a_listener_in_any_process(pools: PoolMaker, names: dict[str, str]) -> None:
+    import kzpool
+
+    pool = pools([DEFAULT_URI]).start()
+    pool.wait_ready()
+    seen: list[tuple[str, bytes]] = []
+    listener = kzpool.Listener(queue=names["queue"], exchange=names["exchange"],
+                               bindings=["billing.*", "audit.#"])
+
+    @listener.responder("billing.*")
+    def billing(message: kzpool.Message) -> None:
+        seen.append(("billing", message.body))
+
+    @listener.responder("audit.#")
+    def audit(message: kzpool.Message) -> None:
+        assert message.broker == "amqp://guest:***@127.0.0.1:5672/%2F"
+        seen.append(("audit", message.body))
+        raise RuntimeError("audit handler fails: the message is dropped, not requeued")
+
+    listener.start(kzpool.connect(pool.socket))
+    publish(names, ["billing.a", "audit.x.y", "other", "billing.b"])
+    assert listener.run(kzpool.connect(pool.socket), max_messages=3) == 3
+    listener.close()
+    assert seen == [("billing", b"0"), ("audit", b"1"), ("billing", b"3")]
+    assert queue_depth(names["queue"]) == 0

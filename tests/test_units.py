@@ -185,3 +185,16 @@ def test_broker_summary_counts_connections_and_leases() -> None:
     assert (first["primary"], first["connections"], first["prechannels"], first["float"]) == (
         True, 1, 7, 1)
     assert (second["sticky"], second["waiting"], second["float"]) == (1, 1, 0)
+
+
+@pytest.mark.parametrize(("pattern", "key", "matches"), [
+    ("billing.*", "billing.new", True), ("billing.*", "billing.new.x", False),
+    ("billing.#", "billing", True), ("billing.#", "billing.a.b", True),
+    ("#", "anything.at.all", True), ("*.new", "billing.new", True),
+    ("a.#.z", "a.z", True), ("a.#.z", "a.b.c.z", True), ("a.#.z", "a.b.c", False),
+    ("billing.new", "billing.old", False),
+])
+def test_topic_patterns(pattern: str, key: str, matches: bool) -> None:
+    from kzpool.listener import topic_matches
+
+    assert topic_matches(pattern, key) is matches
