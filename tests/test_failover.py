@@ -13,6 +13,7 @@ import pytest
 import kzpool
 
 from .conftest import brokers
+from .forwarder import Forwarder
 from .helpers import DEFAULT_URI, Pool, wait_for
 
 PoolMaker = Callable[..., Pool]
@@ -103,3 +104,30 @@ def test_flow_control_holds_publishes_and_says_so(pools: PoolMaker, faulty_node:
     lease.basic_publish("", queue, b"after")
     lease.close()
     assert b"after" in drain(faulty_node.url, queue)
+
+
+def test_a_silent_primary_is_left_on_missed_heartbeats(pools: PoolMaker, vhost: str) -> None:
+    forwarder = Forwarder(("127.0.0.1", 5672))
+    try:
+        silent_uri = f"amqp://guest:guest@127.0.0.1:{forwarder.port}/%2F"
+        pool = pools([silent_uri, vhost], heartbeat=1, reconnect_backoff_max=0.5,
+                     connect_timeout=1).start()
+        pool.wait_ready()
+        lease = kzpool.connect(pool.socket).lease("float", timeout=15)
+        primary = lease.broker
+        queue = f"kzt-{uuid.uuid4().hex[:10]}"
+        lease.queue_declare(queue, auto_delete=False)
+        lease.confirm_delivery()
+        forwarder.silence()  # no close, no reset: packets just vanish
+        rows = pool.wait_rows(lambda rs: not rs[0]["available"], 15,
+                              "the silent broker to be given up on")
+        assert rows[0]["error"] and rows[1]["primary"]
+        wait_for(lambda: lease.basic_publish("", queue, b"x") is None
+                 and lease.broker != primary, 15, "a confirmed publish on the secondary")
+        forwarder.resume()
+        wait_for(lambda: lease.basic_publish("", queue, b"y") is None
+                 and lease.broker == primary, 20, "fail-back once the path is back")
+        lease.queue_delete(queue)
+        lease.close()
+    finally:
+        forwarder.close()
