@@ -402,14 +402,13 @@ class LeaseLink:
         deadline = time.monotonic() + self.timeout
         retry = Backoff(0.005, 0.25)
         while True:
-            self._lost = None
-            self._refusal = None
-            self._reader = protocol.FrameReader(protocol.MAX_DATA_FRAME)
             route = self.client.routes.get(self._route_key)
-            self._sock = self.client.open_socket(route) if route else None
-            if self._sock is None:
+            sock = self.client.open_socket(route) if route else None
+            if sock is None:
                 route = None
-                self._sock = self.client.open_socket()
+                sock = self.client.open_socket()  # PoolNotRunning: the lease stays lost
+            self._sock, self._lost, self._refusal = sock, None, None
+            self._reader = protocol.FrameReader(protocol.MAX_DATA_FRAME)
             request = protocol.encode({
                 "op": "lease", "kind": self.kind, "zone": self.zone, "broker": self._sticky,
                 "broker_id": self._route_key[1] if self._sticky else None, "lease": self.id,

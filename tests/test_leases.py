@@ -286,3 +286,18 @@ def test_a_server_named_queue_follows_its_lease(pool: Pool) -> None:
     _method, _props, body = _get(lease, old)  # the old name still works through the lease
     assert body == b"to the renamed queue"
     lease.close()
+
+
+def test_a_lease_says_when_the_pool_is_gone_and_carries_on_after(pool: Pool, queue: str) -> None:
+    lease = kzpool.connect(pool.socket).lease("float", timeout=2)
+    lease.queue_declare(queue)
+    pool.signal(signal.SIGKILL)
+    pool.wait_exit(5)
+    wait_for(lambda: not pool.group(), 10, "the workers to follow the master")
+    with pytest.raises(kzpool.PoolNotRunning, match=r"no pool is running at .*kzpool\.sock"):
+        lease.basic_publish("", queue, b"while down")
+    pool.start()  # the service comes back (systemd would restart it)
+    pool.wait_ready()
+    lease.basic_publish("", queue, b"after")  # the same lease: new channel, topology replayed
+    lease.close()
+    assert message_count(queue) == 1
