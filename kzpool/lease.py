@@ -27,7 +27,7 @@ from pika import frame as pika_frame
 from pika import spec
 
 from . import protocol
-from .errors import KzpoolError, LeaseTimeout
+from .errors import KzpoolError, LeaseRequestError, LeaseTimeout
 from .link import (
     DRAIN_INTERVAL,
     Confirm,
@@ -42,6 +42,7 @@ from .protocol import Flag
 __all__ = ["Confirm", "Lease", "MoveEvent"]
 
 METHODS = {cls.NAME: cls for cls in spec.methods.values()}
+MAX_BODY = protocol.MAX_DATA_FRAME - (1 << 20)  # room for the frame's other fields
 
 
 class Lease(LeaseLink):
@@ -140,6 +141,10 @@ class Lease(LeaseLink):
             self._wait_unblocked()
         if isinstance(body, str):
             body = body.encode()
+        if len(body) > MAX_BODY:
+            raise LeaseRequestError(f"message of {len(body):,} bytes is over the {MAX_BODY:,}"
+                                    " bytes a message may have (RabbitMQ's own limit is lower"
+                                    " by default: max_message_size)")
         props = _encode_props(properties)
         data = protocol.publish(exchange, routing_key, props, body, mandatory)
         if not self._confirming:

@@ -131,3 +131,29 @@ def test_a_silent_primary_is_left_on_missed_heartbeats(pools: PoolMaker, vhost: 
         lease.close()
     finally:
         forwarder.close()
+
+
+def test_a_message_over_the_brokers_max_size_fails_that_publish_only(
+        pools: PoolMaker, faulty_node: Any) -> None:
+    limit = ["rabbitmqctl", "-q", "-n", faulty_node.name, "eval"]
+    subprocess.run([*limit, "application:set_env(rabbit, max_message_size, 65536)."],
+                   check=True, capture_output=True, timeout=60)  # read by channels as they open
+    try:
+        pool = pools([faulty_node.url]).start()
+        pool.wait_ready()
+        queue = f"kzt-{uuid.uuid4().hex[:10]}"
+        lease = kzpool.connect(pool.socket).lease("float")
+        lease.queue_declare(queue)
+        lease.confirm_delivery()
+        with pytest.raises(kzpool.ChannelClosedByBroker) as info:
+            lease.basic_publish("", queue, b"x" * 100_000)
+        assert info.value.reply_code == 406 and "max size" in str(info.value)
+        lease.basic_publish("", queue, b"small")  # the lease survives
+        with pytest.raises(kzpool.LeaseRequestError, match="over the"):
+            lease.basic_publish("", queue, bytes(200 << 20))  # over kzpool's own frame limit
+        lease.basic_publish("", queue, b"still fine")
+        lease.close()
+    finally:
+        subprocess.run([*limit, "application:set_env(rabbit, max_message_size, 134217728)."],
+                       check=True, capture_output=True, timeout=60)
+    assert drain(faulty_node.url, queue) == [b"small", b"still fine"]
