@@ -20,7 +20,6 @@ duplicates, and deliveries missing after the kills (must be 0).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import signal
 import statistics
@@ -31,23 +30,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from types import ModuleType
 
 import pika
+from nodes import load_brokers
 
 import kzpool
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = "amqp://guest:guest@127.0.0.1:5672/%2F"
-
-
-def load_brokers() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("brokers", ROOT / "scripts" / "brokers.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["brokers"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 brokers = load_brokers()

@@ -19,7 +19,6 @@ process over time.  Not part of CI: it takes minutes.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import multiprocessing
 import os
@@ -31,11 +30,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pika
 import psutil
+from nodes import load_brokers
 
 import kzpool
 
@@ -43,15 +42,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = "amqp://guest:guest@127.0.0.1:5672/%2F"
 QUEUES = {"float": "kzpool-soak-float", "sticky": "kzpool-soak-sticky"}
 PERSISTENT = pika.BasicProperties(delivery_mode=2)
-
-
-def load_brokers() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("brokers", ROOT / "scripts" / "brokers.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["brokers"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 brokers = load_brokers()
