@@ -200,8 +200,9 @@ class Master(Children):
     def _close(self) -> None:
         if self.listener is not None:
             self.listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.settings.socket)
+            for path in [self.settings.socket, *map(self._worker_socket, self.slots.values())]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         for peer in self.peers.values():
             peer.sock.close()
         log.info("stopped")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -37,6 +38,7 @@ def test_start_status_and_graceful_stop(pools: PoolMaker, vhost: str) -> None:
     wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
                              for p in worker_pids), 5, "workers to exit")
     assert "stopped" in pool.logs()
+    assert not os.listdir(os.path.dirname(pool.socket))  # no socket file left behind
 
 
 def test_titles_show_roles_and_no_password(pools: PoolMaker, vhost: str) -> None:
