@@ -48,6 +48,7 @@ class LeaseBook:
         self.dirty: set[str] = set()
         self.dropped: set[str] = set()
         self.check_moves = False  # a primary changed or a lease was placed: look for moves
+        self.moves = 0  # every lease move so far, for the metrics
 
     # ----- requests -------------------------------------------------------------------------
 
@@ -117,6 +118,7 @@ class LeaseBook:
         reservation.sock.close()
         if row.placed_once:
             row.moves += 1
+            self.moves += 1
         row.placed_once = True
         row.state, row.slot, row.since = RowState.ASSIGNING, slot, time.time()
         self._touch(row)
@@ -187,7 +189,8 @@ class LeaseBook:
                              int(message.get("client_pid") or 0), broker)
             self.rows[lease] = row
         elif row.placed_once and row.state is not RowState.ASSIGNING:
-            row.moves += 1  # a resume the client made at the worker directly
+            row.moves += 1
+            self.moves += 1  # a resume the client made at the worker directly
         row.placed_once = True
         row.state, row.slot, row.since = RowState.ASSIGNED, slot, time.time()
         row.channel = message.get("channel")

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 
 from . import config as config_mod
-from . import control, exitcodes, proc, protocol
+from . import control, exitcodes, metrics, proc, protocol
 from .access import Access
 from .assign import broker_summary, zone_primary
 from .backoff import Backoff
@@ -84,6 +84,11 @@ class Master(Children):
         proc.set_title("kzpool: master")
         self.listener = control.bind(self.settings.socket)
         self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+        if self.settings.metrics_port:
+            scrapes = metrics.listen(self.settings.metrics_address, self.settings.metrics_port)
+            collector = metrics.Collector(self)
+            self.selector.register(scrapes, selectors.EVENT_READ,
+                                   lambda _fd: self._scrape(scrapes, collector))
         self._install_signals()
         self.registry.start()
         for broker, index in plan(self.config):
@@ -344,6 +349,10 @@ class Master(Children):
         self.peers[sock.fileno()] = peer
         self.selector.register(sock, selectors.EVENT_READ, self._serve_peer)
         self._serve_peer(sock.fileno())  # a client sends its request right after connecting
+
+    def _scrape(self, listener: socket.socket, collector: metrics.Collector) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            metrics.serve(listener.accept()[0], collector)
 
     def _serve_peer(self, fd: int) -> None:
         peer = self.peers[fd]

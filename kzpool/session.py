@@ -84,6 +84,7 @@ class Session:
         self.qos_set = False
         sock.setblocking(False)
         self.clean = True  # nothing of this lease stays on the channel: it may serve another
+        self.counters = worker.counters  # the worker's, counted here
         worker.ioloop.add_handler(self.fd, self._on_io, worker.ioloop.READ)
 
     @property
@@ -151,6 +152,7 @@ class Session:
             properties = _decode_props(props)
             if flags & Flag.MANDATORY:
                 self.clean = False  # a return may still come back on this channel
+            self.counters["publishes"] += 1
             try:
                 self.channel.basic_publish(exchange, routing_key, body, properties,
                                            bool(flags & Flag.MANDATORY))
@@ -173,6 +175,7 @@ class Session:
                 self.channel.basic_nack(tag, multiple, requeue)
             else:
                 self.channel.basic_ack(tag, multiple)
+                self.counters["acks"] += 1
         except pika.exceptions.AMQPError as exc:
             self.event({"op": "error", "error": _error(exc)})
 
@@ -229,6 +232,9 @@ class Session:
     # ----- broker events ----------------------------------------------------------------------
 
     def _on_message(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        self.counters["deliveries"] += 1
+        if method.redelivered:
+            self.counters["redeliveries"] += 1
         self.send(protocol.deliver(
             method.delivery_tag, 0, method.consumer_tag, method.exchange, method.routing_key,
             _encode_props(properties), body, Flag.REDELIVERED if method.redelivered else 0))

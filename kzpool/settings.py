@@ -169,6 +169,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allow_groups", to_gids, "",
             "Groups (names or gids) whose members may use the lease socket; empty: the"
             " service's own group."),
+    Setting("metrics_port", to_int, "0",
+            "Serve Prometheus metrics on this TCP port (needs prometheus-client); 0: off.",
+            at_least(0)),
+    Setting("metrics_address", str, "127.0.0.1", "Address the metrics port listens on."),
     Setting("log_level", to_level, "info", "One of debug, info, warning, error."),
 )
 

@@ -41,6 +41,7 @@ class Slot:
     channels: int = 0
     blocked: bool = False
     full: bool = False  # its connection reached channel_max
+    counters: dict[str, float] = field(default_factory=dict)  # cumulative, from the worker
     rss: int = 0
     cpu: float = 0.0
     primary: bool = False
@@ -67,6 +68,10 @@ class Slot:
         self.since = float(report.get("since") or time.time())
         self.blocked = bool(report.get("blocked"))
         self.full = bool(report.get("full"))
+        counters = report.get("counters")
+        if isinstance(counters, dict):
+            self.counters = {k: float(v) for k, v in counters.items()
+                             if isinstance(v, int | float)}
         self.prechannels = int(report.get("prechannels") or 0)
         self.channels = int(report.get("channels") or 0)
         if self.state is not ConnState.CONNECTING:

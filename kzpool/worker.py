@@ -103,6 +103,9 @@ class ConnectionWorker:
         self.since = time.time()
         self.blocked = False
         self.full = False  # the connection has channel_max channels
+        self.counters = dict.fromkeys(("publishes", "deliveries", "redeliveries", "acks"), 0)
+        self.blocked_since = 0.0
+        self.blocked_seconds = 0.0
         self.primary = False
         self.connection: SelectConnection | None = None
         self.prechannels: list[Any] = []
@@ -239,11 +242,14 @@ class ConnectionWorker:
     def _on_blocked(self, _connection: SelectConnection, _frame: Any) -> None:
         log.warning("%s blocked the connection (flow control)", self.spec.broker.uri.masked)
         self.blocked = True
+        self.blocked_since = time.monotonic()
         self._tell_sessions({"op": "blocked"})
         self.report_soon()
 
     def _on_unblocked(self, _connection: SelectConnection, _frame: Any) -> None:
         log.info("%s unblocked the connection", self.spec.broker.uri.masked)
+        if self.blocked:
+            self.blocked_seconds += time.monotonic() - self.blocked_since
         self.blocked = False
         self._tell_sessions({"op": "unblocked"})
         self.report_soon()
@@ -409,6 +415,7 @@ class ConnectionWorker:
             "since": self.since,
             "blocked": self.blocked,
             "full": self.full,
+            "counters": {**self.counters, "blocked_seconds": round(self.blocked_seconds, 3)},
             "prechannels": len(self.prechannels),
             "channels": len(self.sessions),
         })
