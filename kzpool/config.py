@@ -84,9 +84,6 @@ class Settings:
         except KeyError:
             raise AttributeError(name) from None
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self._values)
-
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Settings) and self._values == other._values
 
@@ -119,9 +116,6 @@ class Config:
     local_zone: str
     brokers: tuple[Broker, ...]
     consumers: tuple[Consumer, ...] = ()
-
-    def zone_brokers(self, zone: str) -> list[Broker]:
-        return [b for b in self.brokers if b.zone == zone]
 
     @property
     def zones(self) -> list[str]:

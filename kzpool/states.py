@@ -32,10 +32,6 @@ class ProcState(enum.Enum):
     DEAD = "dead"  # exited; a new one starts after a backoff
     FAILED = "failed"  # cannot start (handler); not restarted
 
-    @property
-    def final(self) -> bool:
-        return self is ProcState.FAILED
-
 
 class PoolState(enum.Enum):
     """The master's own life cycle."""
