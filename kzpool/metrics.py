@@ -27,7 +27,7 @@ def listen(address: str, port: int) -> socket.socket:
     except ImportError as exc:
         raise KzpoolError("[pool] metrics_port is set but prometheus-client is not installed"
                           " (pip install 'kzpool[metrics]')") from exc
-    sock = socket.create_server((address, port), reuse_port=False)
+    sock = socket.create_server((address, port))
     sock.setblocking(False)
     return sock
 
