@@ -42,8 +42,10 @@ def test_metrics_follow_the_traffic(pools: Callable[..., Pool]) -> None:
             if method.delivery_tag == 5:
                 break
         lease.cancel()
-        held = scrape(port)
-        assert held['kzpool_leases{kind="float",state="assigned"}'] == 1, held
+        # workers tell the master about assignments within a few ms: wait for it
+        held = wait_for(lambda: (m := scrape(port)).get(
+            'kzpool_leases{kind="float",state="assigned"}') == 1 and m, 5, "the lease's row")
+        assert held['kzpool_leases{kind="float",state="assigned"}'] == 1
     conn = 'broker="amqp://guest:***@127.0.0.1:5672/%2F",connection="c1"'
     metrics = wait_for(lambda: (m := scrape(port)).get(f"kzpool_acks_total{{{conn}}}") == 5
                        and m, 5, "the worker's counters in a scrape")
