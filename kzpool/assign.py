@@ -8,6 +8,7 @@ Pure data and decisions, no I/O: the master acts on what these functions say.
 from __future__ import annotations
 
 import enum
+import functools
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .slots import Slot, broker_key
+from .uri import BrokerURI
 
 
 class LeaseKind(enum.Enum):
@@ -47,6 +49,7 @@ class Assignment:
     since: float = field(default_factory=time.time)
     moves: int = 0
     placed_once: bool = False
+    federates: str | None = None  # a federator: the queue of the listener it feeds
 
     def row(self) -> dict[str, Any]:
         slot = self.slot if self.state.placed else None
@@ -61,7 +64,15 @@ class Assignment:
             "channel": self.channel if slot else None,
             "since": round(self.since, 3),
             "moves": self.moves,
+            "federates": self.federates,
+            "pinned": _masked(self.broker) if self.broker else None,
         }
+
+
+@functools.lru_cache(maxsize=256)
+def _masked(key: str) -> str:
+    """A broker key (its full URI) as status may show it."""
+    return BrokerURI.parse(key).masked
 
 
 def new_lease_id() -> str:

@@ -235,7 +235,8 @@ class Children:
                 for sig in HANDLED_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
                 proc.close_fds_except(0, 1, 2)
-                code = run_consumer(slot.consumer, slot.index, self.settings.socket, self.pid)
+                code = run_consumer(slot.consumer, slot.index, self.settings.socket, self.pid,
+                                    self.settings.shutdown_timeout)
             except BaseException:
                 log.exception("%s crashed", slot.title)
             finally:

@@ -57,16 +57,23 @@ class PoolClient:
     def status(self) -> dict[str, Any]:
         return control.call(self.socket_path, {"op": "status"})
 
+    def brokers(self) -> dict[str, Any]:
+        """``{"local_zone": ..., "brokers": [{"broker", "zone", "hidden", "available"}]}``,
+        brokers in config order, URIs with their password masked (a sticky lease takes them)."""
+        return control.call(self.socket_path, {"op": "brokers"})
+
     def lease(self, kind: str = "float", *, zone: str | None = None, broker: str | None = None,
-              timeout: float = 10.0, on_move: Callable[[MoveEvent], None] | None = None) -> Lease:
+              timeout: float = 10.0, on_move: Callable[[MoveEvent], None] | None = None,
+              federates: str | None = None) -> Lease:
         """A channel: ``float`` follows the zone's primary, ``sticky`` stays on ``broker``.
 
         Blocks up to ``timeout`` seconds for a broker to serve it, then raises
-        :class:`~kzpool.errors.BrokerUnavailable` naming what it waited for.
+        :class:`~kzpool.errors.BrokerUnavailable` naming what it waited for.  ``federates``
+        names the listener queue a federator's lease feeds; ``kzpool status`` shows it.
         """
         if kind not in KINDS:
             raise LeaseRequestError(f"unknown lease kind {kind!r} (float or sticky)")
-        return Lease(self, kind, zone, broker, timeout, on_move)
+        return Lease(self, kind, zone, broker, timeout, on_move, federates)
 
 
 def connect(socket: str | None = None) -> PoolClient:

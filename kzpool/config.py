@@ -186,8 +186,9 @@ def _consumers(sections: list[Section], path: str, problems: list[str]) -> tuple
                 BrokerURI.parse(values["broker"])
             except BrokerURIError as exc:
                 problems.append(f"{where} broker: {exc.fields['reason']}")
-        if values["federate"]:
-            problems.append(f"{where}: federate = true is not supported by this version yet")
+        if values["federate"] and not (values["exchange"] and values["bindings"]):
+            problems.append(f"{where}: federate = true needs an exchange and bindings to"
+                            " consume on the other zones' brokers")
         found[name] = Consumer(name, Settings(values))
     return tuple(found.values())
 

@@ -47,7 +47,8 @@ def build_listener(consumer: Consumer) -> Listener:
     options: dict[str, Any] = {
         "queue": s.queue, "exchange": s.exchange, "exchange_type": s.exchange_type,
         "bindings": s.bindings, "prefetch": s.prefetch, "durable": s.durable,
-        "requeue_on_error": s.requeue_on_error, "kind": s.lease, "broker": s.broker}
+        "requeue_on_error": s.requeue_on_error, "kind": s.lease, "broker": s.broker,
+        "federate": s.federate}
     if isinstance(handler, type) and issubclass(handler, Listener):
         return handler(**options)
     if not callable(handler):
@@ -55,8 +56,10 @@ def build_listener(consumer: Consumer) -> Listener:
     return Listener(responders={"#": handler}, **options)
 
 
-def run_consumer(consumer: Consumer, index: int, socket_path: str, master_pid: int) -> int:
-    """Entry point in the forked child."""
+def run_consumer(consumer: Consumer, index: int, socket_path: str, master_pid: int,
+                 stop_timeout: float) -> int:
+    """Entry point in the forked child; ``stop_timeout``: how long federators may take to
+    finish their handlers once stopping (the master's SIGKILL comes before it ends)."""
     signal.set_wakeup_fd(-1)
     proc.die_with_parent(signal.SIGTERM)
     proc.set_title(f"kzpool: consumer {consumer.name} #{index}")
@@ -71,10 +74,11 @@ def run_consumer(consumer: Consumer, index: int, socket_path: str, master_pid: i
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if os.getppid() != master_pid:
         return exitcodes.WORKER_PARENT_GONE
-    return _serve(listener, consumer, PoolClient(socket_path), master_pid)
+    return _serve(listener, consumer, PoolClient(socket_path), master_pid, stop_timeout)
 
 
-def _serve(listener: Listener, consumer: Consumer, pool: PoolClient, master_pid: int) -> int:
+def _serve(listener: Listener, consumer: Consumer, pool: PoolClient, master_pid: int,
+           stop_timeout: float) -> int:
     limit, rss_limit = consumer.settings.max_messages, consumer.settings.max_rss
     me = psutil.Process()
     try:
@@ -90,6 +94,6 @@ def _serve(listener: Listener, consumer: Consumer, pool: PoolClient, master_pid:
                 log.info("consumer %s: above max_rss; recycling", consumer.name)
                 break
     finally:
-        listener.close()
+        listener.close(stop_timeout)
         sys.stdout.flush()
     return exitcodes.OK

@@ -142,7 +142,7 @@ class Intake:
         worker.lease_event({"event": "assigned", "lease": lease,
                      "channel": channel.channel_number, "kind": request.get("kind"),
                      "zone": request.get("zone") or worker.spec.broker.zone,
-                     "client_pid": peer(sock)[0]})
+                     "client_pid": peer(sock)[0], "federates": request.get("federates")})
         worker.report_soon()
 
     def channel_opened(self, channel: Any) -> bool:
@@ -168,8 +168,11 @@ def _request(frames: list[protocol.Frame] | None) -> dict[str, Any]:
     if kind != protocol.Kind.JSON:
         raise ProtocolError(f"expected a lease request, got a frame of kind {kind}")
     request = protocol.decode_json(payload)
-    if not all(isinstance(request.get(k), str | None) for k in ("op", "kind", "zone", "lease")):
+    if not all(isinstance(request.get(k), str | None) for k in ("op", "kind", "zone", "lease",
+                                                           "federates")):
         raise ProtocolError("malformed lease request")
+    if len(request.get("federates") or "") > protocol.MAX_NAME:
+        raise ProtocolError("malformed lease request: federates is too long")
     return request
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from . import access, control
+from . import access, control, protocol
 from .assign import Assignment, LeaseKind, RowState, choose_slot, new_lease_id, target_of, to_move
 from .errors import BrokerURIError, KzpoolError, LeaseRequestError
 from .slots import Slot, broker_key
@@ -79,7 +79,8 @@ class LeaseBook:
         lease = str(message.get("lease") or new_lease_id())
         row = self.rows.get(lease)
         if row is None:
-            row = Assignment(lease, kind, zone, access.peer(sock)[0], broker)
+            row = Assignment(lease, kind, zone, access.peer(sock)[0], broker,
+                             federates=_label(message.get("federates")))
             self.rows[lease] = row
         # a resume: the client knows its channel is gone before its worker's report arrives
         row.state, row.slot = RowState.WAITING, None
@@ -186,7 +187,8 @@ class LeaseBook:
             kind = LeaseKind.STICKY if message.get("kind") == "sticky" else LeaseKind.FLOAT
             broker = broker_key(slot.spec.broker) if kind is LeaseKind.STICKY else None
             row = Assignment(lease, kind, str(message.get("zone") or slot.spec.broker.zone),
-                             int(message.get("client_pid") or 0), broker)
+                             int(message.get("client_pid") or 0), broker,
+                             federates=message.get("federates") or None)  # checked by intake
             self.rows[lease] = row
         elif row.placed_once and row.state is not RowState.ASSIGNING:
             row.moves += 1
@@ -241,6 +243,16 @@ class LeaseBook:
 
     def table(self) -> list[dict[str, Any]]:
         return [row.row() for row in self.rows.values()]
+
+
+def _label(value: Any) -> str | None:
+    """What a federator's lease request says it federates: a short string, or nothing."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > protocol.MAX_NAME:
+        raise LeaseRequestError(f"bad federates {str(value)[:40]!r}: a queue name of at most"
+                                f" {protocol.MAX_NAME} characters")
+    return value
 
 
 def _timeout(value: Any) -> float:

@@ -103,7 +103,8 @@ class LeaseLink:
     """The machinery under :class:`kzpool.lease.Lease`; see the module docstring."""
 
     def __init__(self, client: PoolClient, kind: str, zone: str | None, broker: str | None,
-                 timeout: float, on_move: Callable[[MoveEvent], None] | None) -> None:
+                 timeout: float, on_move: Callable[[MoveEvent], None] | None,
+                 federates: str | None = None) -> None:
         self.client = client
         self.kind = kind
         self.zone = zone
@@ -111,6 +112,8 @@ class LeaseLink:
         self.on_move = on_move
         self.id: str | None = None
         self.broker: str | None = None  # the broker serving it now, password masked
+        self.broker_zone: str | None = None  # and its zone
+        self.federates = federates  # a federator's: the queue of the listener it feeds
         self.channel_number = 0
         self._sticky = broker
         # what the client's route cache knows this lease by
@@ -326,6 +329,7 @@ class LeaseLink:
         elif op == "leased":
             self._leased = True
             self.id, self.broker = event.get("lease"), event.get("broker")
+            self.broker_zone = event.get("zone")
             self.channel_number = int(event.get("channel") or 0)
             self._blocked = bool(event.get("blocked"))
             if event.get("route"):
@@ -412,6 +416,7 @@ class LeaseLink:
             request = protocol.encode({
                 "op": "lease", "kind": self.kind, "zone": self.zone, "broker": self._sticky,
                 "broker_id": self._route_key[1] if self._sticky else None, "lease": self.id,
+                "federates": self.federates,
                 "timeout": max(0.0, deadline - time.monotonic())})
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 self._sock.sendall(request)  # a refusal may be waiting to be read: read on

@@ -13,11 +13,17 @@ never), when ``stop()`` was called (checked between messages), or when its lease
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pika import spec
+
 from .client import PoolClient
+from .errors import LeaseRequestError
+from .federator import Federator
 from .lease import Lease
 
 log = logging.getLogger("kzpool.listener")
@@ -27,7 +33,8 @@ Handler = Callable[["Message"], Any]
 
 @dataclass
 class Message:
-    """One delivery, as a handler sees it."""
+    """One delivery, as a handler sees it: where it came from (``broker``, password masked,
+    and ``zone``) included.  :meth:`reply` answers it through the lease that received it."""
 
     body: bytes
     routing_key: str
@@ -37,10 +44,31 @@ class Message:
     delivery_tag: int
     broker: str | None = None  # password masked
     zone: str | None = None
+    lease: Lease | None = field(default=None, repr=False, compare=False)
 
     @property
     def headers(self) -> dict[str, Any]:
         return dict(self.properties.headers or {})
+
+    def reply(self, body: bytes | str, properties: spec.BasicProperties | None = None) -> None:
+        """Publish ``body`` to the ``reply_to`` queue, with the request's ``correlation_id``,
+        on the broker the request came from (a federated event's reply stays in its zone).
+        Call it from the handler: a lease belongs to the thread that consumes on it."""
+        reply_to = self.properties.reply_to
+        if not reply_to or self.lease is None:
+            raise LeaseRequestError(f"message {self.routing_key!r} has no reply_to to answer")
+        properties = properties or spec.BasicProperties()
+        if properties.correlation_id is None:
+            properties.correlation_id = self.properties.correlation_id
+        self.lease.basic_publish("", reply_to, body, properties)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A routing key; ``federate`` also consumes it on every remote zone's brokers."""
+
+    key: str
+    federate: bool = False
 
 
 def topic_matches(pattern: str, routing_key: str) -> bool:
@@ -57,12 +85,18 @@ def topic_matches(pattern: str, routing_key: str) -> bool:
 @dataclass
 class Listener:
     """A queue, bindings and responders.  Subclass and override :meth:`handle`, or register
-    responders: ``listener.responders["billing.*"] = fn`` or ``@listener.responder(...)``."""
+    responders: ``listener.responders["billing.*"] = fn`` or ``@listener.responder(...)``.
+
+    ``federate=True`` federates every binding; a :class:`Binding` with ``federate=True``
+    federates just that one.  Federated bindings are also consumed on the brokers of every
+    other zone, by one :class:`~kzpool.federator.Federator` per broker, started and stopped
+    with the listener.  Handlers run one at a time, whichever broker a message came from.
+    """
 
     queue: str = ""
     exchange: str = ""
     exchange_type: str = "topic"
-    bindings: Iterable[str] = ()
+    bindings: Iterable[str | Binding] = ()
     responders: dict[str, Handler] = field(default_factory=dict)
     prefetch: int = 10
     auto_ack: bool = False
@@ -73,9 +107,13 @@ class Listener:
     kind: str = "float"
     broker: str | None = None  # for a sticky listener
     zone: str | None = None
+    federate: bool = False
     lease: Lease | None = field(default=None, init=False)
+    federators: list[Federator] = field(default_factory=list, init=False)
     handled: int = field(default=0, init=False)
     _stopping: bool = field(default=False, init=False)
+    _stopped: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         """Override to register responders in a subclass."""
@@ -92,33 +130,62 @@ class Listener:
             if topic_matches(pattern, message.routing_key):
                 responder(message)
 
+    @property
+    def keys(self) -> list[str]:
+        return [b.key if isinstance(b, Binding) else b for b in self.bindings]
+
+    @property
+    def federated_keys(self) -> list[str]:
+        return [b.key if isinstance(b, Binding) else b for b in self.bindings
+                if self.federate or (isinstance(b, Binding) and b.federate)]
+
     def start(self, pool: PoolClient) -> Lease:
-        """Take a lease and declare exchange, queue, bindings, QoS (replayed on every move)."""
+        """Take a lease, declare exchange, queue, bindings, QoS (replayed on every move), and
+        start a federator per remote broker if any binding is federated."""
+        self._stopping = False
+        self._stopped.clear()
+        named = self.queue
         lease = pool.lease(self.kind, zone=self.zone, broker=self.broker)
         self.lease = lease
+        self.queue = self.declare(lease, self.queue, self.keys)
+        if self.federated_keys:
+            self._start_federators(pool, named)
+        return lease
+
+    def declare(self, lease: Lease, queue: str, keys: list[str]) -> str:
+        """Exchange, queue, ``keys`` bound, QoS and confirms on ``lease``; the queue's name."""
         if self.exchange:
             lease.exchange_declare(self.exchange, self.exchange_type, durable=self.durable)
-        declared = lease.queue_declare(self.queue, durable=self.durable,
-                                       auto_delete=not self.queue and not self.durable,
+        declared = lease.queue_declare(queue, durable=self.durable,
+                                       auto_delete=not queue and not self.durable,
                                        arguments=self.queue_arguments)
-        self.queue = declared.method.queue
-        for key in self.bindings:
-            lease.queue_bind(self.queue, self.exchange, key)
+        name = str(declared.method.queue)
+        for key in keys:
+            lease.queue_bind(name, self.exchange, key)
         if self.prefetch:
             lease.basic_qos(prefetch_count=self.prefetch)
         if self.confirms:
             lease.confirm_delivery()
-        return lease
+        return name
+
+    def _start_federators(self, pool: PoolClient, named: str) -> None:
+        found = pool.brokers()
+        local = self.zone or str(found["local_zone"])
+        queue = f"{named}-{local}" if named else ""  # server-named here: there too
+        remote = [b for b in found["brokers"] if b["zone"] != local and not b["hidden"]]
+        if not remote:
+            log.info("listener %s: no other zone to federate from", self.queue)
+        self.federators = [Federator(self, pool, b["broker"], b["zone"], queue).start()
+                           for b in remote]
 
     def run(self, pool: PoolClient, max_messages: int = 0,
             inactivity: float = 1.0) -> int:
         """Consume until stopped or ``max_messages``; returns how many were handled."""
         lease = self.lease or self.start(pool)
-        self._stopping = False
         for method, properties, body in lease.consume(self.queue, auto_ack=self.auto_ack,
                                                       inactivity_timeout=inactivity):
             if method is not None:
-                self._dispatch(lease, method, properties, body)
+                self.dispatch(lease, method, properties, body)
             if self._stopping or (max_messages and self.handled >= max_messages):
                 break
         return self.handled
@@ -128,26 +195,47 @@ class Listener:
         return self._stopping
 
     def stop(self) -> None:
-        """Leave ``run`` after the message in hand; safe to call from a signal handler."""
+        """Start no new handler: ``run`` and the federators return after the message in
+        hand.  Safe to call from a signal handler."""
         self._stopping = True
+        self._stopped.set()
 
-    def close(self) -> None:
-        """Cancel the consumer (what was not handled goes back to the queue), end the lease."""
+    def wait_stopped(self, timeout: float) -> bool:
+        return self._stopped.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop; cancel the consumer (what was not handled goes back to the queue) and end
+        the lease; wait up to ``timeout`` for the federators, all at once."""
+        self.stop()
         if self.lease is not None and self.lease.is_open:
             self.lease.cancel()
             self.lease.close()
+        deadline = time.monotonic() + timeout
+        busy = [f for f in self.federators if not f.join(deadline - time.monotonic())]
+        if busy:
+            log.warning("listener %s: %d federator(s) still busy after %g s: %s", self.queue,
+                        len(busy), timeout, ", ".join(map(repr, busy)))
+        self.federators = []
 
-    def _dispatch(self, lease: Lease, method: Any, properties: Any, body: bytes) -> None:
-        message = Message(body, method.routing_key, method.exchange, properties,
-                          method.redelivered, method.delivery_tag, lease.broker, self.zone)
-        try:
-            self.handle(message)
-        except Exception:
-            log.exception("handler failed on %s (%s)", method.routing_key,
-                          "requeued" if self.requeue_on_error else "dropped")
-            if not self.auto_ack:
-                lease.basic_nack(method.delivery_tag, requeue=self.requeue_on_error)
-        else:
-            if not self.auto_ack:
-                lease.basic_ack(method.delivery_tag)
-        self.handled += 1
+    def dispatch(self, lease: Lease, method: Any, properties: Any, body: bytes) -> None:
+        """Run the handler on one delivery of ``lease`` (the listener's or a federator's):
+        ack on return, nack on an exception; after :meth:`stop`, requeue it unhandled."""
+        with self._lock:
+            if self._stopping:
+                if not self.auto_ack:
+                    lease.basic_nack(method.delivery_tag, requeue=True)
+                return
+            message = Message(body, method.routing_key, method.exchange, properties,
+                              method.redelivered, method.delivery_tag, lease.broker,
+                              lease.broker_zone, lease)
+            try:
+                self.handle(message)
+            except Exception:
+                log.exception("handler failed on %s (%s)", method.routing_key,
+                              "requeued" if self.requeue_on_error else "dropped")
+                if not self.auto_ack:
+                    lease.basic_nack(method.delivery_tag, requeue=self.requeue_on_error)
+            else:
+                if not self.auto_ack:
+                    lease.basic_ack(method.delivery_tag)
+            self.handled += 1

@@ -381,6 +381,11 @@ class Master(Children):
             return self.status()
         if op == "ping":
             return {"pid": self.pid, "state": self.state.value}
+        if op == "brokers":
+            return {"local_zone": self.config.local_zone, "brokers": [
+                {"broker": b["broker"], "zone": b["zone"], "hidden": b["hidden"],
+                 "available": b["available"] > 0}
+                for b in broker_summary(self.slots.values(), ())]}
         raise KzpoolError(f"unknown request {op!r}", op=op)
 
     # ----- the tables -------------------------------------------------------------------------
@@ -427,6 +432,8 @@ class Master(Children):
                       "assignments": self.leases.table()}
         tables["connections"].sort(key=lambda r: int(r["id"][1:]))
         tables["consumers"] = [c.row() for c in self.consumers]
+        tables["federators"] = [{**r, "broker": r["broker"] or r["pinned"]}
+                                for r in tables["assignments"] if r.get("federates")]
         tables["brokers"] = broker_summary(self.slots.values(), self.leases.rows.values())
         return {"pool": {"pid": self.pid, "state": self.state.value,
                          "config": self.config.path, "socket": self.settings.socket,

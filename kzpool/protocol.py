@@ -53,6 +53,7 @@ VERSION = 1
 HEADER = struct.Struct("!BBBBI")
 MAX_FRAME = 16 << 20
 MAX_DATA_FRAME = 129 << 20  # RabbitMQ's largest message (128 MiB) and its envelope
+MAX_NAME = 255  # AMQP's limit on a queue or exchange name (short string)
 
 _U8 = struct.Struct("!B")
 _U16 = struct.Struct("!H")

@@ -194,7 +194,8 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
     Setting("prefetch", to_int, "10", "QoS prefetch of each process.", at_least(0)),
     Setting("durable", to_bool, "false", "Declare the exchange and queue durable."),
     Setting("federate", to_bool, "false",
-            "Consume the bindings on remote zones' brokers too (not in this version: false)."),
+            "Consume the bindings on every other zone's brokers too: one federator per broker,"
+            " on a queue named QUEUE-LOCALZONE there."),
     Setting("requeue_on_error", to_bool, "false",
             "A message whose handler raised goes back to the queue (else it is dropped)."),
     Setting("max_messages", to_int, "0",

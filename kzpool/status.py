@@ -11,6 +11,8 @@ BROKER_COLUMNS = ("broker", "zone", "primary", "connections", "available", "prec
                   "float", "sticky", "waiting")
 CONSUMER_COLUMNS = ("name", "index", "pid", "state", "queue", "restarts", "rss", "since",
                     "error")
+FEDERATOR_COLUMNS = ("lease", "federates", "zone", "broker", "state", "client_pid", "since",
+                     "moves")
 ASSIGNMENT_COLUMNS = ("lease", "kind", "client_pid", "broker", "pid", "channel", "since",
                       "moves")
 
@@ -27,6 +29,8 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
     lines += _table(ASSIGNMENT_COLUMNS, status.get("assignments", []), now) or ["  (none)"]
     if status.get("consumers"):
         lines += ["", "consumers:", *_table(CONSUMER_COLUMNS, status["consumers"], now)]
+    if status.get("federators"):
+        lines += ["", "federators:", *_table(FEDERATOR_COLUMNS, status["federators"], now)]
     return "\n".join(lines)
 
 

@@ -36,3 +36,10 @@ class Billing(Listener):
 
 
 not_callable = 42
+
+
+def answer(message: Message) -> None:
+    """Record where the message came from; answer it if it asks for a reply."""
+    _trace(f"{os.getpid()} {message.routing_key} {message.body.decode()} {message.zone}")
+    if message.properties.reply_to:
+        message.reply(b"re: " + message.body)

@@ -106,7 +106,7 @@ def test_each_bad_config_is_named(text: str, expected: str) -> None:
     ("handler = m:f\nbroker = amqp://h/\n", "a float one none"),
     ("handler = m:f\nlease = sticky\nbroker = ftp://h/\n", "scheme 'ftp'"),
     ("handler = m:f\nfederate = maybe\n", "federate = 'maybe': not true or false"),
-    ("handler = m:f\nfederate = true\n", "not supported by this version yet"),
+    ("handler = m:f\nfederate = true\n", "federate = true needs an exchange and bindings"),
     ("handler = m:f\nmax_rss = lots\n", "max_rss = 'lots': not a size"),
     ("handler = m:f\nqueue_name = q\n", "unknown key 'queue_name'"),
 ])

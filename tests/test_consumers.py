@@ -30,8 +30,12 @@ def names() -> Iterator[dict[str, str]]:
 
 
 def consumer_pool(pools: PoolMaker, tmp_path: Path, names: dict[str, str], handler: str,
+                  uris: list[str] | dict[str, list[str]] | None = None,
+                  pool_settings: dict[str, object] | None = None,
                   **options: object) -> tuple[Pool, Path]:
-    pool = pools([DEFAULT_URI], shutdown_timeout=options.pop("shutdown_timeout", 5))
+    """A pool running one [consumer:billing] section with ``handler`` of tests.handlers."""
+    pool = pools(uris or [DEFAULT_URI], shutdown_timeout=options.pop("shutdown_timeout", 5),
+                 **(pool_settings or {}))
     lines = ["[consumer:billing]", f"handler = tests.handlers:{handler}",
              f"queue = {names['queue']}", f"exchange = {names['exchange']}",
              "bindings = billing.*, audit.#"]
