@@ -22,7 +22,7 @@ import psutil
 
 from . import control, exitcodes, proc, protocol
 from .backoff import Backoff
-from .config import Broker
+from .config import Broker, Consumer
 from .consumer import run_consumer
 from .slots import STABLE_AFTER, ConsumerSlot, Slot
 from .states import ConnState, PoolState, ProcState
@@ -51,7 +51,7 @@ class Children:
     slots: dict[str, Slot]
     by_pid: dict[int, Slot]
     consumers: list[ConsumerSlot]
-    by_consumer_pid: dict[int, ConsumerSlot]
+    by_consumer_pid: dict[int, ConsumerSlot]  # every live consumer, retired ones included
     selector: selectors.BaseSelector
     registry: Registry
     leases: LeaseBook
@@ -224,8 +224,60 @@ class Children:
         for consumer in self.consumers:
             if not consumer.pid and consumer.respawn_at and now >= consumer.respawn_at:
                 self._spawn_consumer(consumer)
+        self._kill_retired(now)
 
     # ----- in-service consumers -----------------------------------------------------------
+
+    def consumer_slots(self, consumer: Consumer) -> list[ConsumerSlot]:
+        return [ConsumerSlot(consumer, i, Backoff(self.settings.reconnect_backoff_min,
+                                                  self.settings.respawn_backoff_max))
+                for i in range(1, consumer.settings.processes + 1)]
+
+    def reload_consumers(self, consumers: tuple[Consumer, ...]) -> None:
+        """Apply the ``[consumer:*]`` sections of a reloaded config.
+
+        An unchanged section keeps its processes (one that could not load its handler is
+        tried again: the handler may have been fixed).  A changed or removed section's
+        processes are retired: SIGTERM, so they finish the message in hand, and SIGKILL
+        after ``shutdown_timeout``.  A changed or new section starts its processes at once.
+        """
+        now = time.monotonic()
+        wanted = {c.name: c for c in consumers}
+        kept: dict[str, list[ConsumerSlot]] = {}
+        for slot in self.consumers:
+            if wanted.get(slot.consumer.name) == slot.consumer:
+                kept.setdefault(slot.consumer.name, []).append(slot)
+                if slot.state is ProcState.FAILED:
+                    slot.state, slot.error, slot.respawn_at = ProcState.DEAD, None, now
+            else:
+                self._retire_consumer(slot, now)
+        self.consumers = []
+        for consumer in consumers:
+            slots = kept.get(consumer.name)
+            if slots is None:
+                slots = self.consumer_slots(consumer)
+                log.info("consumer %s: starting %d process(es) with its new section",
+                         consumer.name, len(slots))
+                for slot in slots:
+                    slot.respawn_at = now if self.state is PoolState.RUNNING else 0.0
+            self.consumers += slots
+
+    def _retire_consumer(self, slot: ConsumerSlot, now: float) -> None:
+        slot.retired, slot.respawn_at = True, 0.0
+        if slot.pid:
+            log.info("%s: its section changed or went; stopping it", slot.title)
+            slot.kill_at = now + self.settings.shutdown_timeout
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(slot.pid, signal.SIGTERM)
+
+    def _kill_retired(self, now: float) -> None:
+        for slot in self.by_consumer_pid.values():
+            if slot.retired and slot.kill_at and now >= slot.kill_at:
+                log.warning("%s still busy %g s after it was told to stop; killing it",
+                            slot.title, self.settings.shutdown_timeout)
+                slot.kill_at = 0.0
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGKILL)
 
     def _spawn_consumer(self, slot: ConsumerSlot) -> None:
         pid = os.fork()
@@ -249,7 +301,7 @@ class Children:
     def handle_consumer_exit(self, slot: ConsumerSlot, status: int) -> None:
         why = _exit_reason(status)
         slot.pid, slot.process, slot.rss, slot.state = 0, None, 0, ProcState.DEAD
-        if self.state is PoolState.STOPPING:
+        if self.state is PoolState.STOPPING or slot.retired:
             return
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         if code == exitcodes.CONSUMER_BOOT:

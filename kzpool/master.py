@@ -28,7 +28,6 @@ from . import config as config_mod
 from . import control, exitcodes, metrics, proc, protocol
 from .access import Access
 from .assign import broker_summary, zone_primary
-from .backoff import Backoff
 from .children import HANDLED_SIGNALS, SAMPLE_INTERVAL, Children
 from .config import Config
 from .errors import ConfigError, KzpoolError, ProtocolError, StartupError
@@ -54,10 +53,7 @@ class Master(Children):
         self.state = PoolState.STARTING
         self.slots: dict[str, Slot] = {}
         self.by_pid: dict[int, Slot] = {}
-        self.consumers = [ConsumerSlot(c, i, Backoff(self.settings.reconnect_backoff_min,
-                                                     self.settings.respawn_backoff_max))
-                          for c in config.consumers
-                          for i in range(1, c.settings.processes + 1)]
+        self.consumers = [s for c in config.consumers for s in self.consumer_slots(c)]
         self.by_consumer_pid: dict[int, ConsumerSlot] = {}
         self.workers_stopping = False
         self.signals: list[int] = []
@@ -123,6 +119,8 @@ class Master(Children):
         if self.state is PoolState.STOPPING:
             return 0.05
         waits = [s.respawn_at for s in self.slots.values() if s.respawn_at]
+        waits += [c.respawn_at for c in self.consumers if c.respawn_at]
+        waits += [c.kill_at for c in self.by_consumer_pid.values() if c.kill_at]
         deadline = self.leases.next_deadline()
         soonest = min([*waits, self.next_sample, deadline or self.next_sample])
         if self.notifier.watchdog:
@@ -183,7 +181,7 @@ class Master(Children):
             self.state = PoolState.STOPPED
 
     def _consumer_pids(self) -> list[int]:
-        return [c.pid for c in self.consumers if c.pid]
+        return list(self.by_consumer_pid)
 
     def _all_pids(self) -> list[int]:
         workers = [s.pid for s in self.slots.values() if s.pid]
@@ -267,9 +265,8 @@ class Master(Children):
         for key, broker in wanted.items():
             if key not in kept:
                 self._add_slot(WorkerSpec(self._new_id(), broker, key[1], new.settings))
-        if new.consumers != self.config.consumers:
-            log.warning("[consumer:*] sections changed: that takes effect at the next start")
         self.config, self.settings = new, new.settings
+        self.reload_consumers(new.consumers)
         self.access = Access(new.settings.allow_users, new.settings.allow_groups)
         log.info("reloaded %s: %d connection worker(s)", new.path, len(self.slots))
         self.notifier.ready(self.summary())

@@ -142,6 +142,8 @@ class ConsumerSlot:
     error: str | None = None
     since: float = field(default_factory=time.time)
     rss: int = 0
+    retired: bool = False  # its section changed or went: it stops and is not restarted
+    kill_at: float = 0.0  # monotonic; a retired one still running then gets SIGKILL
 
     @property
     def title(self) -> str:

@@ -133,5 +133,13 @@ class Pool:
         shutil.rmtree(self.rundir, ignore_errors=True)
 
 
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped counts as exited)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def titles(pool: Pool) -> dict[int, str]:
     return {p.pid: " ".join(p.cmdline()).strip() for p in pool.group()}

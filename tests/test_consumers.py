@@ -8,12 +8,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pika
-import psutil
 import pytest
 
-from .helpers import DEFAULT_URI, Pool, titles, wait_for
+from .helpers import DEFAULT_URI, Pool, gone, titles, wait_for
 
 PoolMaker = Callable[..., Pool]
 
@@ -61,8 +61,8 @@ def traced(trace: Path) -> list[list[str]]:
     return [line.split(" ") for line in trace.read_text().splitlines()]
 
 
-def consumers(pool: Pool) -> list[dict[str, object]]:
-    rows: list[dict[str, object]] = pool.status()["consumers"]
+def consumers(pool: Pool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = pool.status()["consumers"]
     return rows
 
 
@@ -109,7 +109,7 @@ def test_killed_and_recycled_consumers_come_back(pools: PoolMaker, tmp_path: Pat
                                                  names: dict[str, str]) -> None:
     pool, trace = consumer_pool(pools, tmp_path, names, "Billing", max_messages=5)
     first = wait_for(lambda: consumers(pool)[0]["pid"], 10, "the consumer")
-    os.kill(int(first), signal.SIGKILL)  # type: ignore[call-overload]
+    os.kill(int(first), signal.SIGKILL)
     second = wait_for(lambda: consumers(pool)[0]["pid"] not in (None, first) and
                       consumers(pool)[0]["pid"], 10, "a new consumer")
     publish(names, ["billing.x"] * 12)
@@ -126,14 +126,43 @@ def test_stop_is_bounded_with_a_stuck_handler(pools: PoolMaker, tmp_path: Path,
                                 prefetch=1)
     publish(names, ["billing.forever", "billing.later"])
     wait_for(lambda: traced(trace), 10, "the handler to be stuck")
-    consumer = psutil.Process(int(consumers(pool)[0]["pid"]))  # type: ignore[arg-type]
+    consumer = int(consumers(pool)[0]["pid"])
     started = time.monotonic()
     pool.signal(signal.SIGTERM)
     pool.wait_exit(3 + 1 + 2)  # shutdown_timeout + 1 s, and a margin for a loaded machine
     elapsed = time.monotonic() - started
     assert elapsed < 3 + 1 + 2, elapsed
-    assert not consumer.is_running() or consumer.status() == psutil.STATUS_ZOMBIE
+    assert gone(consumer)
     assert queue_depth(names["queue"]) == 2  # the stuck message is back on its queue
+
+
+def test_sighup_applies_changed_consumer_sections(pools: PoolMaker, tmp_path: Path,
+                                                 names: dict[str, str]) -> None:
+    pool, trace = consumer_pool(pools, tmp_path, names, "record")
+    first = wait_for(lambda: consumers(pool)[0]["pid"], 10, "the consumer")
+    base = pool.config.read_text()
+    audit = f"[consumer:audit]\nhandler = tests.handlers:record\nqueue = {names['queue']}-a\n"
+    pool.config.write_text(base.replace("handler = tests.handlers:record",
+                                        "handler = tests.handlers:record\nprocesses = 2")
+                           + audit)
+    pool.signal(signal.SIGHUP)
+    rows = wait_for(lambda: [r for r in consumers(pool) if r["state"] == "running" and r["pid"]
+                             and r["pid"] != first] if len(consumers(pool)) == 3 else None,
+                    15, "billing with 2 new processes, and audit")
+    assert sorted((r["name"], r["index"]) for r in rows) == [
+        ("audit", 1), ("billing", 1), ("billing", 2)]
+    wait_for(lambda: gone(int(first)), 10, "the old billing process to stop")
+    publish(names, ["billing.after"])
+    done = wait_for(lambda: traced(trace), 10, "a message handled after the reload")
+    assert int(done[0][0]) in {r["pid"] for r in rows if r["name"] == "billing"}
+
+    audit_pid = next(r["pid"] for r in rows if r["name"] == "audit")
+    pool.config.write_text(base)  # audit goes, billing is back to one process
+    pool.signal(signal.SIGHUP)
+    wait_for(lambda: [r["name"] for r in consumers(pool)] == ["billing"], 10, "audit removed")
+    wait_for(lambda: gone(int(audit_pid)), 10, "the audit process to stop")
+    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
+        conn.channel().queue_delete(f"{names['queue']}-a")
 
 
 def test_a_listener_in_any_process(pools: PoolMaker, names: dict[str, str]) -> None:
