@@ -27,12 +27,13 @@ from .errors import (
     UnroutableError,
 )
 from .lease import Confirm, Lease, MoveEvent
-from .listener import Listener, Message
+from .listener import Binding, Listener, Message
 from .uri import BrokerURI
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Binding",
     "BrokerURI",
     "BrokerURIError",
     "BrokerUnavailable",

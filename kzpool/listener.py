@@ -8,10 +8,15 @@ consumer processes (``[consumer:NAME]`` sections).
 A handler gets a :class:`Message`.  Returning acks it; raising nacks it (requeued only with
 ``requeue_on_error``) and logs the traceback.  ``run`` returns after ``max_messages`` (0:
 never), when ``stop()`` was called (checked between messages), or when its lease is closed.
+
+Federated bindings are consumed on every other zone's brokers too, by the listener's
+:mod:`~kzpool.federator` threads; their messages reach the same handler (one at a time:
+``dispatch`` holds a lock) with the remote broker and zone on them.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -73,6 +78,15 @@ class Binding:
 
 def topic_matches(pattern: str, routing_key: str) -> bool:
     """AMQP topic matching: ``*`` is one word, ``#`` zero or more words."""
+    if pattern == "#":
+        return True
+    if "*" not in pattern and "#" not in pattern:
+        return pattern == routing_key
+    return _wild_matches(pattern, routing_key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _wild_matches(pattern: str, routing_key: str) -> bool:
     def match(p: list[str], k: list[str]) -> bool:
         if not p:
             return not k

@@ -17,7 +17,6 @@ import pika
 import pytest
 
 import kzpool
-from kzpool.listener import Binding
 from kzpool.status import render
 
 from .forwarder import Forwarder
@@ -82,7 +81,7 @@ def test_federated_events_reach_the_listener_and_replies_stay_in_their_zone(
     pool.wait_ready()
     seen: list[tuple[str, bytes, str | None, str | None]] = []
     listener = kzpool.Listener(queue=names["queue"], exchange=names["exchange"],
-                               bindings=[Binding("call.#", federate=True), "local.only"])
+                               bindings=[kzpool.Binding("call.#", federate=True), "local.only"])
 
     @listener.responder("#")
     def handle(message: kzpool.Message) -> None:
