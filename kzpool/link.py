@@ -190,7 +190,7 @@ class LeaseLink:
         self._settles.append(protocol.tagged(Kind.SETTLE, tag, flags))
         # acks batch up while read deliveries wait, but go out once they outnumber what is
         # left to handle: the broker refills the prefetch window before it runs dry
-        if len(self._settles) >= min(SETTLE_BATCH, len(self._deliveries) + len(self._generator)):
+        if len(self._settles) >= SETTLE_BATCH or not (self._deliveries or self._generator):
             self._send(b"")
 
     def _send(self, data: bytes) -> None:
