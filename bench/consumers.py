@@ -6,9 +6,12 @@ the pool's own CPU per message against what direct pika spends per message.
 A [consumer:bench] section runs `processes` consumer processes whose handler burns about
 1 ms of CPU per message (bench/cpu_handler.py); the clock starts once they have handled
 the first 200 (forked, imported, consuming).  With C cores the best possible throughput
-is C x 1,000 msg/s; the run reports the share reached.  The pool's CPU (master, registry,
-connection workers: everything but the consumers) per message is compared with the CPU a
-plain pika BlockingConnection consumer with an empty callback spends per message.
+is C x 1,000 msg/s; the run reports the share reached.  Side by side, the same number of
+plain pika processes (BlockingConnection, same prefetch, same handler, ack per message) run
+the same load: their share is what this machine allows once the broker has taken its part,
+and the broker's CPU per message (every beam.smp process) is measured in both runs.  The
+pool's CPU (master, registry, connection workers: everything but the consumers) per message
+is compared with the CPU a plain pika consumer with an empty callback spends per message.
 """
 
 from __future__ import annotations
@@ -53,8 +56,8 @@ def cpu(pids: list[int]) -> float:
     return total
 
 
-def pool_run(count: int, processes: int) -> tuple[float, float]:
-    """Seconds to handle ``count`` messages, and the pool's CPU seconds meanwhile."""
+def pool_run(count: int, processes: int) -> tuple[float, float, float]:
+    """Seconds to handle ``count`` messages, the pool's and the broker's CPU seconds."""
     directory = Path(tempfile.mkdtemp(prefix="kzc-"))
     trace = directory / "trace"
     trace.touch()
@@ -74,13 +77,59 @@ def pool_run(count: int, processes: int) -> tuple[float, float]:
                       if "registry" in " ".join(p.cmdline())]
         while trace.stat().st_size < 2 * WARM_UP:  # consumers forked, imported, consuming
             time.sleep(0.001)
-        start, cpu_start = time.monotonic(), cpu(pool_pids)
+        start, cpu_start, broker_start = time.monotonic(), cpu(pool_pids), cpu(broker_pids())
         while trace.stat().st_size < 2 * (count + WARM_UP):
             time.sleep(0.01)
-        return time.monotonic() - start, cpu(pool_pids) - cpu_start
+        return (time.monotonic() - start, cpu(pool_pids) - cpu_start,
+                cpu(broker_pids()) - broker_start)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def broker_pids() -> list[int]:
+    return [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
+
+
+def pika_procs_run(count: int, processes: int) -> tuple[float, float]:
+    """The same load on ``processes`` plain pika consumers: seconds, broker CPU seconds."""
+    directory = Path(tempfile.mkdtemp(prefix="kzc-"))
+    trace = directory / "trace"
+    trace.touch()
+    fill(count + WARM_UP)
+    os.environ["KZB_TRACE"] = str(trace)
+    children = []
+    for _ in range(processes):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                _pika_consumer()
+                code = 0
+            finally:
+                os._exit(code)
+        children.append(pid)
+    try:
+        while trace.stat().st_size < 2 * WARM_UP:
+            time.sleep(0.001)
+        start, broker_start = time.monotonic(), cpu(broker_pids())
+        while trace.stat().st_size < 2 * (count + WARM_UP):
+            time.sleep(0.01)
+        return time.monotonic() - start, cpu(broker_pids()) - broker_start
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def _pika_consumer() -> None:
+    from cpu_handler import burn_pika
+
+    with pika.BlockingConnection(pika.URLParameters(URI)) as conn:
+        channel = conn.channel()
+        channel.basic_qos(prefetch_count=10)
+        channel.basic_consume(QUEUE, burn_pika)
+        channel.start_consuming()
 
 
 def pika_cpu_per_message(count: int) -> float:
@@ -123,14 +172,21 @@ def main() -> None:
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     print(f"$ python bench/consumers.py --messages {args.messages} --processes {args.processes}")
-    elapsed, pool_cpu = pool_run(args.messages, args.processes)
+    elapsed, pool_cpu, broker_cpu = pool_run(args.messages, args.processes)
     best = cores / 0.001
     rate = args.messages / elapsed
+    sys.path.insert(0, str(ROOT / "bench"))
+    pika_elapsed, pika_broker_cpu = pika_procs_run(args.messages, args.processes)
+    pika_rate = args.messages / pika_elapsed
     direct = pika_cpu_per_message(args.messages)
     with pika.BlockingConnection(pika.URLParameters(URI)) as conn:
         conn.channel().queue_delete(QUEUE)
     print(f"{args.processes} consumers, 1 ms CPU/message, {cores} cores: {rate:,.0f} msg/s ="
           f" {rate / best:.0%} of the {best:,.0f} msg/s the cores allow (target >= 90%)")
+    print(f"{args.processes} plain pika consumers, same load: {pika_rate:,.0f} msg/s ="
+          f" {pika_rate / best:.0%} of the cores; kzpool / pika = {rate / pika_rate:.2f}")
+    print(f"broker CPU per message: {broker_cpu / args.messages * 1e6:.0f} us under kzpool,"
+          f" {pika_broker_cpu / args.messages * 1e6:.0f} us under plain pika")
     print(f"pool CPU per message {pool_cpu / args.messages * 1e6:.0f} us (master, registry,"
           f" workers); direct pika consumer {direct * 1e6:.0f} us per message in-process"
           f" (target: pool <= pika)")

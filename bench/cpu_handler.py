@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from kzpool.listener import Message
 
@@ -15,6 +16,17 @@ def burn(message: Message) -> None:
     end = time.thread_time() + CPU_SECONDS
     while time.thread_time() < end:
         pass
+    if not _trace:
+        _trace.append(os.open(os.environ["KZB_TRACE"], os.O_WRONLY | os.O_APPEND))
+    os.write(_trace[0], b"x\n")
+
+
+def burn_pika(channel: Any, method: Any, _properties: Any, _body: bytes) -> None:
+    """The same work for a plain pika consumer (bench/consumers.py's side-by-side run)."""
+    end = time.thread_time() + CPU_SECONDS
+    while time.thread_time() < end:
+        pass
+    channel.basic_ack(method.delivery_tag)
     if not _trace:
         _trace.append(os.open(os.environ["KZB_TRACE"], os.O_WRONLY | os.O_APPEND))
     os.write(_trace[0], b"x\n")
