@@ -46,6 +46,8 @@ def consumer_pool(pools: PoolMaker, tmp_path: Path, names: dict[str, str], handl
     root = Path(__file__).resolve().parent.parent
     pool.start(env={"KZT_TRACE": str(trace), "PYTHONPATH": str(root)})
     pool.wait_ready()
+    if handler != "not_callable":  # the others consume: wait until they do, or what is
+        wait_for(lambda: consumer_count(names["queue"]), 15, "the consumer")  # published is lost
     return pool, trace
 
 
@@ -64,6 +66,14 @@ def traced(trace: Path) -> list[list[str]]:
 def consumers(pool: Pool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = pool.status()["consumers"]
     return rows
+
+
+def consumer_count(queue: str, uri: str = DEFAULT_URI) -> int:
+    try:
+        with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
+            return int(conn.channel().queue_declare(queue, passive=True).method.consumer_count)
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0  # not declared yet
 
 
 def queue_depth(queue: str) -> int:

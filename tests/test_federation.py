@@ -21,7 +21,7 @@ from kzpool.status import render
 
 from .forwarder import Forwarder
 from .helpers import DEFAULT_URI, Pool, gone, wait_for
-from .test_consumers import consumer_pool, consumers, traced
+from .test_consumers import consumer_count, consumer_pool, consumers, traced
 
 PoolMaker = Callable[..., Pool]
 
@@ -58,14 +58,6 @@ def publish(uri: str, exchange: str, key: str, body: bytes,
 def depth(uri: str, queue: str) -> int:
     with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
         return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
-
-
-def consuming(uri: str, queue: str) -> bool:
-    try:
-        with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
-            return bool(conn.channel().queue_declare(queue, passive=True).method.consumer_count)
-    except pika.exceptions.ChannelClosedByBroker:
-        return False  # not declared yet
 
 
 def got(channel: pika.adapters.blocking_connection.BlockingChannel,
@@ -130,7 +122,7 @@ def test_stop_is_bounded_with_a_silent_federated_broker_and_a_stuck_handler(
             pools, tmp_path, names, "stuck", uris={"east": [DEFAULT_URI], "west": [silent]},
             pool_settings={"zone": "east"}, shutdown_timeout=3, prefetch=1, federate="true")
         assigned_federator(pool)
-        wait_for(lambda: consuming(remote, federated), 10, "the federator consuming")
+        wait_for(lambda: consumer_count(federated, remote), 10, "the federator consuming")
         publish(DEFAULT_URI, names["exchange"], "billing.forever", b"stuck here")
         wait_for(lambda: traced(trace), 10, "the handler to be stuck")
         publish(remote, names["exchange"], "billing.remote", b"waits its turn")

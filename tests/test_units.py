@@ -20,7 +20,8 @@ from kzpool.worker import WorkerSpec
 
 def test_public_api() -> None:
     assert sorted(kzpool.__all__) == sorted([
-        "BrokerURI", "BrokerURIError", "BrokerUnavailable", "ChannelClosedByBroker", "Config",
+        "Binding", "BrokerURI", "BrokerURIError", "BrokerUnavailable", "ChannelClosedByBroker",
+        "Config",
         "ConfigError", "Confirm", "ConnectionBlockedTimeout", "KzpoolError", "Lease",
         "LeaseClosed", "LeaseRequestError", "LeaseTimeout", "Listener", "Message", "MoveEvent",
         "NackError",
