@@ -6,6 +6,7 @@ forwarder that can go silent): to the pool it is another broker, with its own co
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 import uuid
@@ -139,3 +140,28 @@ def test_stop_is_bounded_with_a_silent_federated_broker_and_a_stuck_handler(
     finally:
         forwarder.close()  # the broker sees west's connection end: it requeues what it held
     wait_for(lambda: depth(remote, federated) == 1, 10, "the federated message requeued")
+
+
+def test_federators_restart_with_their_consumer(pools: PoolMaker, tmp_path: Path,
+                                                names: dict[str, str]) -> None:
+    remote = names["remote"]
+    federated = f"{names['queue']}-east"
+    pool, trace = consumer_pool(pools, tmp_path, names, "answer",
+                                uris={"east": [DEFAULT_URI], "west": [remote]},
+                                pool_settings={"zone": "east"}, federate="true")
+    first = int(consumers(pool)[0]["pid"])
+    assert assigned_federator(pool)["client_pid"] == first
+    wait_for(lambda: consumer_count(federated, remote), 10, "the federator consuming")
+    publish(remote, names["exchange"], "billing.one", b"1")
+    wait_for(lambda: [*map(tuple, traced(trace))] == [(str(first), "billing.one", "1", "west")],
+             10, "the west event handled, stamped with its zone")
+
+    os.kill(first, signal.SIGKILL)
+    second = wait_for(lambda: consumers(pool)[0]["pid"] not in (None, first)
+                      and int(consumers(pool)[0]["pid"]), 10, "a new consumer")
+    wait_for(lambda: [r["client_pid"] for r in federators(pool)] == [second], 10,
+             "one federator, the new consumer's")
+    wait_for(lambda: consumer_count(federated, remote), 10, "the new federator consuming")
+    publish(remote, names["exchange"], "billing.two", b"2")
+    wait_for(lambda: (str(second), "billing.two", "2", "west") in map(tuple, traced(trace)),
+             10, "the next west event handled by the new consumer")
