@@ -23,7 +23,7 @@ import psutil
 from . import control, exitcodes, proc, protocol
 from .backoff import Backoff
 from .config import Broker, Consumer
-from .consumer import run_consumer
+from .consumer import CONSUMER_LEASE_TIMEOUT, run_consumer
 from .slots import STABLE_AFTER, ConsumerSlot, Slot
 from .states import ConnState, PoolState, ProcState
 from .uri import BrokerURI
@@ -280,19 +280,26 @@ class Children:
                     os.kill(slot.pid, signal.SIGKILL)
 
     def _spawn_consumer(self, slot: ConsumerSlot) -> None:
+        """Fork one consumer process and ask for its lease on its behalf, on a socket pair:
+        the child waits for the answer on its end while it imports its handler."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:
             code = exitcodes.ERROR
             try:
                 for sig in HANDLED_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
-                proc.close_fds_except(0, 1, 2)
+                proc.close_fds_except(0, 1, 2, theirs.fileno())
                 code = run_consumer(slot.consumer, slot.index, self.settings.socket, self.pid,
-                                    self.settings.shutdown_timeout)
+                                    self.settings.shutdown_timeout, theirs)
             except BaseException:
                 log.exception("%s crashed", slot.title)
             finally:
                 os._exit(code)
+        theirs.close()
+        s = slot.consumer.settings
+        self.leases.request(ours, {"op": "lease", "kind": s.lease, "broker": s.broker,
+                                   "timeout": CONSUMER_LEASE_TIMEOUT}, client_pid=pid)
         slot.pid, slot.process = pid, psutil.Process(pid)
         slot.state, slot.started, slot.respawn_at = ProcState.RUNNING, time.monotonic(), 0.0
         slot.since = time.time()

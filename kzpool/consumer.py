@@ -16,6 +16,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -29,6 +30,7 @@ from .listener import Listener
 log = logging.getLogger("kzpool.consumer")
 
 RSS_CHECK_EVERY = 100  # messages
+CONSUMER_LEASE_TIMEOUT = 10.0  # seconds the first lease may wait for a broker
 
 
 def load_handler(spec: str) -> Any:
@@ -57,9 +59,10 @@ def build_listener(consumer: Consumer) -> Listener:
 
 
 def run_consumer(consumer: Consumer, index: int, socket_path: str, master_pid: int,
-                 stop_timeout: float) -> int:
-    """Entry point in the forked child; ``stop_timeout``: how long federators may take to
-    finish their handlers once stopping (the master's SIGKILL comes before it ends)."""
+                 stop_timeout: float, handed: socket.socket) -> int:
+    """Entry point in the forked child.  ``stop_timeout``: how long federators may take to
+    finish their handlers once stopping (the master's SIGKILL comes before it ends);
+    ``handed``: the socket on which the master asked for this process's lease."""
     signal.set_wakeup_fd(-1)
     proc.die_with_parent(signal.SIGTERM)
     proc.set_title(f"kzpool: consumer {consumer.name} #{index}")
@@ -74,15 +77,16 @@ def run_consumer(consumer: Consumer, index: int, socket_path: str, master_pid: i
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if os.getppid() != master_pid:
         return exitcodes.WORKER_PARENT_GONE
-    return _serve(listener, consumer, PoolClient(socket_path), master_pid, stop_timeout)
+    return _serve(listener, consumer, PoolClient(socket_path), master_pid, stop_timeout,
+                  handed)
 
 
 def _serve(listener: Listener, consumer: Consumer, pool: PoolClient, master_pid: int,
-           stop_timeout: float) -> int:
+           stop_timeout: float, handed: socket.socket) -> int:
     limit, rss_limit = consumer.settings.max_messages, consumer.settings.max_rss
     me = psutil.Process()
     try:
-        listener.start(pool)
+        listener.start(pool, handed)
         while not listener.stopping and os.getppid() == master_pid:
             batch = min(RSS_CHECK_EVERY, limit - listener.handled) if limit else RSS_CHECK_EVERY
             before = listener.handled

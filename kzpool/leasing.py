@@ -52,10 +52,15 @@ class LeaseBook:
 
     # ----- requests -------------------------------------------------------------------------
 
-    def request(self, sock: socket.socket, message: dict[str, Any]) -> None:
-        """A lease (or resume) request; the socket is ours until placed or refused."""
+    def request(self, sock: socket.socket, message: dict[str, Any],
+                client_pid: int | None = None) -> None:
+        """A lease (or resume) request; the socket is ours until placed or refused.
+
+        ``client_pid``: the process the lease is for, when the master asks on its behalf
+        (an in-service consumer's first lease, handed to it through a socket pair).
+        """
         try:
-            assignment, timeout = self._admit(sock, message)
+            assignment, timeout = self._admit(sock, message, client_pid)
         except KzpoolError as exc:
             control.refuse(sock, exc.code, str(exc))
             return
@@ -64,7 +69,8 @@ class LeaseBook:
         if not self._place(reservation):
             self.waiting.append(reservation)
 
-    def _admit(self, sock: socket.socket, message: dict[str, Any]) -> tuple[Assignment, float]:
+    def _admit(self, sock: socket.socket, message: dict[str, Any],
+               client_pid: int | None) -> tuple[Assignment, float]:
         kind_text = message.get("kind", "float")
         try:
             kind = LeaseKind(kind_text)
@@ -79,7 +85,7 @@ class LeaseBook:
         lease = str(message.get("lease") or new_lease_id())
         row = self.rows.get(lease)
         if row is None:
-            row = Assignment(lease, kind, zone, access.peer(sock)[0], broker,
+            row = Assignment(lease, kind, zone, client_pid or access.peer(sock)[0], broker,
                              federates=_label(message.get("federates")))
             self.rows[lease] = row
         # a resume: the client knows its channel is gone before its worker's report arrives

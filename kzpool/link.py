@@ -104,7 +104,7 @@ class LeaseLink:
 
     def __init__(self, client: PoolClient, kind: str, zone: str | None, broker: str | None,
                  timeout: float, on_move: Callable[[MoveEvent], None] | None,
-                 federates: str | None = None) -> None:
+                 federates: str | None = None, handed: socket.socket | None = None) -> None:
         self.client = client
         self.kind = kind
         self.zone = zone
@@ -142,6 +142,7 @@ class LeaseLink:
         self._refusal: dict[str, Any] | None = None
         self._lost: dict[str, Any] | None = None
         self._closed = False
+        self._handed = handed  # a socket on which the master asked for this lease already
         self._acquire()
 
     def _call(self, op: str, method: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -403,25 +404,28 @@ class LeaseLink:
 
         First at the worker that served this kind of lease last (the client's route cache):
         one round trip.  If that worker is gone or no longer the right one, at the master,
-        which may keep the request waiting until a broker can serve it.
+        which may keep the request waiting until a broker can serve it.  A lease the master
+        asked for on our behalf (``handed``) only waits for its answer.
         """
         deadline = time.monotonic() + self.timeout
         retry = Backoff(0.005, 0.25)
         while True:
-            route = self.client.routes.get(self._route_key)
-            sock = self.client.open_socket(route) if route else None
+            handed, self._handed = self._handed, None
+            route = None if handed else self.client.routes.get(self._route_key)
+            sock = handed or (self.client.open_socket(route) if route else None)
             if sock is None:
                 route = None
                 sock = self.client.open_socket()  # PoolNotRunning: the lease stays lost
             self._sock, self._lost, self._refusal = sock, None, None
             self._reader = protocol.FrameReader(protocol.MAX_DATA_FRAME)
-            request = protocol.encode({
-                "op": "lease", "kind": self.kind, "zone": self.zone, "broker": self._sticky,
-                "broker_id": self._route_key[1] if self._sticky else None, "lease": self.id,
-                "federates": self.federates,
-                "timeout": max(0.0, deadline - time.monotonic())})
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                self._sock.sendall(request)  # a refusal may be waiting to be read: read on
+            if handed is None:
+                request = protocol.encode({
+                    "op": "lease", "kind": self.kind, "zone": self.zone, "broker": self._sticky,
+                    "broker_id": self._route_key[1] if self._sticky else None,
+                    "lease": self.id, "federates": self.federates,
+                    "timeout": max(0.0, deadline - time.monotonic())})
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    sock.sendall(request)  # a refusal may be waiting to be read: read on
             while not self._leased and self._lost is None and self._refusal is None:
                 if time.monotonic() > deadline + REPLY_GRACE:
                     self._on_lost({"class": "Timeout", "code": 0, "text": "no reply"})

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -153,13 +154,14 @@ class Listener:
         return [b.key if isinstance(b, Binding) else b for b in self.bindings
                 if self.federate or (isinstance(b, Binding) and b.federate)]
 
-    def start(self, pool: PoolClient) -> Lease:
+    def start(self, pool: PoolClient, handed: socket.socket | None = None) -> Lease:
         """Take a lease, declare exchange, queue, bindings, QoS (replayed on every move), and
-        start a federator per remote broker if any binding is federated."""
+        start a federator per remote broker if any binding is federated.  ``handed``: see
+        :meth:`kzpool.PoolClient.lease`."""
         self._stopping = False
         self._stopped.clear()
         named = self.queue
-        lease = pool.lease(self.kind, zone=self.zone, broker=self.broker)
+        lease = pool.lease(self.kind, zone=self.zone, broker=self.broker, handed=handed)
         self.lease = lease
         self.queue = self.declare(lease, self.queue, self.keys)
         if self.federated_keys:

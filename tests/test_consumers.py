@@ -13,6 +13,8 @@ from typing import Any
 import pika
 import pytest
 
+import kzpool
+
 from .helpers import DEFAULT_URI, Pool, gone, titles, wait_for
 
 PoolMaker = Callable[..., Pool]
@@ -175,9 +177,26 @@ def test_sighup_applies_changed_consumer_sections(pools: PoolMaker, tmp_path: Pa
         conn.channel().queue_delete(f"{names['queue']}-a")
 
 
-def test_a_listener_in_any_process(pools: PoolMaker, names: dict[str, str]) -> None:
-    import kzpool
+def test_consumers_get_their_lease_through_a_socket_pair(pools: PoolMaker, tmp_path: Path,
+                                                        names: dict[str, str]) -> None:
+    """The master asks for each consumer's lease itself: the consumer needs no access to the
+    lease socket (here it admits only nobody, and the pool and its consumers run as us)."""
+    pool = pools([DEFAULT_URI], allow_users="nobody", allow_groups="nogroup")
+    pool.config.write_text(pool.config.read_text() + "[consumer:billing]\n"
+                           f"handler = tests.handlers:record\nqueue = {names['queue']}\n")
+    trace = tmp_path / "trace.txt"
+    trace.touch()
+    pool.start(env={"KZT_TRACE": str(trace), "PYTHONPATH": str(Path(__file__).parent.parent)})
+    wait_for(lambda: consumer_count(names["queue"]), 20, "the consumer consuming")
+    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
+        conn.channel().basic_publish("", names["queue"], b"through the pair")
+    done = wait_for(lambda: traced(trace), 10, "the message handled")
+    assert done[0][1:] == [names["queue"], "through", "the", "pair"]
+    with pytest.raises(kzpool.PoolAccessDenied):
+        kzpool.connect(pool.socket)  # we, like the consumer, may not use the socket
 
+
+def test_a_listener_in_any_process(pools: PoolMaker, names: dict[str, str]) -> None:
     pool = pools([DEFAULT_URI]).start()
     pool.wait_ready()
     seen: list[tuple[str, bytes]] = []
