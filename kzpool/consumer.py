@@ -2,8 +2,9 @@
 
 The master forks it and asks for its lease on its behalf, on a socket pair whose other end
 the child keeps; the child imports the section's handler, takes that lease (later moves go
-through the lease sockets like any client's), and runs a :class:`~kzpool.listener.Listener` until told to stop, until
-``max_messages`` or ``max_rss`` say it is time to recycle, or until the master is gone.
+through the lease sockets like any client's), and runs a :class:`~kzpool.listener.Listener`
+until told to stop, until ``max_messages`` or ``max_rss`` say it is time to recycle, or
+until the master is gone.
 
 Exit codes (:mod:`kzpool.exitcodes`): 0 stopped or recycled (the master starts a new one at
 once), :data:`~kzpool.exitcodes.CONSUMER_BOOT` when the handler cannot be imported or is not

@@ -189,10 +189,8 @@ class LeaseLink:
             return
         tag = delivery_tag - self._tag_base if delivery_tag else 0
         self._settles.append(protocol.tagged(Kind.SETTLE, tag, flags))
-        # acks batch up while read deliveries wait, but go out once they outnumber what is
-        # left to handle: the broker refills the prefetch window before it runs dry
         if len(self._settles) >= SETTLE_BATCH or not (self._deliveries or self._generator):
-            self._send(b"")
+            self._send(b"")  # sends the settles; while read deliveries wait, they batch up
 
     def _send(self, data: bytes) -> None:
         """Send ``data``, after any batched settles (acks keep their order)."""
