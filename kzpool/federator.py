@@ -72,6 +72,9 @@ class Federator:
                 if self.error != str(exc):
                     log.warning("federator %s on %s: %s; retrying", self.queue, self.broker, exc)
                 self.error = str(exc)
+            except Exception as exc:  # a bug: say so, and keep the federator alive
+                log.exception("federator %s on %s failed; retrying", self.queue, self.broker)
+                self.error = f"{type(exc).__name__}: {exc}"
             finally:
                 if self.lease is not None:
                     self.lease.close()

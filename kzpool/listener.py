@@ -16,6 +16,7 @@ Federated bindings are consumed on every other zone's brokers too, by the listen
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import socket
@@ -223,15 +224,17 @@ class Listener:
         """Stop; cancel the consumer (what was not handled goes back to the queue) and end
         the lease; wait up to ``timeout`` for the federators, all at once."""
         self.stop()
-        if self.lease is not None and self.lease.is_open:
-            self.lease.cancel()
-            self.lease.close()
         deadline = time.monotonic() + timeout
-        busy = [f for f in self.federators if not f.join(deadline - time.monotonic())]
-        if busy:
-            log.warning("listener %s: %d federator(s) still busy after %g s: %s", self.queue,
-                        len(busy), timeout, ", ".join(map(repr, busy)))
-        self.federators = []
+        try:
+            if self.lease is not None and self.lease.is_open:
+                with contextlib.closing(self.lease):
+                    self.lease.cancel()
+        finally:
+            busy = [f for f in self.federators if not f.join(deadline - time.monotonic())]
+            if busy:
+                log.warning("listener %s: %d federator(s) still busy after %g s: %s",
+                            self.queue, len(busy), timeout, ", ".join(map(repr, busy)))
+            self.federators = []
 
     def dispatch(self, lease: Lease, method: Any, properties: Any, body: bytes) -> None:
         """Run the handler on one delivery of ``lease`` (the listener's or a federator's):
