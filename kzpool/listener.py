@@ -36,6 +36,7 @@ from .lease import Lease
 log = logging.getLogger("kzpool.listener")
 
 Handler = Callable[["Message"], Any]
+STOP_POLL = 0.1  # seconds: how soon a federator waiting to retry sees stop()
 
 
 @dataclass
@@ -128,7 +129,6 @@ class Listener:
     federators: list[Federator] = field(default_factory=list, init=False)
     handled: int = field(default=0, init=False)
     _stopping: bool = field(default=False, init=False)
-    _stopped: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -160,7 +160,6 @@ class Listener:
         start a federator per remote broker if any binding is federated.  ``handed``: see
         :meth:`kzpool.PoolClient.lease`."""
         self._stopping = False
-        self._stopped.clear()
         named = self.queue
         lease = pool.lease(self.kind, zone=self.zone, broker=self.broker, handed=handed)
         self.lease = lease
@@ -214,11 +213,14 @@ class Listener:
     def stop(self) -> None:
         """Start no new handler: ``run`` and the federators return after the message in
         hand.  Safe to call from a signal handler."""
-        self._stopping = True
-        self._stopped.set()
+        self._stopping = True  # only a flag: a lock taken here could deadlock a signal handler
 
     def wait_stopped(self, timeout: float) -> bool:
-        return self._stopped.wait(timeout)
+        """Sleep up to ``timeout``, waking within :data:`STOP_POLL` of :meth:`stop`."""
+        deadline = time.monotonic() + timeout
+        while not self._stopping and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(STOP_POLL, left))
+        return self._stopping
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop; cancel the consumer (what was not handled goes back to the queue) and end
