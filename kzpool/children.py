@@ -233,19 +233,21 @@ class Children:
                                                   self.settings.respawn_backoff_max))
                 for i in range(1, consumer.settings.processes + 1)]
 
-    def reload_consumers(self, consumers: tuple[Consumer, ...]) -> None:
+    def reload_consumers(self, consumers: tuple[Consumer, ...], brokers_changed: bool) -> None:
         """Apply the ``[consumer:*]`` sections of a reloaded config.
 
         An unchanged section keeps its processes (one that could not load its handler is
         tried again: the handler may have been fixed).  A changed or removed section's
         processes are retired: SIGTERM, so they finish the message in hand, and SIGKILL
         after ``shutdown_timeout``.  A changed or new section starts its processes at once.
+        A federating section counts as changed when the brokers did: its federators follow.
         """
         now = time.monotonic()
         wanted = {c.name: c for c in consumers}
         kept: dict[str, list[ConsumerSlot]] = {}
         for slot in self.consumers:
-            if wanted.get(slot.consumer.name) == slot.consumer:
+            same = wanted.get(slot.consumer.name) == slot.consumer
+            if same and not (brokers_changed and slot.consumer.settings.federate):
                 kept.setdefault(slot.consumer.name, []).append(slot)
                 if slot.state is ProcState.FAILED:
                     slot.state, slot.error, slot.respawn_at = ProcState.DEAD, None, now
@@ -314,7 +316,7 @@ class Children:
         if code == exitcodes.CONSUMER_BOOT:
             slot.state = ProcState.FAILED
             slot.error = f"cannot load {slot.consumer.settings.handler}"
-            log.error("%s %s; not restarting (fix the handler, then restart the pool)",
+            log.error("%s %s; not restarting (fix the handler, then reload: SIGHUP)",
                       slot.title, why)
             return
         recycled = code == exitcodes.OK

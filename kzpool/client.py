@@ -64,18 +64,21 @@ class PoolClient:
 
     def lease(self, kind: str = "float", *, zone: str | None = None, broker: str | None = None,
               timeout: float = 10.0, on_move: Callable[[MoveEvent], None] | None = None,
-              federates: str | None = None, handed: socket.socket | None = None) -> Lease:
+              federates: str | None = None, handed: socket.socket | None = None,
+              abort: Callable[[], bool] | None = None) -> Lease:
         """A channel: ``float`` follows the zone's primary, ``sticky`` stays on ``broker``.
 
         Blocks up to ``timeout`` seconds for a broker to serve it, then raises
         :class:`~kzpool.errors.BrokerUnavailable` naming what it waited for.  ``federates``
         names the listener queue a federator's lease feeds; ``kzpool status`` shows it.
         ``handed``: a socket on which the master already asked for this lease (an in-service
-        consumer's, from a socket pair); the lease waits for its answer there.
+        consumer's, from a socket pair); the lease waits for its answer there.  ``abort``:
+        asked every quarter second while the lease waits for a channel or a reply; when it
+        returns true the lease gives up and is closed (:class:`~kzpool.errors.LeaseClosed`).
         """
         if kind not in KINDS:
             raise LeaseRequestError(f"unknown lease kind {kind!r} (float or sticky)")
-        return Lease(self, kind, zone, broker, timeout, on_move, federates, handed)
+        return Lease(self, kind, zone, broker, timeout, on_move, federates, handed, abort)
 
 
 def connect(socket: str | None = None) -> PoolClient:

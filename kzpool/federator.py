@@ -22,7 +22,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from .backoff import Backoff
-from .errors import KzpoolError
+from .errors import KzpoolError, LeaseRequestError
 
 if TYPE_CHECKING:
     from .client import PoolClient
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kzpool.federator")
 
 STOP_CHECK = 0.25  # seconds a federator may wait for a delivery before it looks at the flag
-LEASE_TIMEOUT = 2.0  # one try at a lease on the remote broker; retried with backoff
+LEASE_TIMEOUT = 3600.0  # a federator waits for its broker as long as the pool lets it
 RETRY = (0.2, 5.0)  # backoff between tries: first, cap
 
 
@@ -68,8 +68,12 @@ class Federator:
         while not self.listener.stopping:
             try:
                 self._consume()
+            except LeaseRequestError as exc:  # its broker or zone left the config
+                log.warning("federator %s on %s: %s; stopping it", self.queue, self.broker, exc)
+                self.error = str(exc)
+                return
             except KzpoolError as exc:
-                if self.error != str(exc):
+                if self.error != str(exc) and not self.listener.stopping:
                     log.warning("federator %s on %s: %s; retrying", self.queue, self.broker, exc)
                 self.error = str(exc)
             except Exception as exc:  # a bug: say so, and keep the federator alive
@@ -82,9 +86,12 @@ class Federator:
             self.listener.wait_stopped(self._retry.next_delay())
 
     def _consume(self) -> None:
+        """One lease, kept while its broker comes and goes (the sticky lease waits for it,
+        so ``kzpool status`` shows the federator all along); it ends only on stop or error."""
         listener = self.listener
-        self.lease = lease = self.pool.lease("sticky", broker=self.broker, zone=self.zone,
-                                             timeout=LEASE_TIMEOUT, federates=listener.queue)
+        self.lease = lease = self.pool.lease(
+            "sticky", broker=self.broker, zone=self.zone, timeout=LEASE_TIMEOUT,
+            federates=listener.queue, abort=lambda: listener.stopping)
         queue = listener.declare(lease, self.queue, listener.federated_keys)
         self.error = None
         self._retry.reset()

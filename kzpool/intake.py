@@ -168,11 +168,12 @@ def _request(frames: list[protocol.Frame] | None) -> dict[str, Any]:
     if kind != protocol.Kind.JSON:
         raise ProtocolError(f"expected a lease request, got a frame of kind {kind}")
     request = protocol.decode_json(payload)
-    if not all(isinstance(request.get(k), str | None) for k in ("op", "kind", "zone", "lease",
-                                                           "federates")):
-        raise ProtocolError("malformed lease request")
+    for key in ("op", "kind", "zone", "lease", "federates"):
+        if not isinstance(request.get(key), str | None):
+            raise ProtocolError(f"malformed lease request: {key} is not a string")
     if len(request.get("federates") or "") > protocol.MAX_NAME:
-        raise ProtocolError("malformed lease request: federates is too long")
+        raise ProtocolError(f"malformed lease request: federates is over {protocol.MAX_NAME}"
+                            " characters")
     return request
 
 

@@ -10,6 +10,7 @@ can or the client's timeout passes.  Workers report what becomes of each lease.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from . import access, control, protocol
 from .assign import Assignment, LeaseKind, RowState, choose_slot, new_lease_id, target_of, to_move
 from .errors import BrokerURIError, KzpoolError, LeaseRequestError
 from .slots import Slot, broker_key
-from .uri import BrokerURI
+from .uri import MASK, BrokerURI
 
 if TYPE_CHECKING:
     from .master import Master
@@ -81,12 +82,13 @@ class LeaseBook:
         zones = self.master.config.zones
         if zone not in zones:
             raise LeaseRequestError(f"unknown zone {zone!r} (zones: {', '.join(zones)})")
+        federates = _label(message.get("federates"))
         broker = self._sticky_broker(kind, message.get("broker"))
         lease = str(message.get("lease") or new_lease_id())
         row = self.rows.get(lease)
         if row is None:
             row = Assignment(lease, kind, zone, client_pid or access.peer(sock)[0], broker,
-                             federates=_label(message.get("federates")))
+                             federates=federates)
             self.rows[lease] = row
         # a resume: the client knows its channel is gone before its worker's report arrives
         row.state, row.slot = RowState.WAITING, None
@@ -107,6 +109,9 @@ class LeaseBook:
         for slot in self.master.slots.values():
             if slot.spec.broker.uri.short == uri.short and not slot.removed:
                 return broker_key(slot.spec.broker)
+        if uri.password == MASK:
+            raise LeaseRequestError(f"unknown broker {uri.masked}: a URI with a masked password"
+                                    " names only a broker of the pool's config")
         return broker_key(self.master.add_hidden_broker(uri))
 
     # ----- placement ----------------------------------------------------------------------------
@@ -144,9 +149,12 @@ class LeaseBook:
             return
         still = []
         for reservation in self.waiting:
-            if self._place(reservation):
+            if _hung_up(reservation.sock):  # the client gave up waiting
+                reservation.sock.close()
+                self._drop(reservation.assignment.lease)
+            elif self._place(reservation):
                 continue
-            if now >= reservation.deadline:
+            elif now >= reservation.deadline:
                 self._expire(reservation)
             else:
                 still.append(reservation)
@@ -249,6 +257,18 @@ class LeaseBook:
 
     def table(self) -> list[dict[str, Any]]:
         return [row.row() for row in self.rows.values()]
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """The peer closed its end (a waiting client sends nothing, so any read is the end)."""
+    try:
+        if not select.select([sock], [], [], 0)[0]:
+            return False
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def _label(value: Any) -> str | None:

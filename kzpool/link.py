@@ -54,6 +54,7 @@ READ_SIZE = 256 << 10
 REPLY_GRACE = 5.0  # the master answers a lease request within its timeout; allow this more
 DRAIN_INTERVAL = 0.001  # seconds between two reads of confirms and events while publishing
 SETTLE_BATCH = 64  # acks sent together at most
+ABORT_POLL = 0.25  # seconds between two looks at a lease's abort callable while it waits
 _DELIVER, _CONFIRM, _RETURN, _JSON = map(int, (Kind.DELIVER, Kind.CONFIRM, Kind.RETURN,
                                                Kind.JSON))
 Delivery = tuple[Any, Any, bytes]
@@ -104,7 +105,8 @@ class LeaseLink:
 
     def __init__(self, client: PoolClient, kind: str, zone: str | None, broker: str | None,
                  timeout: float, on_move: Callable[[MoveEvent], None] | None,
-                 federates: str | None = None, handed: socket.socket | None = None) -> None:
+                 federates: str | None = None, handed: socket.socket | None = None,
+                 abort: Callable[[], bool] | None = None) -> None:
         self.client = client
         self.kind = kind
         self.zone = zone
@@ -143,6 +145,7 @@ class LeaseLink:
         self._lost: dict[str, Any] | None = None
         self._closed = False
         self._handed = handed  # a socket on which the master asked for this lease already
+        self._abort = abort  # asked while waiting: True gives up (LeaseClosed)
         self._acquire()
 
     def _call(self, op: str, method: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +180,7 @@ class LeaseLink:
                     self._lost["reported"] = True
                     return {"error": error}
                 return None
-            self._pump(None)
+            self._pump(self._check_abort())
         return self._replies.pop(rid)
 
     def _settle(self, delivery_tag: int, flags: int) -> None:
@@ -428,7 +431,8 @@ class LeaseLink:
                 if time.monotonic() > deadline + REPLY_GRACE:
                     self._on_lost({"class": "Timeout", "code": 0, "text": "no reply"})
                     break
-                self._pump(deadline + REPLY_GRACE - time.monotonic())
+                self._pump(min(deadline + REPLY_GRACE - time.monotonic(),
+                               self._check_abort() or REPLY_GRACE))
             refusal = self._refused()  # set by _pump: mypy cannot see that
             if refusal is not None:
                 error = from_reply(refusal)
@@ -445,6 +449,18 @@ class LeaseLink:
                 self._give_up(error)
                 raise error
             time.sleep(retry.next_delay())  # the worker had just lost its broker
+
+    def _check_abort(self) -> float | None:
+        """Raise :class:`LeaseClosed` if the owner gave up; else how long a wait may last
+        before asking again (``None``: as long as it takes)."""
+        if self._abort is None:
+            return None
+        if self._abort():
+            error = LeaseClosed("given up: its owner is stopping", lease=self.id)
+            self._give_up(error)
+            self._closed = True
+            raise error
+        return ABORT_POLL
 
     def _refused(self) -> dict[str, Any] | None:
         return self._refusal

@@ -125,14 +125,22 @@ class Listener:
     broker: str | None = None  # for a sticky listener
     zone: str | None = None
     federate: bool = False
-    lease: Lease | None = field(default=None, init=False)
     federators: list[Federator] = field(default_factory=list, init=False)
     handled: int = field(default=0, init=False)
     _stopping: bool = field(default=False, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _lease: Lease | None = field(default=None, init=False, repr=False)
+    _local: threading.local = field(default_factory=threading.local, init=False, repr=False)
 
     def __post_init__(self) -> None:
         """Override to register responders in a subclass."""
+
+    @property
+    def lease(self) -> Lease | None:
+        """The listener's lease; inside a handler, the lease that received the message: for
+        a federated event, its federator's (a lease belongs to the thread that consumes on
+        it, and a reply then goes back through the broker the event came from)."""
+        return getattr(self._local, "lease", None) or self._lease
 
     def responder(self, pattern: str) -> Callable[[Handler], Handler]:
         def register(function: Handler) -> Handler:
@@ -159,10 +167,9 @@ class Listener:
         """Take a lease, declare exchange, queue, bindings, QoS (replayed on every move), and
         start a federator per remote broker if any binding is federated.  ``handed``: see
         :meth:`kzpool.PoolClient.lease`."""
-        self._stopping = False
         named = self.queue
         lease = pool.lease(self.kind, zone=self.zone, broker=self.broker, handed=handed)
-        self.lease = lease
+        self._lease = lease
         self.queue = self.declare(lease, self.queue, self.keys)
         if self.federated_keys:
             self._start_federators(pool, named)
@@ -197,7 +204,7 @@ class Listener:
     def run(self, pool: PoolClient, max_messages: int = 0,
             inactivity: float = 1.0) -> int:
         """Consume until stopped or ``max_messages``; returns how many were handled."""
-        lease = self.lease or self.start(pool)
+        lease = self._lease or self.start(pool)
         for method, properties, body in lease.consume(self.queue, auto_ack=self.auto_ack,
                                                       inactivity_timeout=inactivity):
             if method is not None:
@@ -212,7 +219,8 @@ class Listener:
 
     def stop(self) -> None:
         """Start no new handler: ``run`` and the federators return after the message in
-        hand.  Safe to call from a signal handler."""
+        hand.  Safe to call from a signal handler, and final: a stopped listener stays
+        stopped (make a new one to consume again)."""
         self._stopping = True  # only a flag: a lock taken here could deadlock a signal handler
 
     def wait_stopped(self, timeout: float) -> bool:
@@ -228,9 +236,9 @@ class Listener:
         self.stop()
         deadline = time.monotonic() + timeout
         try:
-            if self.lease is not None and self.lease.is_open:
-                with contextlib.closing(self.lease):
-                    self.lease.cancel()
+            if self._lease is not None and self._lease.is_open:
+                with contextlib.closing(self._lease):
+                    self._lease.cancel()
         finally:
             busy = [f for f in self.federators if not f.join(deadline - time.monotonic())]
             if busy:
@@ -242,10 +250,10 @@ class Listener:
         """Run the handler on one delivery of ``lease`` (the listener's or a federator's):
         ack on return, nack on an exception; after :meth:`stop`, requeue it unhandled."""
         with self._lock:
-            if self._stopping:
-                if not self.auto_ack:
-                    lease.basic_nack(method.delivery_tag, requeue=True)
+            if self._stopping and not self.auto_ack:  # (with auto_ack it is ours: handle it)
+                lease.basic_nack(method.delivery_tag, requeue=True)
                 return
+            self._local.lease = lease
             message = Message(body, method.routing_key, method.exchange, properties,
                               method.redelivered, method.delivery_tag, lease.broker,
                               lease.broker_zone, lease)

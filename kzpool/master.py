@@ -265,8 +265,10 @@ class Master(Children):
         for key, broker in wanted.items():
             if key not in kept:
                 self._add_slot(WorkerSpec(self._new_id(), broker, key[1], new.settings))
+        brokers_changed = [(b.uri, b.zone) for b in new.brokers] != [
+            (b.uri, b.zone) for b in self.config.brokers]
         self.config, self.settings = new, new.settings
-        self.reload_consumers(new.consumers)
+        self.reload_consumers(new.consumers, brokers_changed)
         self.access = Access(new.settings.allow_users, new.settings.allow_groups)
         log.info("reloaded %s: %d connection worker(s)", new.path, len(self.slots))
         self.notifier.ready(self.summary())
@@ -382,7 +384,7 @@ class Master(Children):
             return {"local_zone": self.config.local_zone, "brokers": [
                 {"broker": b["broker"], "zone": b["zone"], "hidden": b["hidden"],
                  "available": b["available"] > 0}
-                for b in broker_summary(self.slots.values(), ())]}
+                for b in broker_summary([s for s in self.slots.values() if not s.removed], ())]}
         raise KzpoolError(f"unknown request {op!r}", op=op)
 
     # ----- the tables -------------------------------------------------------------------------

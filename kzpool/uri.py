@@ -8,6 +8,7 @@ from urllib.parse import quote, unquote, urlsplit
 from .errors import BrokerURIError
 
 SCHEMES = {"amqp": 5672, "amqps": 5671}
+MASK = "***"  # a password as titles, logs and status show it
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class BrokerURI:
     def masked(self) -> str:
         """The URI with its password replaced by ``***``: safe for logs and status."""
         where = self.short[len(self.scheme) + 3:]
-        return f"{self.scheme}://{quote(self.user, safe='')}:***@{where}"
+        return f"{self.scheme}://{quote(self.user, safe='')}:{MASK}@{where}"
 
     @property
     def short(self) -> str:
@@ -69,7 +70,7 @@ def mask(text: str) -> str:
         return text
     scheme, _, creds = head.partition("://")
     user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{tail}"
+    return f"{scheme}://{user}:{MASK}@{tail}"
 
 
 def _bad(text: str, reason: str) -> BrokerURIError:

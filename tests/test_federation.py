@@ -79,8 +79,10 @@ def test_federated_events_reach_the_listener_and_replies_stay_in_their_zone(
     @listener.responder("#")
     def handle(message: kzpool.Message) -> None:
         seen.append((message.routing_key, message.body, message.zone, message.broker))
-        if message.properties.reply_to:
-            message.reply(b"re: " + message.body)
+        assert listener.lease is message.lease  # a handler's listener.lease: the right one
+        if message.properties.reply_to:  # so this publishes on the broker it came from
+            listener.lease.basic_publish("", message.properties.reply_to, b"re: " + message.body,
+                                         pika.BasicProperties(correlation_id="c-1"))
 
     client = kzpool.connect(pool.socket)
     listener.start(client)
