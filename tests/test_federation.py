@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -167,3 +168,23 @@ def test_federators_restart_with_their_consumer(pools: PoolMaker, tmp_path: Path
     publish(remote, names["exchange"], "billing.two", b"2")
     wait_for(lambda: (str(second), "billing.two", "2", "west") in map(tuple, traced(trace)),
              10, "the next west event handled by the new consumer")
+
+
+def test_a_federator_waits_in_status_for_a_remote_broker_that_is_down(
+        pools: PoolMaker, names: dict[str, str]) -> None:
+    with socket.socket() as probe:  # a port nothing listens on: that broker is down
+        probe.bind(("127.0.0.1", 0))
+        down = f"amqp://guest:guest@127.0.0.1:{probe.getsockname()[1]}/%2F"
+    pool = pools({"east": [DEFAULT_URI], "west": [down]}, zone="east").start()
+    pool.wait_ready()
+    listener = kzpool.Listener(queue=names["queue"], exchange=names["exchange"],
+                               bindings=["billing.*"], federate=True)
+    listener.start(kzpool.connect(pool.socket))
+    row = wait_for(lambda: federators(pool), 10, "the federator's row")[0]
+    assert (row["state"], row["zone"]) == ("waiting", "west")
+    assert row["broker"] == down.replace("guest:guest@", "guest:***@")
+    until = time.monotonic() + 3  # it stays there while it waits, not only now and then
+    while time.monotonic() < until:
+        assert [(r["lease"], r["state"]) for r in federators(pool)] == [(row["lease"], "waiting")]
+    listener.close()
+    wait_for(lambda: not federators(pool), 10, "the row gone once the listener stopped")
