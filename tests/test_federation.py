@@ -188,3 +188,29 @@ def test_a_federator_waits_in_status_for_a_remote_broker_that_is_down(
         assert [(r["lease"], r["state"]) for r in federators(pool)] == [(row["lease"], "waiting")]
     listener.close()
     wait_for(lambda: not federators(pool), 10, "the row gone once the listener stopped")
+
+
+def test_federators_stop_together_when_their_brokers_are_silent(
+        pools: PoolMaker, tmp_path: Path, names: dict[str, str]) -> None:
+    """Handlers that return, two remote brokers that say nothing: the consumer process stops
+    by itself (its federators do not wait for their brokers, nor for one another)."""
+    remote = names["remote"]
+    forwarders = [Forwarder(("127.0.0.1", 5672)) for _ in range(2)]
+    silent = [remote.replace("127.0.0.1:5672", f"127.0.0.1:{f.port}") for f in forwarders]
+    try:
+        pool, _trace = consumer_pool(
+            pools, tmp_path, names, "record",
+            uris={"east": [DEFAULT_URI], "west": silent[:1], "south": silent[1:]},
+            pool_settings={"zone": "east"}, shutdown_timeout=3, federate="true")
+        wait_for(lambda: len([r for r in federators(pool) if r["state"] == "assigned"]) == 2,
+                 15, "two federators")
+        wait_for(lambda: consumer_count(f"{names['queue']}-east", remote) == 2, 10,
+                 "both consuming")
+        for forwarder in forwarders:
+            forwarder.silence()
+        pool.signal(signal.SIGTERM)
+        pool.wait_exit(3 + 1 + 2)  # shutdown_timeout + 1 s, and a margin for a loaded machine
+        assert "still busy" not in pool.logs()  # the consumer was not killed: it stopped
+    finally:
+        for forwarder in forwarders:
+            forwarder.close()
