@@ -6,6 +6,7 @@ import contextlib
 import os
 import pwd
 import socket
+import uuid
 from collections.abc import Callable
 
 import psutil
@@ -105,7 +106,8 @@ def test_garbage_drops_that_client_only(pools: PoolMaker, garbage: bytes) -> Non
     pool.wait_ready()
     client = kzpool.connect(pool.socket)
     bystander = client.lease("float")
-    bystander.queue_declare("kzt-bystander", auto_delete=True)
+    queue = f"kzt-bystander-{uuid.uuid4().hex[:8]}"
+    bystander.queue_declare(queue, auto_delete=True)
     worker = pool.connections()[0]["pid"]
     for target in (pool.socket, f"{pool.socket}.c1"):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -119,8 +121,9 @@ def test_garbage_drops_that_client_only(pools: PoolMaker, garbage: bytes) -> Non
     with client.lease("float") as garbled:  # a leased client sending garbage
         assert garbled._sock is not None
         garbled._sock.sendall(garbage)
-    bystander.queue_declare("kzt-bystander", auto_delete=True)  # nobody else noticed
-    bystander.basic_publish("", "kzt-bystander", b"fine")
+    bystander.queue_declare(queue, auto_delete=True)  # nobody else noticed
+    bystander.basic_publish("", queue, b"fine")
+    assert bystander.queue_delete(queue).method.message_count == 1
     bystander.close()
     assert pool.connections()[0]["pid"] == worker and pool.status()["pool"]["state"] == "running"
 
