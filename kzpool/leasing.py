@@ -9,8 +9,9 @@ can or the client's timeout passes.  Workers report what becomes of each lease.
 
 from __future__ import annotations
 
+import functools
 import logging
-import select
+import selectors
 import socket
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ class Reservation:
     assignment: Assignment
     sock: socket.socket
     deadline: float  # monotonic
+    watched: bool = False  # in the master's selector, which tells when the client hangs up
 
 
 class LeaseBook:
@@ -69,6 +71,23 @@ class LeaseBook:
         self.master.drain_links()  # act on the freshest worker reports
         if not self._place(reservation):
             self.waiting.append(reservation)
+            self.master.selector.register(sock, selectors.EVENT_READ,
+                                          functools.partial(self._on_hang_up, reservation))
+            reservation.watched = True
+
+    def _on_hang_up(self, reservation: Reservation, _fd: int) -> None:
+        """A waiting client's socket is readable: it sends nothing while it waits, so this is
+        the client giving up (or one sending out of turn: that one is no longer watched)."""
+        self._unwatch(reservation)
+        if _hung_up(reservation.sock):
+            reservation.sock.close()
+            self.waiting.remove(reservation)
+            self._drop(reservation.assignment.lease)
+
+    def _unwatch(self, reservation: Reservation) -> None:
+        if reservation.watched:
+            self.master.selector.unregister(reservation.sock)
+            reservation.watched = False
 
     def _admit(self, sock: socket.socket, message: dict[str, Any],
                client_pid: int | None) -> tuple[Assignment, float]:
@@ -127,6 +146,7 @@ class LeaseBook:
             if self.master.pass_socket(slot, reservation.sock, request):
                 break
             slots.remove(slot)  # its link is broken: the worker is dying
+        self._unwatch(reservation)
         reservation.sock.close()
         if row.placed_once:
             row.moves += 1
@@ -149,10 +169,7 @@ class LeaseBook:
             return
         still = []
         for reservation in self.waiting:
-            if _hung_up(reservation.sock):  # the client gave up waiting
-                reservation.sock.close()
-                self._drop(reservation.assignment.lease)
-            elif self._place(reservation):
+            if self._place(reservation):
                 continue
             elif now >= reservation.deadline:
                 self._expire(reservation)
@@ -170,6 +187,7 @@ class LeaseBook:
             text = f"broker {name} is not available ({why})"
         else:
             text = f"no broker of zone {row.zone!r} is available"
+        self._unwatch(reservation)
         control.refuse(reservation.sock, "unavailable", text)
         if not row.placed_once:
             self._drop(row.lease)
@@ -260,11 +278,9 @@ class LeaseBook:
 
 
 def _hung_up(sock: socket.socket) -> bool:
-    """The peer closed its end (a waiting client sends nothing, so any read is the end)."""
+    """The peer of a readable socket closed its end."""
     try:
-        if not select.select([sock], [], [], 0)[0]:
-            return False
-        return sock.recv(1, socket.MSG_PEEK) == b""
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except (BlockingIOError, InterruptedError):
         return False
     except OSError:
