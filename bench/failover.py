@@ -36,6 +36,9 @@ from nodes import load_brokers
 
 import kzpool
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.helpers
+from tests.helpers import drain
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
@@ -156,18 +159,6 @@ def kill_round(pool: Pool, primary: str, queue: str) -> float:
     missing = {b"%d" % i for i in range(200)} - set(got)
     assert not missing, f"{len(missing)} deliveries never came back"
     return resumed
-
-
-def drain(uri: str, queue: str) -> list[bytes]:
-    with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
-        channel = conn.channel()
-        bodies = []
-        while True:
-            method, _props, body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                channel.queue_delete(queue)
-                return bodies
-            bodies.append(body)
 
 
 sent: list[bytes] = []

@@ -44,7 +44,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.forwarder, tests.helpers; the handler is tests.handlers
 
 from tests.forwarder import Forwarder  # noqa: E402
-from tests.helpers import DEFAULT_URI, Pool, wait_for  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    DEFAULT_URI,
+    Pool,
+    consumer_count,
+    publish,
+    queue_counts,
+    wait_for,
+)
 
 BROKER = ("127.0.0.1", 5672)
 MARGIN = 30.0  # seconds past shutdown_timeout before a pool that did not exit is killed
@@ -65,25 +72,8 @@ def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
-def publish(uri: str, exchange: str, key: str, body: bytes) -> None:
-    with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
-        channel = conn.channel()
-        channel.exchange_declare(exchange, "topic")
-        channel.basic_publish(exchange, key, body)
-
-
-def queue_counts(uri: str, queue: str) -> tuple[int, int] | None:
-    """(ready messages, consumers) of ``queue``; ``None`` if it is not declared."""
-    try:
-        with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
-            method = conn.channel().queue_declare(queue, passive=True).method
-            return int(method.message_count), int(method.consumer_count)
-    except pika.exceptions.ChannelClosedByBroker:
-        return None
-
-
 def depth(uri: str, queue: str) -> int | None:
-    counts = queue_counts(uri, queue)
+    counts = queue_counts(queue, uri)
     return None if counts is None else counts[0]
 
 
@@ -136,7 +126,7 @@ def scenario(pool: Pool, forwarder: Forwarder, directory: Path, remote: str, que
     pool.start(env={"KZT_TRACE": str(trace), "PYTHONPATH": str(ROOT)})
     pool.wait_ready()
     wait_for(lambda: federator_assigned(pool), 15, "a federator assigned on west")
-    wait_for(lambda: (queue_counts(remote, federated) or (0, 0))[1] >= 1, 10,
+    wait_for(lambda: consumer_count(federated, remote) >= 1, 10,
              "the federator consuming")
     publish(DEFAULT_URI, exchange, "billing.forever", b"stuck here")
     wait_for(lambda: stuck(trace), 10, "the handler to be stuck")

@@ -1,4 +1,5 @@
-"""Test helpers: run a real pool in its own process group, wait on conditions with deadlines."""
+"""Test helpers: run a real pool in its own process group, wait on conditions with deadlines,
+look at queues on the broker as a user would (with plain pika)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pika
+import pika.exceptions
 import psutil
 
 from kzpool import control
@@ -107,6 +110,13 @@ class Pool:
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 
+    def stop(self, timeout: float) -> float:
+        """SIGTERM, then wait up to ``timeout`` for the master to exit; the seconds it took."""
+        started = time.monotonic()
+        self.signal(signal.SIGTERM)
+        self.wait_exit(timeout)
+        return time.monotonic() - started
+
     def wait_exit(self, timeout: float) -> int:
         assert self.proc is not None
         return self.proc.wait(timeout)
@@ -131,6 +141,51 @@ class Pool:
         self.proc.wait(10)
         wait_for(lambda: not self.group(), 10, "the pool's processes to be gone")
         shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+def publish(uri: str, exchange: str, key: str, body: bytes,
+            properties: pika.BasicProperties | None = None) -> None:
+    """Publish one message to a topic exchange (declared if need be) with plain pika."""
+    with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
+        channel = conn.channel()
+        channel.exchange_declare(exchange, "topic")
+        channel.basic_publish(exchange, key, body, properties)
+
+
+def queue_counts(queue: str, uri: str = DEFAULT_URI) -> tuple[int, int] | None:
+    """(ready messages, consumers) of ``queue``; ``None`` if it is not declared."""
+    try:
+        with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
+            method = conn.channel().queue_declare(queue, passive=True).method
+            return int(method.message_count), int(method.consumer_count)
+    except pika.exceptions.ChannelClosedByBroker:
+        return None
+
+
+def queue_depth(queue: str, uri: str = DEFAULT_URI) -> int:
+    """Ready messages of ``queue``, which must exist."""
+    counts = queue_counts(queue, uri)
+    assert counts is not None, f"queue {queue} is not declared"
+    return counts[0]
+
+
+def consumer_count(queue: str, uri: str = DEFAULT_URI) -> int:
+    """Consumers of ``queue``; 0 if it is not declared yet."""
+    counts = queue_counts(queue, uri)
+    return 0 if counts is None else counts[1]
+
+
+def drain(uri: str, queue: str) -> list[bytes]:
+    """Every message left on ``queue``, then the queue deleted."""
+    with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
+        channel = conn.channel()
+        bodies = []
+        while True:
+            method, _props, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                channel.queue_delete(queue)
+                return bodies
+            bodies.append(body)
 
 
 def gone(pid: int) -> bool:

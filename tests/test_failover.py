@@ -14,21 +14,9 @@ import kzpool
 
 from .conftest import brokers
 from .forwarder import Forwarder
-from .helpers import DEFAULT_URI, Pool, wait_for
+from .helpers import DEFAULT_URI, Pool, drain, wait_for
 
 PoolMaker = Callable[..., Pool]
-
-
-def drain(uri: str, queue: str) -> list[bytes]:
-    with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
-        channel = conn.channel()
-        bodies = []
-        while True:
-            method, _props, body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                channel.queue_delete(queue)
-                return bodies
-            bodies.append(body)
 
 
 def test_float_lease_fails_over_and_back(pools: PoolMaker, faulty_node: Any) -> None:

@@ -22,8 +22,8 @@ import kzpool
 from kzpool.status import render
 
 from .forwarder import Forwarder
-from .helpers import DEFAULT_URI, Pool, gone, wait_for
-from .test_consumers import consumer_count, consumer_pool, consumers, traced
+from .helpers import DEFAULT_URI, Pool, consumer_count, gone, publish, queue_depth, wait_for
+from .test_consumers import consumer_pool, consumers, traced
 
 PoolMaker = Callable[..., Pool]
 
@@ -47,19 +47,6 @@ def federators(pool: Pool) -> list[dict[str, Any]]:
 def assigned_federator(pool: Pool) -> dict[str, Any]:
     return wait_for(lambda: next((r for r in federators(pool) if r["state"] == "assigned"), None),
                     15, "a federator on the remote broker")
-
-
-def publish(uri: str, exchange: str, key: str, body: bytes,
-            properties: pika.BasicProperties | None = None) -> None:
-    with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
-        channel = conn.channel()
-        channel.exchange_declare(exchange, "topic")
-        channel.basic_publish(exchange, key, body, properties)
-
-
-def depth(uri: str, queue: str) -> int:
-    with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
-        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
 
 
 def got(channel: pika.adapters.blocking_connection.BlockingChannel,
@@ -109,7 +96,7 @@ def test_federated_events_reach_the_listener_and_replies_stay_in_their_zone(
     assert by_key["call.west"][2] == row["broker"]
     assert by_key["call.east"][:2] == (b"e", "east")
     assert (body, props.correlation_id) == (b"re: w", "c-1")
-    assert depth(remote, f"{names['queue']}-east") == 0  # the federated queue, named for east
+    assert queue_depth(f"{names['queue']}-east", remote) == 0  # the federated queue, named for east
     wait_for(lambda: not federators(pool), 10, "the federator gone with its listener")
 
 
@@ -129,19 +116,16 @@ def test_stop_is_bounded_with_a_silent_federated_broker_and_a_stuck_handler(
         publish(DEFAULT_URI, names["exchange"], "billing.forever", b"stuck here")
         wait_for(lambda: traced(trace), 10, "the handler to be stuck")
         publish(remote, names["exchange"], "billing.remote", b"waits its turn")
-        wait_for(lambda: depth(remote, federated) == 0, 10, "the federator to hold a message")
+        wait_for(lambda: queue_depth(federated, remote) == 0, 10, "the federator to hold a message")
         forwarder.silence()  # no close, no reset: packets to and from west just vanish
         consumer = int(consumers(pool)[0]["pid"])
-        started = time.monotonic()
-        pool.signal(signal.SIGTERM)
-        pool.wait_exit(3 + 1 + 2)  # shutdown_timeout + 1 s, and a margin for a loaded machine
-        elapsed = time.monotonic() - started
+        elapsed = pool.stop(3 + 1 + 2)  # shutdown_timeout + 1 s, and a margin for a loaded machine
         assert elapsed < 3 + 1 + 2, elapsed
         assert gone(consumer)
-        assert depth(DEFAULT_URI, names["queue"]) == 1  # the stuck message is back on its queue
+        assert queue_depth(names["queue"]) == 1  # the stuck message is back on its queue
     finally:
         forwarder.close()  # the broker sees west's connection end: it requeues what it held
-    wait_for(lambda: depth(remote, federated) == 1, 10, "the federated message requeued")
+    wait_for(lambda: queue_depth(federated, remote) == 1, 10, "the federated message requeued")
 
 
 def test_federators_restart_with_their_consumer(pools: PoolMaker, tmp_path: Path,
@@ -207,8 +191,7 @@ def test_federators_stop_together_when_their_brokers_are_silent(
                  "both consuming")
         for forwarder in forwarders:
             forwarder.silence()
-        pool.signal(signal.SIGTERM)
-        pool.wait_exit(3 + 1 + 2)  # shutdown_timeout + 1 s, and a margin for a loaded machine
+        pool.stop(3 + 1 + 2)  # shutdown_timeout + 1 s, and a margin for a loaded machine
         assert "still busy" not in pool.logs()  # the consumer was not killed: it stopped
     finally:
         for forwarder in forwarders:
