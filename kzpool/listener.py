@@ -79,6 +79,10 @@ class Binding:
     federate: bool = False
 
 
+def _binding(binding: str | Binding) -> Binding:
+    return binding if isinstance(binding, Binding) else Binding(binding)
+
+
 def topic_matches(pattern: str, routing_key: str) -> bool:
     """AMQP topic matching: ``*`` is one word, ``#`` zero or more words."""
     if pattern == "#":
@@ -156,12 +160,11 @@ class Listener:
 
     @property
     def keys(self) -> list[str]:
-        return [b.key if isinstance(b, Binding) else b for b in self.bindings]
+        return [_binding(b).key for b in self.bindings]
 
     @property
     def federated_keys(self) -> list[str]:
-        return [b.key if isinstance(b, Binding) else b for b in self.bindings
-                if self.federate or (isinstance(b, Binding) and b.federate)]
+        return [b.key for b in map(_binding, self.bindings) if self.federate or b.federate]
 
     def start(self, pool: PoolClient, handed: socket.socket | None = None) -> Lease:
         """Take a lease, declare exchange, queue, bindings, QoS (replayed on every move), and
