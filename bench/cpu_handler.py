@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from kzpool.listener import Message
+from kzpool.consumer.listener import Message
 
 CPU_SECONDS = 0.001
 _trace: list[int] = []  # this process's O_APPEND descriptor, opened on first use

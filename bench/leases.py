@@ -51,7 +51,7 @@ from kombu.transport.pyamqp import Transport as PyAmqpTransport
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kzpool
-from kzpool.errors import KzpoolError
+from kzpool.common.errors import KzpoolError
 
 URI = "amqp://guest:guest@127.0.0.1:5672/%2F"
 BODY = bytes(range(256))

@@ -25,8 +25,8 @@ from typing import Any
 import pika
 import psutil
 
-from kzpool import control
-from kzpool.errors import KzpoolError
+from kzpool.common.errors import KzpoolError
+from kzpool.master import control
 
 DEFAULT = "amqp://guest:guest@127.0.0.1:5672/%2F"
 SECOND = "amqp://guest:guest@127.0.0.1:5701/%2F"

@@ -28,7 +28,7 @@ from typing import Any
 import pika
 
 import kzpool
-from kzpool.config import load
+from kzpool.common.config import load
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,9 +7,10 @@
 
 from __future__ import annotations
 
-from .client import PoolClient, connect
-from .config import Config, load
-from .errors import (
+from .client.lease import Confirm, Lease, MoveEvent
+from .client.pool import PoolClient, connect
+from .common.config import Config, load
+from .common.errors import (
     BrokerUnavailable,
     BrokerURIError,
     ChannelClosedByBroker,
@@ -26,9 +27,8 @@ from .errors import (
     StartupError,
     UnroutableError,
 )
-from .lease import Confirm, Lease, MoveEvent
-from .listener import Binding, Listener, Message
-from .uri import BrokerURI
+from .common.uri import BrokerURI
+from .consumer.listener import Binding, Listener, Message
 
 __version__ = "0.1.0"
 

@@ -8,10 +8,11 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
-from . import config as config_mod
-from . import control, exitcodes, logs
-from .errors import ConfigError, KzpoolError, PoolNotRunning
-from .settings import CONSUMER_SETTINGS, SETTINGS
+from .common import config as config_mod
+from .common import exitcodes, logs
+from .common.errors import ConfigError, KzpoolError, PoolNotRunning
+from .common.settings import CONSUMER_SETTINGS, SETTINGS
+from .master import control
 
 DEFAULT_CONFIG = "/etc/kzpool/config.ini"
 
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(config: config_mod.Config) -> int:
-    from .master import Master  # deferred: `check` and `status` stay light
+    from .master.master import Master  # deferred: `check` and `status` stay light
 
     logs.setup(config.settings.log_level, config.passwords)
     try:
@@ -75,7 +76,7 @@ def _serve(config: config_mod.Config) -> int:
 
 
 def _status(socket_path: str, as_json: bool) -> int:
-    from .status import render
+    from .common.status import render
 
     try:
         reply = control.call(socket_path, {"op": "status"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from kzpool.listener import Listener, Message
+from kzpool.consumer.listener import Listener, Message
 
 
 def _trace(line: str) -> None:

@@ -19,8 +19,8 @@ import pika
 import pika.exceptions
 import psutil
 
-from kzpool import control
-from kzpool.errors import KzpoolError
+from kzpool.common.errors import KzpoolError
+from kzpool.master import control
 
 T = TypeVar("T")
 DEFAULT_URI = "amqp://guest:guest@127.0.0.1:5672/%2F"

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 import kzpool
-from kzpool import protocol
+from kzpool.common import wire as protocol
 
 from .helpers import DEFAULT_URI, Pool, wait_for
 
@@ -177,7 +177,7 @@ def test_a_client_that_never_reads_does_not_grow_the_worker(pools: PoolMaker) ->
 
 def test_peer_credentials_are_read_from_the_socket() -> None:
     left, right = socket.socketpair()
-    from kzpool.access import peer
+    from kzpool.common.access import peer
 
     assert peer(left) == (os.getpid(), os.getuid(), os.getgid())
     left.close()

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from kzpool import config
 from kzpool.cli import example_consumer_section, example_pool_section
-from kzpool.errors import ConfigError
-from kzpool.settings import CONSUMER_SETTINGS, SETTINGS
+from kzpool.common import config
+from kzpool.common.errors import ConfigError
+from kzpool.common.settings import CONSUMER_SETTINGS, SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 A = "amqp://guest:s3cret@127.0.0.1:5672/%2F"

@@ -19,7 +19,7 @@ import pika
 import pytest
 
 import kzpool
-from kzpool.status import render
+from kzpool.common.status import render
 
 from .forwarder import Forwarder
 from .helpers import DEFAULT_URI, Pool, consumer_count, gone, publish, queue_depth, wait_for

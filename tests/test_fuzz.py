@@ -8,9 +8,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kzpool import config, protocol
-from kzpool.errors import BrokerURIError, ConfigError, ProtocolError
-from kzpool.uri import BrokerURI
+from kzpool.common import config
+from kzpool.common import wire as protocol
+from kzpool.common.errors import BrokerURIError, ConfigError, ProtocolError
+from kzpool.common.uri import BrokerURI
 
 FUZZ = settings(max_examples=300, deadline=None)
 names = st.text(max_size=40).filter(lambda s: len(s.encode()) <= 255)

@@ -88,7 +88,7 @@ def test_the_unit_file_verifies(tmp_path: Path) -> None:
 
 
 def test_unit_timeouts_cover_the_default_settings() -> None:
-    from kzpool.settings import BY_NAME
+    from kzpool.common.settings import BY_NAME
 
     unit = (ROOT / "systemd" / "kzpool.service").read_text()
     values = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line

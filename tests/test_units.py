@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 
 import kzpool
-from kzpool import protocol
-from kzpool.assign import Assignment, LeaseKind, RowState, choose_slot, to_move, zone_primary
-from kzpool.backoff import Backoff
-from kzpool.config import Broker, loads
-from kzpool.errors import ProtocolError
-from kzpool.protocol import Flag
-from kzpool.slots import Slot, startup_settled
-from kzpool.states import ConnState
-from kzpool.topology import Topology
-from kzpool.uri import BrokerURI
-from kzpool.worker import WorkerSpec
+from kzpool.client.topology import Topology
+from kzpool.common import wire as protocol
+from kzpool.common.backoff import Backoff
+from kzpool.common.config import Broker, loads
+from kzpool.common.errors import ProtocolError
+from kzpool.common.states import ConnState
+from kzpool.common.uri import BrokerURI
+from kzpool.common.wire import Flag
+from kzpool.master.assign import Assignment, LeaseKind, RowState, choose_slot, to_move, zone_primary
+from kzpool.master.slots import Slot, startup_settled
+from kzpool.worker.worker import WorkerSpec
 
 
 def test_public_api() -> None:
@@ -173,7 +173,7 @@ def test_float_leases_off_the_primary_are_moved_back() -> None:
 
 
 def test_broker_summary_counts_connections_and_leases() -> None:
-    from kzpool.assign import broker_summary
+    from kzpool.master.assign import broker_summary
 
     slots = [slot(0), slot(1)]
     slots[0].primary, slots[0].prechannels = True, 7
@@ -196,6 +196,6 @@ def test_broker_summary_counts_connections_and_leases() -> None:
     ("billing.new", "billing.old", False),
 ])
 def test_topic_patterns(pattern: str, key: str, matches: bool) -> None:
-    from kzpool.listener import topic_matches
+    from kzpool.consumer.listener import topic_matches
 
     assert topic_matches(pattern, key) is matches

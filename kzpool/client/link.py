@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 from pika import spec
 from pika.adapters.blocking_connection import ReturnedMessage
 
-from . import protocol
-from .backoff import Backoff
-from .errors import (
+from ..common import wire
+from ..common.backoff import Backoff
+from ..common.errors import (
     BrokerURIError,
     ChannelClosedByBroker,
     ConnectionBlockedTimeout,
@@ -41,12 +41,12 @@ from .errors import (
     UnroutableError,
     from_reply,
 )
-from .protocol import Flag, Kind
+from ..common.uri import BrokerURI
+from ..common.wire import Flag, Kind
 from .topology import Topology
-from .uri import BrokerURI
 
 if TYPE_CHECKING:
-    from .client import PoolClient
+    from .pool import PoolClient
 
 log = logging.getLogger("kzpool.lease")
 
@@ -121,7 +121,7 @@ class LeaseLink:
         # what the client's route cache knows this lease by
         self._route_key = (kind, _broker_id(broker) if broker else zone)
         self._sock: socket.socket | None = None
-        self._reader = protocol.FrameReader(protocol.MAX_DATA_FRAME)
+        self._reader = wire.FrameReader(wire.MAX_DATA_FRAME)
         self._topology = Topology()
         self._replies: dict[int, dict[str, Any]] = {}
         self._rid = 0
@@ -172,7 +172,7 @@ class LeaseLink:
         self._rid += 1
         rid = self._rid
         sent = {k: self._topology.name(v) if k == "queue" else v for k, v in args.items()}
-        self._send(protocol.encode({"op": op, "id": rid, "method": method, "args": sent}))
+        self._send(wire.encode({"op": op, "id": rid, "method": method, "args": sent}))
         while rid not in self._replies:
             if self._lost is not None:
                 error = self._lost["reason"]
@@ -191,7 +191,7 @@ class LeaseLink:
                       delivery_tag)
             return
         tag = delivery_tag - self._tag_base if delivery_tag else 0
-        self._settles.append(protocol.tagged(Kind.SETTLE, tag, flags))
+        self._settles.append(wire.tagged(Kind.SETTLE, tag, flags))
         if len(self._settles) >= SETTLE_BATCH or not (self._deliveries or self._generator):
             self._send(b"")  # sends the settles; while read deliveries wait, they batch up
 
@@ -267,14 +267,14 @@ class LeaseLink:
         if kind == _DELIVER:
             self._on_deliver(flags, payload)
         elif kind == _CONFIRM:
-            self._on_confirm(protocol.read_tag(payload), flags)
+            self._on_confirm(wire.read_tag(payload), flags)
         elif kind == _RETURN:
             self._on_return(payload)
         elif kind == _JSON:
-            self._on_event(protocol.decode_json(payload))
+            self._on_event(wire.decode_json(payload))
 
     def _on_deliver(self, flags: int, payload: bytes) -> None:
-        tag, count, ctag, exchange, routing_key, props, body = protocol.read_deliver(payload)
+        tag, count, ctag, exchange, routing_key, props, body = wire.read_deliver(payload)
         if self._lost is not None:
             return  # the broker redelivers it on the new channel
         tag += self._tag_base
@@ -316,7 +316,7 @@ class LeaseLink:
                 entry.future.set_result(None)
 
     def _on_return(self, payload: bytes) -> None:
-        code, text, exchange, routing_key, props, body = protocol.read_return(payload)
+        code, text, exchange, routing_key, props, body = wire.read_return(payload)
         method = spec.Basic.Return(code, text, exchange, routing_key)
         returned = ReturnedMessage(method, _decode_props(props), body)
         for entry in self._unconfirmed.values():  # the earliest unconfirmed one it matches
@@ -343,7 +343,7 @@ class LeaseLink:
         elif op == "lost":
             self._on_lost(event.get("reason") or {})
         elif op == "move":
-            self._send(protocol.encode({"op": "bye"}))
+            self._send(wire.encode({"op": "bye"}))
             self._on_lost({"class": "Moved", "code": 0, "text": "moved to the primary"})
         elif op == "blocked":
             self._blocked = True
@@ -418,9 +418,9 @@ class LeaseLink:
                 route = None
                 sock = self.client.open_socket()  # PoolNotRunning: the lease stays lost
             self._sock, self._lost, self._refusal = sock, None, None
-            self._reader = protocol.FrameReader(protocol.MAX_DATA_FRAME)
+            self._reader = wire.FrameReader(wire.MAX_DATA_FRAME)
             if handed is None:
-                request = protocol.encode({
+                request = wire.encode({
                     "op": "lease", "kind": self.kind, "zone": self.zone, "broker": self._sticky,
                     "broker_id": self._route_key[1] if self._sticky else None,
                     "lease": self.id, "federates": self.federates,

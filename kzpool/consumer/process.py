@@ -24,9 +24,9 @@ from typing import Any
 
 import psutil
 
-from . import exitcodes, proc
-from .client import PoolClient
-from .config import Consumer
+from ..client.pool import PoolClient
+from ..common import exitcodes, proc
+from ..common.config import Consumer
 from .listener import Listener
 
 log = logging.getLogger("kzpool.consumer")

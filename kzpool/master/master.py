@@ -24,19 +24,20 @@ from typing import Any
 
 import psutil
 
-from . import config as config_mod
-from . import control, exitcodes, metrics, proc, protocol
-from .access import Access
+from ..common import config as config_mod
+from ..common import exitcodes, proc, wire
+from ..common.access import Access
+from ..common.config import Config
+from ..common.errors import ConfigError, KzpoolError, ProtocolError, StartupError
+from ..common.states import ConnState, PoolState
+from ..worker.worker import WorkerSpec
+from . import control, metrics
 from .assign import broker_summary, zone_primary
 from .children import HANDLED_SIGNALS, SAMPLE_INTERVAL, Children
-from .config import Config
-from .errors import ConfigError, KzpoolError, ProtocolError, StartupError
-from .leasing import LeaseBook
+from .leasebook import LeaseBook
 from .notify import Notifier
 from .registry import Registry
 from .slots import ConsumerSlot, Slot, broker_key, plan, startup_settled
-from .states import ConnState, PoolState
-from .worker import WorkerSpec
 
 log = logging.getLogger("kzpool.master")
 
@@ -319,14 +320,14 @@ class Master(Children):
         if slot.link is None:
             return
         with contextlib.suppress(OSError):  # the reaper will see it die
-            slot.link.sendall(protocol.encode(message))
+            slot.link.sendall(wire.encode(message))
 
     def pass_socket(self, slot: Slot, sock: socket.socket, request: dict[str, Any]) -> bool:
         """Hand a client's socket to ``slot``'s worker; ``False`` if its link is broken."""
         if slot.link is None:
             return False
         try:
-            socket.send_fds(slot.link, [protocol.encode({"op": "adopt", **request})],
+            socket.send_fds(slot.link, [wire.encode({"op": "adopt", **request})],
                             [sock.fileno()])
             return True
         except OSError:

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..common.uri import BrokerURI
 from .slots import Slot, broker_key
-from .uri import BrokerURI
 
 
 class LeaseKind(enum.Enum):

@@ -28,10 +28,10 @@ from typing import Any
 
 from pika import spec
 
-from .client import PoolClient
-from .errors import LeaseRequestError
+from ..client.lease import Lease
+from ..client.pool import PoolClient
+from ..common.errors import LeaseRequestError
 from .federator import Federator
-from .lease import Lease
 
 log = logging.getLogger("kzpool.listener")
 

@@ -26,8 +26,9 @@ from typing import Any
 from pika import frame as pika_frame
 from pika import spec
 
-from . import protocol
-from .errors import KzpoolError, LeaseRequestError, LeaseTimeout
+from ..common import wire
+from ..common.errors import KzpoolError, LeaseRequestError, LeaseTimeout
+from ..common.wire import Flag
 from .link import (
     DRAIN_INTERVAL,
     Confirm,
@@ -37,12 +38,11 @@ from .link import (
     OnMessage,
     Unconfirmed,
 )
-from .protocol import Flag
 
 __all__ = ["Confirm", "Lease", "MoveEvent"]
 
 METHODS = {cls.NAME: cls for cls in spec.methods.values()}
-MAX_BODY = protocol.MAX_DATA_FRAME - (1 << 20)  # room for the frame's other fields
+MAX_BODY = wire.MAX_DATA_FRAME - (1 << 20)  # room for the frame's other fields
 
 
 class Lease(LeaseLink):
@@ -146,7 +146,7 @@ class Lease(LeaseLink):
                                     " bytes a message may have (RabbitMQ's own limit is lower"
                                     " by default: max_message_size)")
         props = _encode_props(properties)
-        data = protocol.publish(exchange, routing_key, props, body, mandatory)
+        data = wire.publish(exchange, routing_key, props, body, mandatory)
         if not self._confirming:
             self._send(data)
             if self._lost is not None:  # the worker was gone before it read this: send again
@@ -255,7 +255,7 @@ class Lease(LeaseLink):
         self._closed = True
         if self._sock is not None:
             with contextlib.suppress(OSError):
-                self._sock.sendall(b"".join(self._settles) + protocol.encode({"op": "close"}))
+                self._sock.sendall(b"".join(self._settles) + wire.encode({"op": "close"}))
             self._sock.close()
             self._sock = None
 

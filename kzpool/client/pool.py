@@ -12,10 +12,10 @@ import socket
 from collections.abc import Callable
 from typing import Any, overload
 
-from . import control
-from .errors import LeaseRequestError
+from ..common.errors import LeaseRequestError
+from ..common.settings import BY_NAME
+from ..master import control
 from .lease import Lease, MoveEvent
-from .settings import BY_NAME
 
 KINDS = ("float", "sticky")
 

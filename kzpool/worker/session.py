@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 import pika.exceptions
 from pika import spec
 
-from . import protocol
-from .errors import ProtocolError
-from .protocol import Flag, Kind
+from ..common import wire
+from ..common.errors import ProtocolError
+from ..common.wire import Flag, Kind
 
 if TYPE_CHECKING:
     from .worker import ConnectionWorker
@@ -74,7 +74,7 @@ class Session:
         self.fd = sock.fileno()
         self.lease = lease
         self.channel = channel
-        self.reader = protocol.FrameReader(protocol.MAX_DATA_FRAME)
+        self.reader = wire.FrameReader(wire.MAX_DATA_FRAME)
         self.out = bytearray()
         self.flush_pending = False
         self.writing = False
@@ -100,7 +100,7 @@ class Session:
             self.worker.ioloop.call_later(0, self.flush)
 
     def event(self, obj: dict[str, Any]) -> None:
-        self.send(protocol.encode(obj))
+        self.send(wire.encode(obj))
 
     def flush(self) -> None:
         self.flush_pending = False
@@ -148,7 +148,7 @@ class Session:
 
     def _dispatch(self, kind: int, flags: int, payload: bytes) -> None:
         if kind == _PUBLISH:
-            exchange, routing_key, props, body = protocol.read_publish(payload)
+            exchange, routing_key, props, body = wire.read_publish(payload)
             properties = _decode_props(props)
             if flags & Flag.MANDATORY:
                 self.clean = False  # a return may still come back on this channel
@@ -159,9 +159,9 @@ class Session:
             except pika.exceptions.AMQPError as exc:
                 self.event({"op": "error", "error": _error(exc)})
         elif kind == _SETTLE:
-            self._settle(protocol.read_tag(payload), flags)
+            self._settle(wire.read_tag(payload), flags)
         elif kind == _JSON:
-            self._request(protocol.decode_json(payload))
+            self._request(wire.decode_json(payload))
         else:
             raise ProtocolError(f"unexpected frame kind {kind} from a client")
 
@@ -235,14 +235,14 @@ class Session:
         self.counters["deliveries"] += 1
         if method.redelivered:
             self.counters["redeliveries"] += 1
-        self.send(protocol.deliver(
+        self.send(wire.deliver(
             method.delivery_tag, 0, method.consumer_tag, method.exchange, method.routing_key,
             _encode_props(properties), body, Flag.REDELIVERED if method.redelivered else 0))
 
     def _on_get_ok(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
         rid = self.gets.popleft() if self.gets else None
         flags = Flag.GET | (Flag.REDELIVERED if method.redelivered else 0)
-        self.send(protocol.deliver(method.delivery_tag, method.message_count, "",
+        self.send(wire.deliver(method.delivery_tag, method.message_count, "",
                                    method.exchange, method.routing_key,
                                    _encode_props(properties), body, flags))
         self.event({"op": "reply", "id": rid, "method": "Basic.GetOk", "fields": {}})
@@ -255,10 +255,10 @@ class Session:
         method = frame.method
         flags = (Flag.MULTIPLE if method.multiple else 0) | (
             Flag.NACK if isinstance(method, spec.Basic.Nack) else 0)
-        self.send(protocol.tagged(Kind.CONFIRM, method.delivery_tag, flags))
+        self.send(wire.tagged(Kind.CONFIRM, method.delivery_tag, flags))
 
     def on_return(self, method: Any, properties: Any, body: bytes) -> None:
-        self.send(protocol.returned(method.reply_code, method.reply_text, method.exchange,
+        self.send(wire.returned(method.reply_code, method.reply_text, method.exchange,
                                     method.routing_key, _encode_props(properties), body))
 
     def on_channel_closed(self, reason: BaseException) -> None:

@@ -32,14 +32,14 @@ import pika.exceptions
 from pika import spec
 from pika.adapters.select_connection import IOLoop, SelectConnection
 
-from . import exitcodes, proc
-from .backoff import Backoff
-from .config import Broker, Settings
-from .errors import ProtocolError, connection_fault
+from ..common import exitcodes, proc
+from ..common.backoff import Backoff
+from ..common.config import Broker, Settings
+from ..common.errors import ProtocolError, connection_fault
+from ..common.states import ConnState
+from ..common.wire import FrameReader, encode
 from .intake import Intake
-from .protocol import FrameReader, encode
 from .session import End, Session
-from .states import ConnState
 
 log = logging.getLogger("kzpool.worker")
 

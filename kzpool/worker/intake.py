@@ -23,11 +23,11 @@ import socket
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from . import protocol
-from .access import Access, peer
-from .errors import ProtocolError
+from ..common import wire
+from ..common.access import Access, peer
+from ..common.errors import ProtocolError
+from ..common.states import ConnState
 from .session import End, Session
-from .states import ConnState
 
 if TYPE_CHECKING:
     from .worker import ConnectionWorker
@@ -44,7 +44,7 @@ class Intake:
         self.route = listener.getsockname() if listener is not None else None
         settings = worker.spec.settings
         self.access = Access(settings.allow_users, settings.allow_groups)
-        self.pending: dict[int, tuple[socket.socket, protocol.FrameReader]] = {}
+        self.pending: dict[int, tuple[socket.socket, wire.FrameReader]] = {}
         self.waiting: list[tuple[str, socket.socket, dict[str, Any]]] = []
         if listener is not None:
             listener.setblocking(False)
@@ -68,7 +68,7 @@ class Intake:
                 _answer(sock, {"ok": False, "code": "access", "error": refusal})
                 continue
             sock.setblocking(False)
-            self.pending[sock.fileno()] = (sock, protocol.FrameReader(1 << 16))
+            self.pending[sock.fileno()] = (sock, wire.FrameReader(1 << 16))
             self.worker.ioloop.add_handler(sock.fileno(), self._on_request, self.worker.ioloop.READ)
             self._on_request(sock.fileno(), 0)  # the request is usually there already
 
@@ -160,19 +160,19 @@ class Intake:
         self.waiting.clear()
 
 
-def _request(frames: list[protocol.Frame] | None) -> dict[str, Any]:
+def _request(frames: list[wire.Frame] | None) -> dict[str, Any]:
     """The lease request a new client sent; anything else is a protocol error."""
     if not frames:
         raise ProtocolError("the client went away before asking")
     kind, _flags, payload = frames[0]
-    if kind != protocol.Kind.JSON:
+    if kind != wire.Kind.JSON:
         raise ProtocolError(f"expected a lease request, got a frame of kind {kind}")
-    request = protocol.decode_json(payload)
+    request = wire.decode_json(payload)
     for key in ("op", "kind", "zone", "lease", "federates"):
         if not isinstance(request.get(key), str | None):
             raise ProtocolError(f"malformed lease request: {key} is not a string")
-    if len(request.get("federates") or "") > protocol.MAX_NAME:
-        raise ProtocolError(f"malformed lease request: federates is over {protocol.MAX_NAME}"
+    if len(request.get("federates") or "") > wire.MAX_NAME:
+        raise ProtocolError(f"malformed lease request: federates is over {wire.MAX_NAME}"
                             " characters")
     return request
 
@@ -181,5 +181,5 @@ def _answer(sock: socket.socket, message: dict[str, Any]) -> None:
     with contextlib.suppress(OSError):
         sock.setblocking(True)
         sock.settimeout(1.0)
-        sock.sendall(protocol.encode(message))
+        sock.sendall(wire.encode(message))
     sock.close()

@@ -14,11 +14,11 @@ from typing import Any
 
 import psutil
 
-from .backoff import Backoff
-from .config import Broker, Config, Consumer
-from .protocol import FrameReader
-from .states import ConnState, ProcState
-from .worker import WorkerSpec
+from ..common.backoff import Backoff
+from ..common.config import Broker, Config, Consumer
+from ..common.states import ConnState, ProcState
+from ..common.wire import FrameReader
+from ..worker.worker import WorkerSpec
 
 STABLE_AFTER = 30.0  # a worker that lived this long resets its respawn backoff
 

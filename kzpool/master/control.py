@@ -15,8 +15,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from . import protocol
-from .errors import KzpoolError, PoolAccessDenied, PoolNotRunning, ProtocolError, from_reply
+from ..common import wire
+from ..common.errors import KzpoolError, PoolAccessDenied, PoolNotRunning, ProtocolError, from_reply
 
 log = logging.getLogger("kzpool.control")
 
@@ -61,7 +61,7 @@ def refuse(sock: socket.socket, code: str, text: str) -> None:
     """Tell a peer why it is turned away, then close (never blocks for long)."""
     with contextlib.suppress(OSError):
         sock.settimeout(1.0)
-        sock.sendall(protocol.encode({"ok": False, "code": code, "error": text}))
+        sock.sendall(wire.encode({"ok": False, "code": code, "error": text}))
     sock.close()
 
 
@@ -81,7 +81,7 @@ class Peer:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.reader = protocol.FrameReader(max_frame=1 << 20)
+        self.reader = wire.FrameReader(max_frame=1 << 20)
         sock.settimeout(REPLY_TIMEOUT)
 
     def read(self) -> list[dict[str, Any]] | None:
@@ -102,7 +102,7 @@ class Peer:
 
     def reply(self, obj: dict[str, Any]) -> bool:
         try:
-            self.sock.sendall(protocol.encode(obj))
+            self.sock.sendall(wire.encode(obj))
             return True
         except OSError:
             return False
@@ -124,7 +124,7 @@ def call(path: str, request: dict[str, Any], timeout: float = 5.0) -> dict[str, 
             sock.connect(path)
         except OSError as exc:
             raise not_running(path, exc) from exc
-        reply = protocol.request(sock, request, timeout)
+        reply = wire.request(sock, request, timeout)
     finally:
         sock.close()
     if not reply.get("ok"):

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from . import access, control, protocol
+from ..common import access, wire
+from ..common.errors import BrokerURIError, KzpoolError, LeaseRequestError
+from ..common.uri import MASK, BrokerURI
+from . import control
 from .assign import Assignment, LeaseKind, RowState, choose_slot, new_lease_id, target_of, to_move
-from .errors import BrokerURIError, KzpoolError, LeaseRequestError
 from .slots import Slot, broker_key
-from .uri import MASK, BrokerURI
 
 if TYPE_CHECKING:
     from .master import Master
@@ -291,9 +292,9 @@ def _label(value: Any) -> str | None:
     """What a federator's lease request says it federates: a short string, or nothing."""
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > protocol.MAX_NAME:
+    if not isinstance(value, str) or len(value) > wire.MAX_NAME:
         raise LeaseRequestError(f"bad federates {str(value)[:40]!r}: a queue name of at most"
-                                f" {protocol.MAX_NAME} characters")
+                                f" {wire.MAX_NAME} characters")
     return value
 
 

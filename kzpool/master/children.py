@@ -20,18 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from . import control, exitcodes, proc, protocol
-from .backoff import Backoff
-from .config import Broker, Consumer
-from .consumer import CONSUMER_LEASE_TIMEOUT, run_consumer
+from ..common import exitcodes, proc, wire
+from ..common.backoff import Backoff
+from ..common.config import Broker, Consumer
+from ..common.states import ConnState, PoolState, ProcState
+from ..common.uri import BrokerURI
+from ..consumer.process import CONSUMER_LEASE_TIMEOUT, run_consumer
+from ..worker.worker import WorkerSpec, run_worker
+from . import control
 from .slots import STABLE_AFTER, ConsumerSlot, Slot
-from .states import ConnState, PoolState, ProcState
-from .uri import BrokerURI
-from .worker import WorkerSpec, run_worker
 
 if TYPE_CHECKING:
-    from .config import Config, Settings
-    from .leasing import LeaseBook
+    from ..common.config import Config, Settings
+    from .leasebook import LeaseBook
     from .registry import Registry
 
 log = logging.getLogger("kzpool.master")
@@ -114,7 +115,7 @@ class Children:
         slot.pid, slot.link, slot.process = pid, ours, psutil.Process(pid)
         slot.state, slot.started, slot.last_seen, slot.respawn_at = (
             ConnState.STARTING, now, now, 0.0)
-        slot.reader = protocol.FrameReader()
+        slot.reader = wire.FrameReader()
         self.by_pid[pid] = slot
         self.selector.register(ours, selectors.EVENT_READ, lambda _fd: self._read_link(slot))
         self.send(slot, {"op": "role", "primary": slot.primary})

@@ -13,7 +13,7 @@ import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .errors import KzpoolError
+from ..common.errors import KzpoolError
 
 if TYPE_CHECKING:
     from .master import Master

@@ -21,12 +21,12 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from .backoff import Backoff
-from .errors import KzpoolError, LeaseRequestError
+from ..common.backoff import Backoff
+from ..common.errors import KzpoolError, LeaseRequestError
 
 if TYPE_CHECKING:
-    from .client import PoolClient
-    from .lease import Lease
+    from ..client.lease import Lease
+    from ..client.pool import PoolClient
     from .listener import Listener
 
 log = logging.getLogger("kzpool.federator")

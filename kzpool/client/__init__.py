@@ -1,0 +1,1 @@
+"""The lease client, in any Python process: ``kzpool.connect()`` and its leases."""

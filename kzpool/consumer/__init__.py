@@ -1,0 +1,1 @@
+"""Consumer processes: listeners (Kazoo's gen_listener), their federators, the pool's own."""

@@ -1,0 +1,1 @@
+"""A connection worker process: one broker connection, its heartbeats and prechannels."""
