@@ -37,7 +37,7 @@ from nodes import load_brokers
 import kzpool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.helpers
-from tests.helpers import drain
+from kzpool.testing import drain
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = "amqp://guest:guest@127.0.0.1:5672/%2F"

@@ -43,9 +43,9 @@ import pika.exceptions
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.forwarder, tests.helpers; the handler is tests.handlers
 
-from tests.forwarder import Forwarder  # noqa: E402
-from tests.helpers import (  # noqa: E402
+from kzpool.testing import (  # noqa: E402
     DEFAULT_URI,
+    Forwarder,
     Pool,
     consumer_count,
     publish,

@@ -8,11 +8,11 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
+from .client.pool import PoolClient
 from .common import config as config_mod
 from .common import exitcodes, logs
 from .common.errors import ConfigError, KzpoolError, PoolNotRunning
 from .common.settings import CONSUMER_SETTINGS, SETTINGS
-from .master import control
 
 DEFAULT_CONFIG = "/etc/kzpool/config.ini"
 
@@ -76,16 +76,22 @@ def _serve(config: config_mod.Config) -> int:
 
 
 def _status(socket_path: str, as_json: bool) -> int:
-    from .common.status import render
+    """The tables from the registry (the pool's own user may read them there, without a
+    round trip through the master's loop), else from the master."""
+    from .common.status import document, render
+    from .master import registry
 
     try:
-        reply = control.call(socket_path, {"op": "status"})
-    except PoolNotRunning as exc:
-        print(f"kzpool: {exc}", file=sys.stderr)
-        return exitcodes.NO_POOL
-    except (KzpoolError, OSError) as exc:
-        print(f"kzpool: the pool at {socket_path} did not answer: {exc}", file=sys.stderr)
-        return exitcodes.ERROR
+        reply = document(registry.read(socket_path, timeout=0.0))
+    except (OSError, KzpoolError):
+        try:
+            reply = PoolClient(socket_path).status()
+        except PoolNotRunning as exc:
+            print(f"kzpool: {exc}", file=sys.stderr)
+            return exitcodes.NO_POOL
+        except (KzpoolError, OSError) as exc:
+            print(f"kzpool: the pool at {socket_path} did not answer: {exc}", file=sys.stderr)
+            return exitcodes.ERROR
     reply.pop("ok", None)
     print(json.dumps(reply, indent=2) if as_json else render(reply))
     return exitcodes.OK

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from filelock import FileLock
 
-from .helpers import Pool
+from kzpool.testing import Pool
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = Path(os.environ.get("KZPOOL_BROKERS_DIR", "/tmp/kzpool-brokers"))

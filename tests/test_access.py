@@ -13,9 +13,9 @@ import psutil
 import pytest
 
 import kzpool
+from kzpool.common import messages
 from kzpool.common import wire as protocol
-
-from .helpers import DEFAULT_URI, Pool, wait_for
+from kzpool.testing import DEFAULT_URI, Pool, wait_for
 
 PoolMaker = Callable[..., Pool]
 NOBODY = pwd.getpwnam("nobody")
@@ -80,7 +80,7 @@ def test_other_users_are_refused_even_through_an_open_socket(pools: PoolMaker) -
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(f"{pool.socket}.c1")
         with contextlib.suppress(BrokenPipeError):  # it may hang up before reading
-            sock.sendall(protocol.encode({"op": "lease", "kind": "float"}))
+            sock.sendall(messages.encode(messages.LeaseRequest(kind="float")))
         return sock.recv(4096)[8:].decode()
     assert "access refused: uid 65534" in as_nobody(direct)
     assert "access refused: uid 65534" in pool.logs()
@@ -119,8 +119,7 @@ def test_garbage_drops_that_client_only(pools: PoolMaker, garbage: bytes) -> Non
             pass
         sock.close()
     with client.lease("float") as garbled:  # a leased client sending garbage
-        assert garbled._sock is not None
-        garbled._sock.sendall(garbage)
+        garbled._impl.send(garbage)  # raw bytes on its socket, past the pika surface
     bystander.queue_declare(queue, auto_delete=True)  # nobody else noticed
     bystander.basic_publish("", queue, b"fine")
     assert bystander.queue_delete(queue).method.message_count == 1

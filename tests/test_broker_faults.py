@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from kzpool.testing import DEFAULT_URI, Pool
+
 from .conftest import brokers
-from .helpers import DEFAULT_URI, Pool
 
 PoolMaker = Callable[..., Pool]
 

@@ -13,8 +13,7 @@ import pika
 import pytest
 
 import kzpool
-
-from .helpers import (
+from kzpool.testing import (
     DEFAULT_URI,
     Pool,
     consumer_count,

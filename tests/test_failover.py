@@ -11,10 +11,9 @@ import pika
 import pytest
 
 import kzpool
+from kzpool.testing import DEFAULT_URI, Forwarder, Pool, drain, wait_for
 
 from .conftest import brokers
-from .forwarder import Forwarder
-from .helpers import DEFAULT_URI, Pool, drain, wait_for
 
 PoolMaker = Callable[..., Pool]
 

@@ -20,9 +20,17 @@ import pytest
 
 import kzpool
 from kzpool.common.status import render
+from kzpool.testing import (
+    DEFAULT_URI,
+    Forwarder,
+    Pool,
+    consumer_count,
+    gone,
+    publish,
+    queue_depth,
+    wait_for,
+)
 
-from .forwarder import Forwarder
-from .helpers import DEFAULT_URI, Pool, consumer_count, gone, publish, queue_depth, wait_for
 from .test_consumers import consumer_pool, consumers, traced
 
 PoolMaker = Callable[..., Pool]

@@ -25,7 +25,7 @@ def test_any_bytes_are_frames_or_a_protocol_error(data: bytes, chunk: int) -> No
         for i in range(0, len(data), chunk):
             for kind, _flags, payload in reader.feed(data[i:i + chunk]):
                 if kind == protocol.Kind.JSON:
-                    protocol.decode_json(payload)
+                    protocol.read_document(payload)
                 elif kind == protocol.Kind.PUBLISH:
                     protocol.read_publish(payload)
                 elif kind == protocol.Kind.DELIVER:

@@ -17,8 +17,7 @@ from typing import Any
 import pika
 
 import kzpool
-
-from .helpers import DEFAULT_URI, Pool
+from kzpool.testing import DEFAULT_URI, Pool
 
 HEARTBEAT = 2
 CPU_SECONDS = 4 * HEARTBEAT  # the broker drops a peer silent for two heartbeat intervals

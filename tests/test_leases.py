@@ -15,8 +15,7 @@ import pika.exceptions
 import pytest
 
 import kzpool
-
-from .helpers import DEFAULT_URI, Pool, wait_for
+from kzpool.testing import DEFAULT_URI, Pool, wait_for
 
 PoolMaker = Callable[..., Pool]
 

@@ -8,8 +8,7 @@ import urllib.request
 from collections.abc import Callable
 
 import kzpool
-
-from .helpers import DEFAULT_URI, Pool, wait_for
+from kzpool.testing import DEFAULT_URI, Pool, wait_for
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import psutil
 
-from .helpers import DEFAULT_URI, Pool, titles, wait_for
+from kzpool.testing import DEFAULT_URI, Pool, titles, wait_for
 
 PoolMaker = Callable[..., Pool]
 

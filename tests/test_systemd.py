@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import DEFAULT_URI, Pool
+from kzpool.testing import DEFAULT_URI, Pool
 
 ROOT = Path(__file__).resolve().parent.parent
 

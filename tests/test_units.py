@@ -14,8 +14,9 @@ from kzpool.common.states import ConnState
 from kzpool.common.uri import BrokerURI
 from kzpool.common.wire import Flag
 from kzpool.master.assign import Assignment, LeaseKind, RowState, choose_slot, to_move, zone_primary
+from kzpool.master.life import Life
 from kzpool.master.slots import Slot, startup_settled
-from kzpool.worker.worker import WorkerSpec
+from kzpool.worker.spec import WorkerSpec
 
 
 def test_public_api() -> None:
@@ -34,7 +35,7 @@ def test_public_api() -> None:
 # ----- wire format -------------------------------------------------------------------------
 
 def test_frames_round_trip_in_one_feed() -> None:
-    data = (protocol.encode({"op": "x", "n": 1})
+    data = (protocol.document({"op": "x", "n": 1})
             + protocol.publish("ex", "rk", b"\x00\x01", b"body", mandatory=True)
             + protocol.deliver(7, 3, "ctag", "ex", "rk", b"", b"payload", Flag.REDELIVERED)
             + protocol.tagged(protocol.Kind.CONFIRM, 9, Flag.MULTIPLE))
@@ -45,7 +46,7 @@ def test_frames_round_trip_in_one_feed() -> None:
     kinds = [f[0] for f in frames]
     assert kinds == [protocol.Kind.JSON, protocol.Kind.PUBLISH, protocol.Kind.DELIVER,
                      protocol.Kind.CONFIRM]
-    assert protocol.decode_json(frames[0][2]) == {"op": "x", "n": 1}
+    assert protocol.read_document(frames[0][2]) == {"op": "x", "n": 1}
     assert protocol.read_publish(frames[1][2]) == ("ex", "rk", b"\x00\x01", b"body")
     assert frames[1][1] == Flag.MANDATORY
     assert protocol.read_deliver(frames[2][2]) == (7, 3, "ctag", "ex", "rk", b"", b"payload")
@@ -65,7 +66,7 @@ def test_bad_frames_are_protocol_errors(data: bytes, error: str) -> None:
     with pytest.raises(ProtocolError, match=error):
         for kind, _flags, payload in reader.feed(data):
             if kind == protocol.Kind.JSON:
-                protocol.decode_json(payload)
+                protocol.read_document(payload)
 
 
 def test_truncated_payload_fields_are_protocol_errors() -> None:
@@ -77,9 +78,9 @@ def test_truncated_payload_fields_are_protocol_errors() -> None:
 
 def test_a_partial_frame_waits_for_the_rest() -> None:
     reader = protocol.FrameReader()
-    frame = protocol.encode({"op": "x"})
+    frame = protocol.document({"op": "x"})
     assert list(reader.feed(frame[:-1])) == []
-    assert [protocol.decode_json(p) for _k, _f, p in reader.feed(frame[-1:])] == [{"op": "x"}]
+    assert [protocol.read_document(p) for _k, _f, p in reader.feed(frame[-1:])] == [{"op": "x"}]
 
 
 # ----- backoff ---------------------------------------------------------------------------------
@@ -132,8 +133,8 @@ CONFIG = loads("[zone:a]\nuri = amqp://h1/\nuri = amqp://h2/\n[zone:b]\nuri = am
 
 def slot(n: int, state: ConnState = ConnState.CONNECTED, broker: Broker | None = None) -> Slot:
     broker = broker or CONFIG.brokers[n]
-    s = Slot(WorkerSpec(f"c{n}", broker, 1, CONFIG.settings), Backoff(0.1, 1), state=state)
-    s.pid = 100 + n
+    s = Slot(WorkerSpec(f"c{n}", broker, 1, CONFIG.settings), Life(Backoff(0.1, 1)), state=state)
+    s.life.pid = 100 + n
     return s
 
 
@@ -173,7 +174,7 @@ def test_float_leases_off_the_primary_are_moved_back() -> None:
 
 
 def test_broker_summary_counts_connections_and_leases() -> None:
-    from kzpool.master.assign import broker_summary
+    from kzpool.common.status import broker_summary
 
     slots = [slot(0), slot(1)]
     slots[0].primary, slots[0].prechannels = True, 7
@@ -181,7 +182,8 @@ def test_broker_summary_counts_connections_and_leases() -> None:
             Assignment("l2", LeaseKind.STICKY, "a", 1, "amqp://h2/", RowState.ASSIGNED,
                        slots[1]),
             Assignment("l3", LeaseKind.STICKY, "a", 1, "amqp://h2/", RowState.WAITING)]
-    summary = {b["broker"]: b for b in broker_summary(slots, rows)}
+    summary = {b["broker"]: b for b in broker_summary([s.row() for s in slots],
+                                                      [r.row() for r in rows])}
     first, second = summary["amqp://guest:***@h1:5672/%2F"], summary["amqp://guest:***@h2:5672/%2F"]
     assert (first["primary"], first["connections"], first["prechannels"], first["float"]) == (
         True, 1, 7, 1)

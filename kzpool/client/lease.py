@@ -3,12 +3,12 @@
 The lease's socket goes to the worker that owns its channel; AMQP I/O and heartbeats stay in
 that worker, so a callback may hold the GIL for minutes without the broker dropping anything.
 
-This module is the pika surface; :mod:`kzpool.link` keeps the channel across moves: when it
-is lost (broker down, worker killed, moved back to the primary) the lease gets a new one,
-replays its topology (exchanges, queues, bindings, QoS, consumers, confirm mode) and
-re-sends unconfirmed publishes, then the call goes on.  Delivery tags stay unique across
-moves: acks for deliveries of a lost channel are dropped (the broker redelivers those
-messages), never applied to another message.
+This module is the pika surface: consumers and their callbacks, the ``consume()``
+generator, return shapes.  Its :class:`~kzpool.client.link.LeaseLink` (``_impl``, as pika's
+``BlockingChannel`` holds its ``Channel``) keeps the channel across moves: when it is lost
+(broker down, worker killed, moved back to the primary) the lease gets a new one, replays
+its topology (exchanges, queues, bindings, QoS, consumers, confirm mode) and re-sends
+unconfirmed publishes, then the call goes on.
 
 Hazards: a lease is not thread-safe (one lease per thread, as with pika channels); every
 method blocks its caller; nothing runs in the background, so confirms and deliveries are read
@@ -17,46 +17,81 @@ while the owner is inside a lease call (or a ``Future.result()`` of one).
 
 from __future__ import annotations
 
-import contextlib
+import socket
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pika import frame as pika_frame
 from pika import spec
 
-from ..common import wire
-from ..common.errors import KzpoolError, LeaseRequestError, LeaseTimeout
+from ..common import props, wire
+from ..common.errors import ConnectionBlockedTimeout, KzpoolError, LeaseRequestError, LeaseTimeout
+from ..common.messages import Reply
 from ..common.wire import Flag
-from .link import (
-    DRAIN_INTERVAL,
-    Confirm,
-    Delivery,
-    LeaseLink,
-    MoveEvent,
-    OnMessage,
-    Unconfirmed,
-)
+from .confirms import Confirm, Unconfirmed
+from .link import Delivery, LeaseLink, MoveEvent, Pool
 
 __all__ = ["Confirm", "Lease", "MoveEvent"]
 
 METHODS = {cls.NAME: cls for cls in spec.methods.values()}
 MAX_BODY = wire.MAX_DATA_FRAME - (1 << 20)  # room for the frame's other fields
+DRAIN_INTERVAL = 0.001  # seconds between two reads of confirms and events while publishing
+OnMessage = Callable[[Any, Any, Any, bytes], None]
 
 
-class Lease(LeaseLink):
+class Lease:
     """A float or sticky channel lease.  Create with :meth:`kzpool.PoolClient.lease`."""
 
-    # ----- pika's BlockingChannel surface -----------------------------------------------------
+    def __init__(self, pool: Pool, kind: str, zone: str | None, broker: str | None,
+                 timeout: float, on_move: Callable[[MoveEvent], None] | None,
+                 federates: str | None = None, handed: socket.socket | None = None,
+                 abort: Callable[[], bool] | None = None) -> None:
+        self._deliveries: deque[Delivery] = deque()  # for the basic_consume callbacks
+        self._generator: deque[Delivery] = deque()  # for consume()
+        self._generator_tag: str | None = None
+        self._generator_auto_ack = False
+        self._consumers: dict[str, OnMessage | None] = {}
+        self._stop_consuming = False
+        self._next_drain = 0.0
+        self._impl = LeaseLink(pool, kind, zone, broker, timeout, on_move, federates, handed,
+                               abort, self._on_delivery, self._on_lost)
+
+    # ----- what the lease is ------------------------------------------------------------------
+
+    @property
+    def id(self) -> str | None:
+        return self._impl.id
+
+    @property
+    def kind(self) -> str:
+        return self._impl.kind
+
+    @property
+    def broker(self) -> str | None:
+        """The broker serving the lease now, password masked."""
+        return self._impl.broker
+
+    @property
+    def broker_zone(self) -> str | None:
+        return self._impl.broker_zone
+
+    @property
+    def channel_number(self) -> int:
+        return self._impl.channel_number
+
+    @property
+    def timeout(self) -> float:
+        return self._impl.timeout
 
     @property
     def is_open(self) -> bool:
-        return not self._closed
+        return not self._impl.closed
 
     @property
     def is_closed(self) -> bool:
-        return self._closed
+        return self._impl.closed
 
     def __enter__(self) -> Lease:
         return self
@@ -66,6 +101,8 @@ class Lease(LeaseLink):
 
     def __repr__(self) -> str:
         return f"<Lease {self.id} {self.kind} on {self.broker} channel {self.channel_number}>"
+
+    # ----- pika's BlockingChannel surface -----------------------------------------------------
 
     def exchange_declare(self, exchange: str, exchange_type: str = "direct",
                          passive: bool = False, durable: bool = False,
@@ -123,21 +160,22 @@ class Lease(LeaseLink):
 
     def confirm_delivery(self) -> None:
         """Turn on publisher confirms: publishes then wait for the broker, or return Futures."""
-        if not self._confirming:
-            self._call("confirm", "confirm_delivery", {})
-            self._confirming = True
+        if not self._impl.confirming:
+            self._impl.call("confirm", "confirm_delivery", {})
+            self._impl.confirming = True
 
     def basic_publish(self, exchange: str, routing_key: str, body: bytes | str,
                       properties: spec.BasicProperties | None = None, mandatory: bool = False,
                       wait: bool = True) -> Confirm | None:
         """Publish as pika does; with confirms and ``wait=False``, return a Future instead."""
-        self._ready()
+        link = self._impl
+        link.ready()
         now = time.monotonic()
         if now >= self._next_drain:  # now and then, read what came: confirms, "blocked"
             self._next_drain = now + DRAIN_INTERVAL
-            self._drain()
-            self._ready()
-        if self._blocked:
+            link.drain()
+            link.ready()
+        if link.blocked:
             self._wait_unblocked()
         if isinstance(body, str):
             body = body.encode()
@@ -145,19 +183,13 @@ class Lease(LeaseLink):
             raise LeaseRequestError(f"message of {len(body):,} bytes is over the {MAX_BODY:,}"
                                     " bytes a message may have (RabbitMQ's own limit is lower"
                                     " by default: max_message_size)")
-        props = _encode_props(properties)
-        data = wire.publish(exchange, routing_key, props, body, mandatory)
-        if not self._confirming:
-            self._send(data)
-            if self._lost is not None:  # the worker was gone before it read this: send again
-                self._ready()
-                self._send(data)
+        data = wire.publish(exchange, routing_key, props.encode(properties), body, mandatory)
+        if not link.confirming:
+            link.publish(data)
             return None
-        self._seq += 1
-        future = Confirm(self)
-        self._unconfirmed[self._seq] = Unconfirmed(future, data, exchange, routing_key,
-                                                    properties, body)
-        self._send(data)
+        future = Confirm(link.wait, link.id)
+        link.confirms.add(Unconfirmed(future, data, exchange, routing_key, properties, body))
+        link.send(data)
         if wait:
             future.result(None)
             return None
@@ -165,9 +197,10 @@ class Lease(LeaseLink):
 
     def wait_for_confirms(self, timeout: float | None = None) -> None:
         """Wait until every pipelined publish is confirmed (or failed)."""
-        if not self._wait(lambda: not self._unconfirmed, timeout):
-            raise LeaseTimeout(f"{len(self._unconfirmed)} publish(es) unconfirmed after"
-                               f" {timeout} s", lease=self.id)
+        confirms = self._impl.confirms
+        if not self._impl.wait(lambda: not confirms.pending, timeout):
+            raise LeaseTimeout(f"{len(confirms)} publish(es) unconfirmed after {timeout} s",
+                               lease=self.id)
 
     def basic_consume(self, queue: str, on_message_callback: OnMessage, auto_ack: bool = False,
                       exclusive: bool = False, consumer_tag: str | None = None,
@@ -191,8 +224,8 @@ class Lease(LeaseLink):
                 if callback is not None:
                     callback(self, method, properties, body)
             if not self._deliveries and not self._stop_consuming:
-                self._ready()
-                self._pump(None)
+                self._impl.ready()
+                self._impl.pump(None)
 
     def stop_consuming(self, consumer_tag: str | None = None) -> None:
         tags = [consumer_tag] if consumer_tag else [t for t, c in self._consumers.items() if c]
@@ -214,8 +247,8 @@ class Lease(LeaseLink):
             if self._generator:
                 yield self._generator.popleft()
                 continue
-            self._ready()
-            if not self._wait(lambda: bool(self._generator), inactivity_timeout):
+            self._impl.ready()
+            if not self._impl.wait(lambda: bool(self._generator), inactivity_timeout):
                 yield None, None, None
 
     def cancel(self) -> int:
@@ -231,9 +264,9 @@ class Lease(LeaseLink):
         return pending
 
     def basic_get(self, queue: str, auto_ack: bool = False) -> Delivery | tuple[None, None, None]:
-        reply = self._call("get", "basic_get", {"queue": queue, "auto_ack": auto_ack})
-        got, self._get = self._get, None
-        if reply.get("method") == "Basic.GetOk" and got is not None:
+        reply = self._impl.call("get", "basic_get", {"queue": queue, "auto_ack": auto_ack})
+        got = self._impl.take_get()
+        if reply.method == "Basic.GetOk" and got is not None:
             return got
         return None, None, None
 
@@ -250,40 +283,47 @@ class Lease(LeaseLink):
 
     def close(self) -> None:
         """Give the channel back: consumers are cancelled, unacked messages requeued."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.sendall(b"".join(self._settles) + wire.encode({"op": "close"}))
-            self._sock.close()
-            self._sock = None
+        self._impl.close()
+
+    # ----- the link's side --------------------------------------------------------------------
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        if delivery[0].consumer_tag == self._generator_tag:
+            self._generator.append(delivery)
+        else:
+            self._deliveries.append(delivery)
+
+    def _on_lost(self) -> None:
+        """The deliveries read so far are void: the broker redelivers them."""
+        self._deliveries.clear()
+        self._generator.clear()
+
+    def _settle(self, delivery_tag: int, flags: int) -> None:
+        self._impl.settle(delivery_tag, flags, bool(self._deliveries or self._generator))
 
     def _rpc(self, method: str, **args: Any) -> Any:
-        reply = self._call("call", method, args)
+        reply = self._impl.call("call", method, args)
         return pika_frame.Method(self.channel_number, _method(reply))
 
     def _consume(self, queue: str, callback: OnMessage | None, auto_ack: bool, exclusive: bool,
                  consumer_tag: str | None, arguments: dict[str, Any] | None) -> str:
-        reply = self._call("consume", "basic_consume", {
+        reply = self._impl.call("consume", "basic_consume", {
             "queue": queue, "auto_ack": auto_ack, "exclusive": exclusive,
             "consumer_tag": consumer_tag, "arguments": arguments})
-        tag = str(reply["fields"]["consumer_tag"])
+        tag = str(reply.fields["consumer_tag"])
         self._consumers[tag] = callback
-        self._topology.steps[-1].args["consumer_tag"] = tag  # replay keeps the same tag
+        self._impl.topology.steps[-1].args["consumer_tag"] = tag  # replay keeps the same tag
         return tag
 
+    def _wait_unblocked(self) -> None:
+        link = self._impl
+        if not link.wait(lambda: not link.blocked, link.timeout):
+            raise ConnectionBlockedTimeout(f"the broker {self.broker} blocked publishing for"
+                                           f" over {link.timeout} s", broker=self.broker)
 
 
-def _method(reply: dict[str, Any]) -> Any:
-    cls = METHODS.get(str(reply.get("method")))
+def _method(reply: Reply) -> Any:
+    cls = METHODS.get(str(reply.method))
     if cls is None:
-        raise KzpoolError(f"unexpected reply {reply.get('method')!r}")
-    return cls(**reply.get("fields", {}))
-
-
-def _encode_props(properties: spec.BasicProperties | None) -> bytes:
-    if properties is None:
-        return b""
-    data = b"".join(properties.encode())
-    return b"" if data == b"\x00\x00" else data
+        raise KzpoolError(f"unexpected reply {reply.method!r}")
+    return cls(**reply.fields)

@@ -1,8 +1,8 @@
 """The lease client: ``kzpool.connect()`` and the leases it hands out.
 
 Any Python process can use it; nothing in it runs in the background.  A :class:`PoolClient`
-may be shared by threads (it only opens sockets); each :class:`~kzpool.lease.Lease` belongs
-to one thread at a time.
+may be shared by threads (it only opens sockets); each :class:`~kzpool.client.lease.Lease`
+belongs to one thread at a time.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from typing import Any, overload
+from typing import Any
 
+from ..common import messages
 from ..common.errors import LeaseRequestError
 from ..common.settings import BY_NAME
-from ..master import control
+from .backend import Backend, UnixBackend, call, not_running
 from .lease import Lease, MoveEvent
 
 KINDS = ("float", "sticky")
@@ -23,44 +24,41 @@ KINDS = ("float", "sticky")
 class PoolClient:
     """A handle on the pool at ``socket_path``."""
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, backend: Backend | None = None) -> None:
         self.socket_path = socket_path
+        self.backend: Backend = backend or UnixBackend()
         # (kind, zone or broker) -> the lease socket of the worker that served it last
         self.routes: dict[tuple[str, str | None], str] = {}
 
     def __repr__(self) -> str:
         return f"<PoolClient {self.socket_path}>"
 
-    @overload
-    def open_socket(self) -> socket.socket: ...
-
-    @overload
-    def open_socket(self, path: str) -> socket.socket | None: ...
-
-    def open_socket(self, path: str | None = None) -> socket.socket | None:
-        """A new connection to the pool's lease socket (a clear error if no pool answers),
-        or to a worker's (``None`` if that worker is gone)."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def open_pool(self) -> socket.socket:
+        """A new connection to the pool's lease socket; a clear error if no pool answers."""
         try:
-            sock.connect(path or self.socket_path)
+            return self.backend.connect(self.socket_path)
         except OSError as exc:
-            sock.close()
-            if path is not None:
-                self.routes = {k: v for k, v in self.routes.items() if v != path}
-                return None
-            raise control.not_running(self.socket_path, exc) from exc
-        return sock
+            raise not_running(self.socket_path, exc) from exc
+
+    def open_route(self, path: str) -> socket.socket | None:
+        """A new connection to a worker's socket; ``None`` (and the route forgotten) if that
+        worker is gone."""
+        try:
+            return self.backend.connect(path)
+        except OSError:
+            self.routes = {k: v for k, v in self.routes.items() if v != path}
+            return None
 
     def ping(self) -> dict[str, Any]:
-        return control.call(self.socket_path, {"op": "ping"})
+        return call(self.backend, self.socket_path, messages.Ping())
 
     def status(self) -> dict[str, Any]:
-        return control.call(self.socket_path, {"op": "status"})
+        return call(self.backend, self.socket_path, messages.StatusRequest())
 
     def brokers(self) -> dict[str, Any]:
         """``{"local_zone": ..., "brokers": [{"broker", "zone", "hidden", "available"}]}``,
         brokers in config order, URIs with their password masked (a sticky lease takes them)."""
-        return control.call(self.socket_path, {"op": "brokers"})
+        return call(self.backend, self.socket_path, messages.BrokersRequest())
 
     def lease(self, kind: str = "float", *, zone: str | None = None, broker: str | None = None,
               timeout: float = 10.0, on_move: Callable[[MoveEvent], None] | None = None,
@@ -69,12 +67,13 @@ class PoolClient:
         """A channel: ``float`` follows the zone's primary, ``sticky`` stays on ``broker``.
 
         Blocks up to ``timeout`` seconds for a broker to serve it, then raises
-        :class:`~kzpool.errors.BrokerUnavailable` naming what it waited for.  ``federates``
-        names the listener queue a federator's lease feeds; ``kzpool status`` shows it.
-        ``handed``: a socket on which the master already asked for this lease (an in-service
-        consumer's, from a socket pair); the lease waits for its answer there.  ``abort``:
-        asked every quarter second while the lease waits for a channel or a reply; when it
-        returns true the lease gives up and is closed (:class:`~kzpool.errors.LeaseClosed`).
+        :class:`~kzpool.common.errors.BrokerUnavailable` naming what it waited for.
+        ``federates`` names the listener queue a federator's lease feeds; ``kzpool status``
+        shows it.  ``handed``: a socket on which the master already asked for this lease (an
+        in-service consumer's, from a socket pair); the lease waits for its answer there.
+        ``abort``: asked every quarter second while the lease waits for a channel or a reply;
+        when it returns true the lease gives up and is closed
+        (:class:`~kzpool.common.errors.LeaseClosed`).
         """
         if kind not in KINDS:
             raise LeaseRequestError(f"unknown lease kind {kind!r} (float or sticky)")

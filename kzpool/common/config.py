@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import BrokerURIError, ConfigError
-from .settings import BY_NAME, CONSUMER_BY_NAME, SETTINGS, Setting
+from .settings import (
+    BY_NAME,
+    CONSUMER_BY_NAME,
+    SETTINGS,
+    ConsumerSettings,
+    PoolSettings,
+    Setting,
+)
 from .uri import BrokerURI, mask
 
 URI_KEYS = ("uri", "amqp_uri")
@@ -72,24 +79,6 @@ def _clean(value: str) -> str:
     return value
 
 
-class Settings:
-    """The ``[pool]`` values by attribute: ``settings.prechannels``."""
-
-    def __init__(self, values: Mapping[str, Any]) -> None:
-        self._values = dict(values)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["_values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Settings) and self._values == other._values
-
-    __hash__ = None  # type: ignore[assignment]
-
-
 @dataclass(frozen=True)
 class Broker:
     """A broker of the config: its URI, zone and place in config order."""
@@ -106,13 +95,13 @@ class Consumer:
     """One ``[consumer:NAME]`` section."""
 
     name: str
-    settings: Settings  # handler, processes, lease, queue, bindings, ...
+    settings: ConsumerSettings
 
 
 @dataclass(frozen=True)
 class Config:
     path: str
-    settings: Settings
+    settings: PoolSettings
     local_zone: str
     brokers: tuple[Broker, ...]
     consumers: tuple[Consumer, ...] = ()
@@ -189,7 +178,7 @@ def _consumers(sections: list[Section], path: str, problems: list[str]) -> tuple
         if values["federate"] and not (values["exchange"] and values["bindings"]):
             problems.append(f"{where}: federate = true needs an exchange and bindings to"
                             " consume on the other zones' brokers")
-        found[name] = Consumer(name, Settings(values))
+        found[name] = Consumer(name, ConsumerSettings(**values))
     return tuple(found.values())
 
 
@@ -219,7 +208,7 @@ def _section_values(section: Section, table: Mapping[str, Setting], path: str,
 
 
 def _settings(entries: list[Entry], path: str, overrides: Mapping[str, str],
-              environ: Mapping[str, str], problems: list[str]) -> Settings:
+              environ: Mapping[str, str], problems: list[str]) -> PoolSettings:
     given: dict[str, tuple[str | None, str]] = {}
     for entry in entries:
         if entry.key not in BY_NAME:
@@ -241,8 +230,9 @@ def _settings(entries: list[Entry], path: str, overrides: Mapping[str, str],
         try:
             values[setting.name] = None if text is None else setting.parse(text)
         except ValueError as exc:
+            values[setting.name] = None  # reported; the other checks go on
             problems.append(f"{where} = {text!r}: {exc}")
-    return Settings(values)
+    return PoolSettings(**values)
 
 
 def _zones(sections: list[Section], path: str,

@@ -1,8 +1,12 @@
-"""Every ``[pool]`` setting, declared once.
+"""Every ``[pool]`` setting and every ``[consumer:NAME]`` key, declared once.
 
-The config loader, the ``kzpool serve`` flags and ``config.ini.example`` are all derived from
-:data:`SETTINGS`.  A value that does not convert raises :class:`ValueError` with a message
-that the loader prefixes with the file, line and key.
+Each is a field of :class:`PoolSettings` or :class:`ConsumerSettings`: its type (what the code
+reads, checked by mypy), and its :func:`setting` (how the text converts, its default as the
+config file writes it, its help, its environment variable).  The config loader, the
+``kzpool serve`` flags and ``config.ini.example`` are derived from :data:`SETTINGS` and
+:data:`CONSUMER_SETTINGS`, the tables read off those fields.  A value that does not convert
+raises :class:`ValueError` with a message that the loader prefixes with the file, line and
+key.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .access import to_gids, to_uids
@@ -104,7 +108,7 @@ def above(minimum: float) -> Callable[[Any], None]:
 
 @dataclass(frozen=True)
 class Setting:
-    """One setting of the ``[pool]`` section."""
+    """One setting: how its text converts and checks, its default text, its help."""
 
     name: str
     convert: Callable[[str], Any]
@@ -126,82 +130,117 @@ class Setting:
         return value
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("socket", to_path, "/run/kzpool/kzpool.sock",
-            "Path of the lease socket that clients and `kzpool status` connect to.",
-            env="KZPOOL_SOCKET"),
-    Setting("zone", str, None,
-            "Name of the local zone when [zone:NAME] sections are used.", env="KZPOOL_ZONE"),
-    Setting("prechannels", to_int, "10",
-            "Channels each connection opens ahead of time (Kazoo: 10).", at_least(0)),
-    Setting("connections_per_broker", to_int, "1",
-            "Connection workers per broker URI.", at_least(1)),
-    Setting("heartbeat", to_int, "10",
-            "AMQP heartbeat in seconds, kept by the connection workers; 0 disables.",
-            at_least(0)),
-    Setting("connect_timeout", to_seconds, "5",
-            "Seconds allowed to open one broker connection.", above(0)),
-    Setting("startup_timeout", to_seconds, "30",
-            "Seconds `kzpool serve` waits for the local primary broker before giving up.",
-            above(0)),
-    Setting("shutdown_timeout", to_seconds, "10",
-            "Seconds a graceful stop may take before what is left is killed.", above(0)),
-    Setting("reconnect_backoff_min", to_seconds, "0.1",
-            "First reconnect delay in seconds; it doubles after each failure.", above(0)),
-    Setting("reconnect_backoff_max", to_seconds, "5",
-            "Cap of the reconnect delay for brokers of the local zone (Kazoo: 5 s).", above(0)),
-    Setting("reconnect_backoff_max_remote", to_seconds, "60",
-            "Cap of the reconnect delay for brokers of remote zones (Kazoo: 60 s).", above(0)),
-    Setting("respawn_backoff_max", to_seconds, "30",
-            "Cap of the delay before a crashed worker is started again.", above(0)),
-    Setting("worker_timeout", to_seconds, "10",
-            "A worker silent this long (no report to the master) is killed and replaced.",
-            above(0)),
-    Setting("worker_max_rss", to_size, "256M",
-            "A connection worker above this resident memory is replaced; 0 disables.",
-            at_least(0)),
-    Setting("default_prefetch", to_int, "1000",
-            "Prefetch a lease's consumers get when the lease set no basic_qos: it bounds what"
-            " a worker buffers for a client that stops reading; 0: unlimited.", at_least(0)),
-    Setting("allow_users", to_uids, "",
-            "Users (names or uids) whose processes may use the lease socket; empty: the"
-            " service's own user."),
-    Setting("allow_groups", to_gids, "",
-            "Groups (names or gids) whose members may use the lease socket; empty: the"
-            " service's own group."),
-    Setting("metrics_port", to_int, "0",
-            "Serve Prometheus metrics on this TCP port (needs prometheus-client); 0: off.",
-            at_least(0)),
-    Setting("metrics_address", str, "127.0.0.1", "Address the metrics port listens on."),
-    Setting("log_level", to_level, "info", "One of debug, info, warning, error."),
-)
+def setting(convert: Callable[[str], Any], default: str | None, help: str,
+            check: Callable[[Any], None] | None = None, env: str | None = None) -> Any:
+    """A settings field: its :class:`Setting` rides in the field's metadata (named after the
+    field when the table is read)."""
+    return field(metadata={"setting": Setting("", convert, default, help, check, env)})
 
+
+def _table(cls: type) -> tuple[Setting, ...]:
+    return tuple(replace(f.metadata["setting"], name=f.name) for f in fields(cls))
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """The ``[pool]`` values: ``settings.prechannels``."""
+
+    socket: str = setting(
+        to_path, "/run/kzpool/kzpool.sock",
+        "Path of the lease socket that clients and `kzpool status` connect to.",
+        env="KZPOOL_SOCKET")
+    zone: str | None = setting(
+        str, None, "Name of the local zone when [zone:NAME] sections are used.",
+        env="KZPOOL_ZONE")
+    prechannels: int = setting(
+        to_int, "10", "Channels each connection opens ahead of time (Kazoo: 10).", at_least(0))
+    connections_per_broker: int = setting(
+        to_int, "1", "Connection workers per broker URI.", at_least(1))
+    heartbeat: int = setting(
+        to_int, "10",
+        "AMQP heartbeat in seconds, kept by the connection workers; 0 disables.", at_least(0))
+    connect_timeout: float = setting(
+        to_seconds, "5", "Seconds allowed to open one broker connection.", above(0))
+    startup_timeout: float = setting(
+        to_seconds, "30",
+        "Seconds `kzpool serve` waits for the local primary broker before giving up.",
+        above(0))
+    shutdown_timeout: float = setting(
+        to_seconds, "10",
+        "Seconds a graceful stop may take before what is left is killed.", above(0))
+    reconnect_backoff_min: float = setting(
+        to_seconds, "0.1", "First reconnect delay in seconds; it doubles after each failure.",
+        above(0))
+    reconnect_backoff_max: float = setting(
+        to_seconds, "5",
+        "Cap of the reconnect delay for brokers of the local zone (Kazoo: 5 s).", above(0))
+    reconnect_backoff_max_remote: float = setting(
+        to_seconds, "60",
+        "Cap of the reconnect delay for brokers of remote zones (Kazoo: 60 s).", above(0))
+    respawn_backoff_max: float = setting(
+        to_seconds, "30", "Cap of the delay before a crashed worker is started again.",
+        above(0))
+    worker_timeout: float = setting(
+        to_seconds, "10",
+        "A worker silent this long (no report to the master) is killed and replaced.",
+        above(0))
+    worker_max_rss: int = setting(
+        to_size, "256M",
+        "A connection worker above this resident memory is replaced; 0 disables.",
+        at_least(0))
+    default_prefetch: int = setting(
+        to_int, "1000",
+        "Prefetch a lease's consumers get when the lease set no basic_qos: it bounds what"
+        " a worker buffers for a client that stops reading; 0: unlimited.", at_least(0))
+    allow_users: frozenset[int] = setting(
+        to_uids, "",
+        "Users (names or uids) whose processes may use the lease socket; empty: the"
+        " service's own user.")
+    allow_groups: frozenset[int] = setting(
+        to_gids, "",
+        "Groups (names or gids) whose members may use the lease socket; empty: the"
+        " service's own group.")
+    metrics_port: int = setting(
+        to_int, "0",
+        "Serve Prometheus metrics on this TCP port (needs prometheus-client); 0: off.",
+        at_least(0))
+    metrics_address: str = setting(str, "127.0.0.1", "Address the metrics port listens on.")
+    log_level: str = setting(to_level, "info", "One of debug, info, warning, error.")
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    """One ``[consumer:NAME]`` section: a Listener the pool runs in its own processes."""
+
+    handler: str = setting(
+        to_handler, None,
+        "module.path:callable getting each message, or a kzpool.Listener subclass.")
+    processes: int = setting(to_int, "1", "Consumer processes the pool forks for it.",
+                             at_least(1))
+    lease: str = setting(to_lease_kind, "float", "float, or sticky (with broker =).")
+    broker: str | None = setting(str, None, "The broker URI of a sticky consumer.")
+    queue: str = setting(str, None, "Queue name (default: the section's NAME).")
+    exchange: str = setting(str, "", "Exchange the bindings bind to ('' = the default one).")
+    exchange_type: str = setting(str, "topic", "Type of that exchange.")
+    bindings: tuple[str, ...] = setting(to_list, "",
+                                        "Routing keys, one per line or comma separated.")
+    prefetch: int = setting(to_int, "10", "QoS prefetch of each process.", at_least(0))
+    durable: bool = setting(to_bool, "false", "Declare the exchange and queue durable.")
+    federate: bool = setting(
+        to_bool, "false",
+        "Consume the bindings on every other zone's brokers too: one federator per broker,"
+        " on a queue named QUEUE-LOCALZONE there.")
+    requeue_on_error: bool = setting(
+        to_bool, "false",
+        "A message whose handler raised goes back to the queue (else it is dropped).")
+    max_messages: int = setting(to_int, "0",
+                                "Recycle a process after this many messages; 0: never.",
+                                at_least(0))
+    max_rss: int = setting(to_size, "0", "Recycle a process above this RSS; 0: never.",
+                           at_least(0))
+
+
+SETTINGS = _table(PoolSettings)
 BY_NAME = {s.name: s for s in SETTINGS}
-
-
-# ----- one [consumer:NAME] section: a Listener the pool runs in its own processes ----------
-
-CONSUMER_SETTINGS: tuple[Setting, ...] = (
-    Setting("handler", to_handler, None,
-            "module.path:callable getting each message, or a kzpool.Listener subclass."),
-    Setting("processes", to_int, "1", "Consumer processes the pool forks for it.", at_least(1)),
-    Setting("lease", to_lease_kind, "float", "float, or sticky (with broker =)."),
-    Setting("broker", str, None, "The broker URI of a sticky consumer."),
-    Setting("queue", str, None, "Queue name (default: the section's NAME)."),
-    Setting("exchange", str, "", "Exchange the bindings bind to ('' = the default one)."),
-    Setting("exchange_type", str, "topic", "Type of that exchange."),
-    Setting("bindings", to_list, "", "Routing keys, one per line or comma separated."),
-    Setting("prefetch", to_int, "10", "QoS prefetch of each process.", at_least(0)),
-    Setting("durable", to_bool, "false", "Declare the exchange and queue durable."),
-    Setting("federate", to_bool, "false",
-            "Consume the bindings on every other zone's brokers too: one federator per broker,"
-            " on a queue named QUEUE-LOCALZONE there."),
-    Setting("requeue_on_error", to_bool, "false",
-            "A message whose handler raised goes back to the queue (else it is dropped)."),
-    Setting("max_messages", to_int, "0",
-            "Recycle a process after this many messages; 0: never.", at_least(0)),
-    Setting("max_rss", to_size, "0", "Recycle a process above this RSS; 0: never.",
-            at_least(0)),
-)
-
+CONSUMER_SETTINGS = _table(ConsumerSettings)
 CONSUMER_BY_NAME = {s.name: s for s in CONSUMER_SETTINGS}

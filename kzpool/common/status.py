@@ -1,9 +1,17 @@
-"""``kzpool status``: Kazoo's connection_summary and channel_summary as a table."""
+"""``kzpool status``: Kazoo's broker_summary, connection_summary and channel_summary.
+
+:func:`document` makes the status JSON from the registry's tables (rows as the master
+writes them), wherever they were read: from the registry process, or from the master's own
+copy.  :func:`render` prints it as tables.
+"""
 
 from __future__ import annotations
 
 import time
 from typing import Any
+
+Row = dict[str, Any]
+PLACED = frozenset({"assigning", "assigned", "moving"})  # a lease on a channel
 
 CONNECTION_COLUMNS = ("id", "broker", "zone", "primary", "state", "pid", "prechannels",
                       "channels", "blocked", "rss", "since", "error")
@@ -15,6 +23,44 @@ FEDERATOR_COLUMNS = ("lease", "federates", "zone", "broker", "state", "client_pi
                      "moves")
 ASSIGNMENT_COLUMNS = ("lease", "kind", "client_pid", "broker", "pid", "channel", "since",
                       "moves")
+
+
+def document(tables: dict[str, list[Row]]) -> dict[str, Any]:
+    """The status JSON: ``pool``, ``brokers``, ``connections``, ``assignments``,
+    ``consumers``, ``federators``."""
+    pools = tables.get("pool") or [{}]
+    connections = sorted(tables.get("connections", []), key=lambda r: int(r["id"][1:]))
+    assignments = list(tables.get("assignments", []))
+    return {
+        "pool": pools[0],
+        "connections": connections,
+        "assignments": assignments,
+        "consumers": sorted(tables.get("consumers", []), key=lambda r: (r["name"], r["index"])),
+        "federators": [{**r, "broker": r["broker"] or r["pinned"]}
+                       for r in assignments if r.get("federates")],
+        "brokers": broker_summary(connections, assignments),
+    }
+
+
+def broker_summary(connections: list[Row], assignments: list[Row]) -> list[Row]:
+    """Per broker: its connections, available ones, prechannels, leases on it by kind, and
+    leases waiting for it (a sticky lease pinned to it while it is down)."""
+    brokers: dict[str, Row] = {}
+    for row in connections:
+        entry = brokers.setdefault(row["broker"], {
+            "broker": row["broker"], "zone": row["zone"], "hidden": row["hidden"],
+            "primary": False, "connections": 0, "available": 0, "prechannels": 0, "float": 0,
+            "sticky": 0, "waiting": 0})
+        entry["connections"] += 1
+        entry["available"] += bool(row["available"])
+        entry["prechannels"] += row["prechannels"]
+        entry["primary"] = entry["primary"] or row["primary"]
+    for row in assignments:
+        placed = row["state"] in PLACED
+        target = brokers.get(row["broker"] if placed else row["pinned"])
+        if target is not None:
+            target[row["kind"] if placed else "waiting"] += 1
+    return list(brokers.values())
 
 
 def render(status: dict[str, Any], now: float | None = None) -> str:

@@ -38,10 +38,8 @@ dropped and nothing more is read from it.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import json
-import socket
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -90,16 +88,17 @@ def frame(kind: Kind, payload: bytes, flags: int = 0) -> bytes:
     return HEADER.pack(MAGIC, VERSION, kind, flags, len(payload)) + payload
 
 
-def encode(obj: dict[str, Any]) -> bytes:
-    """One JSON frame."""
+def document(obj: dict[str, Any]) -> bytes:
+    """A JSON frame of a document (an answer to ``status``, ``ping``, ``brokers``); messages
+    between processes are :func:`kzpool.common.messages.encode`'s."""
     return frame(Kind.JSON, json.dumps(obj, separators=(",", ":")).encode())
 
 
-def decode_json(payload: bytes) -> dict[str, Any]:
+def read_document(payload: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"frame payload is not JSON: {exc}") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"frame payload is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("frame payload is not a JSON object")
     return obj
@@ -241,28 +240,3 @@ class FrameReader:
                 pos = end
         finally:
             del buffer[:pos]
-
-    def messages(self, data: bytes) -> Iterator[dict[str, Any]]:
-        """For JSON-only links: the decoded objects."""
-        for kind, _flags, payload in self.feed(data):
-            if kind != Kind.JSON:
-                raise ProtocolError(f"unexpected frame kind {kind}")
-            yield decode_json(payload)
-
-
-def request(sock: socket.socket, obj: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Send one message on a blocking socket and wait for one reply.
-
-    Blocks up to ``timeout`` seconds; raises ``TimeoutError`` or ``ConnectionError``.
-    """
-    sock.settimeout(timeout)
-    # the pool may have answered (a refusal) and hung up before reading: read on
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        sock.sendall(encode(obj))
-    reader = FrameReader()
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("the pool closed the connection")
-        for reply in reader.messages(data):
-            return reply

@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
+from ..client.lease import Lease
+from ..client.pool import PoolClient
 from ..common.backoff import Backoff
 from ..common.errors import KzpoolError, LeaseRequestError
-
-if TYPE_CHECKING:
-    from ..client.lease import Lease
-    from ..client.pool import PoolClient
-    from .listener import Listener
 
 log = logging.getLogger("kzpool.federator")
 
@@ -36,10 +33,29 @@ LEASE_TIMEOUT = 3600.0  # a federator waits for its broker as long as the pool l
 RETRY = (0.2, 5.0)  # backoff between tries: first, cap
 
 
+class Host(Protocol):
+    """What a federator needs of its listener."""
+
+    queue: str
+    auto_ack: bool
+
+    @property
+    def stopping(self) -> bool: ...
+
+    @property
+    def federated_keys(self) -> list[str]: ...
+
+    def wait_stopped(self, timeout: float) -> bool: ...
+
+    def declare(self, lease: Lease, queue: str, keys: list[str]) -> str: ...
+
+    def dispatch(self, lease: Lease, method: Any, properties: Any, body: bytes) -> None: ...
+
+
 class Federator:
     """Consumes ``queue`` on ``broker`` (a remote zone's) for ``listener``."""
 
-    def __init__(self, listener: Listener, pool: PoolClient, broker: str, zone: str,
+    def __init__(self, listener: Host, pool: PoolClient, broker: str, zone: str,
                  queue: str) -> None:
         self.listener = listener
         self.pool = pool

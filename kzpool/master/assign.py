@@ -121,27 +121,3 @@ def to_move(assignments: Iterable[Assignment], slots: list[Slot]) -> list[Assign
         if primary is not None and broker_key(a.slot.spec.broker) != primary:
             moves.append(a)
     return moves
-
-
-def broker_summary(slots: Iterable[Slot], rows: Iterable[Assignment]) -> list[dict[str, Any]]:
-    """Kazoo's broker_summary: per broker, its connections, leases and prechannels."""
-    brokers: dict[str, dict[str, Any]] = {}
-    by_slot: dict[str, str] = {}
-    for slot in slots:
-        key = broker_key(slot.spec.broker)
-        by_slot[slot.spec.id] = key
-        entry = brokers.setdefault(key, {
-            "broker": slot.spec.broker.uri.masked, "zone": slot.spec.broker.zone,
-            "hidden": slot.spec.broker.hidden, "primary": False, "connections": 0,
-            "available": 0, "prechannels": 0, "float": 0, "sticky": 0, "waiting": 0})
-        entry["connections"] += 1
-        entry["available"] += slot.available
-        entry["prechannels"] += slot.prechannels
-        entry["primary"] = entry["primary"] or slot.primary
-    for row in rows:
-        where = by_slot.get(row.slot.spec.id) if row.slot and row.state.placed else row.broker
-        if where in brokers and row.state.placed:
-            brokers[where][row.kind.value] += 1
-        elif where in brokers:
-            brokers[where]["waiting"] += 1
-    return list(brokers.values())

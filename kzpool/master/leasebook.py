@@ -13,21 +13,18 @@ import functools
 import logging
 import selectors
 import socket
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-import psutil
-
-from ..common import access, wire
+from ..common import access, messages, wire
+from ..common.config import Broker, Config
 from ..common.errors import BrokerURIError, KzpoolError, LeaseRequestError
+from ..common.messages import LeaseEvent, LeaseNews, LeaseRequest
 from ..common.uri import MASK, BrokerURI
 from . import control
 from .assign import Assignment, LeaseKind, RowState, choose_slot, new_lease_id, target_of, to_move
 from .slots import Slot, broker_key
-
-if TYPE_CHECKING:
-    from .master import Master
+from .system import System
 
 log = logging.getLogger("kzpool.leasing")
 
@@ -42,11 +39,36 @@ class Reservation:
     watched: bool = False  # in the master's selector, which tells when the client hangs up
 
 
-class LeaseBook:
-    """Every lease the master knows of.  Runs in the master's loop only."""
+class Workers(Protocol):
+    """What the lease book needs of the master's workers."""
 
-    def __init__(self, master: Master) -> None:
-        self.master = master
+    config: Config
+
+    def live(self) -> list[Slot]: ...
+
+    def find(self, uri: BrokerURI) -> Slot | None: ...
+
+    def add_hidden(self, uri: BrokerURI) -> Broker: ...
+
+    def drain(self) -> None: ...
+
+    def send(self, slot: Slot, message: messages.Message) -> None: ...
+
+    def pass_socket(self, slot: Slot, sock: socket.socket, adopt: messages.Adopt) -> bool: ...
+
+
+class LeaseBook:
+    """Every lease the master knows of.  Runs in the master's loop only.
+
+    ``selector`` is the master's: a waiting client's socket is watched there, to notice a
+    client that gives up.
+    """
+
+    def __init__(self, workers: Workers, selector: selectors.BaseSelector,
+                 system: System) -> None:
+        self.workers = workers
+        self.selector = selector
+        self.system = system
         self.rows: dict[str, Assignment] = {}
         self.waiting: list[Reservation] = []
         self.dirty: set[str] = set()
@@ -56,7 +78,7 @@ class LeaseBook:
 
     # ----- requests -------------------------------------------------------------------------
 
-    def request(self, sock: socket.socket, message: dict[str, Any],
+    def request(self, sock: socket.socket, request: LeaseRequest,
                 client_pid: int | None = None) -> None:
         """A lease (or resume) request; the socket is ours until placed or refused.
 
@@ -64,16 +86,16 @@ class LeaseBook:
         (an in-service consumer's first lease, handed to it through a socket pair).
         """
         try:
-            assignment, timeout = self._admit(sock, message, client_pid)
+            assignment, timeout = self._admit(sock, request, client_pid)
         except KzpoolError as exc:
             control.refuse(sock, exc.code, str(exc))
             return
-        reservation = Reservation(assignment, sock, time.monotonic() + timeout)
-        self.master.drain_links()  # act on the freshest worker reports
+        reservation = Reservation(assignment, sock, self.system.monotonic() + timeout)
+        self.workers.drain()  # act on the freshest worker reports
         if not self._place(reservation):
             self.waiting.append(reservation)
-            self.master.selector.register(sock, selectors.EVENT_READ,
-                                          functools.partial(self._on_hang_up, reservation))
+            self.selector.register(sock, selectors.EVENT_READ,
+                                   functools.partial(self._on_hang_up, reservation))
             reservation.watched = True
 
     def _on_hang_up(self, reservation: Reservation, _fd: int) -> None:
@@ -87,24 +109,24 @@ class LeaseBook:
 
     def _unwatch(self, reservation: Reservation) -> None:
         if reservation.watched:
-            self.master.selector.unregister(reservation.sock)
+            self.selector.unregister(reservation.sock)
             reservation.watched = False
 
-    def _admit(self, sock: socket.socket, message: dict[str, Any],
+    def _admit(self, sock: socket.socket, request: LeaseRequest,
                client_pid: int | None) -> tuple[Assignment, float]:
-        kind_text = message.get("kind", "float")
         try:
-            kind = LeaseKind(kind_text)
+            kind = LeaseKind(request.kind)
         except ValueError:
-            raise LeaseRequestError(f"unknown lease kind {kind_text!r} (float or sticky)") from None
-        timeout = _timeout(message.get("timeout", 10.0))
-        zone = message.get("zone") or self.master.config.local_zone
-        zones = self.master.config.zones
-        if zone not in zones:
-            raise LeaseRequestError(f"unknown zone {zone!r} (zones: {', '.join(zones)})")
-        federates = _label(message.get("federates"))
-        broker = self._sticky_broker(kind, message.get("broker"))
-        lease = str(message.get("lease") or new_lease_id())
+            raise LeaseRequestError(f"unknown lease kind {request.kind!r} (float or sticky)"
+                                    ) from None
+        timeout = _timeout(request.timeout)
+        config = self.workers.config
+        zone = request.zone or config.local_zone
+        if zone not in config.zones:
+            raise LeaseRequestError(f"unknown zone {zone!r} (zones: {', '.join(config.zones)})")
+        federates = _label(request.federates)
+        broker = self._sticky_broker(kind, request.broker)
+        lease = request.lease or new_lease_id()
         row = self.rows.get(lease)
         if row is None:
             row = Assignment(lease, kind, zone, client_pid or access.peer(sock)[0], broker,
@@ -115,7 +137,7 @@ class LeaseBook:
         self._touch(row)
         return row, timeout
 
-    def _sticky_broker(self, kind: LeaseKind, text: Any) -> str | None:
+    def _sticky_broker(self, kind: LeaseKind, text: str | None) -> str | None:
         if kind is LeaseKind.FLOAT:
             if text:
                 raise LeaseRequestError("a float lease takes no broker (use a sticky lease)")
@@ -123,28 +145,28 @@ class LeaseBook:
         if not text:
             raise LeaseRequestError("a sticky lease needs a broker URI")
         try:
-            uri = BrokerURI.parse(str(text))
+            uri = BrokerURI.parse(text)
         except BrokerURIError as exc:
             raise LeaseRequestError(str(exc)) from exc
-        for slot in self.master.slots.values():
-            if slot.spec.broker.uri.short == uri.short and not slot.removed:
-                return broker_key(slot.spec.broker)
+        slot = self.workers.find(uri)
+        if slot is not None:
+            return broker_key(slot.spec.broker)
         if uri.password == MASK:
             raise LeaseRequestError(f"unknown broker {uri.masked}: a URI with a masked password"
                                     " names only a broker of the pool's config")
-        return broker_key(self.master.add_hidden_broker(uri))
+        return broker_key(self.workers.add_hidden(uri))
 
     # ----- placement ----------------------------------------------------------------------------
 
     def _place(self, reservation: Reservation) -> bool:
         row = reservation.assignment
-        slots = list(self.master.slots.values())
+        slots = self.workers.live()
         while True:
             slot = choose_slot(slots, target_of(row, slots), self._load)
             if slot is None:
                 return False
-            request = {"lease": row.lease, "kind": row.kind.value, "zone": row.zone}
-            if self.master.pass_socket(slot, reservation.sock, request):
+            adopt = messages.Adopt(row.lease, row.kind.value, row.zone)
+            if self.workers.pass_socket(slot, reservation.sock, adopt):
                 break
             slots.remove(slot)  # its link is broken: the worker is dying
         self._unwatch(reservation)
@@ -153,7 +175,7 @@ class LeaseBook:
             row.moves += 1
             self.moves += 1
         row.placed_once = True
-        row.state, row.slot, row.since = RowState.ASSIGNING, slot, time.time()
+        row.state, row.slot, row.since = RowState.ASSIGNING, slot, self.system.time()
         self._touch(row)
         return True
 
@@ -181,7 +203,7 @@ class LeaseBook:
     def _expire(self, reservation: Reservation) -> None:
         row = reservation.assignment
         if row.kind is LeaseKind.STICKY:
-            slot = next((s for s in self.master.slots.values()
+            slot = next((s for s in self.workers.live()
                          if broker_key(s.spec.broker) == row.broker), None)
             name = slot.spec.broker.uri.masked if slot else "?"
             why = slot.error if slot and slot.error else "not connected"
@@ -198,37 +220,34 @@ class LeaseBook:
 
     # ----- what workers report ------------------------------------------------------------------
 
-    def on_worker_event(self, slot: Slot, message: dict[str, Any]) -> None:
-        lease, event = str(message.get("lease")), message.get("event")
-        row = self.rows.get(lease)
-        if event == "assigned":
-            self._assigned(slot, lease, row, message)
+    def on_news(self, slot: Slot, news: LeaseNews) -> None:
+        row = self.rows.get(news.lease)
+        if news.event is LeaseEvent.ASSIGNED:
+            self._assigned(slot, row, news)
             return
         if row is None or row.slot is not slot:
             return  # news of an earlier placement
-        elif event == "released":
+        if news.event is LeaseEvent.RELEASED:
             self._drop(row.lease)
             return
-        else:  # lost, moved: the client comes back to resume
-            row.state = RowState.LOST
+        row.state = RowState.LOST  # lost, moved: the client comes back to resume
         self._touch(row)
 
-    def _assigned(self, slot: Slot, lease: str, row: Assignment | None,
-                  message: dict[str, Any]) -> None:
+    def _assigned(self, slot: Slot, row: Assignment | None, news: LeaseNews) -> None:
         """A worker bound a lease: placed by us, or asked for at the worker directly."""
         if row is None:
-            kind = LeaseKind.STICKY if message.get("kind") == "sticky" else LeaseKind.FLOAT
+            kind = LeaseKind.STICKY if news.kind == "sticky" else LeaseKind.FLOAT
             broker = broker_key(slot.spec.broker) if kind is LeaseKind.STICKY else None
-            row = Assignment(lease, kind, str(message.get("zone") or slot.spec.broker.zone),
-                             int(message.get("client_pid") or 0), broker,
-                             federates=message.get("federates") or None)  # checked by intake
-            self.rows[lease] = row
+            row = Assignment(news.lease, kind, news.zone or slot.spec.broker.zone,
+                             news.client_pid, broker,
+                             federates=news.federates or None)  # checked by intake
+            self.rows[news.lease] = row
         elif row.placed_once and row.state is not RowState.ASSIGNING:
             row.moves += 1
             self.moves += 1  # a resume the client made at the worker directly
         row.placed_once = True
-        row.state, row.slot, row.since = RowState.ASSIGNED, slot, time.time()
-        row.channel = message.get("channel")
+        row.state, row.slot, row.since = RowState.ASSIGNED, slot, self.system.time()
+        row.channel = news.channel
         self.check_moves = row.kind is LeaseKind.FLOAT or self.check_moves
         self._touch(row)
 
@@ -243,17 +262,18 @@ class LeaseBook:
         if not self.check_moves:
             return
         self.check_moves = False
-        for row in to_move(self.rows.values(), list(self.master.slots.values())):
+        for row in to_move(self.rows.values(), self.workers.live()):
             assert row.slot is not None
-            self.master.send(row.slot, {"op": "move", "lease": row.lease})
+            self.workers.send(row.slot, messages.MoveLease(row.lease))
             row.state = RowState.MOVING
             self._touch(row)
 
     def forget_dead_clients(self) -> None:
         """Rows waiting for a client that died will never be resumed: drop them."""
+        waiting = {id(r.assignment) for r in self.waiting}
         for row in list(self.rows.values()):
-            if not row.state.placed and not psutil.pid_exists(row.client_pid) and not any(
-                    r.assignment is row for r in self.waiting):
+            if not row.state.placed and id(row) not in waiting and not self.system.pid_exists(
+                    row.client_pid):
                 self._drop(row.lease)
 
     # ----- the table --------------------------------------------------------------------------
@@ -288,21 +308,17 @@ def _hung_up(sock: socket.socket) -> bool:
         return True
 
 
-def _label(value: Any) -> str | None:
+def _label(value: str | None) -> str | None:
     """What a federator's lease request says it federates: a short string, or nothing."""
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > wire.MAX_NAME:
+    if len(value) > wire.MAX_NAME:
         raise LeaseRequestError(f"bad federates {str(value)[:40]!r}: a queue name of at most"
                                 f" {wire.MAX_NAME} characters")
     return value
 
 
-def _timeout(value: Any) -> float:
-    try:
-        timeout = float(value)
-    except (TypeError, ValueError):
-        raise LeaseRequestError(f"bad timeout {value!r}") from None
+def _timeout(timeout: float) -> float:
     if not 0 <= timeout <= MAX_TIMEOUT:
         raise LeaseRequestError(f"timeout {timeout:g} is not between 0 and {MAX_TIMEOUT:g} s")
     return timeout

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from ..common.errors import KzpoolError
-
-if TYPE_CHECKING:
-    from .master import Master
+from .assign import Assignment
+from .slots import Slot
 
 WORKER_COUNTERS = ("publishes", "deliveries", "redeliveries", "acks", "blocked_seconds")
 
@@ -33,10 +32,12 @@ def listen(address: str, port: int) -> socket.socket:
 
 
 class Collector:
-    """A prometheus_client collector over the master's state."""
+    """A prometheus_client collector over the master's state, read through callables: the
+    workers' slots, the lease rows, and how many moves there were so far."""
 
-    def __init__(self, master: Master) -> None:
-        self.master = master
+    def __init__(self, slots: Callable[[], Iterable[Slot]],
+                 leases: Callable[[], Iterable[Assignment]], moves: Callable[[], int]) -> None:
+        self.slots, self.leases, self.moves = slots, leases, moves
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -51,7 +52,7 @@ class Collector:
         counters = {name: CounterMetricFamily(f"kzpool_{name}", f"{name} through the pool",
                                               labels=["connection", "broker"])
                     for name in WORKER_COUNTERS}
-        for slot in self.master.slots.values():
+        for slot in self.slots():
             labels = [slot.spec.id, slot.spec.broker.uri.masked]
             up.add_metric([*labels, slot.spec.broker.zone], float(slot.available))
             blocked.add_metric(labels, float(slot.blocked))
@@ -61,13 +62,13 @@ class Collector:
         leases = GaugeMetricFamily("kzpool_leases", "Leases by kind and state",
                                    labels=["kind", "state"])
         by_kind: dict[tuple[str, str], int] = {}
-        for row in self.master.leases.rows.values():
+        for row in self.leases():
             key = (row.kind.value, row.state.value)
             by_kind[key] = by_kind.get(key, 0) + 1
         for (kind, state), count in sorted(by_kind.items()):
             leases.add_metric([kind, state], float(count))
         moves = CounterMetricFamily("kzpool_lease_moves", "Leases moved to another channel")
-        moves.add_metric([], float(self.master.leases.moves))
+        moves.add_metric([], float(self.moves()))
         yield from (up, blocked, prechannels, leases, moves, *counters.values())
 
 

@@ -1,11 +1,16 @@
-"""The shared registry: the connections table and the assignments table.
+"""The shared registry: the connections, assignments, consumers and pool tables.
 
 The tables live in a ``multiprocess`` Manager process that the master forks and supervises
-like any other child.  Each call through the proxy is a round trip to that process (about
-0.3 ms): the registry is written on state changes only and is never on a per-message path.
+like any other child.  The master writes them (state changes only, at most ten times a
+second, never per message); ``kzpool status`` reads them straight from the registry
+(:func:`read`), so a status of ten thousand leases never holds up the master's loop.
 
-If the Manager process dies, the master starts a new one and writes the tables again from
-the workers' latest reports (see :meth:`kzpool.master.Master.handle_registry_death`).
+The registry listens on a Unix socket beside the pool's, ``SOCKET.registry``, mode 0600:
+only the pool's own user (and root) may connect, with the key in ``SOCKET.registry.key``
+(0600 too).  It serves at most :data:`MAX_CONNECTIONS` connections at once, and drops one
+that is silent for :data:`IDLE_TIMEOUT` seconds (the master's own connection hears from the
+master every second).  If the Manager process dies, the master starts a new one and writes
+the tables again from the workers' latest reports.
 """
 
 from __future__ import annotations
@@ -13,71 +18,127 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
+import struct
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-from multiprocess.managers import BaseManager
+from multiprocess import connection
+from multiprocess.managers import BaseManager, Server
+
+from ..common.errors import KzpoolError
 
 Row = dict[str, Any]
+TABLES = ("connections", "assignments", "consumers", "pool")
+MAX_CONNECTIONS = 16
+IDLE_TIMEOUT = 5.0
+START_TIMEOUT = 5.0
 
 
 class Tables:
     """Lives in the Manager process; every method is one proxy call."""
 
     def __init__(self) -> None:
-        self._connections: dict[str, Row] = {}
-        self._assignments: dict[str, Row] = {}
+        self._rows: dict[str, dict[str, Row]] = {name: {} for name in TABLES}
 
     def update(self, table: str, put: dict[str, Row], drop: list[str]) -> None:
-        """Write changed rows and drop gone ones of ``connections`` or ``assignments``."""
-        rows = self._connections if table == "connections" else self._assignments
+        """Write changed rows and drop gone ones of one table."""
+        rows = self._rows[table]
         rows.update(put)
         for key in drop:
             rows.pop(key, None)
 
     def snapshot(self) -> dict[str, list[Row]]:
-        return {
-            "connections": list(self._connections.values()),
-            "assignments": list(self._assignments.values()),
-        }
+        return {name: list(rows.values()) for name, rows in self._rows.items()}
+
+    def ping(self) -> None:
+        """Keeps the master's connection from looking idle."""
+
+
+_TABLES = Tables()
+
+
+def _tables() -> Tables:
+    return _TABLES  # in the Manager process: the one Tables every proxy talks to
 
 
 class _Manager(BaseManager):  # type: ignore[misc]
     pass
 
 
-_Manager.register("Tables", Tables)
+_Manager.register("tables", callable=_tables)
+
+
+class _Server(Server):  # type: ignore[misc]
+    """multiprocess's server, with a bound on connections and on silent ones."""
+
+    def accepter(self) -> None:
+        slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        while True:
+            try:
+                conn = self.listener.accept()
+            except OSError:
+                continue
+            if not slots.acquire(blocking=False):
+                conn.close()
+                continue
+            _read_timeout(conn.fileno(), IDLE_TIMEOUT)
+            threading.Thread(target=self._serve, args=(conn, slots), daemon=True).start()
+
+    def _serve(self, conn: Any, slots: threading.BoundedSemaphore) -> None:
+        try:
+            self.handle_request(conn)
+        finally:
+            slots.release()
+
+
+def _read_timeout(fd: int, seconds: float) -> None:
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+    finally:
+        sock.close()
+
+
+def paths(pool_socket: str) -> tuple[str, str]:
+    """The registry's socket and key file, beside the pool's socket."""
+    return f"{pool_socket}.registry", f"{pool_socket}.registry.key"
 
 
 class Registry:
     """Master-side handle on the Manager process and its :class:`Tables`.
 
     ``start`` forks the Manager process with ``child_setup`` run in it first (process title,
-    parent-death signal).  The master reaps that pid itself; ``pid`` tells it which one.
-    Not thread-safe: only the master's main loop calls it.
+    parent-death signal, descriptors closed but ``keep``).  The master reaps that pid itself;
+    ``pid`` tells it which one.  Not thread-safe: only the master's main loop calls it.
     """
 
-    def __init__(self, child_setup: Callable[[int], None]) -> None:
+    def __init__(self, pool_socket: str, child_setup: Callable[[], None],
+                 fork: Callable[[], int]) -> None:
+        self.address, self.key_path = paths(pool_socket)
         self._child_setup = child_setup
+        self._fork = fork
         self.pid = 0
         self.tables: Any = None
 
     def start(self) -> None:
         authkey = os.urandom(32)
-        # TCP on loopback, not AF_UNIX: the parent's unix listener unlinks its path on close
-        server = _Manager(address=("127.0.0.1", 0), authkey=authkey).get_server()
-        pid = os.fork()
+        _write_key(self.key_path, authkey)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.address)
+        pid = self._fork()
         if pid == 0:  # the Manager process
             try:
-                self._child_setup(server.listener._listener._socket.fileno())
-                server.serve_forever()
+                self._child_setup()
+                os.umask(0o077)
+                _Server(_Manager._registry, self.address, authkey, "pickle").serve_forever()
             finally:
                 os._exit(0)
-        server.listener.close()
-        client = _Manager(address=server.address, authkey=authkey)
-        client.connect()
         self.pid = pid
-        self.tables = client.Tables()
+        self.tables = _connect(self.address, authkey, START_TIMEOUT)
 
     def stop(self) -> None:
         """SIGTERM the Manager process; the master reaps it."""
@@ -90,3 +151,47 @@ class Registry:
         """The Manager process died: drop the proxy, keep nothing of it."""
         self.pid = 0
         self.tables = None
+
+    def close(self) -> None:
+        """The master stops: the socket and the key go."""
+        for path in (self.address, self.key_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def _write_key(path: str, key: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(key)
+
+
+def _connect(address: str, authkey: bytes, timeout: float) -> Any:
+    """A proxy to the registry's tables, once its socket answers (tried for ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            manager = _Manager(address=address, authkey=authkey)
+            manager.connect()
+            return manager.tables()
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() >= deadline:
+                raise KzpoolError(f"the registry did not answer at {address} within"
+                                  f" {timeout:g} s", socket=address) from None
+            time.sleep(0.005)
+
+
+def read(pool_socket: str, timeout: float = START_TIMEOUT) -> dict[str, list[Row]]:
+    """The tables, read from the registry of the pool at ``pool_socket``.
+
+    Raises :class:`OSError` (no such file, permission denied: not the pool's user) or
+    :class:`~kzpool.common.errors.KzpoolError` when the registry cannot be read.
+    """
+    address, key_path = paths(pool_socket)
+    with open(key_path, "rb") as handle:
+        authkey = handle.read()
+    try:
+        tables = _connect(address, authkey, timeout)
+        snapshot: dict[str, list[Row]] = tables.snapshot()
+    except (EOFError, connection.AuthenticationError) as exc:
+        raise KzpoolError(f"the registry at {address} could not be read: {exc}") from exc
+    return snapshot

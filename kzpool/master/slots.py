@@ -12,29 +12,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
-from ..common.backoff import Backoff
 from ..common.config import Broker, Config, Consumer
+from ..common.messages import Report
 from ..common.states import ConnState, ProcState
 from ..common.wire import FrameReader
-from ..worker.worker import WorkerSpec
-
-STABLE_AFTER = 30.0  # a worker that lived this long resets its respawn backoff
+from ..worker.spec import WorkerSpec
+from .life import Life
 
 
 @dataclass
 class Slot:
     spec: WorkerSpec
-    backoff: Backoff
+    life: Life
     state: ConnState = ConnState.STARTING
-    pid: int = 0
     link: socket.socket | None = None
     reader: FrameReader = field(default_factory=FrameReader)
-    process: psutil.Process | None = None
-    started: float = 0.0  # monotonic
     last_seen: float = 0.0  # monotonic
-    respawn_at: float = 0.0  # monotonic; 0: not waiting
     error: str | None = None
     since: float = field(default_factory=time.time)  # wall clock, for status
     prechannels: int = 0
@@ -50,6 +43,10 @@ class Slot:
     removed: bool = False  # dropped from the config: never respawn
 
     @property
+    def pid(self) -> int:
+        return self.life.pid
+
+    @property
     def available(self) -> bool:
         return self.pid != 0 and self.state.available
 
@@ -58,22 +55,18 @@ class Slot:
         """It can bind one more lease: a prechannel ready, or room for a new channel."""
         return self.available and (self.prechannels > 0 or not self.full)
 
-    def apply_report(self, report: dict[str, Any]) -> None:
+    def apply_report(self, report: Report) -> None:
         """Take a worker's report; unknown states are ignored, not trusted."""
         try:
-            self.state = ConnState(report.get("state"))
+            self.state = ConnState(report.state)
         except ValueError:
             return
-        self.error = report.get("error")
-        self.since = float(report.get("since") or time.time())
-        self.blocked = bool(report.get("blocked"))
-        self.full = bool(report.get("full"))
-        counters = report.get("counters")
-        if isinstance(counters, dict):
-            self.counters = {k: float(v) for k, v in counters.items()
-                             if isinstance(v, int | float)}
-        self.prechannels = int(report.get("prechannels") or 0)
-        self.channels = int(report.get("channels") or 0)
+        self.error = report.error
+        self.since = report.since or time.time()
+        self.blocked, self.full = report.blocked, report.full
+        self.counters = {k: float(v) for k, v in report.counters.items()
+                         if isinstance(v, int | float) and not isinstance(v, bool)}
+        self.prechannels, self.channels = report.prechannels, report.channels
         if self.state is not ConnState.CONNECTING:
             self.tried = True
 
@@ -85,6 +78,7 @@ class Slot:
             "broker": broker.uri.masked,
             "zone": broker.zone,
             "local": broker.local,
+            "hidden": broker.hidden,
             "primary": self.primary,
             "available": self.available,
             "state": self.state.value,
@@ -132,13 +126,8 @@ class ConsumerSlot:
 
     consumer: Consumer
     index: int
-    backoff: Backoff
+    life: Life
     state: ProcState = ProcState.DEAD
-    pid: int = 0
-    process: psutil.Process | None = None
-    started: float = 0.0  # monotonic
-    respawn_at: float = 0.0  # monotonic; 0: not waiting
-    restarts: int = 0
     error: str | None = None
     since: float = field(default_factory=time.time)
     rss: int = 0
@@ -146,11 +135,15 @@ class ConsumerSlot:
     kill_at: float = 0.0  # monotonic; a retired one still running then gets SIGKILL
 
     @property
+    def pid(self) -> int:
+        return self.life.pid
+
+    @property
     def title(self) -> str:
         return f"kzpool: consumer {self.consumer.name} #{self.index}"
 
     def row(self) -> dict[str, Any]:
         return {"name": self.consumer.name, "index": self.index, "pid": self.pid or None,
-                "state": self.state.value, "restarts": self.restarts, "error": self.error,
+                "state": self.state.value, "restarts": self.life.restarts, "error": self.error,
                 "since": round(self.since, 3), "rss": self.rss,
                 "queue": self.consumer.settings.queue}

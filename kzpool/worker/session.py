@@ -1,33 +1,32 @@
 """Worker side of a lease: one client socket bound to one pika channel.
 
-The master passes the client's socket to the worker (SCM_RIGHTS); from then on the client
-and the worker talk directly, in :mod:`kzpool.protocol` frames.  Everything here runs in the
-worker's pika ``IOLoop``: no call blocks.  Output to the client is buffered per session and
-flushed once per loop pass; a client that stops reading is held back by the channel's QoS.
+From the moment a worker binds a client's socket to a channel, the client and the worker
+talk directly, in :mod:`kzpool.common.wire` frames.  Everything here runs in the worker's
+pika ``IOLoop``: no call blocks.  Output to the client is buffered per session and flushed
+once per loop pass; a client that stops reading is held back by the channel's QoS.
 
 A session ends when the client goes away (``released``), when its channel or connection is
-lost (``lost``: the client comes back through the master and replays its topology), or when
-the master moves it to another broker (``moved``, after the client says ``bye``).
+lost (``lost``: the client comes back and replays its topology), or when the master moves
+it to another broker (``moved``, after the client says ``bye``).
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import pika.exceptions
 from pika import spec
+from pika.adapters.select_connection import IOLoop
 
-from ..common import wire
+from ..common import messages, props, wire
 from ..common.errors import ProtocolError
+from ..common.messages import LeaseEvent, Message, Reason
+from ..common.sockets import receive
 from ..common.wire import Flag, Kind
-
-if TYPE_CHECKING:
-    from .worker import ConnectionWorker
 
 log = logging.getLogger("kzpool.session")
 
@@ -53,23 +52,30 @@ RPC_METHODS: dict[str, tuple[str, ...]] = {
     "basic_recover": ("requeue",),
 }
 
-
 # calls that leave state on the channel itself, not on the broker
 CHANNEL_STATE = frozenset({"basic_qos", "basic_recover", "basic_cancel"})
 
 
-class End(enum.Enum):
-    RELEASED = "released"  # the client closed the lease or died
-    LOST = "lost"  # channel or connection lost; the client will resume elsewhere
-    MOVED = "moved"  # the master moved it; the client resumes on the new broker
+class SessionHost(Protocol):
+    """What a session needs of its worker."""
+
+    ioloop: IOLoop
+    counters: dict[str, int]  # the worker's, counted here
+
+    @property
+    def default_prefetch(self) -> int: ...
+
+    def recycle(self, channel: Any) -> None: ...
+
+    def session_ended(self, session: Session, how: LeaseEvent, why: str) -> None: ...
 
 
 class Session:
     """One lease on this worker.  Not thread-safe: the worker's loop only."""
 
-    def __init__(self, worker: ConnectionWorker, sock: socket.socket, lease: str,
-                 channel: Any) -> None:
-        self.worker = worker
+    def __init__(self, host: SessionHost, sock: socket.socket, lease: str, channel: Any) -> None:
+        self.host = host
+        self.ioloop = host.ioloop
         self.sock = sock
         self.fd = sock.fileno()
         self.lease = lease
@@ -78,14 +84,14 @@ class Session:
         self.out = bytearray()
         self.flush_pending = False
         self.writing = False
-        self.ended: End | None = None
+        self.ended: LeaseEvent | None = None
         self.gets: deque[int] = deque()  # ids of basic.get calls in flight
         self.moving = False
         self.qos_set = False
-        sock.setblocking(False)
         self.clean = True  # nothing of this lease stays on the channel: it may serve another
-        self.counters = worker.counters  # the worker's, counted here
-        worker.ioloop.add_handler(self.fd, self._on_io, worker.ioloop.READ)
+        self.counters = host.counters
+        sock.setblocking(False)
+        self.ioloop.add_handler(self.fd, self._on_io, IOLoop.READ)
 
     @property
     def done(self) -> bool:
@@ -97,10 +103,10 @@ class Session:
         self.out += data
         if not self.flush_pending and not self.writing:
             self.flush_pending = True
-            self.worker.ioloop.call_later(0, self.flush)
+            self.ioloop.call_later(0, self.flush)
 
-    def event(self, obj: dict[str, Any]) -> None:
-        self.send(wire.encode(obj))
+    def event(self, message: Message) -> None:
+        self.send(messages.encode(message))
 
     def flush(self) -> None:
         self.flush_pending = False
@@ -111,30 +117,26 @@ class Session:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            self.end(End.RELEASED, "client gone")
+            self.end(LeaseEvent.RELEASED, "client gone")
             return
         del self.out[:sent]
         want_write = bool(self.out)
         if want_write != self.writing:
             self.writing = want_write
-            events = self.worker.ioloop.READ | (self.worker.ioloop.WRITE if want_write else 0)
-            self.worker.ioloop.update_handler(self.fd, events)
+            self.ioloop.update_handler(self.fd, IOLoop.READ | (IOLoop.WRITE if want_write else 0))
 
     # ----- input ------------------------------------------------------------------------------
 
     def _on_io(self, _fd: int, events: int) -> None:
-        if events & self.worker.ioloop.WRITE:
+        if events & IOLoop.WRITE:
             self.flush()
-        if not events & self.worker.ioloop.READ or self.ended is not None:
+        if not events & IOLoop.READ or self.ended is not None:
             return
-        try:
-            data = self.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
+        data = receive(self.sock, READ_SIZE)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
-            self.end(End.MOVED if self.moving else End.RELEASED, "client closed")
+            self.end(LeaseEvent.MOVED if self.moving else LeaseEvent.RELEASED, "client closed")
             return
         try:
             for kind, flags, payload in self.reader.feed(data):
@@ -144,12 +146,12 @@ class Session:
         except (ProtocolError, TypeError, ValueError, KeyError, AttributeError) as exc:
             # whatever a client sends, it must not take the worker down: drop that client
             log.warning("lease %s: dropping the client: %s", self.lease, exc)
-            self.end(End.RELEASED, f"protocol error: {exc}")
+            self.end(LeaseEvent.RELEASED, f"protocol error: {exc}")
 
     def _dispatch(self, kind: int, flags: int, payload: bytes) -> None:
         if kind == _PUBLISH:
-            exchange, routing_key, props, body = wire.read_publish(payload)
-            properties = _decode_props(props)
+            exchange, routing_key, encoded, body = wire.read_publish(payload)
+            properties = props.decode(encoded) if encoded else None
             if flags & Flag.MANDATORY:
                 self.clean = False  # a return may still come back on this channel
             self.counters["publishes"] += 1
@@ -157,11 +159,11 @@ class Session:
                 self.channel.basic_publish(exchange, routing_key, body, properties,
                                            bool(flags & Flag.MANDATORY))
             except pika.exceptions.AMQPError as exc:
-                self.event({"op": "error", "error": _error(exc)})
+                self.event(messages.Error(reason_of(exc)))
         elif kind == _SETTLE:
             self._settle(wire.read_tag(payload), flags)
         elif kind == _JSON:
-            self._request(wire.decode_json(payload))
+            self._request(messages.decode(payload, messages.TO_SESSION))
         else:
             raise ProtocolError(f"unexpected frame kind {kind} from a client")
 
@@ -177,56 +179,57 @@ class Session:
                 self.channel.basic_ack(tag, multiple)
                 self.counters["acks"] += 1
         except pika.exceptions.AMQPError as exc:
-            self.event({"op": "error", "error": _error(exc)})
+            self.event(messages.Error(reason_of(exc)))
 
-    def _request(self, request: dict[str, Any]) -> None:
-        op, rid = request.get("op"), request.get("id")
-        args = request.get("args") or {}
-        if not isinstance(args, dict) or not isinstance(request.get("method", ""), str):
-            raise ProtocolError("malformed call")
-        reply = self._replier(rid)
-        if op != "call" or request.get("method") in CHANNEL_STATE:
+    def _request(self, request: Message) -> None:
+        if not isinstance(request, messages.Call) or request.method in CHANNEL_STATE:
             self.clean = False  # consumers, deliveries, QoS or confirm mode live on the channel
-        try:
-            if op == "call" and request.get("method") in RPC_METHODS:
-                method = request["method"]
+        match request:
+            case messages.Bye():
+                self.end(LeaseEvent.MOVED, "moved")
+            case messages.Close():
+                self.end(LeaseEvent.RELEASED, "closed by the client")
+            case messages.Call() | messages.Consume() | messages.ConfirmSelect() | \
+                    messages.Get():
+                try:
+                    self._channel_call(request)
+                except (TypeError, ValueError, pika.exceptions.AMQPError) as exc:
+                    self.event(messages.Reply(request.id, error=reason_of(exc)))
+
+    def _channel_call(self, request: messages.Request) -> None:
+        args, reply = request.args, self._replier(request.id)
+        match request:
+            case messages.Call(method=method) if method in RPC_METHODS:
                 self.qos_set = self.qos_set or method == "basic_qos"
                 kwargs = {k: args[k] for k in RPC_METHODS[method] if k in args}
                 getattr(self.channel, method)(callback=reply, **kwargs)
-            elif op == "consume":
+            case messages.Consume():
                 self._bound_prefetch()
                 self.channel.basic_consume(
                     str(args.get("queue", "")), self._on_message,
                     auto_ack=bool(args.get("auto_ack")), exclusive=bool(args.get("exclusive")),
                     consumer_tag=args.get("consumer_tag"), arguments=args.get("arguments"),
                     callback=reply)
-            elif op == "confirm":
+            case messages.ConfirmSelect():
                 self.channel.confirm_delivery(self._on_confirm, callback=reply)
-            elif op == "get":
-                self.gets.append(int(rid or 0))
+            case messages.Get():
+                self.gets.append(request.id)
                 self.channel.basic_get(str(args.get("queue", "")), self._on_get_ok,
                                        auto_ack=bool(args.get("auto_ack")))
-            elif op == "bye":
-                self.end(End.MOVED, "moved")
-            elif op == "close":
-                self.end(End.RELEASED, "closed by the client")
-            else:
-                raise ProtocolError(f"unknown request {op!r}")
-        except (TypeError, ValueError, pika.exceptions.AMQPError) as exc:
-            self.event({"op": "reply", "id": rid, "error": _error(exc)})
+            case _:
+                raise ProtocolError(f"unknown call {request.method[:40]!r}")
 
     def _bound_prefetch(self) -> None:
         """A consumer without QoS would let the broker push without limit: bound it."""
-        prefetch = self.worker.spec.settings.default_prefetch
+        prefetch = self.host.default_prefetch
         if not self.qos_set and prefetch:
             self.channel.basic_qos(prefetch_count=prefetch)
             self.qos_set = True
 
-    def _replier(self, rid: Any) -> Callable[[Any], None]:
+    def _replier(self, rid: int) -> Callable[[Any], None]:
         def reply(frame: Any) -> None:
             method = frame.method
-            self.event({"op": "reply", "id": rid, "method": method.NAME,
-                        "fields": _fields(method)})
+            self.event(messages.Reply(rid, method.NAME, _fields(method)))
         return reply
 
     # ----- broker events ----------------------------------------------------------------------
@@ -237,19 +240,19 @@ class Session:
             self.counters["redeliveries"] += 1
         self.send(wire.deliver(
             method.delivery_tag, 0, method.consumer_tag, method.exchange, method.routing_key,
-            _encode_props(properties), body, Flag.REDELIVERED if method.redelivered else 0))
+            props.encode(properties), body, Flag.REDELIVERED if method.redelivered else 0))
 
     def _on_get_ok(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        rid = self.gets.popleft() if self.gets else None
+        rid = self.gets.popleft() if self.gets else 0
         flags = Flag.GET | (Flag.REDELIVERED if method.redelivered else 0)
         self.send(wire.deliver(method.delivery_tag, method.message_count, "",
-                                   method.exchange, method.routing_key,
-                                   _encode_props(properties), body, flags))
-        self.event({"op": "reply", "id": rid, "method": "Basic.GetOk", "fields": {}})
+                               method.exchange, method.routing_key,
+                               props.encode(properties), body, flags))
+        self.event(messages.Reply(rid, "Basic.GetOk"))
 
     def on_get_empty(self) -> None:
-        rid = self.gets.popleft() if self.gets else None
-        self.event({"op": "reply", "id": rid, "method": "Basic.GetEmpty", "fields": {}})
+        rid = self.gets.popleft() if self.gets else 0
+        self.event(messages.Reply(rid, "Basic.GetEmpty"))
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
@@ -259,12 +262,12 @@ class Session:
 
     def on_return(self, method: Any, properties: Any, body: bytes) -> None:
         self.send(wire.returned(method.reply_code, method.reply_text, method.exchange,
-                                    method.routing_key, _encode_props(properties), body))
+                                method.routing_key, props.encode(properties), body))
 
     def on_channel_closed(self, reason: BaseException) -> None:
         if self.ended is None:
-            self.event({"op": "lost", "reason": _error(reason)})
-            self.end(End.LOST, str(reason))
+            self.event(messages.Lost(reason_of(reason)))
+            self.end(LeaseEvent.LOST, str(reason))
 
     # ----- ending -----------------------------------------------------------------------------
 
@@ -273,50 +276,32 @@ class Session:
         if self.moving or self.ended is not None:
             return
         self.moving = True
-        self.event({"op": "move"})
+        self.event(messages.Move())
         for tag in list(getattr(self.channel, "consumer_tags", [])):
             self.channel.basic_cancel(tag)
-        self.worker.ioloop.call_later(MOVE_GRACE, lambda: self.end(End.MOVED, "no bye in time"))
+        self.ioloop.call_later(MOVE_GRACE, lambda: self.end(LeaseEvent.MOVED, "no bye in time"))
 
-    def end(self, how: End, why: str) -> None:
+    def end(self, how: LeaseEvent, why: str) -> None:
         """Close the channel and the client socket; tell the worker."""
         if self.ended is not None:
             return
         self.ended = how
-        if self.channel.is_open and how is End.RELEASED and self.clean:
-            self.worker.recycle(self.channel)
+        if self.channel.is_open and how is LeaseEvent.RELEASED and self.clean:
+            self.host.recycle(self.channel)
         elif self.channel.is_open:
             self.channel.close()
         self.flush()
-        self.worker.ioloop.remove_handler(self.fd)
+        self.ioloop.remove_handler(self.fd)
         self.sock.close()
-        self.worker.session_ended(self, how, why)
+        self.host.session_ended(self, how, why)
 
 
 def _fields(method: Any) -> dict[str, Any]:
     return {k: v for k, v in vars(method).items() if isinstance(v, str | int | bool | None)}
 
 
-def _error(exc: BaseException) -> dict[str, Any]:
+def reason_of(exc: BaseException) -> Reason:
+    """Why a call failed or a channel closed, as the client reads it."""
     if isinstance(exc, pika.exceptions.ChannelClosed | pika.exceptions.ConnectionClosed):
-        return {"class": type(exc).__name__, "code": exc.reply_code, "text": exc.reply_text}
-    return {"class": type(exc).__name__, "code": 0, "text": str(exc)}
-
-
-_EMPTY = spec.BasicProperties()
-
-
-def _decode_props(data: bytes) -> spec.BasicProperties | None:
-    if not data:
-        return None
-    properties = spec.BasicProperties()
-    try:
-        properties.decode(data)
-    except Exception as exc:  # pika raises assorted errors on bad bytes
-        raise ProtocolError(f"bad message properties: {exc}") from exc
-    return properties
-
-
-def _encode_props(properties: Any) -> bytes:
-    data = b"".join(properties.encode())
-    return b"" if data == b"\x00\x00" else data
+        return Reason(type(exc).__name__, exc.reply_code, exc.reply_text)
+    return Reason(type(exc).__name__, 0, str(exc))

@@ -1,5 +1,4 @@
-"""Test helpers: run a real pool in its own process group, wait on conditions with deadlines,
-look at queues on the broker as a user would (with plain pika)."""
+"""A real pool in its own process group, and waits on conditions with deadlines."""
 
 from __future__ import annotations
 
@@ -15,30 +14,32 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pika
-import pika.exceptions
 import psutil
 
-from kzpool.common.errors import KzpoolError
-from kzpool.master import control
+from ..client.pool import PoolClient
+from ..common.errors import PoolNotRunning
 
 T = TypeVar("T")
-DEFAULT_URI = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, what: str,
-             interval: float = 0.02) -> T:
-    """Poll ``predicate`` until it returns a truthy value; fail naming ``what``."""
+def wait_for(predicate: Callable[[], T | None], timeout: float, what: str,
+             interval: float = 0.02, ignore: tuple[type[Exception], ...] = ()) -> T:
+    """Poll ``predicate`` until it returns a truthy value; fail naming ``what``.
+
+    An exception raised by ``predicate`` fails the wait at once, unless it is one of
+    ``ignore``: kzpool's errors reach the caller (a lease error is what a test is after).
+    """
     deadline = time.monotonic() + timeout
-    last: Any = None
+    last: object = None
     while time.monotonic() < deadline:
         try:
-            last = predicate()
-        except (OSError, ValueError, KeyError, KzpoolError) as exc:
+            value = predicate()
+        except ignore as exc:
             last = exc
         else:
-            if last:
-                return last
+            if value:
+                return value
+            last = value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
@@ -82,7 +83,7 @@ class Pool:
         return self.proc.pid
 
     def status(self) -> dict[str, Any]:
-        return control.call(self.socket, {"op": "status"}, timeout=5)
+        return PoolClient(self.socket).status()
 
     def connections(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = self.status()["connections"]
@@ -95,14 +96,14 @@ class Pool:
                 raise AssertionError(f"pool exited {self.proc.returncode}:\n{self.logs()}")
             status = self.status()
             return status if status["pool"]["state"] == "running" else None
-        return wait_for(ready, timeout, "the pool to be ready")
+        return wait_for(ready, timeout, "the pool to be ready", ignore=(PoolNotRunning, OSError))
 
     def wait_rows(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float,
                   what: str) -> list[dict[str, Any]]:
         def check() -> list[dict[str, Any]] | None:
             rows = self.connections()
             return rows if predicate(rows) else None
-        return wait_for(check, timeout, what)
+        return wait_for(check, timeout, what, ignore=(PoolNotRunning, OSError))
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -141,51 +142,6 @@ class Pool:
         self.proc.wait(10)
         wait_for(lambda: not self.group(), 10, "the pool's processes to be gone")
         shutil.rmtree(self.rundir, ignore_errors=True)
-
-
-def publish(uri: str, exchange: str, key: str, body: bytes,
-            properties: pika.BasicProperties | None = None) -> None:
-    """Publish one message to a topic exchange (declared if need be) with plain pika."""
-    with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
-        channel = conn.channel()
-        channel.exchange_declare(exchange, "topic")
-        channel.basic_publish(exchange, key, body, properties)
-
-
-def queue_counts(queue: str, uri: str = DEFAULT_URI) -> tuple[int, int] | None:
-    """(ready messages, consumers) of ``queue``; ``None`` if it is not declared."""
-    try:
-        with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
-            method = conn.channel().queue_declare(queue, passive=True).method
-            return int(method.message_count), int(method.consumer_count)
-    except pika.exceptions.ChannelClosedByBroker:
-        return None
-
-
-def queue_depth(queue: str, uri: str = DEFAULT_URI) -> int:
-    """Ready messages of ``queue``, which must exist."""
-    counts = queue_counts(queue, uri)
-    assert counts is not None, f"queue {queue} is not declared"
-    return counts[0]
-
-
-def consumer_count(queue: str, uri: str = DEFAULT_URI) -> int:
-    """Consumers of ``queue``; 0 if it is not declared yet."""
-    counts = queue_counts(queue, uri)
-    return 0 if counts is None else counts[1]
-
-
-def drain(uri: str, queue: str) -> list[bytes]:
-    """Every message left on ``queue``, then the queue deleted."""
-    with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
-        channel = conn.channel()
-        bodies = []
-        while True:
-            method, _props, body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                channel.queue_delete(queue)
-                return bodies
-            bodies.append(body)
 
 
 def gone(pid: int) -> bool:

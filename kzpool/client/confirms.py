@@ -1,0 +1,112 @@
+"""Publisher confirms on a lease: which publish each broker confirm is for.
+
+After ``confirm_delivery()`` every publish gets the next sequence number of the channel, as
+the broker counts them, and a :class:`Confirm` (a ``Future``).  A ``basic.ack`` resolves it,
+a ``basic.nack`` fails it with :class:`~kzpool.common.errors.NackError`, a ``basic.return``
+before its ack fails it with :class:`~kzpool.common.errors.UnroutableError`.  On a move the
+publishes not yet confirmed are numbered again, in order, and sent again on the new channel.
+Pure bookkeeping: the lease sends and reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from pika import spec
+from pika.adapters.blocking_connection import ReturnedMessage
+
+from ..common.errors import LeaseTimeout, NackError, UnroutableError
+from ..common.wire import Flag
+
+Waiter = Callable[[Callable[[], bool], float | None], bool]  # wait(done, timeout) -> done?
+
+
+class Confirm(Future[None]):
+    """A pipelined publish confirm; ``result()`` reads the lease until it resolves."""
+
+    def __init__(self, wait: Waiter, lease: str | None) -> None:
+        super().__init__()
+        self._wait_for = wait
+        self._lease = lease
+
+    def result(self, timeout: float | None = None) -> None:
+        if not self.done() and not self._wait_for(self.done, timeout):
+            raise LeaseTimeout(f"no confirm within {timeout} s", lease=self._lease)
+        return super().result(0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait_for(self.done, timeout)
+        return super().exception(0)
+
+
+@dataclass
+class Unconfirmed:
+    future: Confirm
+    data: bytes  # the PUBLISH frame, sent again after a move
+    exchange: str
+    routing_key: str
+    properties: Any
+    body: bytes
+    returned: Any = None
+
+
+class ConfirmBook:
+    def __init__(self) -> None:
+        self.seq = 0
+        self.pending: dict[int, Unconfirmed] = {}
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def add(self, entry: Unconfirmed) -> None:
+        self.seq += 1
+        self.pending[self.seq] = entry
+
+    def confirmed(self, tag: int, flags: int) -> None:
+        """A broker's ack or nack of ``tag`` (and, with ``multiple``, of every one before)."""
+        if flags & Flag.MULTIPLE:  # sequence numbers were inserted in increasing order
+            seqs = []
+            for seq in self.pending:
+                if seq > tag:
+                    break
+                seqs.append(seq)
+        else:
+            seqs = [tag]
+        for seq in seqs:
+            entry = self.pending.pop(seq, None)
+            if entry is None:
+                continue
+            if flags & Flag.NACK:
+                message = ReturnedMessage(spec.Basic.Publish(exchange=entry.exchange,
+                                                             routing_key=entry.routing_key),
+                                          entry.properties, entry.body)
+                entry.future.set_exception(NackError([message]))
+            elif entry.returned is not None:
+                entry.future.set_exception(UnroutableError([entry.returned]))
+            else:
+                entry.future.set_result(None)
+
+    def returned(self, exchange: str, routing_key: str, message: Any) -> bool:
+        """A ``basic.return``: it belongs to the earliest unconfirmed publish it matches;
+        ``False`` if none does."""
+        for entry in self.pending.values():
+            if entry.returned is None and (entry.exchange, entry.routing_key) == (
+                    exchange, routing_key):
+                entry.returned = message
+                return True
+        return False
+
+    def fail_all(self, error: BaseException) -> None:
+        for entry in self.pending.values():
+            entry.future.set_exception(error)
+        self.pending.clear()
+
+    def renumber(self) -> list[bytes]:
+        """A new channel: number what is unconfirmed again, in order; the frames to resend."""
+        pending, self.pending, self.seq = list(self.pending.values()), {}, 0
+        for entry in pending:
+            self.add(entry)
+        return [entry.data for entry in pending]

@@ -1,0 +1,437 @@
+"""kzpool's JSON messages: every JSON frame one kzpool process sends another, declared once.
+
+A message is a frozen dataclass; its class says its ``op`` (the JSON key that names it) and
+its fields are the other keys.  :func:`encode` makes a JSON frame of one; :func:`decode`
+reads a frame's payload against the ops one end of a link accepts, checks every field's
+type, and raises :class:`~kzpool.common.errors.ProtocolError` naming what is wrong.  Readers
+dispatch on the class with ``match``.  The frame around the JSON is :mod:`kzpool.common.wire`.
+
+Who sends what:
+
+==========================  ===========================================================
+link                        messages
+==========================  ===========================================================
+master → worker             :class:`Role`, :class:`ReportNow`, :class:`Adopt` (with the
+                            client's fd), :class:`MoveLease`
+worker → master             :class:`Report`, :class:`Beat`, :class:`LeaseNews`
+client → master or worker   :class:`LeaseRequest`; to the master also :class:`Ping`,
+                            :class:`StatusRequest`, :class:`BrokersRequest`
+client → worker (bound)     :class:`Call`, :class:`Consume`, :class:`ConfirmSelect`,
+                            :class:`Get`, :class:`Bye`, :class:`Close`
+worker → client             :class:`Leased`, :class:`Redirect`, :class:`Lost`,
+                            :class:`Move`, :class:`Blocked`, :class:`Unblocked`,
+                            :class:`Error`, :class:`Reply`
+master or worker → client   :class:`Refused` (then the socket is closed)
+==========================  ===========================================================
+
+Answers to ``ping``, ``status`` and ``brokers`` are documents (the status JSON), not
+messages: ``{"ok": true, ...}``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar, Union
+
+from .errors import ProtocolError
+from .wire import Kind, frame
+
+
+class LeaseEvent(enum.Enum):
+    """What became of a lease on a worker, as the worker tells the master."""
+
+    ASSIGNED = "assigned"  # bound to a channel
+    RELEASED = "released"  # the client closed the lease or died
+    LOST = "lost"  # channel or connection lost; the client will resume elsewhere
+    MOVED = "moved"  # the master moved it; the client resumes on the new broker
+
+
+class Message:
+    """Base of every message; ``OP`` is its ``op`` on the wire."""
+
+    OP: ClassVar[str] = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """Why a channel was lost or a call failed (``class`` on the wire is ``kind`` here)."""
+
+    kind: str = field(metadata={"wire": "class"})
+    code: int = 0
+    text: str = ""
+
+    @property
+    def channel_error(self) -> bool:
+        """The broker closed the channel because of something the client did."""
+        return self.kind == "ChannelClosedByBroker" and self.code > 0
+
+
+# ----- master → worker ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Role(Message):
+    OP = "role"
+    primary: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReportNow(Message):
+    OP = "report"
+
+
+@dataclass(frozen=True, slots=True)
+class Adopt(Message):
+    """A client's socket rides along (SCM_RIGHTS): bind it to a channel for ``lease``."""
+
+    OP = "adopt"
+    lease: str
+    kind: str
+    zone: str
+
+
+@dataclass(frozen=True, slots=True)
+class MoveLease(Message):
+    OP = "move"
+    lease: str
+
+
+# ----- worker → master ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Report(Message):
+    OP = "report"
+    state: str
+    since: float
+    error: str | None = None
+    blocked: bool = False
+    full: bool = False  # the connection reached channel_max
+    counters: dict[str, Any] = field(default_factory=dict)
+    prechannels: int = 0
+    channels: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Beat(Message):
+    OP = "beat"
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseNews(Message):
+    OP = "lease"
+    event: LeaseEvent
+    lease: str
+    channel: int | None = None
+    kind: str | None = None
+    zone: str | None = None
+    client_pid: int = 0
+    federates: str | None = None
+
+
+# ----- client → master or worker -----------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class LeaseRequest(Message):
+    """A new lease, or the resume of ``lease`` after its channel was lost."""
+
+    OP = "lease"
+    kind: str = "float"
+    zone: str | None = None
+    broker: str | None = None  # a sticky lease's broker URI
+    broker_id: str | None = None  # that broker without credentials: a worker checks it
+    lease: str | None = None
+    federates: str | None = None  # a federator's: the queue of the listener it feeds
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    OP = "ping"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest(Message):
+    OP = "status"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokersRequest(Message):
+    OP = "brokers"
+
+
+# ----- client → worker, on a bound lease ---------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Call(Message):
+    """A synchronous channel method (``exchange_declare``, ``queue_bind``, ...)."""
+
+    OP = "call"
+    id: int
+    method: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Consume(Message):
+    OP = "consume"
+    id: int
+    method: str = "basic_consume"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfirmSelect(Message):
+    OP = "confirm"
+    id: int
+    method: str = "confirm_delivery"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Get(Message):
+    OP = "get"
+    id: int
+    method: str = "basic_get"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+Request = Call | Consume | ConfirmSelect | Get
+REQUESTS: dict[str, type[Call] | type[Consume] | type[ConfirmSelect] | type[Get]] = {
+    cls.OP: cls for cls in (Call, Consume, ConfirmSelect, Get)}
+
+
+@dataclass(frozen=True, slots=True)
+class Bye(Message):
+    """The client heard :class:`Move` and lets go of the channel."""
+
+    OP = "bye"
+
+
+@dataclass(frozen=True, slots=True)
+class Close(Message):
+    OP = "close"
+
+
+# ----- worker → client ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Leased(Message):
+    OP = "leased"
+    lease: str
+    broker: str  # password masked
+    zone: str
+    channel: int
+    worker: int  # pid
+    blocked: bool = False
+    route: str | None = None  # the worker's own socket: the next lease asks there first
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect(Message):
+    """This worker will not serve the request: ask the master."""
+
+    OP = "redirect"
+
+
+@dataclass(frozen=True, slots=True)
+class Lost(Message):
+    OP = "lost"
+    reason: Reason
+
+
+@dataclass(frozen=True, slots=True)
+class Move(Message):
+    """The master moves the lease (fail-back): say :class:`Bye` and resume."""
+
+    OP = "move"
+
+
+@dataclass(frozen=True, slots=True)
+class Blocked(Message):
+    OP = "blocked"
+
+
+@dataclass(frozen=True, slots=True)
+class Unblocked(Message):
+    OP = "unblocked"
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """A publish or settle the broker refused; nothing waits for it."""
+
+    OP = "error"
+    error: Reason
+
+
+@dataclass(frozen=True, slots=True)
+class Reply(Message):
+    """The answer to request ``id``: a method and its fields, or an error."""
+
+    OP = "reply"
+    id: int
+    method: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    error: Reason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refused(Message):
+    """Why the pool turns a request away (``code`` is an error's stable code)."""
+
+    OP = "refused"
+    code: str
+    error: str
+
+
+# ----- which end accepts what -------------------------------------------------------------
+
+T = TypeVar("T")
+Accepts = dict[str, type[Message]]
+
+
+def accepts(*classes: type[Message]) -> Accepts:
+    return {cls.OP: cls for cls in classes}
+
+
+TO_WORKER_FROM_MASTER = accepts(Role, ReportNow, Adopt, MoveLease)
+TO_MASTER_FROM_WORKER = accepts(Report, Beat, LeaseNews)
+TO_MASTER_FROM_CLIENT = accepts(LeaseRequest, Ping, StatusRequest, BrokersRequest)
+TO_WORKER_FROM_CLIENT = accepts(LeaseRequest)
+TO_SESSION = accepts(Call, Consume, ConfirmSelect, Get, Bye, Close)
+TO_CLIENT = accepts(Leased, Redirect, Lost, Move, Blocked, Unblocked, Error, Reply, Refused)
+
+
+# ----- the codec ---------------------------------------------------------------------------
+
+Check = Callable[[Any, str], Any]
+_LAYOUTS: dict[type, tuple[tuple[str, str, Check, bool], ...]] = {}
+
+
+def encode(message: Message) -> bytes:
+    """One JSON frame."""
+    return frame(Kind.JSON, json.dumps(to_wire(message), separators=(",", ":")).encode())
+
+
+def to_wire(message: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {"op": message.OP} if isinstance(message, Message) else {}
+    for name, wire_name, _check, _required in _layout(type(message)):
+        obj[wire_name] = _plain(getattr(message, name))
+    return obj
+
+
+def decode(payload: bytes, accepted: Accepts) -> Message:
+    """The message in a JSON payload, if its op is one of ``accepted`` and its fields check."""
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"frame payload is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("frame payload is not a JSON object")
+    return from_wire(obj, accepted)
+
+
+def from_wire(obj: dict[str, Any], accepted: Accepts) -> Message:
+    op = obj.get("op")
+    cls = accepted.get(op) if isinstance(op, str) else None
+    if cls is None:
+        raise ProtocolError(f"unexpected message {str(op)[:40]!r} (expected one of"
+                            f" {', '.join(accepted)})")
+    return _build(cls, obj, op or "")
+
+
+def _build(cls: type[T], obj: dict[str, Any], where: str) -> T:
+    values = {}
+    for name, wire_name, check, required in _layout(cls):
+        if wire_name in obj:
+            values[name] = check(obj[wire_name], f"{where}.{wire_name}")
+        elif required:
+            raise ProtocolError(f"malformed {where}: {wire_name} is missing")
+    return cls(**values)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Reason):
+        return to_wire(value)
+    return value
+
+
+def _layout(cls: type) -> tuple[tuple[str, str, Check, bool], ...]:
+    layout = _LAYOUTS.get(cls)
+    if layout is None:
+        hints = typing.get_type_hints(cls)
+        layout = tuple(
+            (f.name, f.metadata.get("wire", f.name), _checker(hints[f.name]),
+             f.default is MISSING and f.default_factory is MISSING)
+            for f in fields(cls))
+        _LAYOUTS[cls] = layout
+    return layout
+
+
+def _checker(hint: Any) -> Check:
+    """A function that checks (and converts) one JSON value against a field's type."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        inner = [_checker(t) for t in options if t is not type(None)]
+        nullable = type(None) in options
+
+        def check_union(value: Any, where: str) -> Any:
+            if value is None and nullable:
+                return None
+            return inner[0](value, where)
+        return check_union
+    if hint is Any:
+        return lambda value, _where: value
+    if origin is dict or hint is dict:
+        return _of_type(dict, "an object")
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return _enum(hint)
+    if hint is Reason:
+        return lambda value, where: _build(Reason, _of_type(dict, "an object")(value, where),
+                                           where)
+    if hint is bool:
+        return _of_type(bool, "true or false")
+    if hint is int:
+        return _integer
+    if hint is float:
+        return _number
+    if hint is str:
+        return _of_type(str, "a string")
+    raise TypeError(f"no wire check for {hint!r}")
+
+
+def _of_type(kind: type, what: str) -> Check:
+    def check(value: Any, where: str) -> Any:
+        if not isinstance(value, kind):
+            raise ProtocolError(f"malformed {where}: not {what}")
+        return value
+    return check
+
+
+def _integer(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"malformed {where}: not a whole number")
+    return value
+
+
+def _number(value: Any, where: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ProtocolError(f"malformed {where}: not a number")
+    return float(value)
+
+
+def _enum(kind: type[enum.Enum]) -> Check:
+    def check(value: Any, where: str) -> Any:
+        try:
+            return kind(value)
+        except ValueError:
+            raise ProtocolError(f"malformed {where}: {str(value)[:40]!r} is not one of"
+                                f" {', '.join(str(m.value) for m in kind)}") from None
+    return check

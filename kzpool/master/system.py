@@ -1,0 +1,58 @@
+"""The master's seam to the operating system: fork, reap, signal, clocks, process handles.
+
+Everything the master decides about its children goes through a :class:`System`, so the
+decisions (respawn, backoff, the stop ladder) can be tested with a fake one that forks
+nothing and reaps what the test says, on a clock the test moves.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Protocol
+
+import psutil
+
+
+class System(Protocol):
+    def fork(self) -> int: ...
+
+    def waitpid(self, pid: int, options: int) -> tuple[int, int]: ...
+
+    def kill(self, pid: int, sig: int) -> None: ...
+
+    def monotonic(self) -> float: ...
+
+    def time(self) -> float: ...
+
+    def process(self, pid: int) -> psutil.Process | None: ...
+
+    def pid_exists(self, pid: int) -> bool: ...
+
+
+class OsSystem:
+    """The real one."""
+
+    def fork(self) -> int:
+        return os.fork()
+
+    def waitpid(self, pid: int, options: int) -> tuple[int, int]:
+        return os.waitpid(pid, options)
+
+    def kill(self, pid: int, sig: int) -> None:
+        os.kill(pid, sig)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
+
+    def process(self, pid: int) -> psutil.Process | None:
+        try:
+            return psutil.Process(pid)
+        except psutil.Error:
+            return None
+
+    def pid_exists(self, pid: int) -> bool:
+        return psutil.pid_exists(pid)

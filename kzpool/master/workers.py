@@ -1,0 +1,286 @@
+"""The master's connection workers: one :class:`~.slots.Slot` per worker it keeps.
+
+Forks each worker (its link and its lease socket are made before the fork), reads what it
+reports, passes it client sockets, notices when it is silent or too big, and respawns it by
+the one rule of :mod:`.life`.  Runs in the master's loop only.
+
+Hazards: :meth:`WorkerSet.exited` must be called with every worker pid the master reaps; a
+worker exiting with :data:`~kzpool.common.exitcodes.WORKER_FATAL` is not respawned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..common import exitcodes, messages, proc
+from ..common.backoff import Backoff
+from ..common.config import Broker, Config
+from ..common.errors import ProtocolError
+from ..common.messages import LeaseNews, Message
+from ..common.sockets import receive
+from ..common.states import ConnState
+from ..common.uri import BrokerURI
+from ..common.wire import FrameReader, Kind
+from ..worker.spec import WorkerSpec
+from ..worker.worker import run_worker
+from . import control
+from .life import Life, judge
+from .slots import Slot, broker_key, plan
+from .system import System
+
+log = logging.getLogger("kzpool.master")
+
+HIDDEN_ORDER = 1_000_000  # hidden brokers sort after every configured one
+
+
+@dataclass(frozen=True)
+class WorkerEvents:
+    """What the master hears from its workers beyond their reports."""
+
+    lease_news: Callable[[Slot, LeaseNews], None]
+    exited: Callable[[Slot], None]  # its leases are lost
+
+
+class WorkerSet:
+    def __init__(self, config: Config, system: System, selector: selectors.BaseSelector,
+                 events: WorkerEvents) -> None:
+        self.config = config
+        self.settings = config.settings
+        self.system = system
+        self.selector = selector
+        self.events = events
+        self.slots: dict[str, Slot] = {}
+        self.by_pid: dict[int, Slot] = {}
+        self.stopping = False  # the pool stops: nothing is respawned
+        self._next_id = 1
+
+    def live(self) -> list[Slot]:
+        return [s for s in self.slots.values() if not s.removed]
+
+    def pids(self) -> list[int]:
+        return [s.pid for s in self.slots.values() if s.pid]
+
+    # ----- the set --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for broker, index in plan(self.config):
+            self.add(broker, index)
+
+    def add(self, broker: Broker, index: int) -> Slot:
+        spec = WorkerSpec(f"c{self._next_id}", broker, index, self.settings)
+        self._next_id += 1
+        slot = Slot(spec, Life(Backoff(self.settings.reconnect_backoff_min,
+                                       self.settings.respawn_backoff_max, immediate=True)))
+        self.slots[spec.id] = slot
+        self.spawn(slot)
+        return slot
+
+    def add_hidden(self, uri: BrokerURI) -> Broker:
+        """A sticky lease names a broker the config does not: connect to it, hidden."""
+        broker = Broker(uri, self.config.local_zone, True, HIDDEN_ORDER + self._next_id, True)
+        log.info("adding hidden broker %s for a sticky lease", uri.masked)
+        for index in range(1, self.settings.connections_per_broker + 1):
+            self.add(broker, index)
+        return broker
+
+    def find(self, uri: BrokerURI) -> Slot | None:
+        """A worker of the broker ``uri`` names (credentials aside)."""
+        return next((s for s in self.live() if s.spec.broker.uri.short == uri.short), None)
+
+    def remove(self, slot: Slot) -> None:
+        slot.removed = True
+        log.info("removing %s", slot.spec.broker.uri.masked)
+        if slot.pid:
+            self.kill(slot, signal.SIGTERM)
+        else:
+            self.slots.pop(slot.spec.id, None)
+
+    def reconfigure(self, new: Config) -> None:
+        """SIGHUP: keep the workers whose broker stays, remove the others, add new ones."""
+        wanted = {(broker_key(b), i): b for b, i in plan(new)}
+        kept: set[tuple[str, int]] = set()
+        for slot in list(self.slots.values()):
+            key = (broker_key(slot.spec.broker), slot.spec.index)
+            if slot.spec.broker.hidden:
+                continue
+            if key in wanted and not slot.removed:
+                kept.add(key)
+                slot.spec = WorkerSpec(slot.spec.id, wanted[key], slot.spec.index, new.settings)
+                if slot.state.final:  # failed for its config: the new one may do
+                    slot.state, slot.life.respawn_at = ConnState.DEAD, self.system.monotonic()
+            else:
+                self.remove(slot)
+        self.config, self.settings = new, new.settings
+        for key, broker in wanted.items():
+            if key not in kept:
+                self.add(broker, key[1])
+
+    # ----- processes ------------------------------------------------------------------------
+
+    def spawn(self, slot: Slot) -> None:
+        """Fork a worker into ``slot``: its link and its lease socket are made before the fork."""
+        ours, theirs = socket.socketpair()
+        listener = control.bind_worker(self.socket_path(slot))
+        master_pid = os.getpid()
+        pid = self.system.fork()
+        if pid == 0:
+            code = exitcodes.ERROR
+            try:
+                code = run_worker(slot.spec, theirs, listener, master_pid)
+            except BaseException:
+                log.exception("connection worker crashed")
+            finally:
+                os._exit(code)
+        theirs.close()
+        listener.close()  # the worker's now; the path stays until the worker is reaped
+        ours.setblocking(False)
+        now = self.system.monotonic()
+        slot.life.born(pid, self.system.process(pid), now)
+        slot.link, slot.reader, slot.state, slot.last_seen = ours, FrameReader(), (
+            ConnState.STARTING), now
+        self.by_pid[pid] = slot
+        self.selector.register(ours, selectors.EVENT_READ, lambda _fd: self.read_link(slot))
+        self.send(slot, messages.Role(slot.primary))
+
+    def socket_path(self, slot: Slot) -> str:
+        return f"{self.settings.socket}.{slot.spec.id}"
+
+    def kill(self, slot: Slot, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.system.kill(slot.pid, sig)
+
+    def exited(self, pid: int, status: int) -> bool:
+        """A reaped pid: ``True`` if it was one of our workers (then dealt with)."""
+        slot = self.by_pid.pop(pid, None)
+        if slot is None:
+            return False
+        if slot.link is not None:
+            self.read_link(slot, to_end=True)  # its last reports may still be unread
+            with contextlib.suppress(KeyError, ValueError):  # unregistered already on EOF
+                self.selector.unregister(slot.link)
+            slot.link.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path(slot))
+        slot.life.died()
+        slot.link, slot.tried = None, True
+        slot.rss = slot.cpu = slot.prechannels = slot.channels = 0
+        self.events.exited(slot)
+        if self.stopping or slot.removed:
+            if slot.removed:
+                self.slots.pop(slot.spec.id, None)
+            return True
+        now = self.system.monotonic()
+        verdict = judge(slot.life, status, now, exitcodes.WORKER_FATAL, slot.retiring)
+        slot.retiring = False
+        if not verdict.respawn:
+            slot.state = ConnState.FAILED
+            log.error("worker for %s %s: %s; not respawning (SIGHUP retries)",
+                      slot.spec.broker.uri.masked, verdict.why, slot.error)
+            return True
+        slot.state, slot.error = ConnState.DEAD, f"worker {verdict.why}"
+        slot.life.respawn_at = now + verdict.delay
+        log.warning("worker for %s %s; respawning in %.1f s", slot.spec.broker.uri.masked,
+                    verdict.why, verdict.delay)
+        return True
+
+    def spawn_due(self, now: float) -> None:
+        for slot in list(self.slots.values()):
+            if slot.life.due(now) and not slot.removed:
+                self.spawn(slot)
+
+    def next_respawn(self) -> float | None:
+        return min((s.life.respawn_at for s in self.slots.values() if s.life.respawn_at),
+                   default=None)
+
+    def check(self, now: float, sample: bool) -> None:
+        """Kill a worker silent for ``worker_timeout``; replace one above ``worker_max_rss``."""
+        for slot in list(self.slots.values()):
+            if not slot.pid or slot.life.process is None:
+                continue
+            if now - slot.last_seen > self.settings.worker_timeout:
+                log.error("worker %d for %s silent for %.1f s; killing it", slot.pid,
+                          slot.spec.broker.uri.masked, now - slot.last_seen)
+                self.kill(slot, signal.SIGKILL)
+                slot.last_seen = now
+            elif sample:
+                self._sample(slot)
+
+    def _sample(self, slot: Slot) -> None:
+        assert slot.life.process is not None
+        slot.rss, slot.cpu = proc.rss_and_cpu(slot.life.process)
+        limit = self.settings.worker_max_rss
+        if limit and slot.rss > limit and not slot.retiring:
+            log.warning("worker %d for %s uses %d MiB > worker_max_rss; replacing it",
+                        slot.pid, slot.spec.broker.uri.masked, slot.rss >> 20)
+            slot.retiring = True
+            self.kill(slot, signal.SIGTERM)
+
+    # ----- the links ------------------------------------------------------------------------
+
+    def read_link(self, slot: Slot, to_end: bool = False) -> None:
+        """Take a worker's reports; ``to_end``: everything up to EOF (it has exited)."""
+        while slot.link is not None:
+            data = receive(slot.link, 65536)
+            if data is None:
+                return
+            if not data:
+                slot.state = ConnState.DEAD  # the reaper will tell why
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(slot.link)
+                return
+            slot.last_seen = self.system.monotonic()
+            try:
+                for kind, _flags, payload in slot.reader.feed(data):
+                    if kind != Kind.JSON:
+                        raise ProtocolError(f"unexpected frame kind {kind}")
+                    self._on_message(slot, messages.decode(payload,
+                                                           messages.TO_MASTER_FROM_WORKER))
+            except ProtocolError as exc:
+                log.error("worker %d sent a bad frame (%s); killing it", slot.pid, exc)
+                self.kill(slot, signal.SIGKILL)
+                return
+            if not to_end:
+                return
+
+    def _on_message(self, slot: Slot, message: Message) -> None:
+        match message:
+            case messages.Report():
+                slot.apply_report(message)
+            case messages.LeaseNews():
+                self.events.lease_news(slot, message)
+
+    def drain(self) -> None:
+        """Read whatever the workers have said, without waiting."""
+        for slot in list(self.slots.values()):
+            if slot.link is not None and slot.state is not ConnState.DEAD:
+                self.read_link(slot)
+
+    def send(self, slot: Slot, message: Message) -> None:
+        if slot.link is None:
+            return
+        with contextlib.suppress(OSError):  # the reaper will see it die
+            slot.link.sendall(messages.encode(message))
+
+    def pass_socket(self, slot: Slot, sock: socket.socket, adopt: messages.Adopt) -> bool:
+        """Hand a client's socket to ``slot``'s worker; ``False`` if its link is broken."""
+        if slot.link is None:
+            return False
+        try:
+            socket.send_fds(slot.link, [messages.encode(adopt)], [sock.fileno()])
+            return True
+        except OSError:
+            slot.state = ConnState.DEAD
+            return False
+
+    def close(self) -> None:
+        """The master stops: the workers' socket files go."""
+        for slot in self.slots.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path(slot))

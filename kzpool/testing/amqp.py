@@ -1,0 +1,53 @@
+"""Looks at the broker as a user would, with plain pika: publish, queue counts, drain."""
+
+from __future__ import annotations
+
+import pika
+import pika.exceptions
+
+DEFAULT_URI = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+def publish(uri: str, exchange: str, key: str, body: bytes,
+            properties: pika.BasicProperties | None = None) -> None:
+    """Publish one message to a topic exchange (declared if need be) with plain pika."""
+    with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
+        channel = conn.channel()
+        channel.exchange_declare(exchange, "topic")
+        channel.basic_publish(exchange, key, body, properties)
+
+
+def queue_counts(queue: str, uri: str = DEFAULT_URI) -> tuple[int, int] | None:
+    """(ready messages, consumers) of ``queue``; ``None`` if it is not declared."""
+    try:
+        with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
+            method = conn.channel().queue_declare(queue, passive=True).method
+            return int(method.message_count), int(method.consumer_count)
+    except pika.exceptions.ChannelClosedByBroker:
+        return None
+
+
+def queue_depth(queue: str, uri: str = DEFAULT_URI) -> int:
+    """Ready messages of ``queue``, which must exist."""
+    counts = queue_counts(queue, uri)
+    assert counts is not None, f"queue {queue} is not declared"
+    return counts[0]
+
+
+def consumer_count(queue: str, uri: str = DEFAULT_URI) -> int:
+    """Consumers of ``queue``; 0 if it is not declared yet."""
+    counts = queue_counts(queue, uri)
+    return 0 if counts is None else counts[1]
+
+
+def drain(uri: str, queue: str) -> list[bytes]:
+    """Every message left on ``queue``, then the queue deleted."""
+    with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
+        channel = conn.channel()
+        bodies: list[bytes] = []
+        while True:
+            method, _props, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                channel.queue_delete(queue)
+                return bodies
+            bodies.append(body)

@@ -1,0 +1,124 @@
+"""The worker's link to the master: a socketpair made before the fork.
+
+Up go reports (the connection's state and counters), lease news (what became of each lease)
+and a beat every second; down come :mod:`~kzpool.common.messages` from the master, an
+:class:`~kzpool.common.messages.Adopt` with the client socket it passes (SCM_RIGHTS).
+
+Counter changes and the news of assignments and releases wait up to :data:`NEWS_DELAY`, so
+a burst of short leases wakes the master once, not per lease; a lost or moved lease is told
+at once (its client is about to ask the master for a new channel), and so is a state change
+(the master decides on it).  Runs in the worker's loop only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+from pika.adapters.select_connection import IOLoop
+
+from ..common import messages
+from ..common.errors import ProtocolError
+from ..common.messages import LeaseEvent, LeaseNews, Message, Report
+from ..common.wire import FrameReader, Kind
+
+log = logging.getLogger("kzpool.worker")
+
+BEAT_INTERVAL = 1.0
+NEWS_DELAY = 0.005  # seconds counter changes, assignments, releases may wait for the master
+URGENT = frozenset({LeaseEvent.LOST, LeaseEvent.MOVED})
+
+OnMessage = Callable[[Message, socket.socket | None], None]
+
+
+class Uplink:
+    """``on_message(message, sock)`` gets what the master says (``sock``: the client socket
+    an ``adopt`` carries); ``on_gone()`` is called once the master is gone."""
+
+    def __init__(self, sock: socket.socket, ioloop: IOLoop, master_pid: int,
+                 report: Callable[[], Report], on_message: OnMessage,
+                 on_gone: Callable[[], None]) -> None:
+        self.sock = sock
+        self.ioloop = ioloop
+        self.master_pid = master_pid
+        self._report = report
+        self._on_message = on_message
+        self._on_gone = on_gone
+        self._reader = FrameReader()
+        self._fds: list[int] = []  # passed by the master, not yet claimed
+        self._news: list[LeaseNews] = []
+        self._news_due = False
+        self._report_due = False
+
+    def start(self) -> None:
+        self.ioloop.add_handler(self.sock.fileno(), self._on_readable, IOLoop.READ)
+        self.ioloop.call_later(BEAT_INTERVAL, self._beat)
+
+    def stop_reading(self) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.ioloop.remove_handler(self.sock.fileno())
+
+    # ----- up --------------------------------------------------------------------------------
+
+    def send(self, *batch: Message) -> None:
+        with contextlib.suppress(OSError):  # the master is gone: the link's EOF stops us
+            self.sock.sendall(b"".join(map(messages.encode, batch)))
+
+    def news(self, news: LeaseNews) -> None:
+        self._news.append(news)
+        if news.event in URGENT:
+            self._flush_news()
+        elif not self._news_due:
+            self._news_due = True
+            self.ioloop.call_later(NEWS_DELAY, self._flush_news)
+
+    def _flush_news(self) -> None:
+        self._news_due = False
+        if self._news:
+            batch, self._news = self._news, []
+            self.send(*batch)
+
+    def report_soon(self) -> None:
+        if not self._report_due:
+            self._report_due = True
+            self.ioloop.call_later(NEWS_DELAY, self.report_now)
+
+    def report_now(self) -> None:
+        self._report_due = False
+        self.send(self._report())
+
+    def _beat(self) -> None:
+        if os.getppid() != self.master_pid:
+            self._on_gone()
+            return
+        self.send(messages.Beat())
+        self.ioloop.call_later(BEAT_INTERVAL, self._beat)
+
+    # ----- down ------------------------------------------------------------------------------
+
+    def _on_readable(self, _fd: int, _events: int) -> None:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, 64)
+        except OSError:
+            data, fds = b"", []
+        self._fds += fds
+        if not data:
+            self._on_gone()
+            return
+        try:
+            for kind, _flags, payload in self._reader.feed(data):
+                if kind != Kind.JSON:
+                    raise ProtocolError(f"unexpected frame kind {kind}")
+                message = messages.decode(payload, messages.TO_WORKER_FROM_MASTER)
+                self._on_message(message, self._claim_fd(message))
+        except ProtocolError as exc:
+            log.error("bad frame from the master: %s", exc)
+            self._on_gone()
+
+    def _claim_fd(self, message: Message) -> socket.socket | None:
+        if isinstance(message, messages.Adopt) and self._fds:
+            return socket.socket(fileno=self._fds.pop(0))
+        return None
