@@ -105,8 +105,8 @@ def test_channel_error_fails_the_call_and_the_lease_recovers(pool: Pool, queue: 
             lease.queue_declare(f"{queue}-missing", passive=True)
         assert passive.value.reply_code == 404
         lease.basic_publish("", queue, b"fine")  # recovered, confirms still on
-    other.basic_publish("", queue, b"untouched")
-    assert message_count(queue) == 2
+    other.basic_publish("", queue, b"untouched")  # no confirm: it reaches the queue soon
+    wait_for(lambda: message_count(queue) == 2, 5, "both messages on the queue")
     other.close()
 
 
@@ -299,4 +299,4 @@ def test_a_lease_says_when_the_pool_is_gone_and_carries_on_after(pool: Pool, que
     pool.wait_ready()
     lease.basic_publish("", queue, b"after")  # the same lease: new channel, topology replayed
     lease.close()
-    assert message_count(queue) == 1
+    wait_for(lambda: message_count(queue) == 1, 5, "the message published after")

@@ -3,7 +3,9 @@
 A :class:`Backend` connects to a Unix socket path: the pool's lease socket or a worker's.
 :class:`UnixBackend` is the real one; a test gives a lease a backend that returns one end of
 a socket pair, with a scripted worker at the other end.  :func:`call` is one request to the
-pool and its answer (``ping``, ``status``, ``brokers``).
+pool and its answer (``ping``, ``status``, ``brokers``).  A lease reaches sockets through a
+:class:`Pool` (the client): the pool's, or the worker's that served the same kind of lease
+last (its *route*, by :func:`route_key`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,18 @@ import socket
 from typing import Any, Protocol
 
 from ..common import messages, wire
-from ..common.errors import PoolAccessDenied, PoolNotRunning, ProtocolError, refusal_error
+from ..common.errors import (
+    BrokerURIError,
+    LeaseRequestError,
+    PoolAccessDenied,
+    PoolNotRunning,
+    ProtocolError,
+    refusal_error,
+)
 from ..common.messages import Message
+from ..common.uri import BrokerURI
+
+RouteKey = tuple[str, str | None]  # (kind, zone or broker without credentials)
 
 
 class Backend(Protocol):
@@ -33,6 +45,26 @@ class UnixBackend:
             sock.close()
             raise
         return sock
+
+
+class Pool(Protocol):
+    """What a lease needs of its client: sockets, and the route cache."""
+
+    routes: dict[RouteKey, str]
+
+    def open_pool(self) -> socket.socket: ...
+
+    def open_route(self, path: str) -> socket.socket | None: ...
+
+
+def route_key(kind: str, zone: str | None, broker: str | None) -> RouteKey:
+    """What the route cache knows a lease by: its kind, and its zone or sticky broker."""
+    if not broker:
+        return kind, zone
+    try:
+        return kind, BrokerURI.parse(broker).short
+    except BrokerURIError as exc:
+        raise LeaseRequestError(str(exc)) from exc
 
 
 def call(backend: Backend, path: str, request: Message, timeout: float = 5.0) -> dict[str, Any]:

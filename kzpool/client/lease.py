@@ -21,6 +21,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pika import frame as pika_frame
@@ -30,8 +31,9 @@ from ..common import props, wire
 from ..common.errors import ConnectionBlockedTimeout, KzpoolError, LeaseRequestError, LeaseTimeout
 from ..common.messages import Reply
 from ..common.wire import Flag
+from .backend import Pool
 from .confirms import Confirm, Unconfirmed
-from .link import Delivery, LeaseLink, MoveEvent, Pool
+from .link import Delivery, LeaseLink
 
 __all__ = ["Confirm", "Lease", "MoveEvent"]
 
@@ -39,6 +41,17 @@ METHODS = {cls.NAME: cls for cls in spec.methods.values()}
 MAX_BODY = wire.MAX_DATA_FRAME - (1 << 20)  # room for the frame's other fields
 DRAIN_INTERVAL = 0.001  # seconds between two reads of confirms and events while publishing
 OnMessage = Callable[[Any, Any, Any, bytes], None]
+
+
+@dataclass(frozen=True)
+class MoveEvent:
+    """Passed to ``on_move``: the lease now runs on ``new_broker``."""
+
+    lease: str
+    old_broker: str | None
+    new_broker: str | None
+    reason: str
+    renamed: dict[str, str]  # server-named queues: old name → new name
 
 
 class Lease:
@@ -55,8 +68,9 @@ class Lease:
         self._consumers: dict[str, OnMessage | None] = {}
         self._stop_consuming = False
         self._next_drain = 0.0
-        self._impl = LeaseLink(pool, kind, zone, broker, timeout, on_move, federates, handed,
-                               abort, self._on_delivery, self._on_lost)
+        self._on_move = on_move
+        self._impl = LeaseLink(pool, kind, zone, broker, timeout, self._moved, federates,
+                               handed, abort, self._on_delivery, self._on_lost)
 
     # ----- what the lease is ------------------------------------------------------------------
 
@@ -292,6 +306,10 @@ class Lease:
             self._generator.append(delivery)
         else:
             self._deliveries.append(delivery)
+
+    def _moved(self, old: str | None, reason: str, renamed: dict[str, str]) -> None:
+        if self._on_move is not None:
+            self._on_move(MoveEvent(str(self.id), old, self.broker, reason, renamed))
 
     def _on_lost(self) -> None:
         """The deliveries read so far are void: the broker redelivers them."""

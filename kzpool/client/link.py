@@ -7,7 +7,8 @@ at the master), replays the topology and re-sends unconfirmed publishes before t
 call.  Delivery tags stay unique across moves (:mod:`.tags`).
 
 The link opens its sockets through a :class:`Pool` (the client), hands each delivery to
-``on_delivery`` and says ``on_lost()`` when the deliveries read so far are void.
+``on_delivery``, says ``on_lost()`` when the deliveries read so far are void and
+``on_move(old_broker, reason, renamed)`` when it runs on a new channel.
 
 Hazards: not thread-safe (one lease per thread); every wait blocks its caller; nothing runs
 in the background, so confirms and events are read while the owner is inside a lease call.
@@ -22,7 +23,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from pika import spec
 from pika.adapters.blocking_connection import ReturnedMessage
@@ -30,18 +31,16 @@ from pika.adapters.blocking_connection import ReturnedMessage
 from ..common import messages, props, wire
 from ..common.backoff import Backoff
 from ..common.errors import (
-    BrokerURIError,
     ChannelClosedByBroker,
     KzpoolError,
     LeaseClosed,
-    LeaseRequestError,
     LeaseTimeout,
     refusal_error,
 )
 from ..common.messages import Message, Reason, Reply
 from ..common.sockets import receive
-from ..common.uri import BrokerURI
 from ..common.wire import Flag, Kind
+from .backend import Pool, route_key
 from .confirms import ConfirmBook
 from .tags import TagMap
 from .topology import Topology
@@ -58,27 +57,6 @@ WORKER_GONE = Reason("ConnectionClosed", 0, "worker gone")
 Delivery = tuple[Any, Any, bytes]
 
 
-class Pool(Protocol):
-    """What a link needs of its client: sockets, and the route cache."""
-
-    routes: dict[tuple[str, str | None], str]
-
-    def open_pool(self) -> socket.socket: ...
-
-    def open_route(self, path: str) -> socket.socket | None: ...
-
-
-@dataclass(frozen=True)
-class MoveEvent:
-    """Passed to ``on_move``: the lease now runs on ``new_broker``."""
-
-    lease: str
-    old_broker: str | None
-    new_broker: str | None
-    reason: str
-    renamed: dict[str, str]  # server-named queues: old name → new name
-
-
 @dataclass
 class Loss:
     reason: Reason
@@ -87,7 +65,7 @@ class Loss:
 
 class LeaseLink:
     def __init__(self, pool: Pool, kind: str, zone: str | None, broker: str | None,
-                 timeout: float, on_move: Callable[[MoveEvent], None] | None,
+                 timeout: float, on_move: Callable[[str | None, str, dict[str, str]], None],
                  federates: str | None, handed: socket.socket | None,
                  abort: Callable[[], bool] | None, on_delivery: Callable[[Delivery], None],
                  on_lost: Callable[[], None]) -> None:
@@ -110,8 +88,7 @@ class LeaseLink:
         self.closed = False
         self.tags = TagMap()
         self._sticky = broker
-        # what the client's route cache knows this lease by
-        self._route_key = (kind, _broker_id(broker) if broker else zone)
+        self._route_key = route_key(kind, zone, broker)
         self._sock: socket.socket | None = None
         self._reader = wire.FrameReader(wire.MAX_DATA_FRAME)
         self._replies: dict[int, Reply] = {}
@@ -352,8 +329,7 @@ class LeaseLink:
             if self._replay(renamed):
                 break
         log.info("lease %s moved from %s to %s (%s)", self.id, old, self.broker, reason.text)
-        if self.on_move is not None:
-            self.on_move(MoveEvent(str(self.id), old, self.broker, reason.text, renamed))
+        self.on_move(old, reason.text, renamed)
 
     def _acquire(self) -> None:
         """Get a channel (new or resumed) and wait for a worker to bind it.
@@ -432,31 +408,9 @@ class LeaseLink:
 
         ``False``: the new channel was lost too; acquire another and replay again.
         """
-        confirming = False
-        for step in self.topology.steps:
-            reply = self._send_call(step.op, step.method, step.args)
-            if reply is None:
-                return False
-            if reply.error is not None:
-                raise ChannelClosedByBroker(reply.error.code,
-                                            f"replaying {step.method}: {reply.error.text}")
-            old = step.args.get("_name")
-            if step.method == "queue_declare" and old:
-                new = str(reply.fields.get("queue"))
-                if new != old:
-                    log.warning("lease %s: server-named queue %s is now %s", self.id, old, new)
-                    self.topology.renamed(old, new)
-                    renamed[old] = new
-                    step.args["_name"] = new
-            confirming = confirming or step.op == "confirm"
-        self.confirming = confirming
+        if not self.topology.replay(self._send_call, renamed):
+            return False
+        self.confirming = self.topology.confirming
         for data in self.confirms.renumber():
             self.send(data)
         return self._lost is None
-
-
-def _broker_id(uri: str) -> str:
-    try:
-        return BrokerURI.parse(uri).short
-    except BrokerURIError as exc:
-        raise LeaseRequestError(str(exc)) from exc

@@ -15,7 +15,7 @@ from typing import Any
 from ..common import messages
 from ..common.errors import LeaseRequestError
 from ..common.settings import BY_NAME
-from .backend import Backend, UnixBackend, call, not_running
+from .backend import Backend, RouteKey, UnixBackend, call, not_running
 from .lease import Lease, MoveEvent
 
 KINDS = ("float", "sticky")
@@ -28,7 +28,7 @@ class PoolClient:
         self.socket_path = socket_path
         self.backend: Backend = backend or UnixBackend()
         # (kind, zone or broker) -> the lease socket of the worker that served it last
-        self.routes: dict[tuple[str, str | None], str] = {}
+        self.routes: dict[RouteKey, str] = {}
 
     def __repr__(self) -> str:
         return f"<PoolClient {self.socket_path}>"

@@ -3,14 +3,22 @@
 Kazoo's gen_listener rebuilds queue, QoS, consume and bindings when handed a new channel;
 kzpool does it for any lease.  Each successful call that creates broker state is recorded;
 deletions and cancels remove what they undo; passive declares and purges are not recorded.
-Pure data: the lease sends what :meth:`Topology.steps` lists.
+:meth:`Topology.replay` sends the steps on a new channel through the lease's ``send``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..common.errors import ChannelClosedByBroker
+from ..common.messages import Reply
+
+log = logging.getLogger("kzpool.lease")
+
+Send = Callable[[str, str, dict[str, Any]], Reply | None]  # one call; None: channel lost
 
 
 @dataclass
@@ -50,6 +58,28 @@ class Topology:
     @property
     def confirming(self) -> bool:
         return any(s.op == "confirm" for s in self.steps)
+
+    def replay(self, send: Send, renamed: dict[str, str]) -> bool:
+        """Send every step again, in order, on a new channel; ``False`` if that channel was
+        lost too.  A server-named queue that comes back with a new name is renamed (and put
+        in ``renamed``, old name to new).  A step the broker refuses is a
+        :class:`ChannelClosedByBroker` naming it."""
+        for step in self.steps:
+            reply = send(step.op, step.method, step.args)
+            if reply is None:
+                return False
+            if reply.error is not None:
+                raise ChannelClosedByBroker(reply.error.code,
+                                            f"replaying {step.method}: {reply.error.text}")
+            old = step.args.get("_name")
+            if step.method == "queue_declare" and old:
+                new = str(reply.fields.get("queue"))
+                if new != old:
+                    log.warning("server-named queue %s is now %s", old, new)
+                    self.renamed(old, new)
+                    renamed[old] = new
+                    step.args["_name"] = new
+        return True
 
 
 def _same(step: Step, method: str, args: dict[str, Any], *keys: str) -> bool:

@@ -4,7 +4,8 @@ A message is a frozen dataclass; its class says its ``op`` (the JSON key that na
 its fields are the other keys.  :func:`encode` makes a JSON frame of one; :func:`decode`
 reads a frame's payload against the ops one end of a link accepts, checks every field's
 type, and raises :class:`~kzpool.common.errors.ProtocolError` naming what is wrong.  Readers
-dispatch on the class with ``match``.  The frame around the JSON is :mod:`kzpool.common.wire`.
+dispatch on the class with ``match``.  The frame around the JSON is :mod:`kzpool.common.wire`;
+the field checks are :mod:`kzpool.common.codec`'s.
 
 Who sends what:
 
@@ -32,12 +33,10 @@ from __future__ import annotations
 
 import enum
 import json
-import types
-import typing
-from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, ClassVar, TypeVar, Union
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+from .codec import build, to_wire
 from .errors import ProtocolError
 from .wire import Kind, frame
 
@@ -290,7 +289,6 @@ class Refused(Message):
 
 # ----- which end accepts what -------------------------------------------------------------
 
-T = TypeVar("T")
 Accepts = dict[str, type[Message]]
 
 
@@ -306,22 +304,11 @@ TO_SESSION = accepts(Call, Consume, ConfirmSelect, Get, Bye, Close)
 TO_CLIENT = accepts(Leased, Redirect, Lost, Move, Blocked, Unblocked, Error, Reply, Refused)
 
 
-# ----- the codec ---------------------------------------------------------------------------
-
-Check = Callable[[Any, str], Any]
-_LAYOUTS: dict[type, tuple[tuple[str, str, Check, bool], ...]] = {}
-
+# ----- encoding and decoding --------------------------------------------------------------
 
 def encode(message: Message) -> bytes:
     """One JSON frame."""
     return frame(Kind.JSON, json.dumps(to_wire(message), separators=(",", ":")).encode())
-
-
-def to_wire(message: Any) -> dict[str, Any]:
-    obj: dict[str, Any] = {"op": message.OP} if isinstance(message, Message) else {}
-    for name, wire_name, _check, _required in _layout(type(message)):
-        obj[wire_name] = _plain(getattr(message, name))
-    return obj
 
 
 def decode(payload: bytes, accepted: Accepts) -> Message:
@@ -341,97 +328,4 @@ def from_wire(obj: dict[str, Any], accepted: Accepts) -> Message:
     if cls is None:
         raise ProtocolError(f"unexpected message {str(op)[:40]!r} (expected one of"
                             f" {', '.join(accepted)})")
-    return _build(cls, obj, op or "")
-
-
-def _build(cls: type[T], obj: dict[str, Any], where: str) -> T:
-    values = {}
-    for name, wire_name, check, required in _layout(cls):
-        if wire_name in obj:
-            values[name] = check(obj[wire_name], f"{where}.{wire_name}")
-        elif required:
-            raise ProtocolError(f"malformed {where}: {wire_name} is missing")
-    return cls(**values)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, Reason):
-        return to_wire(value)
-    return value
-
-
-def _layout(cls: type) -> tuple[tuple[str, str, Check, bool], ...]:
-    layout = _LAYOUTS.get(cls)
-    if layout is None:
-        hints = typing.get_type_hints(cls)
-        layout = tuple(
-            (f.name, f.metadata.get("wire", f.name), _checker(hints[f.name]),
-             f.default is MISSING and f.default_factory is MISSING)
-            for f in fields(cls))
-        _LAYOUTS[cls] = layout
-    return layout
-
-
-def _checker(hint: Any) -> Check:
-    """A function that checks (and converts) one JSON value against a field's type."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(hint)
-        inner = [_checker(t) for t in options if t is not type(None)]
-        nullable = type(None) in options
-
-        def check_union(value: Any, where: str) -> Any:
-            if value is None and nullable:
-                return None
-            return inner[0](value, where)
-        return check_union
-    if hint is Any:
-        return lambda value, _where: value
-    if origin is dict or hint is dict:
-        return _of_type(dict, "an object")
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return _enum(hint)
-    if hint is Reason:
-        return lambda value, where: _build(Reason, _of_type(dict, "an object")(value, where),
-                                           where)
-    if hint is bool:
-        return _of_type(bool, "true or false")
-    if hint is int:
-        return _integer
-    if hint is float:
-        return _number
-    if hint is str:
-        return _of_type(str, "a string")
-    raise TypeError(f"no wire check for {hint!r}")
-
-
-def _of_type(kind: type, what: str) -> Check:
-    def check(value: Any, where: str) -> Any:
-        if not isinstance(value, kind):
-            raise ProtocolError(f"malformed {where}: not {what}")
-        return value
-    return check
-
-
-def _integer(value: Any, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ProtocolError(f"malformed {where}: not a whole number")
-    return value
-
-
-def _number(value: Any, where: str) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise ProtocolError(f"malformed {where}: not a number")
-    return float(value)
-
-
-def _enum(kind: type[enum.Enum]) -> Check:
-    def check(value: Any, where: str) -> Any:
-        try:
-            return kind(value)
-        except ValueError:
-            raise ProtocolError(f"malformed {where}: {str(value)[:40]!r} is not one of"
-                                f" {', '.join(str(m.value) for m in kind)}") from None
-    return check
+    return build(cls, obj, str(op))

@@ -71,8 +71,7 @@ class Master:
         self.control: LeaseSocket | None = None
         self.notifier = Notifier()
         self.ladder: Ladder | None = None
-        self.written: dict[str, dict[str, Row]] = {}
-        self.next_flush = self.next_sample = self.next_registry_ping = 0.0
+        self.next_flush = self.next_sample = 0.0
         self.unflushed = False  # something happened since the registry was last written
         self.primaries: tuple[str | None, ...] = ()
         self.deadline = 0.0  # monotonic: the start-up deadline
@@ -251,8 +250,7 @@ class Master:
         if self.state is PoolState.STOPPING:
             return
         log.error("the registry process %s; starting a new one", exit_reason(wait_status))
-        self.registry.start()
-        self.written.clear()  # rewrite every row from the workers' reports
+        self.registry.start()  # it writes every row again, from the workers' latest reports
         self.leases.dirty.update(self.leases.rows)
         for slot in self.workers.slots.values():
             self.workers.send(slot, messages.ReportNow())
@@ -358,29 +356,11 @@ class Master:
                 "pool": {"pool": pool}}
 
     def flush_registry(self) -> None:
-        """Write the rows that changed: one Manager call per table, none when nothing did."""
+        """Write the rows that changed to the registry (at most every FLUSH_INTERVAL)."""
         now = self.system.monotonic()
         self.next_flush, self.unflushed = now + FLUSH_INTERVAL, False
-        tables = self.registry.tables
-        if tables is None:
-            return
-        wrote = False
-        for name, rows in self._rows().items():
-            old = self.written.get(name, {})
-            changed = {k: r for k, r in rows.items() if old.get(k) != r}
-            gone = [k for k in old if k not in rows]
-            if changed or gone:
-                tables.update(name, changed, gone)
-                wrote = True
-            self.written[name] = rows
-        put, drop = self.leases.changes()
-        if put or drop:
-            tables.update("assignments", put, drop)
-            wrote = True
-        if wrote or now >= self.next_registry_ping:
-            if not wrote:
-                tables.ping()  # the registry drops connections silent for IDLE_TIMEOUT
-            self.next_registry_ping = now + 1.0
+        if self.registry.tables is not None:
+            self.registry.write(self._rows(), *self.leases.changes(), now)
 
     def status(self) -> dict[str, Any]:
         rows = self._rows()

@@ -34,6 +34,7 @@ Row = dict[str, Any]
 TABLES = ("connections", "assignments", "consumers", "pool")
 MAX_CONNECTIONS = 16
 IDLE_TIMEOUT = 5.0
+PING_INTERVAL = 1.0  # the master's connection is never silent longer than this
 START_TIMEOUT = 5.0
 
 
@@ -123,6 +124,31 @@ class Registry:
         self._fork = fork
         self.pid = 0
         self.tables: Any = None
+        self.written: dict[str, dict[str, Row]] = {}  # what the registry holds, as we know
+        self.next_ping = 0.0
+
+    def write(self, rows: dict[str, dict[str, Row]], put: dict[str, Row], drop: list[str],
+              now: float) -> None:
+        """Write what changed: of ``rows`` (whole tables, by key), the rows that differ from
+        what was written; of the assignments, ``put`` and ``drop``.  One Manager call per
+        table that changed, none when nothing did but a ping now and then, so that the
+        registry does not take the master's connection for a silent one."""
+        calls = 0
+        for name, table in rows.items():
+            old = self.written.get(name, {})
+            changed = {k: r for k, r in table.items() if old.get(k) != r}
+            gone = [k for k in old if k not in table]
+            if changed or gone:
+                self.tables.update(name, changed, gone)
+                calls += 1
+            self.written[name] = table
+        if put or drop:
+            self.tables.update("assignments", put, drop)
+            calls += 1
+        if not calls and now >= self.next_ping:
+            self.tables.ping()
+        if calls or now >= self.next_ping:
+            self.next_ping = now + PING_INTERVAL
 
     def start(self) -> None:
         authkey = os.urandom(32)
@@ -138,6 +164,7 @@ class Registry:
             finally:
                 os._exit(0)
         self.pid = pid
+        self.written.clear()  # a new registry holds nothing yet
         self.tables = _connect(self.address, authkey, START_TIMEOUT)
 
     def stop(self) -> None:

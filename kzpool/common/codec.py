@@ -1,0 +1,122 @@
+"""The JSON codec of kzpool's messages: dataclass fields to JSON keys and back, checked.
+
+Each field's type says what its JSON value must be (``str``, ``int``, ``float``, ``bool``,
+``X | None``, ``dict``, an ``Enum`` by value, a nested dataclass); a value of another type is
+a :class:`~kzpool.common.errors.ProtocolError` naming the field.  A field's metadata may
+name its JSON key (``{"wire": "class"}``).  The layout of each class is read once.
+"""
+
+from __future__ import annotations
+
+import enum
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, fields, is_dataclass
+from typing import Any, TypeVar, Union
+
+from .errors import ProtocolError
+
+T = TypeVar("T")
+Check = Callable[[Any, str], Any]
+_LAYOUTS: dict[type, tuple[tuple[str, str, Check, bool], ...]] = {}
+
+
+def to_wire(obj: Any) -> dict[str, Any]:
+    """A dataclass as a JSON object, its ``OP`` (if it has one) as ``op``."""
+    out: dict[str, Any] = {"op": obj.OP} if getattr(obj, "OP", "") else {}
+    for name, wire_name, _check, _required in _layout(type(obj)):
+        value = getattr(obj, name)
+        if isinstance(value, enum.Enum):
+            value = value.value
+        elif is_dataclass(value):
+            value = to_wire(value)
+        out[wire_name] = value
+    return out
+
+
+def build(cls: type[T], obj: dict[str, Any], where: str) -> T:
+    """An instance of ``cls`` from a JSON object, every field checked."""
+    values = {}
+    for name, wire_name, check, required in _layout(cls):
+        if wire_name in obj:
+            values[name] = check(obj[wire_name], f"{where}.{wire_name}")
+        elif required:
+            raise ProtocolError(f"malformed {where}: {wire_name} is missing")
+    return cls(**values)
+
+
+def _layout(cls: type) -> tuple[tuple[str, str, Check, bool], ...]:
+    layout = _LAYOUTS.get(cls)
+    if layout is None:
+        hints = typing.get_type_hints(cls)
+        layout = tuple(
+            (f.name, f.metadata.get("wire", f.name), _checker(hints[f.name]),
+             f.default is MISSING and f.default_factory is MISSING)
+            for f in fields(cls))
+        _LAYOUTS[cls] = layout
+    return layout
+
+
+def _checker(hint: Any) -> Check:
+    """A function that checks (and converts) one JSON value against a field's type."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        inner = [_checker(t) for t in options if t is not type(None)]
+        nullable = type(None) in options
+
+        def check_union(value: Any, where: str) -> Any:
+            if value is None and nullable:
+                return None
+            return inner[0](value, where)
+        return check_union
+    if hint is Any:
+        return lambda value, _where: value
+    if origin is dict or hint is dict:
+        return _of_type(dict, "an object")
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return _enum(hint)
+    if isinstance(hint, type) and is_dataclass(hint):
+        nested = hint
+        return lambda value, where: build(nested, _of_type(dict, "an object")(value, where),
+                                          where)
+    if hint is bool:
+        return _of_type(bool, "true or false")
+    if hint is int:
+        return _integer
+    if hint is float:
+        return _number
+    if hint is str:
+        return _of_type(str, "a string")
+    raise TypeError(f"no wire check for {hint!r}")
+
+
+def _of_type(kind: type, what: str) -> Check:
+    def check(value: Any, where: str) -> Any:
+        if not isinstance(value, kind):
+            raise ProtocolError(f"malformed {where}: not {what}")
+        return value
+    return check
+
+
+def _integer(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"malformed {where}: not a whole number")
+    return value
+
+
+def _number(value: Any, where: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ProtocolError(f"malformed {where}: not a number")
+    return float(value)
+
+
+def _enum(kind: type[enum.Enum]) -> Check:
+    def check(value: Any, where: str) -> Any:
+        try:
+            return kind(value)
+        except ValueError:
+            raise ProtocolError(f"malformed {where}: {str(value)[:40]!r} is not one of"
+                                f" {', '.join(str(m.value) for m in kind)}") from None
+    return check
