@@ -40,6 +40,7 @@ def test_float_lease_fails_over_and_back(pools: PoolMaker, faulty_node: Any) -> 
 
     publish()
     brokers.stop_app(faulty_node.name)
+    # wait_for lets any lease error through: the caller's code sees none across the moves
     assert wait_for(lambda: publish() == secondary, 10, "a confirmed publish on the secondary")
     brokers.start_app(faulty_node.name)
     wait_for(lambda: publish() == primary, 15, "the lease to fail back to the primary")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
 
 import psutil
 
+from kzpool.master.registry import read as read_registry
 from kzpool.testing import DEFAULT_URI, Pool, titles, wait_for
 
 PoolMaker = Callable[..., Pool]
@@ -67,6 +69,27 @@ def test_status_cli_human_and_json(pools: PoolMaker) -> None:
     assert "brokers:" in human.stdout
     assert data["connections"][0]["prechannels"] == 2
     assert "guest:guest" not in as_json.stdout and "guest:guest" not in pool.logs()
+
+
+def test_status_reads_the_registry_even_while_the_master_is_stopped(pools: PoolMaker) -> None:
+    pool = pools([DEFAULT_URI], prechannels=2).start()
+    pool.wait_ready()
+    registry, key = f"{pool.socket}.registry", f"{pool.socket}.registry.key"
+    wait_for(lambda: read_registry(pool.socket)["connections"][0]["prechannels"] == 2, 10,
+             "the registry to have the prechannels (it is written within 0.1 s)")
+    assert stat.S_IMODE(os.stat(registry).st_mode) == stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    cli = [sys.executable, "-m", "kzpool", "status", "--json", "--socket", pool.socket]
+    pool.signal(signal.SIGSTOP)  # the master's loop answers nothing now
+    try:
+        shown = subprocess.run(cli, capture_output=True, text=True, timeout=30)
+    finally:
+        pool.signal(signal.SIGCONT)
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert data["pool"]["pid"] == pool.pid and data["pool"]["state"] == "running"
+    assert data["connections"][0]["prechannels"] == 2 and data["brokers"][0]["primary"]
+    pool.stop(10)
+    assert not os.path.exists(registry) and not os.path.exists(key)
 
 
 def test_status_without_a_pool_says_so(tmp_path: object) -> None:
@@ -129,10 +152,12 @@ def test_sighup_adds_and_removes_brokers(pools: PoolMaker, vhost: str) -> None:
     pool.signal(signal.SIGHUP)
     rows = pool.wait_rows(lambda rs: len(rs) == 2 and rs[1]["available"], 10, "the added broker")
     assert rows[0]["pid"] == kept["pid"] and rows[0]["id"] == kept["id"]
+    added = rows[1]
     pool.config.write_text(pool.config.read_text().replace(f"uri = {DEFAULT_URI}\n", ""))
     pool.signal(signal.SIGHUP)
     rows = pool.wait_rows(lambda rs: len(rs) == 1, 10, "the removed broker to go")
-    assert rows[0]["pid"] == rows[0]["pid"] and rows[0]["broker"].endswith(vhost.split("/")[-1])
+    assert rows[0]["pid"] == added["pid"] and rows[0]["id"] == added["id"]  # left alone
+    assert rows[0]["broker"].endswith(vhost.split("/")[-1])
     wait_for(lambda: not psutil.pid_exists(kept["pid"]) or
              psutil.Process(kept["pid"]).status() == "zombie", 5, "the removed worker to exit")
     # adding it back works: no stale row is left behind

@@ -2,9 +2,9 @@
 
 Brokers come from ``[zone:NAME]`` sections (or Kazoo's ``[zone]`` with ``name =``), each with
 repeated ``uri =`` / ``amqp_uri =`` lines, or else from one ``[amqp]`` section whose zone is
-named ``local``.  ``[pool]`` holds the settings declared in :mod:`kzpool.settings`.
+named ``local``.  ``[pool]`` holds the settings declared in :mod:`kzpool.common.settings`.
 
-Every fault is collected and raised at once as :class:`~kzpool.errors.ConfigError`, one line
+Every fault is collected and raised at once as :class:`~kzpool.common.errors.ConfigError`, one line
 per fault, naming the file, the line, the key and the bad value.  Passwords are masked.
 """
 

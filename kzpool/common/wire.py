@@ -18,7 +18,8 @@ Payloads (integers big-endian; ``str8`` is a u8 length and UTF-8 bytes, AMQP's s
 =========  ==========  =====================================================  ==============
 kind       direction   payload                                                flags
 =========  ==========  =====================================================  ==============
-JSON       any         one UTF-8 JSON object: requests, replies, events       -
+JSON       any         one UTF-8 JSON object: a message (:mod:`.messages`)    -
+                       or a document (an answer to status, ping, brokers)
 PUBLISH    client→wkr  str8 exchange, str8 routing key, props, body           1 mandatory
 DELIVER    wkr→client  u64 tag, u32 message count, str8 consumer tag,         1 redelivered,
                        str8 exchange, str8 routing key, props, body           2 basic.get
@@ -32,7 +33,7 @@ SETTLE     client→wkr  u64 tag                                                
 =========  ==========  =====================================================  ==============
 
 A frame with another magic or version, an unknown kind, a length above the reader's limit or
-a payload that does not parse is a :class:`~kzpool.errors.ProtocolError`: the connection is
+a payload that does not parse is a :class:`~kzpool.common.errors.ProtocolError`: the connection is
 dropped and nothing more is read from it.
 """
 

@@ -5,7 +5,7 @@ listener's process, on a *sticky* lease on its broker (so it waits for that brok
 ``kzpool status`` lists it under ``federators``), declares the listener's exchange there and
 a queue named after the local zone (``billing`` in zone ``east`` consumes ``billing-east``
 on the remote brokers), binds the federated routing keys and consumes.  Every delivery goes
-to the parent listener's :meth:`~kzpool.listener.Listener.dispatch`, one handler at a time
+to the parent listener's :meth:`~kzpool.consumer.listener.Listener.dispatch`, one handler at a time
 across the listener's threads, with the remote broker and zone stamped on the message; a
 reply from the handler goes back through the federator's own lease, so through its broker.
 

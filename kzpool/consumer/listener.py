@@ -10,7 +10,7 @@ A handler gets a :class:`Message`.  Returning acks it; raising nacks it (requeue
 never), when ``stop()`` was called (checked between messages), or when its lease is closed.
 
 Federated bindings are consumed on every other zone's brokers too, by the listener's
-:mod:`~kzpool.federator` threads; their messages reach the same handler (one at a time:
+:mod:`~kzpool.consumer.federator` threads; their messages reach the same handler (one at a time:
 ``dispatch`` holds a lock) with the remote broker and zone on them.
 """
 
@@ -110,7 +110,7 @@ class Listener:
 
     ``federate=True`` federates every binding; a :class:`Binding` with ``federate=True``
     federates just that one.  Federated bindings are also consumed on the brokers of every
-    other zone, by one :class:`~kzpool.federator.Federator` per broker, started and stopped
+    other zone, by one :class:`~kzpool.consumer.federator.Federator` per broker, started and stopped
     with the listener.  Handlers run one at a time, whichever broker a message came from.
     """
 

@@ -2,12 +2,12 @@
 
 The master forks it and asks for its lease on its behalf, on a socket pair whose other end
 the child keeps; the child imports the section's handler, takes that lease (later moves go
-through the lease sockets like any client's), and runs a :class:`~kzpool.listener.Listener`
+through the lease sockets like any client's), and runs a :class:`~kzpool.consumer.listener.Listener`
 until told to stop, until ``max_messages`` or ``max_rss`` say it is time to recycle, or
 until the master is gone.
 
-Exit codes (:mod:`kzpool.exitcodes`): 0 stopped or recycled (the master starts a new one at
-once), :data:`~kzpool.exitcodes.CONSUMER_BOOT` when the handler cannot be imported or is not
+Exit codes (:mod:`kzpool.common.exitcodes`): 0 stopped or recycled (the master starts a new one at
+once), :data:`~kzpool.common.exitcodes.CONSUMER_BOOT` when the handler cannot be imported or is not
 callable (not restarted: a restart will not fix it), anything else a crash (restarted with
 backoff).  SIGTERM only records the request; the loop acts on it between messages.
 """

@@ -26,7 +26,7 @@ from .assign import Assignment, LeaseKind, RowState, choose_slot, new_lease_id, 
 from .slots import Slot, broker_key
 from .system import System
 
-log = logging.getLogger("kzpool.leasing")
+log = logging.getLogger("kzpool.leasebook")
 
 MAX_TIMEOUT = 3600.0
 

@@ -159,8 +159,10 @@ class Registry:
         if pid == 0:  # the Manager process
             try:
                 self._child_setup()
-                os.umask(0o077)
-                _Server(_Manager._registry, self.address, authkey, "pickle").serve_forever()
+                os.umask(0o077)  # no moment when another user could connect
+                server = _Server(_Manager._registry, self.address, authkey, "pickle")
+                os.chmod(self.address, 0o600)
+                server.serve_forever()
             finally:
                 os._exit(0)
         self.pid = pid

@@ -19,6 +19,8 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import psutil
+
 from ..common import exitcodes, messages, proc
 from ..common.backoff import Backoff
 from ..common.config import Broker, Config
@@ -202,19 +204,18 @@ class WorkerSet:
     def check(self, now: float, sample: bool) -> None:
         """Kill a worker silent for ``worker_timeout``; replace one above ``worker_max_rss``."""
         for slot in list(self.slots.values()):
-            if not slot.pid or slot.life.process is None:
+            if not slot.pid:
                 continue
             if now - slot.last_seen > self.settings.worker_timeout:
                 log.error("worker %d for %s silent for %.1f s; killing it", slot.pid,
                           slot.spec.broker.uri.masked, now - slot.last_seen)
                 self.kill(slot, signal.SIGKILL)
                 slot.last_seen = now
-            elif sample:
-                self._sample(slot)
+            elif sample and slot.life.process is not None:
+                self._sample(slot, slot.life.process)
 
-    def _sample(self, slot: Slot) -> None:
-        assert slot.life.process is not None
-        slot.rss, slot.cpu = proc.rss_and_cpu(slot.life.process)
+    def _sample(self, slot: Slot, process: psutil.Process) -> None:
+        slot.rss, slot.cpu = proc.rss_and_cpu(process)
         limit = self.settings.worker_max_rss
         if limit and slot.rss > limit and not slot.retiring:
             log.warning("worker %d for %s uses %d MiB > worker_max_rss; replacing it",
