@@ -84,6 +84,17 @@ def to_handler(text: str) -> str:
     return text.strip()
 
 
+def to_optional_path(text: str) -> str | None:
+    """A path, or nothing for an empty value."""
+    return os.path.abspath(text.strip()) if text.strip() else None
+
+
+def to_tls_verify(text: str) -> str:
+    if text.strip() not in ("verify_peer", "verify_none"):
+        raise ValueError("not verify_peer or verify_none")
+    return text.strip()
+
+
 def to_lease_kind(text: str) -> str:
     if text.strip() not in ("float", "sticky"):
         raise ValueError("not float or sticky")
@@ -200,6 +211,39 @@ class PoolSettings:
         to_gids, "",
         "Groups (names or gids) whose members may use the lease socket; empty: the"
         " service's own group.")
+    max_leases_per_process: int = setting(
+        to_int, "256",
+        "Leases one client process may hold at once; a request past it is refused.",
+        at_least(1))
+    max_leases_per_uid: int = setting(
+        to_int, "4096", "Leases the processes of one user may hold at once.", at_least(1))
+    max_pending_per_peer: int = setting(
+        to_int, "8",
+        "Requests a client may have sent that the pool has not answered yet; past it the"
+        " client is dropped.", at_least(1))
+    max_peers: int = setting(
+        to_int, "900",
+        "Client connections the master and each worker serve at once (waiting lease"
+        " requests included); past it, or at the process's file limit, new ones are"
+        " refused and the others go on.", at_least(1))
+    hidden_brokers: int = setting(
+        to_int, "0",
+        "Brokers a sticky lease may name that the config does not list (each gets its own"
+        " connection worker); 0: a sticky lease must name a broker of the config.",
+        at_least(0))
+    tls_ca: str | None = setting(
+        to_optional_path, "",
+        "CA certificate file for amqps brokers that name no cacertfile of their own.")
+    tls_cert: str | None = setting(
+        to_optional_path, "",
+        "Client certificate file for amqps brokers that name no certfile of their own.")
+    tls_key: str | None = setting(
+        to_optional_path, "",
+        "Client key file for amqps brokers that name no keyfile of their own.")
+    tls_verify: str = setting(
+        to_tls_verify, "verify_peer",
+        "verify_peer (check the broker's certificate against the CA) or verify_none, for"
+        " amqps brokers that name no verify of their own.")
     metrics_port: int = setting(
         to_int, "0",
         "Serve Prometheus metrics on this TCP port (needs prometheus-client); 0: off.",

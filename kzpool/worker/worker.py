@@ -45,7 +45,6 @@ from .uplink import Uplink
 log = logging.getLogger("kzpool.worker")
 
 NOT_CONNECTED = Reason("ConnectionClosed", 0, "broker not connected")
-CONNECTION_LOST = Reason("ConnectionClosed", 0, "connection to the broker lost")
 
 
 class ConnectionWorker:
@@ -163,8 +162,9 @@ class ConnectionWorker:
         self.prechannels.clear()
         self.bound.clear()
         self._opening = 0
+        lost = messages.Lost(connection_lost(exc))
         for session in list(self.sessions.values()):
-            session.event(messages.Lost(CONNECTION_LOST))
+            session.event(lost)
             session.end(LeaseEvent.LOST, "connection lost")
         for lease, sock, _request in self.waiting:  # nothing can be bound any more
             self._turn_away(lease, sock)
@@ -303,6 +303,7 @@ class ConnectionWorker:
     def _bind(self, lease: str, sock: socket.socket, request: LeaseRequest,
               channel: Any) -> None:
         broker = self.spec.broker
+        client_pid = peer(sock)[0]  # before anything is sent: a failed send closes the socket
         session = Session(self, sock, lease, channel)
         self.sessions[lease] = session
         self.bound[channel.channel_number] = session
@@ -312,7 +313,7 @@ class ConnectionWorker:
         session.flush()  # the client waits for this: before anything else
         self.uplink.news(LeaseNews(
             LeaseEvent.ASSIGNED, lease, channel.channel_number, request.kind,
-            request.zone or broker.zone, peer(sock)[0], request.federates))
+            request.zone or broker.zone, client_pid, request.federates))
         self.uplink.report_soon()
 
     def session_ended(self, session: Session, how: LeaseEvent, why: str) -> None:
@@ -350,6 +351,14 @@ class ConnectionWorker:
             full=self.full,
             counters={**self.counters, "blocked_seconds": round(self.blocked_seconds, 3)},
             prechannels=len(self.prechannels), channels=len(self.sessions))
+
+
+def connection_lost(exc: BaseException) -> Reason:
+    """What a lease hears when the connection goes: the broker's reply code and text if it
+    closed the connection (a call of that lease may be why), else that it was lost."""
+    if isinstance(exc, pika.exceptions.ConnectionClosedByBroker):
+        return Reason("ConnectionClosedByBroker", exc.reply_code, exc.reply_text)
+    return Reason("ConnectionClosed", 0, "connection to the broker lost")
 
 
 def run_worker(spec: WorkerSpec, link: socket.socket, listener: socket.socket,
