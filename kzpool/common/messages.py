@@ -32,13 +32,12 @@ messages: ``{"ok": true, ...}``.
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .codec import build, to_wire
 from .errors import ProtocolError
-from .wire import Kind, frame
+from .wire import document, read_document
 
 
 class LeaseEvent(enum.Enum):
@@ -308,18 +307,12 @@ TO_CLIENT = accepts(Leased, Redirect, Lost, Move, Blocked, Unblocked, Error, Rep
 
 def encode(message: Message) -> bytes:
     """One JSON frame."""
-    return frame(Kind.JSON, json.dumps(to_wire(message), separators=(",", ":")).encode())
+    return document(to_wire(message))
 
 
 def decode(payload: bytes, accepted: Accepts) -> Message:
     """The message in a JSON payload, if its op is one of ``accepted`` and its fields check."""
-    try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ProtocolError(f"frame payload is not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("frame payload is not a JSON object")
-    return from_wire(obj, accepted)
+    return from_wire(read_document(payload), accepted)
 
 
 def from_wire(obj: dict[str, Any], accepted: Accepts) -> Message:
