@@ -1,0 +1,136 @@
+"""The AMQP 0-9-1 frames of the per-message path, read and written by hand.
+
+pika builds objects for every frame it reads or writes (a method, a ``BasicProperties``
+decoded field by field, then encoded again); on the paths every message takes through a
+worker (publish, deliver, confirm, ack) the worker needs none of that: kzpool's wire format
+carries a message's properties as the very bytes of the AMQP content header's property
+section, so they pass through as they are.  Everything else (declares, consumes, closes)
+stays pika's.
+
+::
+
+    frame:   type u8 | channel u16 | size u32 | payload (size) | 0xCE
+    method:  class u16 | method u16 | arguments
+    header:  class u16 (60) | weight u16 (0) | body size u64 | property flags and list
+    body:    the message body, cut at frame_max - 8
+
+Pure functions over bytes; a frame that does not parse is a :class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+import struct
+
+FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT = 1, 2, 3, 8
+FRAME_END = b"\xce"
+FRAME_HEAD = struct.Struct(">BHI")
+BASIC = 60
+PUBLISH, RETURN, DELIVER, GET_OK, ACK, REJECT, NACK = 40, 50, 60, 71, 80, 90, 120
+NO_PROPERTIES = b"\x00\x00"  # property flags, none set
+
+_METHOD_ID = struct.Struct(">HH")
+_HEADER = struct.Struct(">HHQ")
+_PUBLISH_HEAD = struct.Struct(">BHIHHH")  # frame head, class, method, reserved short
+_TAG_BITS = struct.Struct(">QB")
+_U64 = struct.Struct(">Q")
+
+
+def frame(kind: int, channel: int, payload: bytes) -> bytes:
+    return FRAME_HEAD.pack(kind, channel, len(payload)) + payload + FRAME_END
+
+
+def shortstr(text: str) -> bytes:
+    data = text.encode()
+    if len(data) > 255:
+        raise ValueError(f"{text[:40]!r}... is longer than 255 bytes")
+    return bytes((len(data),)) + data
+
+
+def publish(channel: int, exchange: str, routing_key: str, properties: bytes, body: bytes,
+            mandatory: bool, body_max: int) -> bytes:
+    """Basic.Publish, its content header and body frames, as one piece of output.
+
+    ``properties``: the property flags and list (kzpool's wire format carries them so;
+    empty for none); ``body_max``: the connection's frame_max minus 8.
+    """
+    args = shortstr(exchange) + shortstr(routing_key) + (b"\x01" if mandatory else b"\x00")
+    method = _PUBLISH_HEAD.pack(FRAME_METHOD, channel, 6 + len(args), BASIC, PUBLISH, 0)
+    header_payload = _HEADER.pack(BASIC, 0, len(body)) + (properties or NO_PROPERTIES)
+    pieces = [method, args, FRAME_END, frame(FRAME_HEADER, channel, header_payload)]
+    for start in range(0, len(body), body_max):
+        pieces.append(frame(FRAME_BODY, channel, body[start:start + body_max]))
+    return b"".join(pieces)
+
+
+def settle(channel: int, method: int, tag: int, multiple: bool, requeue: bool) -> bytes:
+    """Basic.Ack, Basic.Nack or Basic.Reject of ``tag``."""
+    if method == ACK:
+        bits = int(multiple)
+    elif method == NACK:
+        bits = int(multiple) | int(requeue) << 1
+    elif method == REJECT:
+        bits = int(requeue)
+    else:
+        raise ValueError(f"method {method} is not a settle")
+    return frame(FRAME_METHOD, channel, _METHOD_ID.pack(BASIC, method) + _TAG_BITS.pack(tag, bits))
+
+
+def method_id(payload: bytes) -> tuple[int, int]:
+    """(class, method) of a method frame's payload."""
+    if len(payload) < 4:
+        raise ValueError("method frame too short")
+    return _METHOD_ID.unpack_from(payload)
+
+
+class _Reader:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes, pos: int) -> None:
+        self.data, self.pos = data, pos
+
+    def shortstr(self) -> str:
+        size = self.data[self.pos]
+        end = self.pos + 1 + size
+        if end > len(self.data):
+            raise ValueError("truncated short string")
+        text = self.data[self.pos + 1:end].decode()
+        self.pos = end
+        return text
+
+    def tag_and_bits(self) -> tuple[int, int]:
+        tag, bits = _TAG_BITS.unpack_from(self.data, self.pos)
+        self.pos += 9
+        return int(tag), int(bits)
+
+
+def deliver(payload: bytes) -> tuple[str, int, bool, str, str]:
+    """Basic.Deliver's (consumer tag, delivery tag, redelivered, exchange, routing key)."""
+    try:
+        reader = _Reader(payload, 4)
+        consumer_tag = reader.shortstr()
+        tag, bits = reader.tag_and_bits()
+        return consumer_tag, tag, bool(bits & 1), reader.shortstr(), reader.shortstr()
+    except (IndexError, struct.error, UnicodeDecodeError) as exc:
+        raise ValueError(f"bad Basic.Deliver: {exc}") from None
+
+
+def confirm(payload: bytes) -> tuple[int, bool]:
+    """A publisher confirm's (delivery tag, multiple), of a Basic.Ack or Basic.Nack."""
+    try:
+        tag, bits = _TAG_BITS.unpack_from(payload, 4)
+    except struct.error as exc:
+        raise ValueError(f"bad confirm: {exc}") from None
+    return int(tag), bool(bits & 1)
+
+
+def header(payload: bytes) -> tuple[int, bytes]:
+    """A content header's (body size, property flags and list)."""
+    if len(payload) < 14:
+        raise ValueError("content header too short")
+    _class, _weight, size = _HEADER.unpack_from(payload)
+    properties = payload[12:]
+    return int(size), b"" if properties == NO_PROPERTIES else properties
+
+
+def tag_of(payload: bytes) -> int:
+    return int(_U64.unpack_from(payload, 4)[0])

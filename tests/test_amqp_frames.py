@@ -1,0 +1,64 @@
+"""The worker's hand-made AMQP frames are byte for byte what pika makes (pure logic)."""
+
+from __future__ import annotations
+
+import pytest
+from pika import frame, spec
+
+from kzpool.common import props
+from kzpool.worker import amqp
+
+PROPS = spec.BasicProperties(content_type="text/plain", delivery_mode=2, headers={"a": 1},
+                             correlation_id="c1", reply_to="r")
+FRAME_MAX = 131072
+
+
+def pika_publish(channel: int, exchange: str, key: str, properties: spec.BasicProperties,
+                 body: bytes, mandatory: bool) -> bytes:
+    pieces = [frame.Method(channel, spec.Basic.Publish(exchange=exchange, routing_key=key,
+                                                       mandatory=mandatory)).marshal(),
+              frame.Header(channel, len(body), properties).marshal()]
+    step = FRAME_MAX - 8
+    pieces += [frame.Body(channel, body[i:i + step]).marshal() for i in range(0, len(body), step)]
+    return b"".join(pieces)
+
+
+@pytest.mark.parametrize("body", [b"", bytes(range(256)), bytes(3 * FRAME_MAX + 5)])
+@pytest.mark.parametrize("properties", [PROPS, spec.BasicProperties()])
+def test_publish_frames_are_pikas(body: bytes, properties: spec.BasicProperties) -> None:
+    ours = amqp.publish(3, "ex", "rk", props.encode(properties), body, True, FRAME_MAX - 8)
+    assert ours == pika_publish(3, "ex", "rk", properties, body, True)
+
+
+def test_settles_are_pikas() -> None:
+    assert amqp.settle(2, amqp.ACK, 77, True, False) == frame.Method(
+        2, spec.Basic.Ack(77, True)).marshal()
+    assert amqp.settle(2, amqp.NACK, 77, False, True) == frame.Method(
+        2, spec.Basic.Nack(77, False, True)).marshal()
+    assert amqp.settle(2, amqp.REJECT, 77, False, False) == frame.Method(
+        2, spec.Basic.Reject(77, False)).marshal()
+    with pytest.raises(ValueError, match="not a settle"):
+        amqp.settle(2, amqp.PUBLISH, 1, False, False)
+
+
+def test_deliveries_and_confirms_read_as_pika_wrote_them() -> None:
+    method = frame.Method(5, spec.Basic.Deliver("ctag", 99, True, "ex", "rk")).marshal()
+    assert amqp.method_id(method[7:-1]) == (amqp.BASIC, amqp.DELIVER)
+    assert amqp.deliver(method[7:-1]) == ("ctag", 99, True, "ex", "rk")
+    header = frame.Header(5, 256, PROPS).marshal()
+    assert amqp.header(header[7:-1]) == (256, props.encode(PROPS))
+    assert amqp.header(frame.Header(5, 0, spec.BasicProperties()).marshal()[7:-1]) == (0, b"")
+    ack = frame.Method(1, spec.Basic.Ack(12, True)).marshal()
+    assert amqp.confirm(ack[7:-1]) == (12, True)
+    nack = frame.Method(1, spec.Basic.Nack(13, False, True)).marshal()
+    assert amqp.method_id(nack[7:-1]) == (amqp.BASIC, amqp.NACK)
+    assert amqp.confirm(nack[7:-1]) == (13, False)
+
+
+def test_truncated_frames_are_value_errors() -> None:
+    method = frame.Method(5, spec.Basic.Deliver("ctag", 99, True, "ex", "rk")).marshal()
+    for cut in (5, 9, 20):
+        with pytest.raises(ValueError):
+            amqp.deliver(method[7:7 + cut])
+    with pytest.raises(ValueError):
+        amqp.header(b"\x00\x3c")
