@@ -153,6 +153,8 @@ class Dispatcher:
         while True:
             home = threading.get_ident() == self.home
             mine = self._mine()
+            for member in mine:  # settles out; recoveries (they may read deliveries)
+                member._prepare_wait()
             if home:
                 self._fire_timers()
             if self._runnable(mine, home) or (stop is not None and stop()) or self.closed:
@@ -188,7 +190,6 @@ class Dispatcher:
         or the wake pipe, and read what came; ``False`` if there was nothing to wait on."""
         fds: dict[int, Member | None] = {}
         for member in mine:
-            member._prepare_wait()
             fd = member._wait_fd()
             if fd is not None:
                 fds[fd] = member
