@@ -415,7 +415,7 @@ def test_tx_commit_after_a_move_raises_transaction_lost(backend: FakeBackend) ->
     with pytest.raises(kzpool.TransactionLost):
         lease.tx_commit()
     second = backend.workers[1]
-    assert [m.method for m in second.received if isinstance(m, messages.Call)][0] == "tx_select"
+    assert next(m.method for m in second.received if isinstance(m, messages.Call)) == "tx_select"
     assert not frames(second, Kind.PUBLISH)  # nothing of the lost transaction was committed
     lease.basic_publish("", "q", b"again")
     lease.tx_commit()
@@ -455,4 +455,21 @@ def test_a_signal_handlers_timeout_reaches_the_caller_and_the_lease_keeps_its_ch
         signal.signal(signal.SIGALRM, previous)
     assert lease.queue_declare("fast").method.queue == "fast"  # not the late "slow" reply
     assert len(backend.workers) == 1  # the same channel: not taken for a lost worker
+    lease.close()
+
+
+def test_basic_cancel_drops_a_queued_broker_cancel_and_requeues_what_was_queued(
+        backend: FakeBackend) -> None:
+    lease = PoolClient("/fake/kz.sock", backend).lease("float")
+    cancels: list[Any] = []
+    lease.add_on_cancel_callback(cancels.append)
+    tag = lease.basic_consume("q", lambda *_: pytest.fail("dispatched"))
+    worker = backend.workers[0]
+    deliver(worker, 1, b"a")
+    worker.send(messages.Cancelled(tag))
+    lease.queue_declare("q")  # a blocking call: both are read and queued, nothing runs
+    assert lease.basic_cancel(tag) == []
+    lease.connection.dispatcher.process(0)  # what process_data_events does: nothing runs
+    assert cancels == [] and lease.consumer_tags == []
+    wait(lambda: frames(worker, Kind.SETTLE), "the reject of the queued delivery")
     lease.close()

@@ -7,6 +7,7 @@ when they run, what goes back to the queue), through ``kzpool.connect()`` and
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -57,10 +58,9 @@ def names() -> Iterator[Names]:
     with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
         for made_name in made:
             for delete in ("queue_delete", "exchange_delete"):
-                try:
+                # one exclusive to a connection still open goes with it
+                with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
                     getattr(conn.channel(), delete)(made_name)
-                except pika.exceptions.ChannelClosedByBroker:
-                    pass  # exclusive to a connection still open: it goes with it
 
 
 def publish(connection: kzpool.Connection, queue: str, *bodies: bytes) -> None:
@@ -92,9 +92,9 @@ def test_a_channel_is_open_until_closed_and_a_second_close_raises_wrong_state(
 
 def test_a_channel_error_leaves_the_with_block_and_the_channel_closed(
         connection: kzpool.Connection, names: Names) -> None:
-    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
-        with connection.channel() as channel:
-            channel.exchange_declare(names("missing"), passive=True)
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info, \
+            connection.channel() as channel:
+        channel.exchange_declare(names("missing"), passive=True)
     assert info.value.args[0] == 404 and channel.is_closed
 
 
@@ -329,10 +329,8 @@ def test_a_broker_cancel_ends_the_consume_generator(connection: kzpool.Connectio
     channel = connection.channel()
     queue = names("q")
     channel.queue_declare(queue)
-    rounds = 0
-    for _item in channel.consume(queue, inactivity_timeout=0.05):
-        rounds += 1
-        if rounds == 1:
+    for rounds, _item in enumerate(channel.consume(queue, inactivity_timeout=0.05)):
+        if rounds == 0:
             channel.queue_delete(queue)
         assert rounds < 1000, "the generator did not end on the broker's cancel"
     assert channel.consumer_tags == [] and channel.get_waiting_message_count() == 0
@@ -491,3 +489,121 @@ def test_start_consuming_raises_a_channel_error_once_then_carries_on(
     publish(connection, queue, b"after")  # kzpool: the lease recovers, its consumer too
     channel.start_consuming()
     assert got == [b"after"]
+
+
+# ----- more of what pika's channel tests ask -------------------------------------------------
+
+def test_consuming_from_an_unknown_queue_raises_channel_closed(
+        connection: kzpool.Connection, names: Names) -> None:
+    channel = connection.channel()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
+        channel.basic_consume(names("unknown"), lambda *_: None)
+    assert info.value.args[0] == 404 and channel.consumer_tags == []
+
+
+def test_nack_multiple_requeues_in_order(connection: kzpool.Connection, names: Names) -> None:
+    channel = connection.channel()
+    queue = names("q")
+    channel.queue_declare(queue)
+    publish(connection, queue, b"1", b"2")
+    tags = [channel.basic_get(queue)[0].delivery_tag for _ in range(2)]
+    channel.basic_nack(tags[1], multiple=True, requeue=True)
+    wait_for(lambda: queue_depth(queue) == 2, 5, "both requeued")
+    assert [channel.basic_get(queue, auto_ack=True)[2] for _ in range(2)] == [b"1", b"2"]
+
+
+def test_a_return_that_comes_while_confirms_turn_on_goes_to_the_callback_only(
+        connection: kzpool.Connection, names: Names) -> None:
+    channel = connection.channel()
+    returned: list[bytes] = []
+    channel.add_on_return_callback(lambda _ch, _m, _p, body: returned.append(body))
+    channel.basic_publish("", names("nobody"), b"early", mandatory=True)
+    channel.confirm_delivery()  # the return may come while this waits: no error for it
+    channel.basic_publish("", names("nobody2"), b"plain")  # not mandatory: confirmed
+    while not returned:
+        connection.process_data_events()
+    assert returned == [b"early"]
+
+
+def test_a_return_without_a_callback_is_dropped_and_later_publishes_arrive(
+        connection: kzpool.Connection, names: Names) -> None:
+    channel = connection.channel()
+    queue = names("q")
+    channel.queue_declare(queue)
+    channel.basic_publish("", names("nobody"), b"unroutable", mandatory=True)
+    connection.channel().close()  # some I/O
+    channel.basic_publish("", queue, b"routable-message")
+    wait_for(lambda: queue_depth(queue) == 1, 5, "the routable one")
+    method, _props, body = channel.basic_get(queue)
+    assert (method.delivery_tag, method.routing_key, body) == (1, queue, b"routable-message")
+    connection.process_data_events()  # nothing queued: the return went nowhere
+    channel.basic_ack(method.delivery_tag)
+
+
+def test_a_huge_message_and_many_through_the_generator(connection: kzpool.Connection,
+                                                       names: Names) -> None:
+    channel = connection.channel()
+    queue = names("q")
+    channel.queue_declare(queue)
+    huge = bytes(range(256)) * 3907  # just over a million bytes
+    channel.basic_publish("", queue, huge)
+    method, _props, body = next(channel.consume(queue))
+    assert body == huge and (method.delivery_tag, method.routing_key) == (1, queue)
+    channel.basic_ack(method.delivery_tag)
+    channel.cancel()
+    for i in range(500):
+        channel.basic_publish("", queue, b"%04d" % i * 256)
+    tags = []
+    for method, _props, _body in channel.consume(queue, auto_ack=True):
+        tags.append(method.delivery_tag)
+        if len(tags) == 500:
+            break
+    assert tags == list(range(2, 502))  # in order, after the huge one's tag
+    channel.close()  # auto-acked: nothing goes back
+    assert queue_depth(queue) == 0
+
+
+def test_a_thread_cancels_the_generator_through_add_callback_threadsafe(
+        connection: kzpool.Connection, names: Names) -> None:
+    channel = connection.channel()
+    queue = names("q")
+    channel.queue_declare(queue)
+    publish(connection, queue, b"msg1", b"last-msg")
+    channel.basic_qos(prefetch_count=1)
+    done: list[bytes] = []
+
+    def handled(method: Any, body: bytes) -> None:
+        channel.basic_ack(method.delivery_tag)
+        done.append(body)
+        if body == b"last-msg":
+            channel.cancel()
+
+    for method, _props, body in channel.consume(queue):
+        threading.Thread(target=lambda m=method, b=body: connection.add_callback_threadsafe(
+            lambda: handled(m, b))).start()
+    assert done == [b"msg1", b"last-msg"]  # the loop ended on cancel()
+
+
+def test_cancel_after_the_broker_cancelled_the_generator(connection: kzpool.Connection,
+                                                         names: Names) -> None:
+    channel = connection.channel()
+    queue = names("q")
+    channel.queue_declare(queue)
+    for _item in channel.consume(queue, inactivity_timeout=0.05):
+        channel.queue_delete(queue)  # the broker cancels the consumer
+        connection.process_data_events(0.05)  # its cancel is read into the generator
+        assert channel.cancel() == 0  # the consumer is gone already: no wait for an answer
+    assert channel.consumer_tags == []
+
+
+def test_the_generator_raises_a_channel_error_from_its_wait(connection: kzpool.Connection,
+                                                            names: Names) -> None:
+    channel = connection.channel()
+    queue = names("q")
+    channel.queue_declare(queue)
+    connection.add_callback_threadsafe(
+        lambda: channel.basic_publish(names("missing"), "rk", b"x"))
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
+        for _item in channel.consume(queue):
+            pass
+    assert info.value.args[0] == 404

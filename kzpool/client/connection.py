@@ -76,7 +76,7 @@ class Connection(PoolClient):
         :class:`ClientClosed` (pika's ``ConnectionWrongStateError``)."""
         self._check_open()
         try:
-            for lease in list(self.dispatcher.members.values()):
+            for lease in self.dispatcher.snapshot():
                 if isinstance(lease, Lease) and lease.is_open:
                     lease.close(reply_code, reply_text)
         finally:

@@ -99,10 +99,16 @@ class Dispatcher:
     # ----- members and connection events ----------------------------------------------------
 
     def add(self, member: Member) -> None:
-        self.members[id(member)] = member
+        with self._lock:  # threads sharing a client add theirs while another dispatches
+            self.members[id(member)] = member
 
     def discard(self, member: Member) -> None:
-        self.members.pop(id(member), None)
+        with self._lock:
+            self.members.pop(id(member), None)
+
+    def snapshot(self) -> list[Member]:
+        with self._lock:
+            return list(self.members.values())
 
     @property
     def dispatching(self) -> bool:
@@ -171,7 +177,7 @@ class Dispatcher:
 
     def _mine(self) -> list[Member]:
         me = threading.get_ident()
-        return [m for m in self.members.values() if m._owner == me]
+        return [m for m in self.snapshot() if m._owner == me]
 
     def _runnable(self, mine: list[Member], home: bool) -> bool:
         if self.dispatching:
