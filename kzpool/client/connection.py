@@ -102,7 +102,8 @@ class Connection(PoolClient):
         """Read every lease of this thread until something can run (or ``time_limit``
         seconds: 0 reads what is there, ``None`` waits for it), then run it: timers,
         thread-safe callbacks, blocked notices, then each lease's deliveries, broker
-        cancels and returns, in order."""
+        cancels and returns, in order.  A consuming lease of this thread that lost its
+        channel gets a new one first (which may block up to its ``timeout``)."""
         self._check_open()
         self._claim()
         self.dispatcher.process(time_limit)
