@@ -1,21 +1,24 @@
 """kzpool: reliable RabbitMQ channels for CPU-heavy Python consumers.
 
-    pool = kzpool.connect()                     # the pool's lease socket
-    with pool.lease("float") as channel:        # pika BlockingChannel's interface
-        channel.basic_publish("", "jobs", b"hello")
+    connection = kzpool.connect()               # was: pika.BlockingConnection(...)
+    channel = connection.channel()              # a float lease: pika's BlockingChannel
+    channel.basic_publish("", "jobs", b"hello")
 """
 
 from __future__ import annotations
 
+from .client.connection import Connection, connect
 from .client.lease import Confirm, Lease, MoveEvent
-from .client.pool import PoolClient, connect
+from .client.pool import PoolClient
 from .common.config import Config, load
 from .common.errors import (
     BrokerUnavailable,
     BrokerURIError,
     ChannelClosedByBroker,
+    ClientClosed,
     ConfigError,
     ConnectionBlockedTimeout,
+    ConnectionClosedByBroker,
     KzpoolError,
     LeaseClosed,
     LeaseRequestError,
@@ -25,6 +28,7 @@ from .common.errors import (
     PoolNotRunning,
     ProtocolError,
     StartupError,
+    TransactionLost,
     UnroutableError,
 )
 from .common.uri import BrokerURI
@@ -38,10 +42,13 @@ __all__ = [
     "BrokerURIError",
     "BrokerUnavailable",
     "ChannelClosedByBroker",
+    "ClientClosed",
     "Config",
     "ConfigError",
     "Confirm",
+    "Connection",
     "ConnectionBlockedTimeout",
+    "ConnectionClosedByBroker",
     "KzpoolError",
     "Lease",
     "LeaseClosed",
@@ -56,6 +63,7 @@ __all__ = [
     "PoolNotRunning",
     "ProtocolError",
     "StartupError",
+    "TransactionLost",
     "UnroutableError",
     "__version__",
     "connect",

@@ -94,6 +94,45 @@ def test_flow_control_holds_publishes_and_says_so(pools: PoolMaker, faulty_node:
     assert b"after" in drain(faulty_node.url, queue)
 
 
+def test_flow_control_fails_confirm_waits_and_calls_after_the_lease_timeout(
+        pools: PoolMaker, faulty_node: Any) -> None:
+    pool = pools([faulty_node.url], reconnect_backoff_max=0.5).start()
+    pool.wait_ready()
+    queue = f"kzt-{uuid.uuid4().hex[:10]}"
+    connection = kzpool.connect(pool.socket)
+    notices: list[Any] = []
+    connection.add_on_connection_blocked_callback(lambda conn, frame: notices.append(frame))
+    connection.add_on_connection_unblocked_callback(lambda conn, frame: notices.append(frame))
+    lease = connection.channel(timeout=2)
+    lease.queue_declare(queue)
+    lease.confirm_delivery()
+    watermark = ["rabbitmqctl", "-q", "-n", faulty_node.name, "set_vm_memory_high_watermark"]
+    subprocess.run([*watermark, "0.0000001"], check=True, capture_output=True, timeout=60)
+    try:
+        with pytest.raises(kzpool.ConnectionBlockedTimeout, match="blocked the connection"):
+            lease.basic_publish("", queue, b"held")  # the broker confirms nothing now
+        with pytest.raises(pika.exceptions.ConnectionBlockedTimeout):
+            lease.wait_for_confirms()  # "held" is still unconfirmed
+        with pytest.raises(kzpool.ConnectionBlockedTimeout):
+            lease.basic_publish("", queue, b"refused", wait=False)  # not sent while blocked
+        other = connection.channel(timeout=2)
+        with pytest.raises(kzpool.ConnectionBlockedTimeout):
+            other.queue_declare(queue, passive=True)  # a blocked connection reads nothing
+        pool.wait_rows(lambda rs: rs[0]["blocked"], 10, "status to show the block")
+        connection.process_data_events(0)
+        assert [type(f.method) for f in notices] == [pika.spec.Connection.Blocked]
+    finally:
+        subprocess.run([*watermark, "0.4"], check=True, capture_output=True, timeout=60)
+    pool.wait_rows(lambda rs: not rs[0]["blocked"], 10, "the block to lift")
+    lease.basic_publish("", queue, b"after")
+    lease.wait_for_confirms(10)  # "held" too, once the broker reads again
+    assert other.queue_declare(queue, passive=True).method.message_count >= 2
+    wait_for(lambda: connection.process_data_events(0) or len(notices) == 2, 10,
+             "the unblocked notice")
+    connection.close()
+    assert sorted(drain(faulty_node.url, queue)) == [b"after", b"held"]
+
+
 def test_a_silent_primary_is_left_on_missed_heartbeats(pools: PoolMaker, vhost: str) -> None:
     forwarder = Forwarder(("127.0.0.1", 5672))
     try:

@@ -1,5 +1,7 @@
 """A lease against a scripted worker over a socket pair: delivery tags across a move,
-confirm bookkeeping, topology replay.  No broker, no pool (tests/fakes.py)."""
+confirm bookkeeping, topology replay, what a lease does with a connection the broker closed,
+flow control, a signal handler's exception, dispatch.  No broker, no pool
+(tests/fakes.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ from typing import Any
 import pika.exceptions
 import pytest
 
+import kzpool
 from kzpool.client.confirms import ConfirmBook
+from kzpool.client.connection import Connection
 from kzpool.client.pool import PoolClient
 from kzpool.client.tags import TagMap
 from kzpool.common import messages, wire
@@ -18,7 +22,9 @@ from kzpool.common.wire import Flag, Kind
 from .fakes import FakeBackend, FakeWorker
 
 REPLIES = {"queue_declare": "Queue.DeclareOk", "basic_qos": "Basic.QosOk",
-           "queue_bind": "Queue.BindOk", "exchange_declare": "Exchange.DeclareOk"}
+           "queue_bind": "Queue.BindOk", "exchange_declare": "Exchange.DeclareOk",
+           "basic_cancel": "Basic.CancelOk", "tx_select": "Tx.SelectOk",
+           "tx_commit": "Tx.CommitOk", "tx_rollback": "Tx.RollbackOk"}
 
 
 def broker(item: Any, worker: FakeWorker) -> None:
@@ -179,3 +185,292 @@ def test_confirm_book_renumbers_what_is_pending() -> None:
     assert book.renumber() == [b"f2", b"f3"] and sorted(book.pending) == [1, 2]
     book.confirmed(1, 0)
     assert entries[2].future.done() and not entries[3].future.done()
+
+
+# ----- a call the broker answers by closing the whole connection ------------------------------
+
+CLOSED_503 = Reason("ConnectionClosedByBroker", 503,
+                    "COMMAND_INVALID - unknown exchange type 'bogus'")
+
+
+def calls(backend: FakeBackend, method: str) -> list[messages.Call]:
+    return [m for w in backend.workers for m in w.received
+            if isinstance(m, messages.Call) and m.method == method]
+
+
+def test_a_call_that_makes_the_broker_close_the_connection_fails_once_and_is_not_resent(
+        backend: FakeBackend) -> None:
+    def closing(item: Any, worker: FakeWorker) -> None:
+        if isinstance(item, messages.Call) and item.args.get("exchange_type") == "bogus":
+            worker.send(messages.Lost(CLOSED_503))  # what a worker says to every lease
+            worker.close()
+        else:
+            broker(item, worker)
+
+    backend.script = closing
+    client = PoolClient("/fake/kz.sock", backend)
+    moves: list[Any] = []
+    culprit = client.lease("float", on_move=moves.append)
+    culprit.queue_declare("kept")
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as info:
+        culprit.exchange_declare("x", exchange_type="bogus")
+    assert info.value.reply_code == 503 and "unknown exchange type" in info.value.reply_text
+    assert len(calls(backend, "exchange_declare")) == 1  # not sent again on a new channel
+    culprit.queue_declare("next")  # the next call runs on a new channel
+    assert len(backend.workers) == 2 and len(moves) == 1
+    assert [m.args["queue"] for m in backend.workers[1].received
+            if isinstance(m, messages.Call)] == ["kept", "next"]
+    assert len(calls(backend, "exchange_declare")) == 1  # nor replayed
+    culprit.close()
+
+
+def test_a_lease_idle_when_the_broker_closed_the_connection_moves_without_an_error(
+        backend: FakeBackend) -> None:
+    moves: list[Any] = []
+    bystander = PoolClient("/fake/kz.sock", backend).lease("float", on_move=moves.append)
+    bystander.queue_declare("mine")
+    backend.workers[0].send(messages.Lost(CLOSED_503))  # another lease's call did it
+    backend.workers[0].close()
+    bystander.queue_declare("mine", passive=True)  # no error: it moved
+    assert len(moves) == 1 and len(backend.workers) == 2
+    bystander.close()
+
+
+def test_an_enum_exchange_type_is_sent_by_its_value(backend: FakeBackend) -> None:
+    from pika.exchange_type import ExchangeType
+
+    lease = PoolClient("/fake/kz.sock", backend).lease("float")
+    lease.exchange_declare("x", exchange_type=ExchangeType.topic)
+    assert calls(backend, "exchange_declare")[0].args["exchange_type"] == "topic"
+    with pytest.raises(TypeError, match="queue must be a str"):
+        lease.queue_declare([1, 2, 3])  # type: ignore[arg-type]
+    lease.close()
+
+
+# ----- the broker's cancels, returns, dispatch -------------------------------------------------
+
+def test_a_broker_cancel_ends_start_consuming_after_the_deliveries_before_it(
+        backend: FakeBackend) -> None:
+    lease = PoolClient("/fake/kz.sock", backend).lease("float")
+    lease.queue_declare("q")
+    got: list[bytes] = []
+    cancels: list[Any] = []
+    lease.add_on_cancel_callback(cancels.append)
+    tag = lease.basic_consume("q", lambda _ch, _m, _p, body: got.append(body))
+    worker = backend.workers[0]
+    deliver(worker, 1, b"a")
+    deliver(worker, 2, b"b")
+    worker.send(messages.Cancelled(tag))  # the queue was deleted
+    lease.start_consuming()  # returns: no consumer left
+    assert got == [b"a", b"b"] and lease.consumer_tags == []
+    assert [c.method.consumer_tag for c in cancels] == [tag]
+    lose(worker)
+    lease.queue_declare("q")  # a move: the cancelled consumer is not replayed
+    assert not any(isinstance(m, messages.Consume) for m in backend.workers[1].received)
+    lease.close()
+
+
+def test_a_broker_cancel_ends_the_consume_generator(backend: FakeBackend) -> None:
+    lease = PoolClient("/fake/kz.sock", backend).lease("float")
+    stream = lease.consume("q")
+    deliver_later = backend.workers[0]
+    first = _start(stream, deliver_later, [b"a", b"b"], cancel="ctag-1")
+    assert [first, *(body for _m, _p, body in stream)] == [b"a", b"b"]  # then it ends
+    assert lease.consumer_tags == [] and lease.get_waiting_message_count() == 0
+    lease.close()
+
+
+def _start(stream: Any, worker: FakeWorker, bodies: list[bytes], cancel: str) -> bytes:
+    """The first item of a consume() generator (its consumer starts then), with ``bodies``
+    delivered and the consumer cancelled by the broker right after it starts."""
+    import threading
+
+    def feed() -> None:
+        wait(lambda: any(isinstance(m, messages.Consume) for m in worker.received), "consume")
+        for tag, body in enumerate(bodies, 1):
+            deliver(worker, tag, body)
+        worker.send(messages.Cancelled(cancel))
+    threading.Thread(target=feed, daemon=True).start()
+    body: bytes = next(stream)[2]
+    return body
+
+
+def test_returns_reach_the_return_callback_in_a_dispatcher_only(backend: FakeBackend) -> None:
+    connection = Connection("/fake/kz.sock", backend)
+    lease = connection.channel()
+    returned: list[tuple[Any, ...]] = []
+    lease.add_on_return_callback(lambda *args: returned.append(args))
+    lease.basic_publish("", "nowhere", b"lost", mandatory=True)
+    worker = backend.workers[0]
+    worker.send(wire.returned(312, "NO_ROUTE", "", "nowhere", b"", b"lost"))
+    lease.queue_declare("q")  # a blocking call reads the return, runs nothing
+    assert returned == []
+    connection.process_data_events(time_limit=1)
+    (channel, method, _props, body), = returned
+    assert channel is lease and body == b"lost"
+    assert isinstance(method, pika.spec.Basic.Return) and method.reply_code == 312
+    connection.close()
+
+
+def test_process_data_events_runs_timers_then_every_lease_of_the_thread(
+        backend: FakeBackend) -> None:
+    connection = Connection("/fake/kz.sock", backend)
+    order: list[str] = []
+    leases = [connection.channel(), connection.channel()]
+    for n, lease in enumerate(leases):
+        lease.basic_consume("q", lambda _c, _m, _p, body: order.append(body.decode()))
+        deliver(backend.workers[n], 1, f"lease{n}".encode())
+    removed = connection.call_later(0, lambda: order.append("removed"))
+    connection.call_later(0, lambda: order.append("timer"))
+    connection.remove_timeout(removed)
+    while len(order) < 3:
+        connection.process_data_events(time_limit=5)
+    assert order[0] == "timer" and sorted(order[1:]) == ["lease0", "lease1"]
+    connection.add_callback_threadsafe(lambda: order.append("threadsafe"))
+    connection.process_data_events(time_limit=None)  # returns once something ran
+    assert order[-1] == "threadsafe"
+    connection.close()
+    assert all(lease.is_closed for lease in leases)
+    with pytest.raises(pika.exceptions.ConnectionWrongStateError):
+        connection.close()
+    with pytest.raises(pika.exceptions.ChannelWrongStateError):
+        leases[0].close()
+
+
+def test_start_consuming_inside_a_callback_raises_reentrancy(backend: FakeBackend) -> None:
+    lease = PoolClient("/fake/kz.sock", backend).lease("float")
+    errors: list[BaseException] = []
+
+    def nested(channel: Any, method: Any, _props: Any, _body: bytes) -> None:
+        try:
+            channel.start_consuming()
+        except pika.exceptions.ReentrancyError as exc:
+            errors.append(exc)
+        channel.stop_consuming()
+
+    lease.basic_consume("q", nested)
+    deliver(backend.workers[0], 1, b"x")
+    lease.start_consuming()
+    assert len(errors) == 1
+    lease.close()
+
+
+def test_basic_cancel_returns_what_an_auto_ack_consumer_had_not_dispatched(
+        backend: FakeBackend) -> None:
+    lease = PoolClient("/fake/kz.sock", backend).lease("float")
+    worker = backend.workers[0]
+    noack = lease.basic_consume("q", lambda *_: None, auto_ack=True, consumer_tag="ctag-1")
+    deliver(worker, 1, b"a")
+    deliver(worker, 2, b"b")
+    assert [body for _m, _p, body in lease.basic_cancel(noack)] == [b"a", b"b"]
+    ackable = lease.basic_consume("q", lambda *_: None, consumer_tag="ctag-1")
+    deliver(worker, 3, b"c")
+    assert lease.basic_cancel(ackable) == []  # rejected, requeued
+    wait(lambda: frames(worker, Kind.SETTLE), "the reject")
+    (_kind, flags, payload), = frames(worker, Kind.SETTLE)
+    assert wire.read_tag(payload) == 3 and flags == Flag.SETTLE_REJECT | Flag.REQUEUE
+    assert lease.basic_cancel("nobody") == []
+    lease.close(404, "gone fishing")
+    wait(lambda: isinstance(worker.received[-1], messages.Close), "the close")
+    assert worker.received[-1] == messages.Close(404, "gone fishing")
+
+
+# ----- flow control, transactions, a signal handler's exception ------------------------------
+
+def test_waits_under_flow_control_end_in_connection_blocked_timeout(
+        backend: FakeBackend) -> None:
+    def silent_while_blocked(item: Any, worker: FakeWorker) -> None:
+        if isinstance(item, messages.Call) and item.method == "queue_declare" and blocked:
+            return  # a blocked connection reads nothing
+        broker(item, worker)
+
+    blocked: list[bool] = []
+    backend.script = silent_while_blocked
+    lease = PoolClient("/fake/kz.sock", backend).lease("float", timeout=0.3)
+    lease.confirm_delivery()
+    worker = backend.workers[0]
+    held = lease.basic_publish("", "q", b"held", wait=False)  # its confirm never comes
+    blocked.append(True)
+    worker.send(messages.Blocked())
+    assert held is not None
+    with pytest.raises(pika.exceptions.ConnectionBlockedTimeout):
+        held.result()
+    with pytest.raises(kzpool.ConnectionBlockedTimeout):
+        lease.wait_for_confirms()
+    with pytest.raises(kzpool.ConnectionBlockedTimeout):
+        lease.basic_publish("", "q", b"refused")  # not sent while blocked
+    assert len(frames(worker, Kind.PUBLISH)) == 1
+    with pytest.raises(kzpool.ConnectionBlockedTimeout):
+        lease.queue_declare("q")  # the call is given up with its channel
+    blocked.clear()
+    lease.queue_declare("q")  # a new channel, not blocked
+    assert len(backend.workers) == 2
+    lease.close()
+
+
+def test_tx_commit_after_a_move_raises_transaction_lost(backend: FakeBackend) -> None:
+    lease = PoolClient("/fake/kz.sock", backend).lease("float")
+    lease.tx_select()
+    lease.basic_publish("", "q", b"in the transaction")
+    lose(backend.workers[0])
+    with pytest.raises(kzpool.TransactionLost):
+        lease.tx_commit()
+    second = backend.workers[1]
+    assert next(m.method for m in second.received if isinstance(m, messages.Call)) == "tx_select"
+    assert not frames(second, Kind.PUBLISH)  # nothing of the lost transaction was committed
+    lease.basic_publish("", "q", b"again")
+    lease.tx_commit()
+    wait(lambda: frames(second, Kind.PUBLISH), "the publish")
+    assert isinstance(second.received[-1], messages.Call)
+    assert second.received[-1].method == "tx_commit"
+    lease.close()
+
+
+def test_a_signal_handlers_timeout_reaches_the_caller_and_the_lease_keeps_its_channel(
+        backend: FakeBackend) -> None:
+    import signal
+
+    held: list[messages.Call] = []
+
+    def slow(item: Any, worker: FakeWorker) -> None:
+        if isinstance(item, messages.Call) and item.args.get("queue") == "slow":
+            held.append(item)  # answered late, after the next call came
+            return
+        if held:
+            worker.send(messages.Reply(held.pop().id, "Queue.DeclareOk", {
+                "queue": "slow", "message_count": 0, "consumer_count": 0}))
+        broker(item, worker)
+
+    def alarm(_signum: int, _frame: Any) -> None:
+        raise TimeoutError("the caller's own deadline")
+
+    backend.script = slow
+    lease = PoolClient("/fake/kz.sock", backend).lease("float")
+    previous = signal.signal(signal.SIGALRM, alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(TimeoutError, match="the caller's own deadline"):
+            lease.queue_declare("slow")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert lease.queue_declare("fast").method.queue == "fast"  # not the late "slow" reply
+    assert len(backend.workers) == 1  # the same channel: not taken for a lost worker
+    lease.close()
+
+
+def test_basic_cancel_drops_a_queued_broker_cancel_and_requeues_what_was_queued(
+        backend: FakeBackend) -> None:
+    lease = PoolClient("/fake/kz.sock", backend).lease("float")
+    cancels: list[Any] = []
+    lease.add_on_cancel_callback(cancels.append)
+    tag = lease.basic_consume("q", lambda *_: pytest.fail("dispatched"))
+    worker = backend.workers[0]
+    deliver(worker, 1, b"a")
+    worker.send(messages.Cancelled(tag))
+    lease.queue_declare("q")  # a blocking call: both are read and queued, nothing runs
+    assert lease.basic_cancel(tag) == []
+    lease.connection.dispatcher.process(0)  # what process_data_events does: nothing runs
+    assert cancels == [] and lease.consumer_tags == []
+    wait(lambda: frames(worker, Kind.SETTLE), "the reject of the queued delivery")
+    lease.close()

@@ -22,12 +22,13 @@ from kzpool.worker.spec import WorkerSpec
 def test_public_api() -> None:
     assert sorted(kzpool.__all__) == sorted([
         "Binding", "BrokerURI", "BrokerURIError", "BrokerUnavailable", "ChannelClosedByBroker",
-        "Config",
-        "ConfigError", "Confirm", "ConnectionBlockedTimeout", "KzpoolError", "Lease",
+        "ClientClosed", "Config",
+        "ConfigError", "Confirm", "Connection", "ConnectionBlockedTimeout",
+        "ConnectionClosedByBroker", "KzpoolError", "Lease",
         "LeaseClosed", "LeaseRequestError", "LeaseTimeout", "Listener", "Message", "MoveEvent",
         "NackError",
         "PoolAccessDenied", "PoolClient", "PoolNotRunning", "ProtocolError", "StartupError",
-        "UnroutableError", "__version__", "connect", "load"])
+        "TransactionLost", "UnroutableError", "__version__", "connect", "load"])
     for name in kzpool.__all__:
         assert getattr(kzpool, name) is not None
 

@@ -26,6 +26,7 @@ from ..common.errors import (
 )
 from ..common.messages import Message
 from ..common.uri import BrokerURI
+from .dispatch import Dispatcher
 
 RouteKey = tuple[str, str | None]  # (kind, zone or broker without credentials)
 
@@ -48,9 +49,10 @@ class UnixBackend:
 
 
 class Pool(Protocol):
-    """What a lease needs of its client: sockets, and the route cache."""
+    """What a lease needs of its client: sockets, the route cache, the dispatcher."""
 
     routes: dict[RouteKey, str]
+    dispatcher: Dispatcher
 
     def open_pool(self) -> socket.socket: ...
 

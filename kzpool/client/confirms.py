@@ -51,6 +51,7 @@ class Unconfirmed:
     properties: Any
     body: bytes
     returned: Any = None
+    faults: int = 0  # connections the broker closed on a fault while it was unconfirmed
 
 
 class ConfirmBook:
@@ -103,6 +104,16 @@ class ConfirmBook:
         for entry in self.pending.values():
             entry.future.set_exception(error)
         self.pending.clear()
+
+    def fault(self, error: BaseException) -> None:
+        """The broker closed the connection on a fault while these were unconfirmed: they
+        are sent again once, but a publish in flight at a second such close may be its
+        cause, and fails with ``error`` rather than close every next connection too."""
+        for seq, entry in list(self.pending.items()):
+            entry.faults += 1
+            if entry.faults > 1:
+                del self.pending[seq]
+                entry.future.set_exception(error)
 
     def renumber(self) -> list[bytes]:
         """A new channel: number what is unconfirmed again, in order; the frames to resend."""

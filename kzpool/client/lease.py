@@ -3,44 +3,49 @@
 The lease's socket goes to the worker that owns its channel; AMQP I/O and heartbeats stay in
 that worker, so a callback may hold the GIL for minutes without the broker dropping anything.
 
-This module is the pika surface: consumers and their callbacks, the ``consume()``
-generator, return shapes.  Its :class:`~kzpool.client.link.LeaseLink` (``_impl``, as pika's
+This module is the pika surface: declarations, QoS, transactions, publishes and confirms,
+``basic_get``, settles, ``close``; consumers, the ``consume()`` generator and the callbacks
+are :mod:`.consuming`'s.  Its :class:`~kzpool.client.link.LeaseLink` (``_impl``, as pika's
 ``BlockingChannel`` holds its ``Channel``) keeps the channel across moves: when it is lost
 (broker down, worker killed, moved back to the primary) the lease gets a new one, replays
-its topology (exchanges, queues, bindings, QoS, consumers, confirm mode) and re-sends
-unconfirmed publishes, then the call goes on.
+its topology (exchanges, queues, bindings, QoS, consumers, confirm and transaction mode) and
+re-sends unconfirmed publishes, then the call goes on.
+
+Where a lease differs from pika on purpose: the broker closing the channel (or, for a call,
+the connection) raises pika's error once, then the lease recovers instead of staying closed;
+a transaction cut by a move raises :class:`TransactionLost` at ``tx_commit``.
 
 Hazards: a lease is not thread-safe (one lease per thread, as with pika channels); every
 method blocks its caller; nothing runs in the background, so confirms and deliveries are read
-while the owner is inside a lease call (or a ``Future.result()`` of one).
+while the owner is inside a lease call (or a ``Future.result()`` of one) or a dispatcher.
 """
 
 from __future__ import annotations
 
+import enum
 import socket
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pika import frame as pika_frame
-from pika import spec
+from pika import spec, validators
 
 from ..common import props, wire
-from ..common.errors import ConnectionBlockedTimeout, KzpoolError, LeaseRequestError, LeaseTimeout
+from ..common.errors import LeaseClosed, LeaseRequestError, LeaseTimeout, TransactionLost
 from ..common.messages import Reply
 from ..common.wire import Flag
 from .backend import Pool
 from .confirms import Confirm, Unconfirmed
-from .link import Delivery, LeaseLink
+from .consuming import Consuming
+from .link import Delivery, Hooks, LeaseLink
+from .replies import method_of
 
 __all__ = ["Confirm", "Lease", "MoveEvent"]
 
-METHODS = {cls.NAME: cls for cls in spec.methods.values()}
 MAX_BODY = wire.MAX_DATA_FRAME - (1 << 20)  # room for the frame's other fields
 DRAIN_INTERVAL = 0.001  # seconds between two reads of confirms and events while publishing
-OnMessage = Callable[[Any, Any, Any, bytes], None]
 
 
 @dataclass(frozen=True)
@@ -54,23 +59,26 @@ class MoveEvent:
     renamed: dict[str, str]  # server-named queues: old name → new name
 
 
-class Lease:
-    """A float or sticky channel lease.  Create with :meth:`kzpool.PoolClient.lease`."""
+class Lease(Consuming):
+    """A float or sticky channel lease.  Create with ``connection.channel()`` or
+    :meth:`kzpool.PoolClient.lease`."""
 
     def __init__(self, pool: Pool, kind: str, zone: str | None, broker: str | None,
                  timeout: float, on_move: Callable[[MoveEvent], None] | None,
                  federates: str | None = None, handed: socket.socket | None = None,
                  abort: Callable[[], bool] | None = None) -> None:
-        self._deliveries: deque[Delivery] = deque()  # for the basic_consume callbacks
-        self._generator: deque[Delivery] = deque()  # for consume()
-        self._generator_tag: str | None = None
-        self._generator_auto_ack = False
-        self._consumers: dict[str, OnMessage | None] = {}
-        self._stop_consuming = False
+        self._init_consuming()
+        self._pool = pool
         self._next_drain = 0.0
         self._on_move = on_move
-        self._impl = LeaseLink(pool, kind, zone, broker, timeout, self._moved, federates,
-                               handed, abort, self._on_delivery, self._on_lost)
+        self._tx = False  # in transaction mode
+        self._tx_since: int | None = None  # the channel the open transaction began on
+        hooks = Hooks(self._moved, self._on_delivery, self._on_cancelled, self._on_returned,
+                      self._on_lost)
+        self._impl = LeaseLink(pool, kind, zone, broker, timeout, hooks, federates, handed,
+                               abort)
+        self._dispatcher = pool.dispatcher
+        self._dispatcher.add(self)
 
     # ----- what the lease is ------------------------------------------------------------------
 
@@ -92,37 +100,47 @@ class Lease:
         return self._impl.broker_zone
 
     @property
-    def channel_number(self) -> int:
-        return self._impl.channel_number
-
-    @property
     def timeout(self) -> float:
         return self._impl.timeout
 
     @property
+    def connection(self) -> Pool:
+        """The pool client (``kzpool.connect()``'s connection) that made this lease."""
+        return self._pool
+
+    @property
     def is_open(self) -> bool:
+        """Until closed by its owner (a lease that lost its channel stays open: it
+        recovers)."""
         return not self._impl.closed
 
     @property
     def is_closed(self) -> bool:
         return self._impl.closed
 
+    def __int__(self) -> int:
+        return self.channel_number
+
     def __enter__(self) -> Lease:
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self.close()
+        if self.is_open:
+            self.close()
 
     def __repr__(self) -> str:
         return f"<Lease {self.id} {self.kind} on {self.broker} channel {self.channel_number}>"
 
-    # ----- pika's BlockingChannel surface -----------------------------------------------------
+    # ----- declarations -----------------------------------------------------------------------
 
-    def exchange_declare(self, exchange: str, exchange_type: str = "direct",
+    def exchange_declare(self, exchange: str, exchange_type: str | enum.Enum = "direct",
                          passive: bool = False, durable: bool = False,
                          auto_delete: bool = False, internal: bool = False,
                          arguments: dict[str, Any] | None = None) -> Any:
-        return self._rpc("exchange_declare", exchange=exchange, exchange_type=str(exchange_type),
+        validators.require_string(exchange, "exchange")
+        if isinstance(exchange_type, enum.Enum):  # pika's ExchangeType: sent by value
+            exchange_type = exchange_type.value
+        return self._rpc("exchange_declare", exchange=exchange, exchange_type=exchange_type,
                          passive=passive, durable=durable, auto_delete=auto_delete,
                          internal=internal, arguments=arguments)
 
@@ -131,6 +149,8 @@ class Lease:
 
     def exchange_bind(self, destination: str, source: str, routing_key: str = "",
                       arguments: dict[str, Any] | None = None) -> Any:
+        validators.require_string(destination, "destination")
+        validators.require_string(source, "source")
         return self._rpc("exchange_bind", destination=destination, source=source,
                          routing_key=routing_key, arguments=arguments)
 
@@ -142,11 +162,15 @@ class Lease:
     def queue_declare(self, queue: str, passive: bool = False, durable: bool = False,
                       exclusive: bool = False, auto_delete: bool = False,
                       arguments: dict[str, Any] | None = None) -> Any:
+        """``queue=""``: a server-named queue (``frame.method.queue``), renamed on a move."""
+        validators.require_string(queue, "queue")
         return self._rpc("queue_declare", queue=queue, passive=passive, durable=durable,
                          exclusive=exclusive, auto_delete=auto_delete, arguments=arguments)
 
     def queue_bind(self, queue: str, exchange: str, routing_key: str | None = None,
                    arguments: dict[str, Any] | None = None) -> Any:
+        validators.require_string(queue, "queue")
+        validators.require_string(exchange, "exchange")
         return self._rpc("queue_bind", queue=queue, exchange=exchange,
                          routing_key=routing_key if routing_key is not None else queue,
                          arguments=arguments)
@@ -164,13 +188,62 @@ class Lease:
     def queue_delete(self, queue: str, if_unused: bool = False, if_empty: bool = False) -> Any:
         return self._rpc("queue_delete", queue=queue, if_unused=if_unused, if_empty=if_empty)
 
+    # ----- channel modes ----------------------------------------------------------------------
+
     def basic_qos(self, prefetch_size: int = 0, prefetch_count: int = 0,
                   global_qos: bool = False) -> None:
+        validators.zero_or_greater("prefetch_size", prefetch_size)
+        validators.zero_or_greater("prefetch_count", prefetch_count)
         self._rpc("basic_qos", prefetch_size=prefetch_size, prefetch_count=prefetch_count,
                   global_qos=global_qos)
 
     def basic_recover(self, requeue: bool = False) -> None:
         self._rpc("basic_recover", requeue=requeue)
+
+    def flow(self, active: bool) -> bool:
+        """Ask the broker to stop or resume deliveries; whether it will send.  (RabbitMQ
+        answers ``flow(False)`` by closing the connection: 540, raised here once.)"""
+        return bool(self._rpc("flow", active=bool(active)).method.active)
+
+    def tx_select(self) -> Any:
+        """Transaction mode: publishes and settles take effect at :meth:`tx_commit`."""
+        frame = self._rpc("tx_select")
+        self._tx, self._tx_since = True, None
+        return frame
+
+    def tx_commit(self) -> Any:
+        """Commit; :class:`TransactionLost` (after rolling back what reached the new
+        channel) if the lease moved since the transaction's first publish or settle."""
+        link = self._impl
+        link.ready()
+        link.drain()
+        since, channel = self._tx_since, link.generation
+        if since is not None and since != channel:
+            self._tx_lost()
+        frame = self._rpc("tx_commit")
+        self._tx_since = None
+        if since is not None and link.generation != channel:
+            raise TransactionLost("the lease moved while committing: the transaction was"
+                                  " rolled back", lease=self.id)
+        return frame
+
+    def tx_rollback(self) -> Any:
+        frame = self._rpc("tx_rollback")
+        self._tx_since = None
+        return frame
+
+    def _tx_lost(self) -> None:
+        self._tx_since = None
+        self._rpc("tx_rollback")  # all or nothing: what came after the move goes too
+        raise TransactionLost("the lease lost its channel inside a transaction: its publishes"
+                              " and settles were rolled back; publish again, then commit",
+                              lease=self.id)
+
+    def _tx_touch(self) -> None:
+        if self._tx and self._tx_since is None:
+            self._tx_since = self._impl.generation
+
+    # ----- publishing -------------------------------------------------------------------------
 
     def confirm_delivery(self) -> None:
         """Turn on publisher confirms: publishes then wait for the broker, or return Futures."""
@@ -181,7 +254,10 @@ class Lease:
     def basic_publish(self, exchange: str, routing_key: str, body: bytes | str,
                       properties: spec.BasicProperties | None = None, mandatory: bool = False,
                       wait: bool = True) -> Confirm | None:
-        """Publish as pika does; with confirms and ``wait=False``, return a Future instead."""
+        """Publish as pika does; with confirms and ``wait=False``, return a Future instead.
+
+        While the broker blocks the connection, waits up to the lease's ``timeout`` for it
+        to lift (for the confirm, too), then raises :class:`ConnectionBlockedTimeout`."""
         link = self._impl
         link.ready()
         now = time.monotonic()
@@ -190,18 +266,18 @@ class Lease:
             link.drain()
             link.ready()
         if link.blocked:
-            self._wait_unblocked()
-        if isinstance(body, str):
-            body = body.encode()
+            link.wait(lambda: not link.blocked, None, "basic_publish")
+        body = body.encode() if isinstance(body, str) else bytes(body)
         if len(body) > MAX_BODY:
             raise LeaseRequestError(f"message of {len(body):,} bytes is over the {MAX_BODY:,}"
                                     " bytes a message may have (RabbitMQ's own limit is lower"
                                     " by default: max_message_size)")
         data = wire.publish(exchange, routing_key, props.encode(properties), body, mandatory)
+        self._tx_touch()
         if not link.confirming:
             link.publish(data)
             return None
-        future = Confirm(link.wait, link.id)
+        future = Confirm(link.wait_confirm, link.id)
         link.confirms.add(Unconfirmed(future, data, exchange, routing_key, properties, body))
         link.send(data)
         if wait:
@@ -212,72 +288,14 @@ class Lease:
     def wait_for_confirms(self, timeout: float | None = None) -> None:
         """Wait until every pipelined publish is confirmed (or failed)."""
         confirms = self._impl.confirms
-        if not self._impl.wait(lambda: not confirms.pending, timeout):
+        if not self._impl.wait(lambda: not confirms.pending, timeout, "wait_for_confirms"):
             raise LeaseTimeout(f"{len(confirms)} publish(es) unconfirmed after {timeout} s",
                                lease=self.id)
 
-    def basic_consume(self, queue: str, on_message_callback: OnMessage, auto_ack: bool = False,
-                      exclusive: bool = False, consumer_tag: str | None = None,
-                      arguments: dict[str, Any] | None = None) -> str:
-        return self._consume(queue, on_message_callback, auto_ack, exclusive, consumer_tag,
-                             arguments)
-
-    def basic_cancel(self, consumer_tag: str = "") -> list[Any]:
-        if consumer_tag in self._consumers:
-            del self._consumers[consumer_tag]
-            self._rpc("basic_cancel", consumer_tag=consumer_tag)
-        return []
-
-    def start_consuming(self) -> None:
-        """Dispatch deliveries to the ``basic_consume`` callbacks until none is left."""
-        self._stop_consuming = False
-        while not self._stop_consuming and any(self._consumers.values()):
-            while self._deliveries and not self._stop_consuming:
-                method, properties, body = self._deliveries.popleft()
-                callback = self._consumers.get(method.consumer_tag)
-                if callback is not None:
-                    callback(self, method, properties, body)
-            if not self._deliveries and not self._stop_consuming:
-                self._impl.ready()
-                self._impl.pump(None)
-
-    def stop_consuming(self, consumer_tag: str | None = None) -> None:
-        tags = [consumer_tag] if consumer_tag else [t for t, c in self._consumers.items() if c]
-        for tag in tags:
-            self.basic_cancel(tag)
-        self._stop_consuming = True
-
-    def consume(self, queue: str, auto_ack: bool = False, exclusive: bool = False,
-                arguments: dict[str, Any] | None = None,
-                inactivity_timeout: float | None = None) -> Iterator[Any]:
-        """Yield ``(method, properties, body)``; ``(None, None, None)`` after inactivity."""
-        if self._generator_tag is None:
-            tag = self._consume(queue, None, auto_ack, exclusive, None, arguments)
-            self._generator_tag, self._generator_auto_ack = tag, auto_ack
-            early = [d for d in self._deliveries if d[0].consumer_tag == tag]  # read with the reply
-            self._generator.extend(early)
-            self._deliveries = deque(d for d in self._deliveries if d[0].consumer_tag != tag)
-        while self._generator_tag is not None:
-            if self._generator:
-                yield self._generator.popleft()
-                continue
-            self._impl.ready()
-            if not self._impl.wait(lambda: bool(self._generator), inactivity_timeout):
-                yield None, None, None
-
-    def cancel(self) -> int:
-        """Cancel the ``consume`` generator; requeue what it had not yielded yet."""
-        tag, self._generator_tag = self._generator_tag, None
-        pending = len(self._generator)
-        if tag is not None:
-            self.basic_cancel(tag)
-            if not self._generator_auto_ack:
-                for method, _properties, _body in self._generator:
-                    self.basic_nack(method.delivery_tag, requeue=True)
-            self._generator.clear()
-        return pending
+    # ----- getting and settling ---------------------------------------------------------------
 
     def basic_get(self, queue: str, auto_ack: bool = False) -> Delivery | tuple[None, None, None]:
+        validators.require_string(queue, "queue")
         reply = self._impl.call("get", "basic_get", {"queue": queue, "auto_ack": auto_ack})
         got = self._impl.take_get()
         if reply.method == "Basic.GetOk" and got is not None:
@@ -293,55 +311,33 @@ class Lease:
                      | (Flag.REQUEUE if requeue else 0))
 
     def basic_reject(self, delivery_tag: int = 0, requeue: bool = True) -> None:
+        if not isinstance(delivery_tag, int):
+            raise TypeError(f"delivery_tag must be an int, but got {delivery_tag!r}")
         self._settle(delivery_tag, Flag.SETTLE_REJECT | (Flag.REQUEUE if requeue else 0))
 
-    def close(self) -> None:
-        """Give the channel back: consumers are cancelled, unacked messages requeued."""
-        self._impl.close()
+    def close(self, reply_code: int = 0, reply_text: str = "Normal shutdown") -> None:
+        """Give the channel back: consumers are cancelled, unacked messages requeued.  A
+        second close raises :class:`LeaseClosed` (pika's ``ChannelWrongStateError``)."""
+        link = self._impl
+        if link.closed and not link.aborted:
+            raise LeaseClosed("the lease is closed", lease=self.id)
+        self._events.clear()
+        self._consumers.clear()
+        self._gen = None
+        self._dispatcher.discard(self)
+        link.close(reply_code, reply_text)
 
     # ----- the link's side --------------------------------------------------------------------
-
-    def _on_delivery(self, delivery: Delivery) -> None:
-        if delivery[0].consumer_tag == self._generator_tag:
-            self._generator.append(delivery)
-        else:
-            self._deliveries.append(delivery)
 
     def _moved(self, old: str | None, reason: str, renamed: dict[str, str]) -> None:
         if self._on_move is not None:
             self._on_move(MoveEvent(str(self.id), old, self.broker, reason, renamed))
 
-    def _on_lost(self) -> None:
-        """The deliveries read so far are void: the broker redelivers them."""
-        self._deliveries.clear()
-        self._generator.clear()
-
     def _settle(self, delivery_tag: int, flags: int) -> None:
-        self._impl.settle(delivery_tag, flags, bool(self._deliveries or self._generator))
+        self._tx_touch()
+        gen = self._gen
+        self._impl.settle(delivery_tag, flags, bool(self._events or (gen and gen.buffer)))
 
     def _rpc(self, method: str, **args: Any) -> Any:
-        reply = self._impl.call("call", method, args)
-        return pika_frame.Method(self.channel_number, _method(reply))
-
-    def _consume(self, queue: str, callback: OnMessage | None, auto_ack: bool, exclusive: bool,
-                 consumer_tag: str | None, arguments: dict[str, Any] | None) -> str:
-        reply = self._impl.call("consume", "basic_consume", {
-            "queue": queue, "auto_ack": auto_ack, "exclusive": exclusive,
-            "consumer_tag": consumer_tag, "arguments": arguments})
-        tag = str(reply.fields["consumer_tag"])
-        self._consumers[tag] = callback
-        self._impl.topology.steps[-1].args["consumer_tag"] = tag  # replay keeps the same tag
-        return tag
-
-    def _wait_unblocked(self) -> None:
-        link = self._impl
-        if not link.wait(lambda: not link.blocked, link.timeout):
-            raise ConnectionBlockedTimeout(f"the broker {self.broker} blocked publishing for"
-                                           f" over {link.timeout} s", broker=self.broker)
-
-
-def _method(reply: Reply) -> Any:
-    cls = METHODS.get(str(reply.method))
-    if cls is None:
-        raise KzpoolError(f"unexpected reply {reply.method!r}")
-    return cls(**reply.fields)
+        reply: Reply = self._impl.call("call", method, args)
+        return pika_frame.Method(self.channel_number, method_of(reply))

@@ -1,25 +1,34 @@
 """How a lease keeps a channel: its link to the worker that owns the channel.
 
-Frames in and out (:mod:`kzpool.common.wire`), replies, deliveries, confirms and returns,
-and moves: when the channel is lost (broker down, worker killed, moved back to the primary)
-the link asks for a new one (first at the worker that served this kind of lease last, else
-at the master), replays the topology and re-sends unconfirmed publishes before the next
-call.  Delivery tags stay unique across moves (:mod:`.tags`).
+Frames in and out (:mod:`kzpool.common.wire`), replies, deliveries, confirms, returns and
+the broker's cancels, and moves: when the channel is lost (broker down, worker killed, moved
+back to the primary) the link gets a new one (:mod:`.acquire`), replays the topology and
+re-sends unconfirmed publishes before the next call.  Delivery tags stay unique across
+moves (:mod:`.tags`).
 
-The link opens its sockets through a :class:`Pool` (the client), hands each delivery to
-``on_delivery``, says ``on_lost()`` when the deliveries read so far are void and
-``on_move(old_broker, reason, renamed)`` when it runs on a new channel.
+What the caller did wrong stays with the caller: a call the broker answers by closing the
+channel raises :class:`ChannelClosedByBroker`; one it answers by closing the whole
+connection raises :class:`ConnectionClosedByBroker` in the lease that had it in flight, and
+neither is sent again.  While the broker blocks the connection (flow control), a wait for a
+reply or a confirm raises :class:`ConnectionBlockedTimeout` once it has waited the lease's
+``timeout``.
+
+The link hands what it reads to :class:`Hooks`: each delivery, cancel and return, and
+``on_lost()`` when the deliveries read so far are void.
 
 Hazards: not thread-safe (one lease per thread); every wait blocks its caller; nothing runs
-in the background, so confirms and events are read while the owner is inside a lease call.
+in the background, so confirms and events are read while the owner is inside a lease call
+or a dispatcher.  An exception raised by the caller's signal handler while the link sends
+cuts the frame stream: the channel is given up (the next call gets a new one) and the
+exception goes on to the caller.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import select
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,63 +38,71 @@ from pika import spec
 from pika.adapters.blocking_connection import ReturnedMessage
 
 from ..common import messages, props, wire
-from ..common.backoff import Backoff
 from ..common.errors import (
     ChannelClosedByBroker,
+    ConnectionBlockedTimeout,
+    ConnectionClosedByBroker,
     KzpoolError,
     LeaseClosed,
     LeaseTimeout,
-    refusal_error,
 )
 from ..common.messages import Message, Reason, Reply
-from ..common.sockets import receive
 from ..common.wire import Flag, Kind
+from .acquire import Acquiring, Loss
 from .backend import Pool, route_key
 from .confirms import ConfirmBook
+from .replies import error_of
+from .sockio import readable, receive
 from .tags import TagMap
 from .topology import Topology
 
 log = logging.getLogger("kzpool.lease")
 
 READ_SIZE = 256 << 10
-REPLY_GRACE = 5.0  # the master answers a lease request within its timeout; allow this more
 SETTLE_BATCH = 64  # acks sent together at most
-ABORT_POLL = 0.25  # seconds between two looks at a lease's abort callable while it waits
 _DELIVER, _CONFIRM, _RETURN, _JSON = map(int, (Kind.DELIVER, Kind.CONFIRM, Kind.RETURN,
                                                Kind.JSON))
 WORKER_GONE = Reason("ConnectionClosed", 0, "worker gone")
+INTERRUPTED = Reason("Interrupted", 0, "interrupted while sending")
 Delivery = tuple[Any, Any, bytes]
 
 
-@dataclass
-class Loss:
-    reason: Reason
-    reported: bool = False  # the owner has been told (a channel error raises once)
+@dataclass(frozen=True)
+class Hooks:
+    """What the link tells its lease."""
+
+    on_move: Callable[[str | None, str, dict[str, str]], None]
+    on_delivery: Callable[[Delivery], None]
+    on_cancelled: Callable[[str], None]
+    on_returned: Callable[[ReturnedMessage], None]
+    on_lost: Callable[[], None]
 
 
-class LeaseLink:
+class LeaseLink(Acquiring):
     def __init__(self, pool: Pool, kind: str, zone: str | None, broker: str | None,
-                 timeout: float, on_move: Callable[[str | None, str, dict[str, str]], None],
-                 federates: str | None, handed: socket.socket | None,
-                 abort: Callable[[], bool] | None, on_delivery: Callable[[Delivery], None],
-                 on_lost: Callable[[], None]) -> None:
+                 timeout: float, hooks: Hooks, federates: str | None = None,
+                 handed: socket.socket | None = None,
+                 abort: Callable[[], bool] | None = None) -> None:
         self.pool = pool
         self.kind = kind
         self.zone = zone
         self.timeout = timeout
-        self.on_move = on_move
-        self.on_delivery = on_delivery
-        self.on_lost = on_lost
+        self.hooks = hooks
+        self.on_move = hooks.on_move
         self.id: str | None = None
         self.broker: str | None = None  # the broker serving it now, password masked
         self.broker_zone: str | None = None  # and its zone
         self.federates = federates
         self.channel_number = 0
+        self.generation = 0  # channels held so far
         self.topology = Topology()
         self.confirms = ConfirmBook()
         self.confirming = False
         self.blocked = False
+        self.blocked_since = 0.0  # monotonic: when this lease heard of the block
         self.closed = False
+        self.aborted = False  # closed because its abort callable said so
+        self.owner = threading.get_ident()  # the thread that used it last
         self.tags = TagMap()
         self._sticky = broker
         self._route_key = route_key(kind, zone, broker)
@@ -93,6 +110,7 @@ class LeaseLink:
         self._reader = wire.FrameReader(wire.MAX_DATA_FRAME)
         self._replies: dict[int, Reply] = {}
         self._rid = 0
+        self._waiting: int | None = None  # the call in flight
         self._got: Delivery | None = None  # a basic.get's message, before its reply
         self._settles: list[bytes] = []  # acks batched while read deliveries wait
         self._leased = False
@@ -109,6 +127,8 @@ class LeaseLink:
         deadline = time.monotonic() + self.timeout
         while True:
             self.ready()
+            self.drain()  # a loss already on the socket is not this call's doing
+            self.ready()
             reply = self._send_call(op, method, args)
             if reply is not None:
                 break
@@ -116,7 +136,7 @@ class LeaseLink:
                 raise LeaseTimeout(f"{method} got no reply within {self.timeout} s",
                                    lease=self.id)
         if reply.error is not None:
-            raise ChannelClosedByBroker(reply.error.code, reply.error.text)
+            raise error_of(reply.error)
         if method == "queue_declare" and not args.get("queue"):
             args = {**args, "_name": reply.fields.get("queue")}  # to follow a rename
         self.topology.record(op, method, args)
@@ -125,17 +145,20 @@ class LeaseLink:
     def _send_call(self, op: str, method: str, args: dict[str, Any]) -> Reply | None:
         """One try: the reply, or ``None`` if the channel was lost for another reason."""
         self._rid += 1
-        rid = self._rid
+        rid = self._waiting = self._rid
         sent = {k: self.topology.name(v) if k == "queue" else v for k, v in args.items()}
-        self.send(messages.encode(messages.REQUESTS[op](id=rid, method=method, args=sent)))
-        while rid not in self._replies:
-            if self._lost is not None:
-                if self._lost.reason.channel_error:
-                    self._lost.reported = True
-                    return Reply(rid, error=self._lost.reason)
-                return None
-            self.pump(self._check_abort())
-        return self._replies.pop(rid)
+        try:
+            self.send(messages.encode(messages.REQUESTS[op](id=rid, method=method, args=sent)))
+            started = time.monotonic()
+            while rid not in self._replies:
+                if self._lost is not None:
+                    error, self._lost.error = self._lost.error, None
+                    return None if error is None else Reply(rid, error=self._lost.reason)
+                self.pump(_least(self._check_abort(), self._blocked_left(started)))
+                self._check_blocked(started, method, give_up=True)
+            return self._replies.pop(rid)
+        finally:
+            self._waiting = None
 
     def take_get(self) -> Delivery | None:
         got, self._got = self._got, None
@@ -156,14 +179,22 @@ class LeaseLink:
 
     def send(self, data: bytes) -> None:
         """Send ``data``, after any batched settles (acks keep their order)."""
-        assert self._sock is not None
+        sock = self._sock
+        if sock is None:
+            return  # lost: the next call recovers
         if self._settles:
             data = b"".join(self._settles) + data
             self._settles.clear()
         try:
-            self._sock.sendall(data)
+            sock.sendall(data)
+        except TimeoutError:
+            self._on_lost(INTERRUPTED)
+            raise
         except OSError:
             self._on_lost(WORKER_GONE)
+        except BaseException:
+            self._on_lost(INTERRUPTED)  # part of a frame may have gone: the stream is cut
+            raise
 
     def publish(self, data: bytes) -> None:
         """A publish without confirms: sent again if the worker was gone before reading it."""
@@ -176,21 +207,56 @@ class LeaseLink:
     def lost(self) -> bool:
         return self._lost is not None
 
-    def close(self) -> None:
+    @property
+    def failed(self) -> bool:
+        """Lost, with an error the next call raises (the broker closed the channel)."""
+        return self._lost is not None and self._lost.error is not None
+
+    @property
+    def sock(self) -> socket.socket | None:
+        return self._sock
+
+    def close(self, reply_code: int = 0, reply_text: str = "Normal shutdown") -> None:
         if self.closed:
             return
         self.closed = True
         if self._sock is not None:
             with contextlib.suppress(OSError):
-                self._sock.sendall(b"".join(self._settles) + messages.encode(messages.Close()))
+                self._sock.sendall(b"".join(self._settles) + messages.encode(
+                    messages.Close(reply_code, reply_text)))
             self._sock.close()
             self._sock = None
 
+    # ----- flow control ---------------------------------------------------------------------
+
+    def _blocked_left(self, started: float) -> float | None:
+        """Seconds a wait begun at ``started`` may still last while the broker blocks the
+        connection (``None``: not blocked)."""
+        if not self.blocked:
+            return None
+        return max(started, self.blocked_since) + self.timeout - time.monotonic()
+
+    def _check_blocked(self, started: float, what: str, give_up: bool = False) -> None:
+        left = self._blocked_left(started)
+        if left is None or left > 0:
+            return
+        error = ConnectionBlockedTimeout(
+            f"{what}: the broker {self.broker} blocked the connection (flow control) for"
+            f" over {self.timeout} s", broker=self.broker, lease=self.id)
+        if give_up:  # a call whose outcome is unknown: leave nothing of it on a channel
+            self._on_lost(Reason("ConnectionBlockedTimeout", 0, str(error)))
+        raise error
+
     # ----- reading --------------------------------------------------------------------------
 
-    def wait(self, done: Callable[[], bool], timeout: float | None) -> bool:
-        """Read the socket (recovering across moves) until ``done()`` or ``timeout``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def wait(self, done: Callable[[], bool], timeout: float | None,
+             what: str = "waiting") -> bool:
+        """Read the socket (recovering across moves) until ``done()`` or ``timeout``.
+
+        :class:`ConnectionBlockedTimeout` once it has waited ``self.timeout`` while the
+        broker blocks the connection."""
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         while not done():
             self.ready()
             if done():  # a recovery may have read what we wait for
@@ -198,8 +264,13 @@ class LeaseLink:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
-            self.pump(remaining)
+            self._check_blocked(started, what)
+            self.pump(_least(remaining, self._blocked_left(started)))
         return True
+
+    def wait_confirm(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """A :class:`~kzpool.client.confirms.Confirm`'s wait."""
+        return self.wait(done, timeout, "a publish's confirm")
 
     def pump(self, timeout: float | None) -> None:
         """Read once (waiting up to ``timeout``) and process every complete frame."""
@@ -210,9 +281,14 @@ class LeaseLink:
             self.send(b"")
             if self._sock is None:
                 return
-        if timeout is not None and not select.select([sock], [], [], max(0.0, timeout))[0]:
+        if timeout is not None and not readable([sock.fileno()], max(0.0, timeout)):
             return
         self._feed(receive(sock, READ_SIZE) or b"")
+
+    def flush(self) -> None:
+        """Send the batched settles now (before the owner waits for something else)."""
+        if self._settles and self._sock is not None:
+            self.send(b"")
 
     def drain(self) -> None:
         """Process what is already there, without waiting."""
@@ -257,25 +333,30 @@ class LeaseLink:
             self._got = (method, props.decode(encoded), body)
             return
         method = spec.Basic.Deliver(ctag, tag, redelivered, exchange, routing_key)
-        self.on_delivery((method, props.decode(encoded), body))
+        self.hooks.on_delivery((method, props.decode(encoded), body))
 
     def _on_return(self, payload: bytes) -> None:
         code, text, exchange, routing_key, encoded, body = wire.read_return(payload)
         method = spec.Basic.Return(code, text, exchange, routing_key)
         returned = ReturnedMessage(method, props.decode(encoded), body)
-        if not self.confirms.returned(exchange, routing_key, returned):
-            log.warning("lease %s: message returned by the broker: %d %s", self.id, code, text)
+        self.confirms.returned(exchange, routing_key, returned)
+        self.hooks.on_returned(returned)
 
     def _on_event(self, event: Message) -> None:
         match event:
             case Reply():
-                self._replies[event.id] = event
+                if event.id == self._waiting:  # a call given up on is answered late
+                    self._replies[event.id] = event
             case messages.Leased():
                 self._leased = True
                 self.id, self.broker, self.broker_zone = event.lease, event.broker, event.zone
-                self.channel_number, self.blocked = event.channel, event.blocked
+                self.channel_number = event.channel
+                self._set_blocked(event.blocked)
                 if event.route:
                     self.pool.routes[self._route_key] = event.route
+            case messages.Cancelled(consumer_tag=tag):
+                self.topology.record("call", "basic_cancel", {"consumer_tag": tag})
+                self.hooks.on_cancelled(tag)
             case messages.Redirect():
                 self._on_lost(Reason("Redirect", 0, "ask the master"))
             case messages.Lost(reason=reason):
@@ -284,27 +365,28 @@ class LeaseLink:
                 self.send(messages.encode(messages.Bye()))
                 self._on_lost(Reason("Moved", 0, "moved to the primary"))
             case messages.Blocked():
-                self.blocked = True
+                self._set_blocked(True)
             case messages.Unblocked():
-                self.blocked = False
+                self._set_blocked(False)
             case messages.Error(error=error):
                 log.warning("lease %s: %s", self.id, error.text)
             case messages.Refused():
                 self._refusal = event
 
-    # ----- moves ----------------------------------------------------------------------------
+    def _set_blocked(self, blocked: bool) -> None:
+        if blocked and not self.blocked:
+            self.blocked_since = time.monotonic()
+        self.blocked = blocked
+
+    # ----- losses ---------------------------------------------------------------------------
 
     def _on_lost(self, reason: Reason) -> None:
         if self._lost is not None:
             return
         had_channel, self._leased = self._leased, False
-        self._lost = Loss(reason)
+        self._lost = Loss(reason, self._error_of_loss(reason))
         self._settles.clear()  # acks for the lost channel: meaningless now
-        if reason.channel_error and self.confirms.pending:
-            # caused by a publish: not re-sent
-            self.confirms.fail_all(ChannelClosedByBroker(reason.code, reason.text))
-            self._lost.reported = True
-        self.on_lost()
+        self.hooks.on_lost()
         self._replies.clear()
         if self._sock is not None:
             self._sock.close()
@@ -312,105 +394,24 @@ class LeaseLink:
         if had_channel:
             log.info("lease %s lost its channel on %s: %s", self.id, self.broker, reason.text)
 
-    def ready(self) -> None:
-        """Make sure the lease has a channel: recover (resume and replay) if it lost it."""
-        if self.closed:
-            raise LeaseClosed("the lease is closed", lease=self.id)
-        if self._lost is None:
-            return
-        reason = self._lost.reason
-        if not self._lost.reported and reason.channel_error:
-            self._lost.reported = True  # say once that the broker closed the channel
-            raise ChannelClosedByBroker(reason.code, reason.text)
-        old = self.broker
-        renamed: dict[str, str] = {}
-        while True:
-            self._acquire()
-            if self._replay(renamed):
-                break
-        log.info("lease %s moved from %s to %s (%s)", self.id, old, self.broker, reason.text)
-        self.on_move(old, reason.text, renamed)
+    def _error_of_loss(self, reason: Reason) -> Exception | None:
+        """What the caller hears of a loss: the broker's error if a call or a publish of its
+        own caused it; nothing (the lease just moves) otherwise.  A call in flight is taken
+        for the cause before pipelined publishes are."""
+        if reason.channel_error:
+            error: Exception = ChannelClosedByBroker(reason.code, reason.text)
+            if self._waiting is None and self.confirms.pending:  # a publish: not re-sent
+                self.confirms.fail_all(error)
+                return None
+            return error
+        if reason.connection_error:
+            error = ConnectionClosedByBroker(reason.code, reason.text)
+            self.confirms.fault(error)  # a publish re-sent once after such a close fails
+            return error if self._waiting is not None else None
+        return None
 
-    def _acquire(self) -> None:
-        """Get a channel (new or resumed) and wait for a worker to bind it.
 
-        First at the worker that served this kind of lease last (the client's route cache):
-        one round trip.  If that worker is gone or no longer the right one, at the master,
-        which may keep the request waiting until a broker can serve it.  A lease the master
-        asked for on our behalf (``handed``) only waits for its answer.
-        """
-        deadline = time.monotonic() + self.timeout
-        retry = Backoff(0.005, 0.25)
-        while True:
-            handed, self._handed = self._handed, None
-            route = None if handed else self.pool.routes.get(self._route_key)
-            sock = handed or (self.pool.open_route(route) if route else None)
-            if sock is None:
-                route = None
-                sock = self.pool.open_pool()  # PoolNotRunning: the lease stays lost
-            self._sock, self._lost, self._refusal = sock, None, None
-            self._reader = wire.FrameReader(wire.MAX_DATA_FRAME)
-            if handed is None:
-                self._ask(sock, deadline)
-            refusal = self._wait_leased(deadline)
-            if refusal is not None:
-                error = refusal_error(refusal.code, refusal.error)
-                self._give_up(error)
-                raise error
-            if self._leased:
-                self.tags.new_channel()
-                return
-            if route is not None:  # that worker would not: ask the master, at once
-                self.pool.routes.pop(self._route_key, None)
-                continue
-            if time.monotonic() > deadline:
-                error = LeaseTimeout(f"no channel within {self.timeout} s", lease=self.id)
-                self._give_up(error)
-                raise error
-            time.sleep(retry.next_delay())  # the worker had just lost its broker
-
-    def _ask(self, sock: socket.socket, deadline: float) -> None:
-        request = messages.LeaseRequest(
-            kind=self.kind, zone=self.zone, broker=self._sticky,
-            broker_id=self._route_key[1] if self._sticky else None, lease=self.id,
-            federates=self.federates, timeout=max(0.0, deadline - time.monotonic()))
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(messages.encode(request))  # a refusal may be waiting: read on
-
-    def _wait_leased(self, deadline: float) -> messages.Refused | None:
-        """Read until the lease is bound, lost or refused; the refusal, if refused."""
-        while not self._leased and self._lost is None and self._refusal is None:
-            if time.monotonic() > deadline + REPLY_GRACE:
-                self._on_lost(Reason("Timeout", 0, "no reply"))
-                break
-            self.pump(min(deadline + REPLY_GRACE - time.monotonic(),
-                          self._check_abort() or REPLY_GRACE))
-        return self._refusal
-
-    def _check_abort(self) -> float | None:
-        """Raise :class:`LeaseClosed` if the owner gave up; else how long a wait may last
-        before asking again (``None``: as long as it takes)."""
-        if self._abort is None:
-            return None
-        if self._abort():
-            error = LeaseClosed("given up: its owner is stopping", lease=self.id)
-            self._give_up(error)
-            self.closed = True
-            raise error
-        return ABORT_POLL
-
-    def _give_up(self, error: KzpoolError) -> None:
-        """No channel this time: stay lost, so the next call asks again."""
-        self._on_lost(Reason(type(error).__name__, 0, str(error)))
-
-    def _replay(self, renamed: dict[str, str]) -> bool:
-        """Rebuild the topology on the new channel, then re-send unconfirmed publishes.
-
-        ``False``: the new channel was lost too; acquire another and replay again.
-        """
-        if not self.topology.replay(self._send_call, renamed):
-            return False
-        self.confirming = self.topology.confirming
-        for data in self.confirms.renumber():
-            self.send(data)
-        return self._lost is None
+def _least(*timeouts: float | None) -> float | None:
+    """The shortest of the timeouts that are set (``None``: none is)."""
+    set_ = [t for t in timeouts if t is not None]
+    return min(set_) if set_ else None

@@ -1,21 +1,22 @@
-"""The lease client: ``kzpool.connect()`` and the leases it hands out.
+"""The lease client: the pool's sockets, the route cache, and the leases it hands out.
 
 Any Python process can use it; nothing in it runs in the background.  A :class:`PoolClient`
-may be shared by threads (it only opens sockets); each :class:`~kzpool.client.lease.Lease`
-belongs to one thread at a time.
+may be shared by threads (it opens sockets; each thread's dispatchers run only that thread's
+leases, :mod:`.dispatch`); each :class:`~kzpool.client.lease.Lease` belongs to one thread at
+a time.  ``kzpool.connect()`` returns its pika-shaped subclass,
+:class:`~kzpool.client.connection.Connection`.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Callable
 from typing import Any
 
 from ..common import messages
-from ..common.errors import LeaseRequestError
-from ..common.settings import BY_NAME
+from ..common.errors import ClientClosed, LeaseRequestError
 from .backend import Backend, RouteKey, UnixBackend, call, not_running
+from .dispatch import Dispatcher
 from .lease import Lease, MoveEvent
 
 KINDS = ("float", "sticky")
@@ -24,11 +25,13 @@ KINDS = ("float", "sticky")
 class PoolClient:
     """A handle on the pool at ``socket_path``."""
 
-    def __init__(self, socket_path: str, backend: Backend | None = None) -> None:
+    def __init__(self, socket_path: str, backend: Backend | None = None,
+                 wakeable: bool = False) -> None:
         self.socket_path = socket_path
         self.backend: Backend = backend or UnixBackend()
         # (kind, zone or broker) -> the lease socket of the worker that served it last
         self.routes: dict[RouteKey, str] = {}
+        self.dispatcher = Dispatcher(wakeable)
 
     def __repr__(self) -> str:
         return f"<PoolClient {self.socket_path}>"
@@ -75,14 +78,8 @@ class PoolClient:
         when it returns true the lease gives up and is closed
         (:class:`~kzpool.common.errors.LeaseClosed`).
         """
+        if self.dispatcher.closed:
+            raise ClientClosed("the connection is closed")
         if kind not in KINDS:
             raise LeaseRequestError(f"unknown lease kind {kind!r} (float or sticky)")
         return Lease(self, kind, zone, broker, timeout, on_move, federates, handed, abort)
-
-
-def connect(socket: str | None = None) -> PoolClient:
-    """The pool at ``socket``, else ``$KZPOOL_SOCKET``, else the default socket path."""
-    path = socket or os.environ.get("KZPOOL_SOCKET") or str(BY_NAME["socket"].default)
-    client = PoolClient(path)
-    client.ping()
-    return client

@@ -2,7 +2,8 @@
 
 Kazoo's gen_listener rebuilds queue, QoS, consume and bindings when handed a new channel;
 kzpool does it for any lease.  Each successful call that creates broker state is recorded;
-deletions and cancels remove what they undo; passive declares and purges are not recorded.
+deletions and cancels (the owner's or the broker's) remove what they undo; passive declares,
+purges, commits and the like are not recorded.
 :meth:`Topology.replay` sends the steps on a new channel through the lease's ``send``.
 """
 
@@ -17,6 +18,10 @@ from ..common.errors import ChannelClosedByBroker
 from ..common.messages import Reply
 
 log = logging.getLogger("kzpool.lease")
+
+# calls that leave nothing a new channel needs again
+NOT_RECORDED = frozenset({"queue_purge", "basic_recover", "basic_get", "flow", "tx_commit",
+                          "tx_rollback"})
 
 Send = Callable[[str, str, dict[str, Any]], Reply | None]  # one call; None: channel lost
 
@@ -40,7 +45,7 @@ class Topology:
     def record(self, op: str, method: str, args: dict[str, Any]) -> None:
         if method in ("exchange_declare", "queue_declare") and args.get("passive"):
             return
-        if method in ("queue_purge", "basic_recover", "basic_get"):
+        if method in NOT_RECORDED:
             return
         undo = _UNDO.get(method)
         if undo is not None:

@@ -143,6 +143,49 @@ class ConnectionBlockedTimeout(KzpoolError, _pe.ConnectionBlockedTimeout):
     code = "blocked"
 
 
+class ConnectionClosedByBroker(KzpoolError, _pe.ConnectionClosedByBroker):
+    """The broker closed the whole connection because of a call this lease had in flight
+    (an unknown exchange type, ``flow(False)``, ...).  The call is not sent again; the
+    lease's next call runs on a new channel, and the other leases move once."""
+
+    code = "connection_closed"
+
+    def __init__(self, reply_code: int, reply_text: str, **fields: object) -> None:
+        _pe.ConnectionClosedByBroker.__init__(self, reply_code, reply_text)
+        self.message = f"{reply_code} {reply_text}"
+        self.fields = {"reply_code": reply_code, **fields}
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ClientClosed(KzpoolError, _pe.ConnectionWrongStateError):
+    """The pool client (what ``kzpool.connect()`` returned) was closed by its owner."""
+
+    code = "client_closed"
+
+
+class ReentrancyError(KzpoolError, _pe.ReentrancyError):
+    """``start_consuming()`` was called from inside a callback that a dispatcher runs."""
+
+    code = "reentrancy"
+
+
+class DuplicateConsumerTag(KzpoolError, _pe.DuplicateConsumerTag):
+    """``basic_consume`` named a consumer tag already in use on the lease."""
+
+    code = "duplicate_tag"
+
+
+class TransactionLost(KzpoolError, _pe.AMQPChannelError):
+    """The lease lost its channel inside a transaction (``tx_select``): what it published
+    and settled since the last commit was rolled back by the broker, so ``tx_commit``
+    raises this instead of committing an empty transaction.  The lease is in transaction
+    mode again on its new channel: publish again, then commit."""
+
+    code = "tx_lost"
+
+
 def refusal_error(code: str, text: str) -> KzpoolError:
     """The error a pool's refusal names, by its stable code."""
     if code == "unavailable":

@@ -21,7 +21,7 @@ client → worker (bound)     :class:`Call`, :class:`Consume`, :class:`ConfirmSe
                             :class:`Get`, :class:`Bye`, :class:`Close`
 worker → client             :class:`Leased`, :class:`Redirect`, :class:`Lost`,
                             :class:`Move`, :class:`Blocked`, :class:`Unblocked`,
-                            :class:`Error`, :class:`Reply`
+                            :class:`Error`, :class:`Reply`, :class:`Cancelled`
 master or worker → client   :class:`Refused` (then the socket is closed)
 ==========================  ===========================================================
 
@@ -49,6 +49,9 @@ class LeaseEvent(enum.Enum):
     MOVED = "moved"  # the master moved it; the client resumes on the new broker
 
 
+FORCED = 320  # AMQP's CONNECTION_FORCED: the broker closed the connection on purpose
+
+
 class Message:
     """Base of every message; ``OP`` is its ``op`` on the wire."""
 
@@ -67,6 +70,13 @@ class Reason:
     def channel_error(self) -> bool:
         """The broker closed the channel because of something the client did."""
         return self.kind == "ChannelClosedByBroker" and self.code > 0
+
+    @property
+    def connection_error(self) -> bool:
+        """The broker closed the whole connection for a fault of a call on it (503
+        ``COMMAND_INVALID``, 540 ``NOT_IMPLEMENTED``, ...), not because it was told to close
+        it (320 ``CONNECTION_FORCED``: the broker stopping, an operator)."""
+        return self.kind == "ConnectionClosedByBroker" and self.code not in (0, FORCED)
 
 
 # ----- master → worker ---------------------------------------------------------------------
@@ -211,7 +221,12 @@ class Bye(Message):
 
 @dataclass(frozen=True, slots=True)
 class Close(Message):
+    """The client gives the channel back; if the worker closes it (rather than handing it
+    to the next lease), it closes it with this code and text."""
+
     OP = "close"
+    reply_code: int = 0
+    reply_text: str = "Normal shutdown"
 
 
 # ----- worker → client ---------------------------------------------------------------------
@@ -267,6 +282,15 @@ class Error(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Cancelled(Message):
+    """The broker cancelled consumer ``consumer_tag`` (its queue was deleted, say); it comes
+    after every delivery the consumer got before."""
+
+    OP = "cancelled"
+    consumer_tag: str
+
+
+@dataclass(frozen=True, slots=True)
 class Reply(Message):
     """The answer to request ``id``: a method and its fields, or an error."""
 
@@ -300,7 +324,8 @@ TO_MASTER_FROM_WORKER = accepts(Report, Beat, LeaseNews)
 TO_MASTER_FROM_CLIENT = accepts(LeaseRequest, Ping, StatusRequest, BrokersRequest)
 TO_WORKER_FROM_CLIENT = accepts(LeaseRequest)
 TO_SESSION = accepts(Call, Consume, ConfirmSelect, Get, Bye, Close)
-TO_CLIENT = accepts(Leased, Redirect, Lost, Move, Blocked, Unblocked, Error, Reply, Refused)
+TO_CLIENT = accepts(Leased, Redirect, Lost, Move, Blocked, Unblocked, Error, Reply, Refused,
+                    Cancelled)
 
 
 # ----- encoding and decoding --------------------------------------------------------------

@@ -5,6 +5,10 @@ talk directly, in :mod:`kzpool.common.wire` frames.  Everything here runs in the
 pika ``IOLoop``: no call blocks.  Output to the client is buffered per session and flushed
 once per loop pass; a client that stops reading is held back by the channel's QoS.
 
+Broker events on the channel go to the client in the order they came: deliveries, returns,
+and the broker's cancel of a consumer (:class:`~kzpool.common.messages.Cancelled`, after the
+consumer's last delivery).
+
 A session ends when the client goes away (``released``), when its channel or connection is
 lost (``lost``: the client comes back and replays its topology), or when the master moves
 it to another broker (``moved``, after the client says ``bye``).
@@ -50,10 +54,13 @@ RPC_METHODS: dict[str, tuple[str, ...]] = {
     "basic_qos": ("prefetch_size", "prefetch_count", "global_qos"),
     "basic_cancel": ("consumer_tag",),
     "basic_recover": ("requeue",),
+    "tx_select": (),
+    "tx_commit": (),
+    "tx_rollback": (),
 }
 
 # calls that leave state on the channel itself, not on the broker
-CHANNEL_STATE = frozenset({"basic_qos", "basic_recover", "basic_cancel"})
+CHANNEL_STATE = frozenset({"basic_qos", "basic_recover", "basic_cancel", "tx_select", "flow"})
 
 
 class SessionHost(Protocol):
@@ -88,6 +95,8 @@ class Session:
         self.gets: deque[int] = deque()  # ids of basic.get calls in flight
         self.moving = False
         self.qos_set = False
+        self.watching_cancels = False
+        self.close_code, self.close_text = 0, "Normal shutdown"  # the client's, at close
         self.clean = True  # nothing of this lease stays on the channel: it may serve another
         self.counters = host.counters
         sock.setblocking(False)
@@ -188,6 +197,7 @@ class Session:
             case messages.Bye():
                 self.end(LeaseEvent.MOVED, "moved")
             case messages.Close():
+                self.close_code, self.close_text = request.reply_code, request.reply_text
                 self.end(LeaseEvent.RELEASED, "closed by the client")
             case messages.Call() | messages.Consume() | messages.ConfirmSelect() | \
                     messages.Get():
@@ -199,12 +209,20 @@ class Session:
     def _channel_call(self, request: messages.Request) -> None:
         args, reply = request.args, self._replier(request.id)
         match request:
+            case messages.Call(method="basic_cancel") if not self._consuming(args):
+                reply(_CancelOk(str(args.get("consumer_tag", ""))))  # pika would not answer
+            case messages.Call(method="flow"):
+                self.channel.flow(bool(args.get("active")), callback=lambda active: self.event(
+                    messages.Reply(request.id, "Channel.FlowOk", {"active": active})))
             case messages.Call(method=method) if method in RPC_METHODS:
                 self.qos_set = self.qos_set or method == "basic_qos"
                 kwargs = {k: args[k] for k in RPC_METHODS[method] if k in args}
                 getattr(self.channel, method)(callback=reply, **kwargs)
             case messages.Consume():
                 self._bound_prefetch()
+                if not self.watching_cancels:  # the channel is never handed on after this
+                    self.watching_cancels = True
+                    self.channel.add_on_cancel_callback(self._on_cancelled)
                 self.channel.basic_consume(
                     str(args.get("queue", "")), self._on_message,
                     auto_ack=bool(args.get("auto_ack")), exclusive=bool(args.get("exclusive")),
@@ -218,6 +236,13 @@ class Session:
                                        auto_ack=bool(args.get("auto_ack")))
             case _:
                 raise ProtocolError(f"unknown call {request.method[:40]!r}")
+
+    def _consuming(self, args: dict[str, Any]) -> bool:
+        """Whether the channel still has the consumer a ``basic_cancel`` names: one the broker
+        cancelled already gets no answer from pika, so the session answers for it."""
+        tag = args.get("consumer_tag")
+        return tag in getattr(self.channel, "consumer_tags", ()) and tag not in getattr(
+            self.channel, "_cancelled", ())
 
     def _bound_prefetch(self) -> None:
         """A consumer without QoS would let the broker push without limit: bound it."""
@@ -241,6 +266,9 @@ class Session:
         self.send(wire.deliver(
             method.delivery_tag, 0, method.consumer_tag, method.exchange, method.routing_key,
             props.encode(properties), body, Flag.REDELIVERED if method.redelivered else 0))
+
+    def _on_cancelled(self, frame: Any) -> None:
+        self.event(messages.Cancelled(str(frame.method.consumer_tag)))
 
     def _on_get_ok(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
         rid = self.gets.popleft() if self.gets else 0
@@ -289,11 +317,18 @@ class Session:
         if self.channel.is_open and how is LeaseEvent.RELEASED and self.clean:
             self.host.recycle(self.channel)
         elif self.channel.is_open:
-            self.channel.close()
+            self.channel.close(self.close_code, self.close_text)
         self.flush()
         self.ioloop.remove_handler(self.fd)
         self.sock.close()
         self.host.session_ended(self, how, why)
+
+
+class _CancelOk:
+    """A ``Basic.CancelOk`` frame for a consumer that was gone already."""
+
+    def __init__(self, consumer_tag: str) -> None:
+        self.method = spec.Basic.CancelOk(consumer_tag)
 
 
 def _fields(method: Any) -> dict[str, Any]:
