@@ -108,7 +108,11 @@ def test_flow_control_fails_confirm_waits_and_calls_after_the_lease_timeout(
     lease.confirm_delivery()
     watermark = ["rabbitmqctl", "-q", "-n", faulty_node.name, "set_vm_memory_high_watermark"]
     subprocess.run([*watermark, "0.0000001"], check=True, capture_output=True, timeout=60)
+    alarms = ["rabbitmqctl", "-q", "-n", faulty_node.name, "eval", "rabbit_alarm:get_alarms()."]
     try:
+        wait_for(lambda: "memory" in subprocess.run(alarms, capture_output=True, text=True,
+                                                    timeout=60).stdout, 30,
+                 "the broker's memory alarm")  # it is raised a moment after the watermark
         with pytest.raises(kzpool.ConnectionBlockedTimeout, match="blocked the connection"):
             lease.basic_publish("", queue, b"held")  # the broker confirms nothing now
         with pytest.raises(pika.exceptions.ConnectionBlockedTimeout):

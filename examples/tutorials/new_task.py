@@ -6,7 +6,7 @@ import pika
 
 import kzpool
 
-connection = kzpool.connect()  # was: pika.BlockingConnection(pika.ConnectionParameters("localhost"))
+connection = kzpool.connect()  # was: pika.BlockingConnection(...)
 channel = connection.channel()
 
 channel.queue_declare(queue="task_queue", durable=True, arguments={"x-queue-type": "quorum"})

@@ -7,7 +7,7 @@ import kzpool
 
 
 def main():
-    connection = kzpool.connect()  # was: pika.BlockingConnection(pika.ConnectionParameters("localhost"))
+    connection = kzpool.connect()  # was: pika.BlockingConnection(...)
     channel = connection.channel()
 
     channel.queue_declare(queue="hello", durable=True, arguments={"x-queue-type": "quorum"})

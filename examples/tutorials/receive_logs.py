@@ -3,7 +3,7 @@
 server-named exclusive queue bound to a fanout exchange."""
 import kzpool
 
-connection = kzpool.connect()  # was: pika.BlockingConnection(pika.ConnectionParameters("localhost"))
+connection = kzpool.connect()  # was: pika.BlockingConnection(...)
 channel = connection.channel()
 
 channel.exchange_declare(exchange="logs", exchange_type="fanout")

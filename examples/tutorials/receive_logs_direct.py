@@ -4,7 +4,7 @@ import sys
 
 import kzpool
 
-connection = kzpool.connect()  # was: pika.BlockingConnection(pika.ConnectionParameters("localhost"))
+connection = kzpool.connect()  # was: pika.BlockingConnection(...)
 channel = connection.channel()
 
 channel.exchange_declare(exchange="direct_logs", exchange_type="direct")

@@ -7,7 +7,7 @@ import kzpool
 
 
 def main():
-    connection = kzpool.connect()  # was: pika.BlockingConnection(pika.ConnectionParameters("localhost"))
+    connection = kzpool.connect()  # was: pika.BlockingConnection(...)
     channel = connection.channel()
 
     channel.exchange_declare(exchange="topic_logs", exchange_type="topic")

@@ -10,7 +10,7 @@ import kzpool
 
 class FibonacciRpcClient:
     def __init__(self):
-        self.connection = kzpool.connect()  # was: pika.BlockingConnection(pika.ConnectionParameters("localhost"))
+        self.connection = kzpool.connect()  # was: pika.BlockingConnection(...)
 
         self.channel = self.connection.channel()
 

@@ -3,7 +3,7 @@
 the pika version is where the connection comes from."""
 import kzpool
 
-connection = kzpool.connect()  # was: pika.BlockingConnection(pika.ConnectionParameters("localhost"))
+connection = kzpool.connect()  # was: pika.BlockingConnection(...)
 channel = connection.channel()
 
 channel.queue_declare(queue="hello", durable=True, arguments={"x-queue-type": "quorum"})
