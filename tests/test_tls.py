@@ -20,9 +20,13 @@ import pytest
 
 import kzpool
 from kzpool.common import tls
-from kzpool.common.errors import TLSError
+from kzpool.common.config import loads
+from kzpool.common.errors import BrokerURIError, TLSError
+from kzpool.common.uri import BrokerURI, mask
 from kzpool.testing import Pool, titles
+from kzpool.worker.connection import parameters
 from kzpool.worker.faults import HANDSHAKE_CUT, classify
+from kzpool.worker.spec import WorkerSpec
 
 from .conftest import brokers
 
@@ -278,3 +282,57 @@ def test_a_tls_file_gone_at_connect_time_is_a_named_fatal_reason(tmp_path: Path)
         tls.context(files)
     assert classify(info.value) == (
         True, f"TLS: CA file {tmp_path}/gone.pem: cannot read it: no such file or directory")
+
+
+# ----- URIs and pika's parameters: pure ---------------------------------------------------
+
+
+def test_a_clients_uri_names_a_broker_and_nothing_else() -> None:
+    plain = BrokerURI.parse_client("amqps://u:pw@h:5671/v")
+    assert (plain.host, plain.port, plain.vhost, plain.options) == ("h", 5671, "v", ())
+    for query in ("cacertfile=/etc/shadow", "certfile=/c.pem&keyfile=/k.pem", "heartbeat=1",
+                  "verify=verify_none"):
+        with pytest.raises(BrokerURIError) as info:
+            BrokerURI.parse_client(f"amqps://u:pw@h/?{query}")
+        assert "a lease's broker URI takes no options" in str(info.value)
+        assert "TLS files and connection options come from the pool's config" in str(info.value)
+
+
+def test_key_passwords_are_masked_wherever_a_uri_is_shown(tmp_path: Path,
+                                                           pki: brokers.Certs) -> None:
+    text = f"amqps://u:pw@h/?certfile=/c@x.pem&password={SECRET}&depth=2"
+    assert mask(text) == "amqps://u:***@h/?certfile=/c@x.pem&password=***&depth=2"
+    uri = BrokerURI.parse(text)
+    assert uri.option("password") == SECRET and SECRET not in uri.masked + uri.short
+    with pytest.raises(BrokerURIError) as info:
+        BrokerURI.parse(f"amqps://u:pw@h/?certfile=/c.pem&password={SECRET}&bogus=1")
+    assert SECRET not in str(info.value) and "password=***" in str(info.value)
+    key = encrypt_key(pki.client_key, tmp_path / "enc.key", SECRET)
+    uri_text = amqps(certfile=pki.client_cert, keyfile=key, password=SECRET)
+    assert SECRET in loads(f"[amqp]\nuri = {uri_text}\n", environ={}).passwords  # hidden
+
+
+def spec_for(uri: str, **pool: str) -> WorkerSpec:
+    settings = "".join(f"{k} = {v}\n" for k, v in pool.items())
+    config = loads(f"[pool]\n{settings}[amqp]\nuri = {uri}\n", environ={})
+    return WorkerSpec("c1", config.brokers[0], 1, config.settings)
+
+
+def test_pikas_parameters_come_from_the_parsed_uri(pki: brokers.Certs) -> None:
+    params = parameters(spec_for("amqp://bob:s%2Fcret@h:5999/my%2Fvhost?heartbeat=3"
+                                 "&channel_max=99&frame_max=8192", heartbeat="10"))
+    assert (params.host, params.port, params.virtual_host) == ("h", 5999, "my/vhost")
+    assert (params.credentials.username, params.credentials.password) == ("bob", "s/cret")
+    assert (params.heartbeat, params.channel_max, params.frame_max) == (3, 99, 8192)
+    assert params.ssl_options is None and params.connection_attempts == 1
+    tls_params = parameters(spec_for(
+        f"amqps://h/?server_name_indication=rabbit.example&certfile={pki.client_cert}"
+        f"&keyfile={pki.client_key}", tls_ca=str(pki.ca)))
+    assert tls_params.port == 5671 and tls_params.heartbeat == 10
+    assert tls_params.ssl_options.server_hostname == "rabbit.example"
+    context = tls_params.ssl_options.context
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    unverified = parameters(spec_for("amqps://h/?server_name_indication=disable",
+                                     tls_verify="verify_none")).ssl_options
+    assert unverified.server_hostname is None
+    assert unverified.context.verify_mode == ssl.CERT_NONE
