@@ -14,6 +14,8 @@ import pika.exceptions as pe
 
 from ..common.errors import TLSError
 
+HEARTBEATS_MISSED = "heartbeats missed"  # the reason, as reports and status carry it
+
 
 def classify(exc: BaseException | str) -> tuple[bool, str]:
     """Classify a broker connection failure: ``(fatal, short reason)``.
@@ -36,7 +38,7 @@ def classify(exc: BaseException | str) -> tuple[bool, str]:
     if isinstance(exc, pe.ConnectionClosedByBroker):
         return False, f"closed by broker: {exc.reply_code} {exc.reply_text}"
     if isinstance(exc, pe.AMQPHeartbeatTimeout):
-        return False, "heartbeats missed"
+        return False, HEARTBEATS_MISSED
     return False, _innermost(exc)
 
 
