@@ -20,8 +20,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pika
+import pika.exceptions
 from failover import Pool
 from nodes import load_brokers
 
@@ -64,6 +66,30 @@ class Publisher(threading.Thread):
         raise TimeoutError("no confirmed publish where expected")
 
 
+def closed_after_stop(node: Any) -> float:
+    """For scale, with plain pika: a connection publishing to a quorum queue as the lease
+    does; seconds from ``stop_app`` issued to the node closing it (started again after)."""
+    queue = f"kzpool-cluster-pika-{uuid.uuid4().hex[:6]}"
+    persistent = pika.BasicProperties(delivery_mode=2)
+    with pika.BlockingConnection(pika.URLParameters(node.url)) as conn:
+        channel = conn.channel()
+        channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        channel.confirm_delivery()
+        stopper = threading.Thread(target=brokers.stop_app, args=(node.name,))
+        issued = time.monotonic()
+        stopper.start()
+        try:
+            while True:
+                channel.basic_publish("", queue, b"x", persistent)
+        except pika.exceptions.AMQPError:
+            took = time.monotonic() - issued
+    stopper.join()
+    brokers.start_app(node.name)
+    with pika.BlockingConnection(pika.URLParameters(node.url)) as conn:
+        conn.channel().queue_delete(queue)
+    return took
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -77,6 +103,7 @@ def main() -> None:
     publisher = Publisher(pool, queue)
     overs, backs, moves = [], [], []
     try:
+        plain = [closed_after_stop(nodes[0]) for _ in range(args.rounds)]
         publisher.start()
         for _ in range(args.rounds):
             time.sleep(0.5)
@@ -106,6 +133,8 @@ def main() -> None:
         return f"median {statistics.median(xs) * 1000:6.0f} ms   max {max(xs) * 1000:6.0f} ms"
     print(f"stop_app of the lease's node -> confirmed publish on another node   {fmt(overs)}")
     print(f"stop_app of the lease's node -> the lease moved (on_move)            {fmt(moves)}")
+    print(f"for scale, plain pika publishing likewise: stop_app -> connection closed"
+          f"  {fmt(plain)}")
     print(f"start_app returned -> confirmed publish back on it (fail-back)     {fmt(backs)}")
     print(f"confirmed publishes {len(sent)}, received {len(got)}, lost {len(lost)},"
           f" duplicates {len(got) - len(set(got))}")

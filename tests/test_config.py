@@ -70,6 +70,9 @@ def test_cli_override_beats_the_file() -> None:
     ("[pool]\nworker_max_rss = lots\n" + OK, "c.ini:2: [pool] worker_max_rss = 'lots': not a size"),
     ("[pool]\nlog_level = loud\n" + OK, "c.ini:2: [pool] log_level = 'loud': not one of"),
     ("[pool]\nprechanels = 3\n" + OK, "c.ini:2: [pool] unknown key 'prechanels'"),
+    ("[pool]\ntls_key = /k.pem\n" + OK,
+     "c.ini:2: [pool] tls_key = '/k.pem': tls_key needs tls_cert"),
+    ("[pool]\ntls_verify = maybe\n" + OK, "c.ini:2: [pool] tls_verify = 'maybe': not verify_peer"),
     ("[pool]\nprechannels = 3\nprechannels = 4\n" + OK, "c.ini:3: [pool] prechannels given twice"),
     ("[amqp]\nuri = http://guest:pw@host/\n", "c.ini:2: [amqp] uri = 'http://guest:***@host/':"
      " scheme 'http' is not amqp or amqps"),

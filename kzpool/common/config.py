@@ -296,12 +296,12 @@ def _check_tls(settings: PoolSettings, uris: list[BrokerURI], wheres: Mapping[st
                problems: list[str]) -> None:
     """Load every TLS file set the config names, once each; a fault of the [pool] defaults
     is named at the [pool] setting, one of a URI's own files at its uri line."""
-    if settings.tls_key and not settings.tls_cert:
-        problems.append(f"{wheres['tls_key']} = {settings.tls_key!r}: tls_key needs tls_cert")
-        return
     checked: set[tuple[str | None, ...]] = set()
     defaults = tls.pool_defaults(settings)
-    if settings.tls_ca or settings.tls_cert:
+    if settings.tls_key and not settings.tls_cert:
+        problems.append(f"{wheres['tls_key']} = {settings.tls_key!r}: tls_key needs tls_cert")
+        checked.add(defaults.files)  # the URIs that use them are not checked again
+    elif settings.tls_ca or settings.tls_cert:
         checked.add(defaults.files)
         try:
             tls.context(replace(defaults, verify=True))  # its CA too, whatever tls_verify

@@ -15,8 +15,9 @@ What the broker's URI gives (Kazoo's option names) wins; what it does not give c
 
 Hazards: OpenSSL asks for a key's password on the terminal when it is not given, which would
 block a worker's loop: a password callable is always passed, and an encrypted key without
-one is a :class:`~kzpool.common.errors.TLSError`.  :func:`context` reads files: it blocks on
-the file system, so it runs before a worker connects, never in a loop's callback.
+one is a :class:`~kzpool.common.errors.TLSError`.  :func:`context` reads files (a few small
+local reads, blocking): a worker builds its context at every connect, so a renewed
+certificate is used from the next reconnect on, and its loop waits for those reads.
 """
 
 from __future__ import annotations
