@@ -1,4 +1,4 @@
-"""The ``kzpool`` command: ``serve``, ``check``, ``status``, ``example-config``."""
+"""The ``kzpool`` command: ``serve``, ``check``, ``status``, ``health``, ``example-config``."""
 
 from __future__ import annotations
 
@@ -25,7 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show connections and leases")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--socket", help="lease socket (default: from the config)")
-    for command in (serve, check, status):
+    health = commands.add_parser(
+        "health", help="exit 0 if the master answers and the local zone has a primary, else 1")
+    health.add_argument("--socket", help="lease socket (default: from the config)")
+    health.add_argument("--timeout", type=float, default=5.0,
+                        help="seconds to wait for the master's answer (default 5)")
+    for command in (serve, check, status, health):
         command.add_argument("-c", "--config", default=DEFAULT_CONFIG,
                              help=f"config file (default {DEFAULT_CONFIG})")
     for setting in SETTINGS:
@@ -45,10 +50,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exitcodes.OK
         if args.command == "status" and args.socket:
             return _status(args.socket, args.json)
+        if args.command == "health" and args.socket:
+            return _health(args.socket, args.timeout)
         overrides = {k[4:]: v for k, v in vars(args).items()
                      if k.startswith("set_") and v is not None}
         config = config_mod.load(args.config, overrides)
     except ConfigError as exc:
+        if args.command == "health":  # a probe reads 0 or 1, and one line
+            more = f" (and {len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
+            print(f"kzpool: unhealthy: invalid config: {exc.problems[0]}{more}", file=sys.stderr)
+            return exitcodes.ERROR
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return exitcodes.CONFIG
@@ -61,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exitcodes.OK
     if args.command == "status":
         return _status(config.settings.socket, args.json)
+    if args.command == "health":
+        return _health(config.settings.socket, args.timeout)
     return _serve(config)
 
 
@@ -94,6 +107,29 @@ def _status(socket_path: str, as_json: bool) -> int:
             return exitcodes.ERROR
     reply.pop("ok", None)
     print(json.dumps(reply, indent=2) if as_json else render(reply))
+    return exitcodes.OK
+
+
+def _health(socket_path: str, timeout: float) -> int:
+    """One line, exit 0 or 1.  The master itself is asked (not the registry, which answers
+    while the master is stopped): its answer is the proof it runs its loop."""
+    from .client.backend import UnixBackend, call
+    from .common import messages
+    from .common.status import health
+
+    try:
+        verdict = health(call(UnixBackend(), socket_path, messages.StatusRequest(), timeout))
+    except PoolNotRunning as exc:
+        print(f"kzpool: unhealthy: {exc}", file=sys.stderr)
+        return exitcodes.ERROR
+    except (KzpoolError, OSError) as exc:
+        print(f"kzpool: unhealthy: the pool at {socket_path} did not answer within"
+              f" {timeout:g} s: {exc or type(exc).__name__}", file=sys.stderr)
+        return exitcodes.ERROR
+    if not verdict.ok:
+        print(f"kzpool: unhealthy: {verdict.reason}", file=sys.stderr)
+        return exitcodes.ERROR
+    print(f"kzpool: healthy: {verdict.reason}")
     return exitcodes.OK
 
 

@@ -6,8 +6,10 @@ Importable (stdlib only, no side effects at import) and a CLI:
     python3 scripts/brokers.py up [--nodes N]   default node + kzp1..kzpN on 5701..
     python3 scripts/brokers.py down             stop every extra node recorded
     python3 scripts/brokers.py status
-    python3 scripts/brokers.py start NAME PORT | stop NAME | kill NAME
+    python3 scripts/brokers.py start NAME PORT [--tls-port P --certs DIR] | stop NAME | kill NAME
     python3 scripts/brokers.py stop-app NAME | start-app NAME | ensure-default
+    python3 scripts/brokers.py certs DIR        a CA, a server and a client certificate
+    python3 scripts/brokers.py cluster NAME:PORT NAME:PORT ...   nodes joined to the first
 
 Each extra node lives in its own directory under $KZPOOL_BROKERS_DIR (default
 /tmp/kzpool-brokers/<node name>/): config, mnesia, logs, pid file and a
@@ -18,6 +20,7 @@ The default node (rabbit@localhost on 127.0.0.1:5672) is only ever started.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import fcntl
 import json
@@ -45,10 +48,18 @@ class Node:
     name: str  # e.g. "kzp1@localhost"
     port: int
     base: Path
+    tls_port: int | None = None  # a TLS listener too (client certificate required)
 
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@{HOST}:{self.port}/%2F"
+
+    @property
+    def tls_url(self) -> str:
+        """The TLS listener's URI, without its TLS options (the caller adds those)."""
+        if self.tls_port is None:
+            raise ValueError(f"{self.name} has no TLS listener")
+        return f"amqps://guest:guest@{HOST}:{self.tls_port}/%2F"
 
     @property
     def pid_file(self) -> Path:
@@ -85,6 +96,10 @@ def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.2)
+
+
+def _wait_port(port: int, open_: bool, timeout: float, what: str) -> None:
+    _wait(lambda: port_open(port) == open_, timeout, what)
 
 
 def _tool(name: str) -> str | None:
@@ -217,14 +232,17 @@ def _record_path(name: str) -> Path:
 def _save(node: Node) -> None:
     path = _record_path(node.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rec = {"name": node.name, "port": node.port, "base": str(node.base)}
+    rec = {"name": node.name, "port": node.port, "base": str(node.base),
+           "tls_port": node.tls_port}
     path.write_text(json.dumps(rec) + "\n")
 
 
 def _load(path: Path) -> Node | None:
     try:
         rec = json.loads(path.read_text())
-        return Node(str(rec["name"]), int(rec["port"]), Path(rec["base"]))
+        tls_port = rec.get("tls_port")
+        return Node(str(rec["name"]), int(rec["port"]), Path(rec["base"]),
+                    int(tls_port) if tls_port is not None else None)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -314,13 +332,21 @@ def ensure_default(timeout: float = 120) -> None:
 # --- extra nodes -----------------------------------------------------------------
 
 
-def start_node(name: str, port: int, base: Path | None = None, timeout: float = 90) -> Node:
-    """Start (or find already running) an independent node listening on `port`."""
+def start_node(name: str, port: int, base: Path | None = None, timeout: float = 90,
+               tls_port: int | None = None, certs: Certs | None = None) -> Node:
+    """Start (or find already running) an independent node listening on `port`.
+
+    With `tls_port` and `certs`, the node also listens for TLS there (its certificate is
+    `certs.server_cert`; it verifies clients against `certs.ca` and refuses a client that
+    presents no certificate).
+    """
     name = full_name(name)
     _refuse_default(name)
-    if port == DEFAULT_PORT:
+    if DEFAULT_PORT in (port, tls_port):
         raise ValueError(f"port {DEFAULT_PORT} belongs to the default node")
-    node = Node(name, port, Path(base) if base else state_dir() / name)
+    if (tls_port is None) != (certs is None):
+        raise ValueError("a TLS listener needs both tls_port and certs")
+    node = Node(name, port, Path(base) if base else state_dir() / name, tls_port)
     deadline = time.monotonic() + timeout
     with _lock(name):
         known = load_node(name)
@@ -332,15 +358,16 @@ def start_node(name: str, port: int, base: Path | None = None, timeout: float = 
             if not port_open(port):
                 start_app(name, timeout=max(deadline - time.monotonic(), 1))
             return known or node
-        if port_open(port):
-            raise RuntimeError(f"port {port} is already taken by something other than {name}")
+        for taken in (p for p in (port, tls_port) if p is not None and port_open(p)):
+            raise RuntimeError(f"port {taken} is already taken by something other than {name}")
 
         server = _need_tool("rabbitmq-server")
         _say(f"starting {name} on port {port} in {node.base}")
         node.base.mkdir(parents=True, exist_ok=True)
-        (node.base / "rabbitmq.conf").write_text(
-            f"listeners.tcp.local = {HOST}:{port}\nloopback_users = none\n"
-        )
+        conf = f"listeners.tcp.local = {HOST}:{port}\nloopback_users = none\n"
+        if tls_port is not None and certs is not None:
+            conf += _tls_listener(node, tls_port, certs)
+        (node.base / "rabbitmq.conf").write_text(conf)
         node.pid_file.unlink(missing_ok=True)  # a stale one would fool `wait`
         _save(node)
         _chown_rabbitmq(node.base)
@@ -379,11 +406,9 @@ def start_node(name: str, port: int, base: Path | None = None, timeout: float = 
             _wait(pid_file_written, max(deadline - time.monotonic(), 1), f"{node.pid_file}")
             left = max(deadline - time.monotonic(), 1)
             _ctl(name, "wait", str(node.pid_file), timeout=left)
-            _wait(
-                lambda: port_open(port),
-                max(deadline - time.monotonic(), 1),
-                f"{name} to accept on port {port}",
-            )
+            for listening in (p for p in (port, tls_port) if p is not None):
+                _wait_port(listening, True, max(deadline - time.monotonic(), 1),
+                           f"{name} to accept on port {listening}")
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
             raise RuntimeError(
                 f"could not start {name} on port {port} (dist port {port + DIST_PORT_OFFSET}): "
@@ -409,6 +434,150 @@ def stop_node(node_or_name: Node | str, timeout: float = 60) -> None:
             shutil.rmtree(node.base, ignore_errors=True)
         shutil.rmtree(_record_path(name).parent, ignore_errors=True)
     _say(f"{name} stopped")
+
+
+# --- certificates and TLS listeners ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certs:
+    """A CA and the certificates it signed, as PEM files in `dir` (see make_certs)."""
+
+    dir: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.dir / "ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.dir / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.dir / "server.key"
+
+    @property
+    def client_cert(self) -> Path:
+        return self.dir / "client.pem"
+
+    @property
+    def client_key(self) -> Path:
+        return self.dir / "client.key"
+
+
+def _openssl(*args: str) -> None:
+    tool = shutil.which("openssl")
+    if tool is None:
+        raise RuntimeError("openssl not found: apt-get install -y openssl")
+    res = subprocess.run([tool, *args], capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        raise RuntimeError(f"openssl {args[0]} failed: {res.stderr.strip()[:300]}")
+
+
+def make_ca(directory: Path, name: str = "ca", days: int = 30) -> tuple[Path, Path]:
+    """A self-signed CA (EC P-256): (certificate, key) as `name`.pem and `name`.key."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", str(key), "-out", str(cert), "-days", str(days),
+             "-subj", f"/CN=kzpool test {name}",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    return cert, key
+
+
+def make_cert(directory: Path, name: str, ca: tuple[Path, Path], *, server: bool,
+              days: int = 30, is_ca: bool = False) -> tuple[Path, Path]:
+    """A certificate signed by `ca` (cert, key): a server one names 127.0.0.1 and localhost
+    in subjectAltName; `is_ca` makes an intermediate CA instead."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key, csr = (directory / f"{name}{ext}" for ext in (".pem", ".key", ".csr"))
+    ext = directory / f"{name}.ext"
+    if is_ca:
+        ext.write_text("basicConstraints=critical,CA:TRUE\n"
+                       "keyUsage=critical,keyCertSign,cRLSign\n")
+    elif server:
+        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                       "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
+    else:
+        ext.write_text("keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n")
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", str(key), "-out", str(csr), "-subj",
+             f"/CN={'localhost' if server else 'kzpool test ' + name}")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+             "-CAcreateserial", "-out", str(cert), "-days", str(days), "-extfile", str(ext))
+    csr.unlink()
+    ext.unlink()
+    return cert, key
+
+
+def make_certs(directory: Path) -> Certs:
+    """A CA, a server certificate (127.0.0.1, localhost) and a client certificate."""
+    certs = Certs(Path(directory))
+    ca = make_ca(certs.dir)
+    make_cert(certs.dir, "server", ca, server=True)
+    make_cert(certs.dir, "client", ca, server=False)
+    for key in certs.dir.glob("*.key"):
+        key.chmod(0o600)
+    return certs
+
+
+def _tls_listener(node: Node, tls_port: int, certs: Certs) -> str:
+    """rabbitmq.conf lines for a TLS listener; the files are copied beside the node's config
+    (the node runs as rabbitmq and must read them)."""
+    tls = node.base / "tls"
+    tls.mkdir(parents=True, exist_ok=True)
+    for source in (certs.ca, certs.server_cert, certs.server_key):
+        shutil.copyfile(source, tls / source.name)
+    return (f"listeners.ssl.default = {HOST}:{tls_port}\n"
+            f"ssl_options.cacertfile = {tls / certs.ca.name}\n"
+            f"ssl_options.certfile = {tls / certs.server_cert.name}\n"
+            f"ssl_options.keyfile = {tls / certs.server_key.name}\n"
+            "ssl_options.verify = verify_peer\n"
+            "ssl_options.fail_if_no_peer_cert = true\n")
+
+
+# --- clusters ----------------------------------------------------------------------
+
+
+def cluster_members(name: str) -> set[str]:
+    """The nodes of `name`'s cluster (running or not), as `name` knows them."""
+    res = _ctl(full_name(name), "cluster_status", "--formatter", "json", timeout=30)
+    status = json.loads(res.stdout)
+    return set(status.get("disk_nodes", [])) | set(status.get("ram_nodes", []))
+
+
+def start_cluster(nodes: Sequence[tuple[str, int]], timeout: float = 120) -> list[Node]:
+    """Start each node (or find it running) and join every one to the first's cluster.
+
+    Idempotent: a node already in the first one's cluster is left alone.
+    """
+    with concurrent.futures.ThreadPoolExecutor(len(nodes)) as pool:  # boots overlap
+        started = list(pool.map(lambda spec: start_node(spec[0], spec[1], timeout=timeout),
+                                nodes))
+    first = started[0].name
+    for node in started[1:]:
+        with _lock(node.name):
+            if node.name in cluster_members(first):
+                continue
+            _say(f"joining {node.name} to {first}")
+            _ctl(node.name, "stop_app", timeout=timeout)
+            _ctl(node.name, "join_cluster", first, timeout=timeout)
+            _ctl(node.name, "start_app", timeout=timeout)
+            _wait_port(node.port, True, timeout, f"{node.name} to accept on port {node.port}")
+    return started
+
+
+def stop_cluster(nodes: Sequence[Node | str], timeout: float = 60) -> None:
+    """Stop every node of a cluster started by start_cluster (last joined first)."""
+    for node in reversed(nodes):
+        stop_node(node, timeout=timeout)
 
 
 def _port_of(name: str) -> int | None:
@@ -503,6 +672,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = sub.add_parser("start", help="start an extra node")
     start.add_argument("name")
     start.add_argument("port", type=int)
+    start.add_argument("--tls-port", type=int, help="also listen for TLS on this port")
+    start.add_argument("--certs", type=Path, help="a directory made by `certs` (with --tls-port)")
+    certs = sub.add_parser("certs", help="make a CA, a server and a client certificate in DIR")
+    certs.add_argument("dir", type=Path)
+    cluster = sub.add_parser("cluster", help="start nodes and join them to the first")
+    cluster.add_argument("nodes", nargs="+", metavar="NAME:PORT")
     for cmd in ("stop", "stop-app", "start-app", "kill"):
         sub.add_parser(cmd).add_argument("name")
     args = p.parse_args(argv)
@@ -519,7 +694,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.cmd == "ensure-default":
             ensure_default()
         elif args.cmd == "start":
-            print(start_node(args.name, args.port).url)
+            tls = Certs(args.certs) if args.certs else None
+            node = start_node(args.name, args.port, tls_port=args.tls_port, certs=tls)
+            print(node.url if node.tls_port is None else f"{node.url}\n{node.tls_url}")
+        elif args.cmd == "certs":
+            made = make_certs(args.dir)
+            print("\n".join(str(p) for p in (made.ca, made.server_cert, made.server_key,
+                                              made.client_cert, made.client_key)))
+        elif args.cmd == "cluster":
+            specs = [(n.rpartition(":")[0], int(n.rpartition(":")[2])) for n in args.nodes]
+            for node in start_cluster(specs):
+                print(node.url)
         elif args.cmd == "stop":
             stop_node(args.name)
         elif args.cmd == "stop-app":

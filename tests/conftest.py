@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from filelock import FileLock
@@ -20,6 +22,9 @@ from kzpool.testing import Pool
 ROOT = Path(__file__).resolve().parent.parent
 STATE = Path(os.environ.get("KZPOOL_BROKERS_DIR", "/tmp/kzpool-brokers"))
 EXTRA_NODE = ("kzp1@localhost", 5701)
+TLS_NODE = ("kztls1@localhost", 5741, 5742)  # name, AMQP port, TLS port: this suite's own
+CLUSTER = [("kzcl1@localhost", 5751), ("kzcl2@localhost", 5752), ("kzcl3@localhost", 5753)]
+T = TypeVar("T")
 
 
 def _load_brokers() -> ModuleType:
@@ -53,22 +58,71 @@ def pools(tmp_path: Path) -> Iterator[Callable[..., Pool]]:
         print(f"--- log of the pool at {pool.socket}:\n{pool.logs()}")  # shown on failure
 
 
+@contextlib.contextmanager
+def shared(name: str, start: Callable[[], T], stop: Callable[[T], None]) -> Iterator[T]:
+    """Something the test runs on this machine share (a broker node): the first user starts
+    it, the last one stops it, under a file lock named ``name``."""
+    STATE.mkdir(parents=True, exist_ok=True)
+    users = STATE / f"{name}.users"
+    with FileLock(str(STATE / f"{name}.lock")):
+        thing = start()
+        count = json.loads(users.read_text()) if users.exists() else 0
+        users.write_text(json.dumps(count + 1))
+    try:
+        yield thing
+    finally:
+        with FileLock(str(STATE / f"{name}.lock")):
+            count = json.loads(users.read_text()) - 1
+            users.write_text(json.dumps(count))
+            if count <= 0:
+                stop(thing)
+                users.unlink()
+
+
 @pytest.fixture(scope="session")
 def extra_node() -> Iterator[Any]:
     """The extra node kzp1 on 5701, started once and stopped by the last xdist worker."""
-    STATE.mkdir(parents=True, exist_ok=True)
-    users = STATE / "kzp1.users"
-    with FileLock(str(STATE / "kzp1.lock")):
-        node = brokers.start_node(*EXTRA_NODE)
-        count = json.loads(users.read_text()) if users.exists() else 0
-        users.write_text(json.dumps(count + 1))
-    yield node
-    with FileLock(str(STATE / "kzp1.lock")):
-        count = json.loads(users.read_text()) - 1
-        users.write_text(json.dumps(count))
-        if count <= 0:
-            brokers.stop_node(node)
-            users.unlink()
+    with shared("kzp1", lambda: brokers.start_node(*EXTRA_NODE), brokers.stop_node) as node:
+        yield node
+
+
+@pytest.fixture(scope="session")
+def tls_node() -> Iterator[Any]:
+    """A node with a TLS listener that wants a client certificate (``fail_if_no_peer_cert``),
+    and the CA, server and client certificates made for it: ``(node, certs)``.  Shared by the
+    xdist workers like kzp1; its certificates live beside it, made by the first user."""
+    certs = brokers.Certs(STATE / "kztls1.certs")
+
+    def start() -> Any:
+        if not certs.client_key.exists():
+            brokers.stop_node(TLS_NODE[0])  # one left running trusts certificates now gone
+            brokers.make_certs(certs.dir)
+        return brokers.start_node(*TLS_NODE[:2], tls_port=TLS_NODE[2], certs=certs)
+
+    def stop(node: Any) -> None:
+        brokers.stop_node(node)
+        shutil.rmtree(certs.dir, ignore_errors=True)
+
+    with shared("kztls1", start, stop) as node:
+        yield node, certs
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[list[Any]]:
+    """Three nodes joined in one cluster, shared by the xdist workers."""
+    with shared("kzcl", lambda: brokers.start_cluster(CLUSTER), brokers.stop_cluster) as nodes:
+        yield nodes
+
+
+@pytest.fixture
+def faulty_cluster(cluster: list[Any]) -> Iterator[list[Any]]:
+    """The cluster, held exclusively: this test may stop its nodes' apps (started again
+    after)."""
+    with FileLock(str(STATE / "kzcl.fault.lock")):
+        yield cluster
+        for node in cluster:
+            if not brokers.port_open(node.port):
+                brokers.start_app(node.name)
 
 
 @pytest.fixture

@@ -70,6 +70,9 @@ def test_cli_override_beats_the_file() -> None:
     ("[pool]\nworker_max_rss = lots\n" + OK, "c.ini:2: [pool] worker_max_rss = 'lots': not a size"),
     ("[pool]\nlog_level = loud\n" + OK, "c.ini:2: [pool] log_level = 'loud': not one of"),
     ("[pool]\nprechanels = 3\n" + OK, "c.ini:2: [pool] unknown key 'prechanels'"),
+    ("[pool]\ntls_key = /k.pem\n" + OK,
+     "c.ini:2: [pool] tls_key = '/k.pem': tls_key needs tls_cert"),
+    ("[pool]\ntls_verify = maybe\n" + OK, "c.ini:2: [pool] tls_verify = 'maybe': not verify_peer"),
     ("[pool]\nprechannels = 3\nprechannels = 4\n" + OK, "c.ini:3: [pool] prechannels given twice"),
     ("[amqp]\nuri = http://guest:pw@host/\n", "c.ini:2: [amqp] uri = 'http://guest:***@host/':"
      " scheme 'http' is not amqp or amqps"),
@@ -109,6 +112,8 @@ def test_each_bad_config_is_named(text: str, expected: str) -> None:
     ("handler = m:f\nfederate = true\n", "federate = true needs an exchange and bindings"),
     ("handler = m:f\nmax_rss = lots\n", "max_rss = 'lots': not a size"),
     ("handler = m:f\nqueue_name = q\n", "unknown key 'queue_name'"),
+    ("handler = m:f\nlease = sticky\nbroker = amqps://h/?cacertfile=/ca.pem\n",
+     "a lease's broker URI takes no options (cacertfile)"),
 ])
 def test_each_bad_consumer_section_is_named(section: str, expected: str) -> None:
     found = problems(OK + "[consumer:billing]\n" + section)
@@ -177,3 +182,14 @@ def test_serve_flags_derive_from_the_settings_table() -> None:
     help_text = run_cli("serve", "--help").stdout
     for setting in SETTINGS:
         assert setting.flag in help_text
+
+
+def test_uri_options_kazoo_and_pika_users_write_are_kept() -> None:
+    cfg = config.loads("[amqp]\nuri = amqp://u:pw@h/%2F?heartbeat=5&channel_max=64"
+                       "&frame_max=65536\nuri = amqps://u:pw@h2/?verify=verify_none"
+                       "&server_name_indication=rabbit.example&depth=3\n", environ={})
+    plain, secure = (b.uri for b in cfg.brokers)
+    assert plain.options == (("heartbeat", "5"), ("channel_max", "64"), ("frame_max", "65536"))
+    assert (secure.port, secure.option("verify"), secure.option("depth")) == (
+        5671, "verify_none", "3")
+    assert secure.masked == "amqps://u:***@h2:5671/%2F"  # options are not shown

@@ -6,16 +6,23 @@ named ``local``.  ``[pool]`` holds the settings declared in :mod:`kzpool.common.
 
 Every fault is collected and raised at once as :class:`~kzpool.common.errors.ConfigError`, one line
 per fault, naming the file, the line, the key and the bad value.  Passwords are masked.
+
+TLS files (an ``amqps`` URI's options, the ``[pool] tls_*`` defaults) are loaded here, so a
+missing file, a file that is not PEM, an encrypted key without its password or a key that
+does not match its certificate is a fault of the config (``kzpool check``, ``serve``,
+``SIGHUP``), not of a worker.  Loading reads the files: :func:`loads` blocks on the file
+system when the config names any.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import BrokerURIError, ConfigError
+from . import tls
+from .errors import BrokerURIError, ConfigError, TLSError
 from .settings import (
     BY_NAME,
     CONSUMER_BY_NAME,
@@ -112,7 +119,9 @@ class Config:
 
     @property
     def passwords(self) -> set[str]:
-        return {b.uri.password for b in self.brokers if b.uri.password}
+        """Every secret of the config: the brokers' passwords and their keys' passwords."""
+        secrets = {b.uri.password for b in self.brokers if b.uri.password}
+        return secrets | {p for b in self.brokers if (p := b.uri.option("password"))}
 
 
 def load(path: str, overrides: Mapping[str, str] | None = None,
@@ -131,8 +140,10 @@ def loads(text: str, path: str = "<config>", overrides: Mapping[str, str] | None
     problems: list[str] = []
     sections = parse_ini(text, path, problems)
     pool_entries = [e for s in sections if s.name == "pool" for e in s.entries]
-    settings = _settings(pool_entries, path, overrides or {}, environ or {}, problems)
-    zones = _zones(sections, path, problems)
+    wheres: dict[str, str] = {}  # a setting's name, or a broker's short URI: where it was given
+    settings = _settings(pool_entries, path, overrides or {}, environ or {}, problems, wheres)
+    zones = _zones(sections, path, problems, wheres)
+    _check_tls(settings, [u for uris in zones.values() for u in uris], wheres, problems)
     local = settings.zone or (next(iter(zones)) if len(zones) == 1 else None)
     if zones and local is None:
         problems.append(f"{path}: several zones ({', '.join(zones)}): name the local one with"
@@ -171,8 +182,8 @@ def _consumers(sections: list[Section], path: str, problems: list[str]) -> tuple
         if (values["lease"] == "sticky") != bool(values["broker"]):
             problems.append(f"{where}: a sticky consumer needs broker = URI, a float one none")
         elif values["broker"]:
-            try:
-                BrokerURI.parse(values["broker"])
+            try:  # it is sent in a lease request: a broker URI as a client may give it
+                BrokerURI.parse_client(values["broker"])
             except BrokerURIError as exc:
                 problems.append(f"{where} broker: {exc.fields['reason']}")
         if values["federate"] and not (values["exchange"] and values["bindings"]):
@@ -208,7 +219,8 @@ def _section_values(section: Section, table: Mapping[str, Setting], path: str,
 
 
 def _settings(entries: list[Entry], path: str, overrides: Mapping[str, str],
-              environ: Mapping[str, str], problems: list[str]) -> PoolSettings:
+              environ: Mapping[str, str], problems: list[str],
+              wheres: dict[str, str]) -> PoolSettings:
     given: dict[str, tuple[str | None, str]] = {}
     for entry in entries:
         if entry.key not in BY_NAME:
@@ -227,6 +239,7 @@ def _settings(entries: list[Entry], path: str, overrides: Mapping[str, str],
     values: dict[str, Any] = {}
     for setting in SETTINGS:
         text, where = given.get(setting.name, (setting.default, "default"))
+        wheres[setting.name] = where
         try:
             values[setting.name] = None if text is None else setting.parse(text)
         except ValueError as exc:
@@ -235,8 +248,8 @@ def _settings(entries: list[Entry], path: str, overrides: Mapping[str, str],
     return PoolSettings(**values)
 
 
-def _zones(sections: list[Section], path: str,
-           problems: list[str]) -> dict[str, list[BrokerURI]]:
+def _zones(sections: list[Section], path: str, problems: list[str],
+           wheres: dict[str, str]) -> dict[str, list[BrokerURI]]:
     zoned = [s for s in sections if s.name == "zone" or s.name.startswith("zone:")]
     flat = [s for s in sections if s.name == "amqp"]
     for section in sections:
@@ -269,6 +282,7 @@ def _zones(sections: list[Section], path: str,
                                 f" {seen[uri.short]}")
                 continue
             seen[uri.short] = where.split(": ", 1)[0]
+            wheres[uri.short] = where
             uris.append(uri)
     if not zones:
         problems.append(f"{path}: no brokers: add an [amqp] section with uri = lines")
@@ -276,6 +290,38 @@ def _zones(sections: list[Section], path: str,
         if not uris:
             problems.append(f"{path}: zone {name!r} lists no broker (uri = ...)")
     return zones
+
+
+def _check_tls(settings: PoolSettings, uris: list[BrokerURI], wheres: Mapping[str, str],
+               problems: list[str]) -> None:
+    """Load every TLS file set the config names, once each; a fault of the [pool] defaults
+    is named at the [pool] setting, one of a URI's own files at its uri line."""
+    checked: set[tuple[str | None, ...]] = set()
+    defaults = tls.pool_defaults(settings)
+    if settings.tls_key and not settings.tls_cert:
+        problems.append(f"{wheres['tls_key']} = {settings.tls_key!r}: tls_key needs tls_cert")
+        checked.add(defaults.files)  # the URIs that use them are not checked again
+    elif settings.tls_ca or settings.tls_cert:
+        checked.add(defaults.files)
+        try:
+            tls.context(replace(defaults, verify=True))  # its CA too, whatever tls_verify
+        except TLSError as exc:
+            name = {"ca": "tls_ca", "cert": "tls_cert"}.get(str(exc.fields["part"]), "tls_key")
+            if name == "tls_key" and not settings.tls_key:
+                name = "tls_cert"
+            problems.append(f"{wheres[name]} = {getattr(settings, name)!r}: {exc}")
+    for uri in uris:
+        files = tls.resolve(uri, settings)
+        if files is None or files.files in checked:
+            continue
+        checked.add(files.files)
+        try:
+            tls.context(files)
+        except TLSError as exc:
+            from_pool = files.ca_from_pool if exc.fields["part"] == "ca" else (
+                files.cert_from_pool)
+            if not from_pool:  # else named at the [pool] setting already
+                problems.append(f"{wheres[uri.short]} = {uri.masked!r}: {exc}")
 
 
 def _zone_name(section: Section, path: str, problems: list[str]) -> str:

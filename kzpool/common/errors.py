@@ -44,6 +44,13 @@ class BrokerURIError(KzpoolError):
     code = "bad_uri"
 
 
+class TLSError(KzpoolError):
+    """A TLS file cannot be used (missing, unreadable, not PEM, a key that does not match its
+    certificate); the message names the file or files, never a key's password."""
+
+    code = "tls"
+
+
 class PoolNotRunning(KzpoolError):
     """No pool answers on the lease socket."""
 

@@ -233,17 +233,18 @@ class PoolSettings:
         at_least(0))
     tls_ca: str | None = setting(
         to_optional_path, "",
-        "CA certificate file for amqps brokers that name no cacertfile of their own.")
+        "CA certificate file (PEM) for amqps brokers that name no cacertfile of their own;"
+        " empty: the system's CAs.")
     tls_cert: str | None = setting(
         to_optional_path, "",
-        "Client certificate file for amqps brokers that name no certfile of their own.")
+        "Client certificate file (PEM) for amqps brokers that name no certfile of their own.")
     tls_key: str | None = setting(
         to_optional_path, "",
-        "Client key file for amqps brokers that name no keyfile of their own.")
+        "Key file of tls_cert (PEM, not encrypted); empty: the key is in tls_cert's file.")
     tls_verify: str = setting(
         to_tls_verify, "verify_peer",
-        "verify_peer (check the broker's certificate against the CA) or verify_none, for"
-        " amqps brokers that name no verify of their own.")
+        "verify_peer (check the broker's certificate against the CA, and its name) or"
+        " verify_none, for amqps brokers that name no verify of their own.")
     metrics_port: int = setting(
         to_int, "0",
         "Serve Prometheus metrics on this TCP port (needs prometheus-client); 0: off.",

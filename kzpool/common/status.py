@@ -2,12 +2,14 @@
 
 :func:`document` makes the status JSON from the registry's tables (rows as the master
 writes them), wherever they were read: from the registry process, or from the master's own
-copy.  :func:`render` prints it as tables.
+copy.  :func:`render` prints it as tables.  :func:`health` judges it for ``kzpool health``
+and ``GET /healthz``.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 Row = dict[str, Any]
@@ -61,6 +63,36 @@ def broker_summary(connections: list[Row], assignments: list[Row]) -> list[Row]:
         if target is not None:
             target[row["kind"] if placed else "waiting"] += 1
     return list(brokers.values())
+
+
+@dataclass(frozen=True)
+class Health:
+    """Is the pool serving: ``ok``, and one line saying why (or why not)."""
+
+    ok: bool
+    reason: str
+
+
+def health(status: dict[str, Any]) -> Health:
+    """Healthy when the pool is running and its local zone has a primary (a connected broker
+    that float leases go to).  Pure: the status document in, a verdict out."""
+    pool = status.get("pool") or {}
+    state, zone = pool.get("state"), pool.get("local_zone")
+    connections = status.get("connections") or []
+    up = sum(1 for row in connections if row.get("available"))
+    count = f"{up}/{len(connections)} connections up"
+    if state != "running":
+        return Health(False, f"pool {pool.get('pid')} is {state or 'in an unknown state'},"
+                             f" not running ({count})")
+    local = [row for row in connections if row.get("zone") == zone and not row.get("hidden")]
+    primary = next((row for row in local if row.get("primary") and row.get("available")), None)
+    if primary is not None:
+        return Health(True, f"primary {primary['broker']} in zone {zone}, {count}")
+    seen: dict[str, str] = {}
+    for row in local:  # one reason per broker, in config order
+        seen.setdefault(str(row.get("broker")), str(row.get("error") or row.get("state")))
+    why = "; ".join(f"{broker}: {reason}" for broker, reason in seen.items())
+    return Health(False, f"no primary in local zone {zone}: {why or 'it lists no broker'}")
 
 
 def render(status: dict[str, Any], now: float | None = None) -> str:

@@ -301,15 +301,11 @@ class Master:
                 key.data(key.fd)
 
     def _serve_metrics(self) -> None:
-        scrapes = metrics.listen(self.settings.metrics_address, self.settings.metrics_port)
         collector = metrics.Collector(lambda: self.workers.slots.values(),
                                       lambda: self.leases.rows.values(),
                                       lambda: self.leases.moves)
-
-        def scrape(_fd: int) -> None:
-            with contextlib.suppress(BlockingIOError, InterruptedError):
-                metrics.serve(scrapes.accept()[0], collector)
-        self.selector.register(scrapes, selectors.EVENT_READ, scrape)
+        metrics.Server(metrics.listen(self.settings.metrics_address, self.settings.metrics_port),
+                       self.selector, collector, lambda: status.health(self.status()))
 
     def answer(self, request: Message) -> dict[str, Any]:
         """A document for ``ping``, ``status`` or ``brokers``."""

@@ -7,6 +7,7 @@ from typing import Any
 import pika
 from pika.adapters.select_connection import SelectConnection
 
+from ..common import tls
 from .spec import WorkerSpec
 
 
@@ -36,13 +37,31 @@ class BatchedConnection(SelectConnection):  # type: ignore[misc]
             super()._adapter_emit_data(data)
 
 
-def parameters(spec: WorkerSpec) -> pika.URLParameters:
-    """pika's parameters for ``spec``'s broker: one attempt, the pool's timeouts."""
-    settings = spec.settings
-    params = pika.URLParameters(spec.broker.uri.uri)
-    params.heartbeat = settings.heartbeat
-    params.connection_attempts = 1
-    params.socket_timeout = settings.connect_timeout
-    params.stack_timeout = settings.connect_timeout
-    params.client_properties = {"connection_name": spec.title(False)[8:], "product": "kzpool"}
+def parameters(spec: WorkerSpec) -> pika.ConnectionParameters:
+    """pika's parameters for ``spec``'s broker: one attempt, the pool's timeouts, TLS from
+    the broker's URI and the ``[pool]`` defaults (:mod:`kzpool.common.tls`).
+
+    Built from the parsed URI, never by pika from the URI's text: pika would refuse Kazoo's
+    TLS options, and would ``literal_eval`` its own.  Reads the TLS files (blocks on the file
+    system); raises :class:`~kzpool.common.errors.TLSError` naming a file that cannot be used.
+    """
+    settings, uri = spec.settings, spec.broker.uri
+    files = tls.resolve(uri, settings)
+    ssl_options = None if files is None else pika.SSLOptions(tls.context(files),
+                                                              files.server_name)
+    params = pika.ConnectionParameters(
+        host=uri.host, port=uri.port, virtual_host=uri.vhost,
+        credentials=pika.PlainCredentials(uri.user, uri.password, erase_on_connect=False),
+        heartbeat=_int(uri.option("heartbeat"), settings.heartbeat),
+        connection_attempts=1, socket_timeout=settings.connect_timeout,
+        stack_timeout=settings.connect_timeout, ssl_options=ssl_options,
+        client_properties={"connection_name": spec.title(False)[8:], "product": "kzpool"})
+    for name in ("channel_max", "frame_max"):
+        value = uri.option(name)
+        if value is not None:
+            setattr(params, name, int(value))
     return params
+
+
+def _int(text: str | None, default: int) -> int:
+    return default if text is None else int(text)

@@ -33,6 +33,7 @@ from pika.adapters.select_connection import IOLoop, SelectConnection
 from ..common import exitcodes, messages, proc
 from ..common.access import Access, peer
 from ..common.backoff import Backoff
+from ..common.errors import TLSError
 from ..common.messages import LeaseEvent, LeaseNews, LeaseRequest, Message, Reason
 from ..common.states import ConnState
 from .connection import BatchedConnection, parameters
@@ -135,8 +136,13 @@ class ConnectionWorker:
         if self.state is ConnState.STOPPING:
             return
         self._set_state(ConnState.CONNECTING)
+        try:
+            params = parameters(self.spec)
+        except TLSError as exc:  # a TLS file gone or changed since the config was checked
+            self._lost(exc)
+            return
         self.connection = BatchedConnection(
-            parameters(self.spec),
+            params,
             on_open_callback=self._on_open,
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_closed,
