@@ -16,7 +16,7 @@ import asyncio
 import inspect
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, cast
 
 from ..client.confirms import Unconfirmed
@@ -65,7 +65,7 @@ class CallbackConsumer:
         except Exception:
             log.exception("consumer callback failed")
             return
-        if inspect.isawaitable(result):
+        if isinstance(result, Coroutine) or inspect.isawaitable(result):
             task = asyncio.ensure_future(result)
             self.tasks.add(task)
             task.add_done_callback(self._done)
@@ -213,7 +213,10 @@ class ChannelCore:
         link.confirms.add(Unconfirmed(cast(Any, confirm), data, exchange, routing_key, None,
                                       body))
         link.send(data)
-        return await within(future, timeout)
+        if timeout is None:
+            return await future
+        async with asyncio.timeout(timeout):
+            return await future
 
     def settle(self, delivery_tag: int, flags: int) -> None:
         self.link.settle(delivery_tag, flags)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import decimal
 import functools
+import operator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,6 +28,9 @@ MILLISECONDS = 1000
 FIELDS = ("app_id", "content_encoding", "content_type", "correlation_id", "delivery_mode",
           "expiration", "headers", "message_id", "priority", "reply_to", "timestamp", "type",
           "user_id")
+
+
+_fields = operator.attrgetter(*FIELDS)
 
 
 def _text(value: Any) -> str | None:
@@ -145,7 +149,10 @@ def body_of(message: Any) -> bytes:
 def encode_properties(message: Any) -> bytes:
     """The content-header properties of ``message`` (any object with aio-pika's attributes),
     as kzpool's wire carries them."""
-    values = tuple(getattr(message, name, None) for name in FIELDS)
+    try:
+        values = _fields(message)
+    except AttributeError:  # a message without some of aio-pika's attributes
+        values = tuple(getattr(message, name, None) for name in FIELDS)
     if not values[6] and values[5] is None and values[10] is None:
         # no headers, expiration or timestamp: the encoding is cached
         return _encode_plain((*values[:6], None, *values[7:]))
