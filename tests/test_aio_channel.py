@@ -185,14 +185,17 @@ def test_closed_channels_and_connections(socket: str, name: str) -> None:
         assert (queue.declaration_result.message_count,
                 queue.declaration_result.consumer_count) == (0, 0)
 
+        consuming = asyncio.Event()
+
         async def loop() -> int:
             count = 0
             async with queue.iterator() as messages:
+                consuming.set()
                 async for _message in messages:
                     count += 1
             return count
         looping = asyncio.create_task(loop())
-        await aio_pika_waits_for(lambda: queue_counts(name) == (0, 1))
+        await consuming.wait()
         await connection.close()
         assert await looping == 0  # closing the connection ends the loop
         assert channel.is_closed and connection.is_closed

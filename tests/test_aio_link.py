@@ -180,3 +180,17 @@ def test_a_channel_error_fails_its_call_and_the_channel_replays_alone(
         with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
             await channel.set_qos(prefetch_count=1)
     run(main())
+
+
+def test_closing_the_channel_ends_the_calls_in_flight(fake: FakeBackend) -> None:
+    async def main() -> None:
+        channel = await open_channel(fake, publisher_confirms=False)
+        queue = await channel.declare_queue("q")
+        waiting = asyncio.create_task(queue.bind("missing"))  # the worker never answers
+        await until(lambda: any(isinstance(m, messages.Call) and m.method == "queue_bind"
+                                for m in fake.workers[0].received), "the bind sent")
+        await channel.close()
+        with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
+            await waiting
+        await until(lambda: received(fake.workers[0], messages.Close), "the lease given back")
+    run(main())

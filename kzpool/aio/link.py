@@ -311,6 +311,14 @@ class LinkBase:
                 future.set_result(Reply(rid, error=reason) if reason.channel_error else None)
         return bool(replies) and reason.channel_error
 
+    def fail_calls(self, error: BaseException) -> None:
+        """The link is closed: calls in flight raise ``error``; a wait for a binding ends."""
+        replies, self._replies = self._replies, {}
+        for future in replies.values():
+            if not future.done():
+                future.set_exception(error)
+        self._resolve_binding()
+
     def recover(self, reason: Reason) -> None:
         """Get another channel in the background (:mod:`.moves`)."""
         raise NotImplementedError

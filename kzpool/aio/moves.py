@@ -67,6 +67,7 @@ class AioLink(LinkBase):
         self.bound = False
         if stream is not None:
             stream.close(messages.encode(messages.Close()))
+        self.fail_calls(ChannelInvalidStateError("the channel was closed", lease=self.id))
         self.confirms.fail_all(ChannelInvalidStateError("the channel was closed", lease=self.id))
 
     # ----- recovery -------------------------------------------------------------------------
