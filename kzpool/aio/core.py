@@ -192,8 +192,8 @@ class ChannelCore:
     async def publish(self, exchange: str, routing_key: str, message: Any, mandatory: bool,
                       timeout: float | None) -> Any:
         link = self.link
-        while not link.ready or link.blocked or (link.stream is not None
-                                                 and link.stream.paused):
+        while not link.ready or link.blocked or link.unreported is not None or (
+                link.stream is not None and link.stream.paused):
             await link.wait_ready()
             if link.blocked:
                 await link.wait_unblocked()

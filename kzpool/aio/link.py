@@ -89,7 +89,7 @@ class LinkBase:
         self.failure: BaseException | None = None  # why the last recovery try failed
         self._binding: asyncio.Future[None] | None = None  # resolved: bound, lost or refused
         self._changed: asyncio.Future[None] | None = None  # resolved on each state change
-        self._unreported: Reason | None = None  # a channel error no call has raised yet
+        self.unreported: Reason | None = None  # a channel error no call has raised yet
         self._replies: dict[int, asyncio.Future[Reply | None]] = {}
         self._rid = 0
         self._got: list[tuple[Any, ...]] = []  # basic.get messages, before their replies
@@ -146,8 +146,8 @@ class LinkBase:
     async def wait_ready(self, deadline: float | None = None) -> None:
         """Until the link has a channel (replayed); a channel error no call raised yet is
         raised here, once.  After ``deadline``: why the last try failed, or LeaseTimeout."""
-        if self._unreported is not None:
-            reason, self._unreported = self._unreported, None
+        if self.unreported is not None:
+            reason, self.unreported = self.unreported, None
             raise channel_error(reason.code, reason.text)
         if deadline is None:
             deadline = self.loop.time() + self.timeout
@@ -291,7 +291,7 @@ class LinkBase:
         if reason.channel_error and not reported and had_channel:
             log.warning("lease %s: the broker closed the channel: %d %s", self.id, reason.code,
                         reason.text)
-            self._unreported = reason
+            self.unreported = reason
         self._got.clear()
         self._got_for.clear()
         was_ready = self.state is LinkState.READY

@@ -91,6 +91,10 @@ class AioLink(LinkBase):
             except (KzpoolError, ChannelClosed, OSError) as exc:
                 self._failed(exc)
                 await asyncio.sleep(retry.next_delay())
+            except Exception as exc:  # a fault of ours: say so, and try again all the same
+                log.exception("lease %s: recovery failed", self.id)
+                self._failed(exc)
+                await asyncio.sleep(retry.next_delay())
         if self.state is not LinkState.LOST:
             return  # closed meanwhile
         self.state, self.failure = LinkState.READY, None
