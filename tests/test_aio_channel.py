@@ -232,3 +232,25 @@ def test_closing_a_channel_gives_back_what_it_had_not_acked(socket: str, name: s
         await aio_pika_waits_for(lambda: queue_counts(name) == (1, 0))
     run(main())
     assert drain(DEFAULT_URI, name) == [b"unacked"]
+
+
+def test_exchange_to_exchange_bindings_route(socket: str, name: str) -> None:
+    async def main() -> None:
+        async with await kzpool.aio.connect(socket) as connection:
+            channel = await connection.channel()
+            source = await channel.declare_exchange(f"{name}-src", aio_pika.ExchangeType.TOPIC)
+            destination = await channel.declare_exchange(f"{name}-dst", "fanout",
+                                                         auto_delete=True)
+            await destination.bind(source, "a.*")  # the destination binds to its source
+            queue = await channel.declare_queue(name, auto_delete=True)
+            await queue.bind(destination)
+            await source.publish(Message(b"routed"), routing_key="a.b")
+            back = await source.publish(Message(b"not"), routing_key="b.c")
+            assert back.body == b"not"  # no binding matched: returned
+            assert (await queue.get()).body == b"routed"
+            await destination.unbind(source, "a.*")
+            assert (await source.publish(Message(b"gone"), "a.b")).body == b"gone"
+            await queue.delete(if_unused=False, if_empty=False)
+            await destination.delete()
+            await source.delete()
+    run(main())

@@ -13,7 +13,7 @@ import aio_pika
 import pamqp.commands
 import pika
 import pytest
-from aio_pika import DeliveryMode, Message
+from aio_pika import DeliveryMode, ExchangeType, Message
 
 import kzpool
 import kzpool.aio
@@ -50,9 +50,18 @@ def test_an_asyncio_consumer_and_a_confirmed_publisher_fail_over_and_back(
 
     async def main() -> None:
         connection = await kzpool.aio.connect(pool.socket)
+
+        async def declare(channel: aio_pika.abc.AbstractChannel) -> Any:
+            """An exchange, a queue and a binding: each channel replays them after a move."""
+            exchange = await channel.declare_exchange(f"{queue}-x", ExchangeType.TOPIC,
+                                                      durable=True)
+            durable = await channel.declare_queue(queue, durable=True)  # survives stop_app
+            await durable.bind(exchange, routing_key="jobs.#")
+            return exchange, durable
+
         consuming = await connection.channel(on_move=moves["consumer"].append, timeout=15)
         await consuming.set_qos(prefetch_count=50)
-        durable = await consuming.declare_queue(queue, durable=True)  # survives stop_app
+        _exchange, durable = await declare(consuming)
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             async with message.process():
@@ -60,15 +69,15 @@ def test_an_asyncio_consumer_and_a_confirmed_publisher_fail_over_and_back(
 
         await durable.consume(on_message)
         publishing = await connection.channel(on_move=moves["publisher"].append, timeout=15)
-        await publishing.declare_queue(queue, durable=True)  # declared again after a move
+        exchange, _queue = await declare(publishing)
         assert publishing.broker == consuming.broker == primary
         stop = asyncio.Event()
 
         async def publish() -> None:
             while not stop.is_set():
                 body = b"%d" % len(sent)
-                confirm = await publishing.default_exchange.publish(  # or it raises
-                    Message(body, delivery_mode=DeliveryMode.PERSISTENT), routing_key=queue)
+                confirm = await exchange.publish(  # or it raises
+                    Message(body, delivery_mode=DeliveryMode.PERSISTENT), routing_key="jobs.a")
                 assert isinstance(confirm, pamqp.commands.Basic.Ack)  # not returned
                 sent.append(body)
 
@@ -95,6 +104,9 @@ def test_an_asyncio_consumer_and_a_confirmed_publisher_fail_over_and_back(
 
     asyncio.run(asyncio.wait_for(main(), 90))
     left = drain(faulty_node.url, queue) + drain(DEFAULT_URI, queue)
+    for uri in (faulty_node.url, DEFAULT_URI):
+        with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
+            conn.channel().exchange_delete(f"{queue}-x")
     # every confirmed publish was consumed, or waits in a queue on one broker or the other
     assert set(sent) - set(received) - set(left) == set()
     assert set(received) | set(left) == set(sent)
