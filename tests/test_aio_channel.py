@@ -5,6 +5,8 @@ robust channel does).  A real pool on the default broker; names of their own."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import uuid
 from collections.abc import Awaitable, Iterator
 from typing import Any
@@ -254,3 +256,42 @@ def test_exchange_to_exchange_bindings_route(socket: str, name: str) -> None:
             await destination.delete()
             await source.delete()
     run(main())
+
+
+WITHOUT_AIO_PIKA = """
+import asyncio, sys
+
+class NoAioPika:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("aio_pika", "aiormq", "pamqp"):
+            raise ImportError(f"no {name} here")
+
+sys.meta_path.insert(0, NoAioPika())
+import kzpool.aio
+from kzpool.aio import ExchangeType, Message
+
+async def main(socket, name):
+    async with await kzpool.aio.connect(socket) as connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(name, ExchangeType.FANOUT, auto_delete=True)
+        queue = await channel.declare_queue(name, auto_delete=True)
+        await queue.bind(exchange)
+        ack = await exchange.publish(Message(b"own", correlation_id=5), routing_key="")
+        message = await queue.get()
+        await message.ack()
+        try:
+            await queue.get()
+        except kzpool.aio.QueueEmpty as exc:
+            empty = isinstance(exc, asyncio.QueueEmpty)
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("aio_pika", "aiormq"))
+        print(ack.name, message.body.decode(), message.correlation_id, empty, loaded)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def test_without_aio_pika_its_own_message_and_exchange_type_work(socket: str, name: str) -> None:
+    done = subprocess.run([sys.executable, "-c", WITHOUT_AIO_PIKA, socket, name],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["Basic.Ack", "own", "5", "True", "[]"]
