@@ -128,11 +128,13 @@ def test_a_sticky_channel_waits_for_its_broker_and_comes_back_by_itself(
         channel = await connection.channel(kind="sticky", broker=faulty_node.url, timeout=2)
         durable = await channel.declare_queue(queue, durable=True)
 
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            async with message.process():
-                got.append(message.body)
+        async def consume() -> None:  # the iterator style: it outlives the outage
+            async with durable.iterator() as messages:
+                async for message in messages:
+                    async with message.process():
+                        got.append(message.body)
 
-        await durable.consume(on_message)
+        consumer = asyncio.create_task(consume())
         await channel.default_exchange.publish(Message(b"before"), routing_key=queue)
         await until(lambda: got == [b"before"], "the first message")
         await asyncio.to_thread(brokers.stop_app, faulty_node.name)
@@ -146,6 +148,7 @@ def test_a_sticky_channel_waits_for_its_broker_and_comes_back_by_itself(
         await until(lambda: b"after" in got, "a delivery on the restored channel")
         assert channel.broker == faulty_node.url.replace("guest:guest", "guest:***")
         await connection.close()
+        await consumer  # closing the connection ends the loop
 
     asyncio.run(asyncio.wait_for(main(), 90))
     drain(faulty_node.url, queue)
