@@ -174,9 +174,14 @@ class ChannelCore:
 
     async def cancel(self, consumer_tag: str, timeout: float | None) -> Any:
         consumer = self.consumers.get(consumer_tag)
-        if consumer is not None:
-            self.consumers[consumer_tag] = _Cancelled(consumer.no_ack)
-        return await self.rpc("basic_cancel", {"consumer_tag": consumer_tag}, timeout)
+        if consumer is None:
+            return await self.rpc("basic_cancel", {"consumer_tag": consumer_tag}, timeout)
+        marker = self.consumers[consumer_tag] = _Cancelled(consumer.no_ack)
+        try:
+            return await self.rpc("basic_cancel", {"consumer_tag": consumer_tag}, timeout)
+        finally:  # nothing comes for it after the broker's CancelOk
+            if self.consumers.get(consumer_tag) is marker:
+                del self.consumers[consumer_tag]
 
     async def get(self, queue: str, no_ack: bool, timeout: float | None
                   ) -> IncomingMessage | None:
