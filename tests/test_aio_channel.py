@@ -16,6 +16,7 @@ import aiormq.exceptions
 import pamqp.commands
 import pytest
 from aio_pika import Message
+from aio_pika.patterns import RPC, Master
 
 import kzpool
 import kzpool.aio
@@ -295,3 +296,29 @@ def test_without_aio_pika_its_own_message_and_exchange_type_work(socket: str, na
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["Basic.Ack", "own", "5", "True", "[]"]
+
+
+def test_aio_pikas_rpc_and_master_patterns_run_on_it(socket: str, name: str) -> None:
+    done: list[int] = []
+
+    async def multiply(*, x: int, y: int) -> int:
+        return x * y
+
+    async def task(*, number: int) -> None:
+        done.append(number)
+
+    async def main() -> None:
+        async with await kzpool.aio.connect(socket) as connection:
+            channel = await connection.channel()
+            rpc = await RPC.create(channel)
+            await rpc.register(f"{name}-multiply", multiply, auto_delete=True)
+            assert await rpc.call(f"{name}-multiply", kwargs={"x": 6, "y": 7}) == 42
+            await rpc.close()
+            master = Master(channel)
+            worker = await master.create_worker(f"{name}-tasks", task, auto_delete=True)
+            for number in range(5):
+                await master.create_task(f"{name}-tasks", kwargs={"number": number})
+            await aio_pika_waits_for(lambda: len(done) == 5)
+            await worker.close()
+    run(main())
+    assert sorted(done) == [0, 1, 2, 3, 4]
