@@ -1,0 +1,72 @@
+"""aio-pika's callback collections: ``close_callbacks``, ``return_callbacks``, ...
+
+Each callback is called with the sender (the channel or connection) first, then the event's
+arguments; a coroutine function's result runs as a task.  What a callback raises is logged,
+never passed on.  Not thread-safe: the loop's thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+log = logging.getLogger("kzpool.aio")
+
+Callback = Callable[..., Any]
+
+
+class CallbackCollection:
+    def __init__(self, sender: Any) -> None:
+        self.sender = sender
+        self._callbacks: list[Callback] = []
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def add(self, callback: Callback, weak: bool = False) -> None:
+        """Add ``callback`` (``weak`` is accepted for aio-pika's sake: references are
+        strong)."""
+        if not callable(callback):
+            raise ValueError(f"callback {callback!r} is not callable")
+        if callback not in self._callbacks:
+            self._callbacks.append(callback)
+
+    def remove(self, callback: Callback) -> None:
+        self._callbacks.remove(callback)
+
+    def discard(self, callback: Callback) -> None:
+        if callback in self._callbacks:
+            self._callbacks.remove(callback)
+
+    def clear(self) -> None:
+        self._callbacks.clear()
+
+    def __len__(self) -> int:
+        return len(self._callbacks)
+
+    def __contains__(self, callback: object) -> bool:
+        return callback in self._callbacks
+
+    def __iter__(self) -> Iterator[Callback]:
+        return iter(list(self._callbacks))
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __call__(self, *args: Any) -> None:
+        for callback in list(self._callbacks):
+            try:
+                result = callback(self.sender, *args)
+            except Exception:
+                log.exception("callback %r failed", callback)
+                continue
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                self._tasks.add(task)
+                task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("callback failed", exc_info=task.exception())

@@ -1,0 +1,53 @@
+"""The asyncio client of the pool: its socket, its route cache, and one-shot requests.
+
+The twin of :class:`kzpool.client.pool.PoolClient` for the event loop: the same socket, the
+same requests, the same route cache (a lease asks first at the worker that served the same
+kind of lease last), every socket opened without blocking the loop.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from ..client.backend import RouteKey, not_running
+from ..common import messages
+from .stream import AioBackend, UnixBackend, call
+
+
+class AioPoolClient:
+    """A handle on the pool at ``socket_path``; the channels of one connection share it."""
+
+    def __init__(self, socket_path: str, backend: AioBackend | None = None) -> None:
+        self.socket_path = socket_path
+        self.backend: AioBackend = backend or UnixBackend()
+        # (kind, zone or broker) -> the lease socket of the worker that served it last
+        self.routes: dict[RouteKey, str] = {}
+
+    def __repr__(self) -> str:
+        return f"<AioPoolClient {self.socket_path}>"
+
+    async def open_pool(self) -> socket.socket:
+        """A new connection to the pool's lease socket; a clear error if no pool answers."""
+        try:
+            return await self.backend.connect(self.socket_path)
+        except OSError as exc:
+            raise not_running(self.socket_path, exc) from exc
+
+    async def open_route(self, path: str) -> socket.socket | None:
+        """A new connection to a worker's socket; ``None`` (and the route forgotten) if that
+        worker is gone."""
+        try:
+            return await self.backend.connect(path)
+        except OSError:
+            self.routes = {k: v for k, v in self.routes.items() if v != path}
+            return None
+
+    async def ping(self, timeout: float = 5.0) -> dict[str, Any]:
+        return await call(self.backend, self.socket_path, messages.Ping(), timeout)
+
+    async def status(self) -> dict[str, Any]:
+        return await call(self.backend, self.socket_path, messages.StatusRequest())
+
+    async def brokers(self) -> dict[str, Any]:
+        return await call(self.backend, self.socket_path, messages.BrokersRequest())

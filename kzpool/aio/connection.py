@@ -1,0 +1,110 @@
+"""``await kzpool.aio.connect()``: aio-pika's connection, on the pool.
+
+A :class:`Connection` is a handle on the pool's lease socket, not a broker connection: the
+pool's connection workers hold those (and their heartbeats).  Each ``channel()`` is a lease
+of its own.  Closing the connection closes its channels.  Nothing here blocks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from ..client.lease import MoveEvent
+from ..common.errors import LeaseRequestError
+from ..common.settings import BY_NAME
+from .callbacks import CallbackCollection
+from .channel import Channel
+from .client import AioPoolClient
+from .stream import AioBackend
+
+
+class Connection:
+    def __init__(self, client: AioPoolClient) -> None:
+        self.client = client
+        self.close_callbacks = CallbackCollection(self)
+        self._channels: list[Channel] = []
+        self._closed = False
+        self._done: asyncio.Future[bool] | None = None
+
+    @property
+    def socket(self) -> str:
+        return self.client.socket_path
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    @property
+    def close_called(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        return f"<kzpool.aio.Connection {self.socket}>"
+
+    def channel(self, channel_number: int | None = None, publisher_confirms: bool = True,
+                on_return_raises: bool = False, *, kind: str = "float",
+                zone: str | None = None, broker: str | None = None, timeout: float = 10.0,
+                on_move: Callable[[MoveEvent], Any] | None = None) -> Channel:
+        """A channel to ``await`` (or ``async with``): a float lease by default, following
+        the zone's primary; ``kind="sticky", broker=URI`` stays on that broker.  Calls wait
+        up to ``timeout`` seconds for a channel across a move."""
+        if self._closed:
+            raise RuntimeError("Connection was not opened")
+        channel = Channel(self.client, channel_number, publisher_confirms, on_return_raises,
+                          kind=kind, zone=zone, broker=broker, timeout=timeout, on_move=on_move)
+        self._channels = [c for c in self._channels if not c.is_closed or not c.is_initialized]
+        self._channels.append(channel)
+        return channel
+
+    async def close(self, exc: BaseException | None = None) -> None:
+        """Close every channel of this connection (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        channels, self._channels = self._channels, []
+        for channel in channels:
+            await channel.close()
+        self.close_callbacks(exc)
+        if self._done is not None and not self._done.done():
+            self._done.set_result(True)
+
+    def closed(self) -> asyncio.Future[bool]:
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+            if self._closed:
+                self._done.set_result(True)
+        return self._done
+
+    async def ready(self) -> None:
+        """aio-pika's: the connection is up.  The pool's is, once ``connect`` returned."""
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+
+async def connect(socket: str | None = None, *, timeout: float = 5.0,
+                  backend: AioBackend | None = None) -> Connection:
+    """The pool at ``socket``, else ``$KZPOOL_SOCKET``, else the default socket path.
+
+    Raises :class:`~kzpool.PoolNotRunning` if no pool answers there.
+    """
+    if socket is not None and "://" in str(socket):
+        raise LeaseRequestError(
+            f"kzpool.aio.connect() takes the pool's socket path, not a broker URL"
+            f" ({str(socket).split('@')[-1]}): the pool's config names its brokers; a"
+            " channel on one broker is connection.channel(kind='sticky', broker=URL)")
+    path = socket or os.environ.get("KZPOOL_SOCKET") or str(BY_NAME["socket"].default)
+    client = AioPoolClient(path, backend)
+    await client.ping(timeout)
+    return Connection(client)
+
+
+connect_robust = connect  # kzpool's channels are robust: they fail over and back
