@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import struct
 
+from pika import data as amqp_data
+
 FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT = 1, 2, 3, 8
 FRAME_END = b"\xce"
 FRAME_HEAD = struct.Struct(">BHI")
@@ -130,6 +132,49 @@ def header(payload: bytes) -> tuple[int, bytes]:
     _class, _weight, size = _HEADER.unpack_from(payload)
     properties = payload[12:]
     return int(size), b"" if properties == NO_PROPERTIES else properties
+
+
+# the basic class's properties, in flag order: what each field is on the wire
+_FIELDS = (("s", 15), ("s", 14), ("t", 13), ("o", 12), ("o", 11), ("s", 10), ("s", 9),
+           ("s", 8), ("s", 7), ("q", 6), ("s", 5), ("s", 4), ("s", 3), ("s", 2))
+_KNOWN_FLAGS = sum(1 << bit for _kind, bit in _FIELDS)
+
+
+def check_properties(properties: bytes) -> None:
+    """Raise :class:`ValueError` unless ``properties`` are a well-formed property section of
+    the basic class (what a content header the broker will take carries): flags of known
+    properties only, each field whole, nothing left over.  Cheap: only a ``headers`` table is
+    decoded (by pika), to check its field types."""
+    if not properties:
+        return
+    if len(properties) < 2:
+        raise ValueError("bad message properties: no flags")
+    (flags,) = struct.unpack_from(">H", properties)
+    if flags & ~_KNOWN_FLAGS & 0xFFFF:
+        raise ValueError(f"bad message properties: unknown flags {flags:#06x}")
+    pos = 2
+    try:
+        for kind, bit in _FIELDS:
+            if flags & (1 << bit):
+                pos = _skip(properties, pos, kind)
+    except (IndexError, struct.error) as exc:
+        raise ValueError(f"bad message properties: {exc}") from None
+    if pos != len(properties):
+        raise ValueError("bad message properties: their length does not match their flags")
+
+
+def _skip(properties: bytes, pos: int, kind: str) -> int:
+    if kind == "s":
+        return pos + 1 + properties[pos]
+    if kind == "o":
+        return pos + 1
+    if kind == "q":
+        return pos + 8
+    try:
+        _table, end = amqp_data.decode_table(properties, pos)
+    except Exception as exc:  # pika raises assorted errors on a bad table
+        raise ValueError(f"bad message headers: {exc}") from None
+    return int(end)
 
 
 def tag_of(payload: bytes) -> int:

@@ -1,28 +1,70 @@
-"""The worker's pika connection: its parameters, and output batched per loop pass."""
+"""The worker's pika connection: its parameters, its output batched per loop pass, and the
+per-message frames read and written without pika's objects (:mod:`.fastpath`,
+:mod:`.amqp`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pika
+from pika import frame
 from pika.adapters.select_connection import SelectConnection
 
 from ..common import tls
+from .fastpath import Inbound, Sink
 from .spec import WorkerSpec
 
 
 class BatchedConnection(SelectConnection):  # type: ignore[misc]
-    """pika's ``SelectConnection``, sending what one loop pass produced in one write.
+    """pika's ``SelectConnection``, sending what one loop pass produced in one write, and
+    reading deliveries and confirms past pika for the channels that have a :class:`Sink`.
 
     pika hands the transport every frame on its own (three per publish), and the transport
     makes a ``send()`` per frame.  ``_adapter_emit_data`` is pika's adapter hook for output:
-    here it collects the frames and flushes them once, at the end of the loop pass.
+    here it collects the frames and flushes them once, at the end of the loop pass.  Input:
+    pika's ``_on_data_available`` (the adapter's hook for what the socket read) is replaced,
+    once the connection is open, by :class:`~kzpool.worker.fastpath.Inbound`, which hands
+    pika every frame that is not a sink's.
     """
+
+    _frame_buffer: bytes  # pika's: what the socket read that is not a whole frame yet
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._out: list[bytes] = []
         self._flush_due = False
+        self.inbound = Inbound(self._to_pika)
         super().__init__(*args, **kwargs)
+
+    def add_sink(self, channel: int, sink: Sink) -> None:
+        self.inbound.sinks[channel] = sink
+
+    def remove_sink(self, channel: int) -> None:
+        self.inbound.forget(channel)
+
+    @property
+    def body_max(self) -> int:
+        """The largest body frame the broker takes (frame_max less the frame's envelope)."""
+        return int(self._body_max_length)
+
+    def send_raw(self, data: bytes) -> None:
+        """Frames made by :mod:`.amqp`, sent as pika sends its own (counted, batched)."""
+        self.bytes_sent += len(data)
+        self._adapter_emit_data(data)
+
+    def _on_data_available(self, data_in: bytes) -> None:
+        if not self.is_open:  # the handshake, and the close: pika's own way
+            super()._on_data_available(data_in)
+            return
+        buffered: bytes = self._frame_buffer
+        data = buffered + data_in if buffered else data_in
+        used = self.inbound.feed(data)
+        self._frame_buffer = data[used:]
+        self.bytes_received += used
+
+    def _to_pika(self, data: bytes) -> None:
+        _used, value = frame.decode_frame(data)
+        if value is not None:
+            self._process_frame(value)
 
     def _adapter_emit_data(self, data: bytes) -> None:
         self._out.append(data)

@@ -31,6 +31,7 @@ from ..common.errors import ProtocolError
 from ..common.messages import LeaseEvent, Message, Reason
 from ..common.sockets import receive
 from ..common.wire import Flag, Kind
+from . import amqp
 
 log = logging.getLogger("kzpool.session")
 
@@ -58,6 +59,8 @@ RPC_METHODS: dict[str, tuple[str, ...]] = {
     "tx_commit": (),
     "tx_rollback": (),
 }
+
+CHANNEL_CLOSED = Reason("ChannelWrongStateError", 0, "Channel is closed.")
 
 # calls that leave state on the channel itself, not on the broker
 CHANNEL_STATE = frozenset({"basic_qos", "basic_recover", "basic_cancel", "tx_select", "flow"})
@@ -99,6 +102,10 @@ class Session:
         self.close_code, self.close_text = 0, "Normal shutdown"  # the client's, at close
         self.clean = True  # nothing of this lease stays on the channel: it may serve another
         self.counters = host.counters
+        self.consumers: set[str] = set()  # tags of its consumers, while they consume
+        self.number = channel.channel_number
+        self.connection = channel.connection  # a BatchedConnection: frames past pika
+        self.connection.add_sink(self.number, self)
         sock.setblocking(False)
         self.ioloop.add_handler(self.fd, self._on_io, IOLoop.READ)
 
@@ -159,16 +166,7 @@ class Session:
 
     def _dispatch(self, kind: int, flags: int, payload: bytes) -> None:
         if kind == _PUBLISH:
-            exchange, routing_key, encoded, body = wire.read_publish(payload)
-            properties = props.decode(encoded) if encoded else None
-            if flags & Flag.MANDATORY:
-                self.clean = False  # a return may still come back on this channel
-            self.counters["publishes"] += 1
-            try:
-                self.channel.basic_publish(exchange, routing_key, body, properties,
-                                           bool(flags & Flag.MANDATORY))
-            except pika.exceptions.AMQPError as exc:
-                self.event(messages.Error(reason_of(exc)))
+            self._publish(flags, payload)
         elif kind == _SETTLE:
             self._settle(wire.read_tag(payload), flags)
         elif kind == _JSON:
@@ -176,19 +174,33 @@ class Session:
         else:
             raise ProtocolError(f"unexpected frame kind {kind} from a client")
 
+    def _publish(self, flags: int, payload: bytes) -> None:
+        """A client's publish, its properties checked and passed on as they are."""
+        exchange, routing_key, properties, body = wire.read_publish(payload)
+        amqp.check_properties(properties)  # a bad one would close the whole connection
+        mandatory = bool(flags & Flag.MANDATORY)
+        if mandatory:
+            self.clean = False  # a return may still come back on this channel
+        self.counters["publishes"] += 1
+        if not self.channel.is_open:
+            self.event(messages.Error(CHANNEL_CLOSED))
+            return
+        self.connection.send_raw(amqp.publish(self.number, exchange, routing_key, properties,
+                                              body, mandatory, self.connection.body_max))
+
     def _settle(self, tag: int, flags: int) -> None:
-        multiple = bool(flags & Flag.MULTIPLE)
-        requeue = bool(flags & Flag.REQUEUE)
-        try:
-            if flags & Flag.SETTLE_REJECT:
-                self.channel.basic_reject(tag, requeue)
-            elif flags & Flag.SETTLE_NACK:
-                self.channel.basic_nack(tag, multiple, requeue)
-            else:
-                self.channel.basic_ack(tag, multiple)
-                self.counters["acks"] += 1
-        except pika.exceptions.AMQPError as exc:
-            self.event(messages.Error(reason_of(exc)))
+        if not self.channel.is_open:
+            self.event(messages.Error(CHANNEL_CLOSED))
+            return
+        multiple, requeue = bool(flags & Flag.MULTIPLE), bool(flags & Flag.REQUEUE)
+        if flags & Flag.SETTLE_REJECT:
+            method = amqp.REJECT
+        elif flags & Flag.SETTLE_NACK:
+            method = amqp.NACK
+        else:
+            method = amqp.ACK
+            self.counters["acks"] += 1
+        self.connection.send_raw(amqp.settle(self.number, method, tag, multiple, requeue))
 
     def _request(self, request: Message) -> None:
         if not isinstance(request, messages.Call) or request.method in CHANNEL_STATE:
@@ -216,6 +228,8 @@ class Session:
                     messages.Reply(request.id, "Channel.FlowOk", {"active": active})))
             case messages.Call(method=method) if method in RPC_METHODS:
                 self.qos_set = self.qos_set or method == "basic_qos"
+                if method == "basic_cancel":  # what is still on its way goes to pika now
+                    self.consumers.discard(str(args.get("consumer_tag", "")))
                 kwargs = {k: args[k] for k in RPC_METHODS[method] if k in args}
                 getattr(self.channel, method)(callback=reply, **kwargs)
             case messages.Consume():
@@ -227,7 +241,7 @@ class Session:
                     str(args.get("queue", "")), self._on_message,
                     auto_ack=bool(args.get("auto_ack")), exclusive=bool(args.get("exclusive")),
                     consumer_tag=args.get("consumer_tag"), arguments=args.get("arguments"),
-                    callback=reply)
+                    callback=self._consumed(reply))
             case messages.ConfirmSelect():
                 self.channel.confirm_delivery(self._on_confirm, callback=reply)
             case messages.Get():
@@ -251,6 +265,13 @@ class Session:
             self.channel.basic_qos(prefetch_count=prefetch)
             self.qos_set = True
 
+    def _consumed(self, reply: Callable[[Any], None]) -> Callable[[Any], None]:
+        """A consume's reply: from then on its deliveries come by the fast path."""
+        def consumed(frame: Any) -> None:
+            self.consumers.add(str(frame.method.consumer_tag))
+            reply(frame)
+        return consumed
+
     def _replier(self, rid: int) -> Callable[[Any], None]:
         def reply(frame: Any) -> None:
             method = frame.method
@@ -260,14 +281,31 @@ class Session:
     # ----- broker events ----------------------------------------------------------------------
 
     def _on_message(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        """A delivery pika read (one the fast path did not claim)."""
+        self.deliver(method.consumer_tag, method.delivery_tag, method.redelivered,
+                     method.exchange, method.routing_key, props.encode(properties), body)
+
+    # the fast path's sink (kzpool.worker.fastpath): deliveries and confirms as bytes
+
+    def claims(self, consumer_tag: str) -> bool:
+        return consumer_tag in self.consumers
+
+    def deliver(self, consumer_tag: str, tag: int, redelivered: bool, exchange: str,
+                routing_key: str, properties: bytes, body: bytes) -> None:
+        if self.ended is not None:
+            return
         self.counters["deliveries"] += 1
-        if method.redelivered:
+        if redelivered:
             self.counters["redeliveries"] += 1
-        self.send(wire.deliver(
-            method.delivery_tag, 0, method.consumer_tag, method.exchange, method.routing_key,
-            props.encode(properties), body, Flag.REDELIVERED if method.redelivered else 0))
+        self.send(wire.deliver(tag, 0, consumer_tag, exchange, routing_key, properties, body,
+                               Flag.REDELIVERED if redelivered else 0))
+
+    def confirm(self, tag: int, multiple: bool, nack: bool) -> None:
+        self.send(wire.tagged(Kind.CONFIRM, tag, (Flag.MULTIPLE if multiple else 0)
+                              | (Flag.NACK if nack else 0)))
 
     def _on_cancelled(self, frame: Any) -> None:
+        self.consumers.discard(str(frame.method.consumer_tag))
         self.event(messages.Cancelled(str(frame.method.consumer_tag)))
 
     def _on_get_ok(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
@@ -283,10 +321,9 @@ class Session:
         self.event(messages.Reply(rid, "Basic.GetEmpty"))
 
     def _on_confirm(self, frame: Any) -> None:
+        """A confirm pika read (the fast path takes them while the session is bound)."""
         method = frame.method
-        flags = (Flag.MULTIPLE if method.multiple else 0) | (
-            Flag.NACK if isinstance(method, spec.Basic.Nack) else 0)
-        self.send(wire.tagged(Kind.CONFIRM, method.delivery_tag, flags))
+        self.confirm(method.delivery_tag, method.multiple, isinstance(method, spec.Basic.Nack))
 
     def on_return(self, method: Any, properties: Any, body: bytes) -> None:
         self.send(wire.returned(method.reply_code, method.reply_text, method.exchange,
@@ -305,6 +342,7 @@ class Session:
             return
         self.moving = True
         self.event(messages.Move())
+        self.consumers.clear()
         for tag in list(getattr(self.channel, "consumer_tags", [])):
             self.channel.basic_cancel(tag)
         self.ioloop.call_later(MOVE_GRACE, lambda: self.end(LeaseEvent.MOVED, "no bye in time"))
@@ -314,6 +352,7 @@ class Session:
         if self.ended is not None:
             return
         self.ended = how
+        self.connection.remove_sink(self.number)
         if self.channel.is_open and how is LeaseEvent.RELEASED and self.clean:
             self.host.recycle(self.channel)
         elif self.channel.is_open:

@@ -1,0 +1,120 @@
+"""The broker's bytes cut into frames, the per-message ones kept from pika.
+
+Once a connection is open, every frame the broker sends is cut here.  A delivery
+(``basic.deliver`` and its content) or a publisher confirm (``basic.ack``, ``basic.nack``) on
+a channel whose lease has a :class:`Sink` goes to that sink as bytes, properties untouched;
+everything else (replies, returns, ``basic.get``, closes, heartbeats, a delivery for a
+consumer the sink does not claim) is handed to pika as one frame, as pika would have cut it.
+Frames are cut with a moving offset: the buffer is trimmed once per read, not once per frame.
+
+Runs in the worker's loop; a frame that breaks AMQP is pika's ``InvalidFrameError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pika.exceptions import InvalidFrameError
+
+from . import amqp
+
+_HEAD = amqp.FRAME_HEAD
+_END = 0xCE
+
+
+class Sink(Protocol):
+    """A lease's session, taking its channel's deliveries and confirms."""
+
+    def claims(self, consumer_tag: str) -> bool: ...
+
+    def deliver(self, consumer_tag: str, tag: int, redelivered: bool, exchange: str,
+                routing_key: str, properties: bytes, body: bytes) -> None: ...
+
+    def confirm(self, tag: int, multiple: bool, nack: bool) -> None: ...
+
+
+@dataclass
+class _Content:
+    """A message whose method frame came, its header and body still coming."""
+
+    sink: Sink | None  # None: pika's, frames handed on as they come
+    method: tuple[str, int, bool, str, str] = ("", 0, False, "", "")
+    size: int = -1  # from the header; -1 until it came
+    properties: bytes = b""
+    chunks: list[bytes] = field(default_factory=list)
+    got: int = 0
+
+
+class Inbound:
+    """``to_pika(frame_bytes)`` gets what is not a sink's, one whole frame at a time."""
+
+    def __init__(self, to_pika: Callable[[bytes], None]) -> None:
+        self.to_pika = to_pika
+        self.sinks: dict[int, Sink] = {}  # by channel number
+        self._content: dict[int, _Content] = {}
+
+    def forget(self, channel: int) -> None:
+        """No sink for ``channel`` any more (a message under way still goes where it went)."""
+        self.sinks.pop(channel, None)
+
+    def feed(self, data: bytes) -> int:
+        """Handle every whole frame of ``data``; the number of bytes used."""
+        pos, size = 0, len(data)
+        while size - pos >= 8:
+            kind, channel, length = _HEAD.unpack_from(data, pos)
+            end = pos + 8 + length
+            if end > size:
+                break
+            if data[end - 1] != _END:
+                raise InvalidFrameError("Invalid FRAME_END marker")
+            payload = data[pos + 7:end - 1]
+            if not (channel in self.sinks or channel in self._content) or not self._take(
+                    kind, channel, payload):
+                self.to_pika(data[pos:end])
+            pos = end
+        return pos
+
+    def _take(self, kind: int, channel: int, payload: bytes) -> bool:
+        """Whether a frame of a channel with a sink (or a content under way) was taken."""
+        content = self._content.get(channel)
+        if content is not None and kind in (amqp.FRAME_HEADER, amqp.FRAME_BODY):
+            return self._more(channel, content, kind, payload)
+        sink = self.sinks.get(channel)
+        if kind != amqp.FRAME_METHOD or sink is None:
+            return False
+        try:
+            klass, method = amqp.method_id(payload)
+            if klass != amqp.BASIC:
+                return False
+            if method == amqp.DELIVER:
+                deliver = amqp.deliver(payload)
+                ours = sink.claims(deliver[0])
+                self._content[channel] = _Content(sink if ours else None, deliver)
+                return ours
+            if method in (amqp.ACK, amqp.NACK):
+                tag, multiple = amqp.confirm(payload)
+                sink.confirm(tag, multiple, method == amqp.NACK)
+                return True
+        except ValueError as exc:
+            raise InvalidFrameError(str(exc)) from None
+        return False
+
+    def _more(self, channel: int, content: _Content, kind: int, payload: bytes) -> bool:
+        """A header or body frame of the content under way on ``channel``."""
+        try:
+            if kind == amqp.FRAME_HEADER:
+                content.size, content.properties = amqp.header(payload)
+            else:
+                content.chunks.append(payload)
+                content.got += len(payload)
+        except ValueError as exc:
+            raise InvalidFrameError(str(exc)) from None
+        if 0 <= content.size <= content.got:
+            del self._content[channel]
+            if content.sink is not None:
+                body = content.chunks[0] if len(content.chunks) == 1 else b"".join(
+                    content.chunks)
+                content.sink.deliver(*content.method, content.properties, body)
+        return content.sink is not None
