@@ -258,9 +258,11 @@ class Master:
         self.registry.forget()
         if self.state is PoolState.STOPPING:
             return
+        if self.registry.restart_at:  # killed by us: it did not answer
+            log.info("the registry that did not answer is gone; a new one follows")
+            return
         log.error("the registry process %s; starting a new one", exit_reason(wait_status))
-        if not self.registry.restart_at:  # not killed for a call that failed: at once
-            self._start_registry()
+        self._start_registry()
 
     def _start_registry(self) -> None:
         """A new registry, written again from the workers' latest reports; if it does not

@@ -309,6 +309,9 @@ class WorkerSet:
             slot.outbox.close()
         if done == slot.writing:
             slot.writing = not done
+            if slot.writing:
+                log.debug("the link to worker %d is full: %d bytes wait", slot.pid,
+                          slot.outbox.size)
             with contextlib.suppress(KeyError, ValueError):  # unregistered on EOF
                 self.selector.modify(slot.link, selectors.EVENT_READ | (
                     selectors.EVENT_WRITE if slot.writing else 0), lambda _fd: self._on_link(slot))
