@@ -10,6 +10,7 @@ import json
 import os
 import pwd
 import select
+import signal
 import socket
 import time
 import uuid
@@ -116,8 +117,9 @@ def as_nobody(action: Callable[[], str]) -> str:
 
 
 def in_child(action: Callable[[], str], uid: int | None = None,
-             gid: int | None = None) -> str:
-    """Run ``action`` in a forked child (as ``uid``/``gid`` if given); its result as text."""
+             gid: int | None = None, timeout: float = 60.0) -> str:
+    """Run ``action`` in a forked child (as ``uid``/``gid`` if given); its result as text.
+    A child that has not answered within ``timeout`` is killed and the test fails."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -132,10 +134,29 @@ def in_child(action: Callable[[], str], uid: int | None = None,
         os.write(write_end, result.encode()[:8000])
         os._exit(0)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as reader:
-        result = reader.read().decode()
-    os.waitpid(pid, 0)
-    return result
+    try:
+        return read_within(read_end, timeout, "the child's answer").decode()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_end)
+
+
+def read_within(fd: int, timeout: float, what: str) -> bytes:
+    """Everything on pipe ``fd`` up to EOF, failing the test if that takes over ``timeout``."""
+    chunks = []
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(int(left * 1000)):
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def ask(path: str, request: messages.Message | bytes, timeout: float = 10.0) -> dict[str, Any]:

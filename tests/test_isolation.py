@@ -41,6 +41,7 @@ from .hostile import (
     pids,
     raw,
     read_answers,
+    read_within,
     refusal,
     send,
     wait_eof,
@@ -383,16 +384,20 @@ def test_the_processes_of_one_uid_share_max_leases_per_uid(pools: PoolMaker) -> 
     ready_r, ready_w = os.pipe()
     done_r, done_w = os.pipe()
     holder = os.fork()
-    if holder == 0:  # takes 20 and holds them until told
+    if holder == 0:  # takes 20 and holds them until told (or until the test is gone)
+        os.close(ready_r)
+        os.close(done_w)
         client = kzpool.connect(pool.socket)
         leases = [client.lease("float") for _ in range(20)]
-        os.write(ready_w, b"x")
+        os.close(ready_w)
         os.read(done_r, 1)
         for lease in leases:
             lease.close()
         os._exit(0)
+    os.close(ready_w)
+    os.close(done_r)
     try:
-        assert os.read(ready_r, 1) == b"x"
+        read_within(ready_r, 60, "the holder's twenty leases")
 
         def take_all() -> str:
             client = kzpool.connect(pool.socket)
@@ -405,7 +410,8 @@ def test_the_processes_of_one_uid_share_max_leases_per_uid(pools: PoolMaker) -> 
             return f"{len(got)} none"
         assert in_child(take_all) == "10 max_leases_per_uid"
     finally:
-        os.write(done_w, b"x")
+        os.close(done_w)  # the holder lets go
+        os.close(ready_r)
         os.waitpid(holder, 0)
     assert_whole(pool, before)
 
