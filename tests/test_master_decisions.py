@@ -4,6 +4,7 @@ is the test's (tests/fakes.py)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import signal
@@ -403,3 +404,22 @@ def test_hidden_brokers_are_refused_bounded_and_unused_ones_retired(short_tmp: P
     assert first[0].removed and (first[0].pid, signal.SIGTERM) in w.system.killed
     assert [s.spec.broker.uri.host for s in w.set.live() if s.spec.broker.hidden] == [
         "nowhere2"]
+
+
+def test_a_worker_that_cannot_be_forked_at_the_file_limit_is_tried_again(
+        short_tmp: Path) -> None:
+    w = Workers(short_tmp)
+    slot = w.slot(0)
+    w.die(slot, killed())
+    fork = w.system.fork
+
+    def out_of_files() -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+    w.system.fork = out_of_files  # type: ignore[method-assign]
+    w.set.spawn_due(w.system.now)  # the loop goes on: no exception
+    assert slot.pid == 0 and "Too many open files" in str(slot.error)
+    assert slot.life.respawn_at == w.system.now + 1.0
+    w.system.fork = fork  # type: ignore[method-assign]
+    w.system.now += 1.0
+    w.set.spawn_due(w.system.now)
+    assert slot.pid

@@ -45,6 +45,7 @@ from .system import System
 log = logging.getLogger("kzpool.master")
 
 HIDDEN_ORDER = 1_000_000  # hidden brokers sort after every configured one
+SPAWN_RETRY = 1.0  # seconds before trying again to fork a worker that could not start
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class WorkerSet:
         slot = Slot(spec, Life(Backoff(self.settings.reconnect_backoff_min,
                                        self.settings.respawn_backoff_max, immediate=True)))
         self.slots[spec.id] = slot
-        self.spawn(slot)
+        self._try_spawn(slot, self.system.monotonic())
         return slot
 
     def add_hidden(self, uri: BrokerURI) -> Broker:
@@ -132,11 +133,22 @@ class WorkerSet:
     # ----- processes ------------------------------------------------------------------------
 
     def spawn(self, slot: Slot) -> None:
-        """Fork a worker into ``slot``: its link and its lease socket are made before the fork."""
+        """Fork a worker into ``slot``: its link and its lease socket are made before the fork.
+        :class:`OSError` (the file limit, no memory to fork) leaves nothing behind."""
         ours, theirs = socket.socketpair()
-        listener = control.bind_worker(self.socket_path(slot))
+        try:
+            listener = control.bind_worker(self.socket_path(slot))
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
         master_pid = os.getpid()
-        pid = self.system.fork()
+        try:
+            pid = self.system.fork()
+        except OSError:
+            for sock in (ours, theirs, listener):
+                sock.close()
+            raise
         if pid == 0:
             code = exitcodes.ERROR
             try:
@@ -205,7 +217,17 @@ class WorkerSet:
     def spawn_due(self, now: float) -> None:
         for slot in list(self.slots.values()):
             if slot.life.due(now) and not slot.removed:
-                self.spawn(slot)
+                self._try_spawn(slot, now)
+
+    def _try_spawn(self, slot: Slot, now: float) -> None:
+        """Spawn, or (out of descriptors or memory) try again in :data:`SPAWN_RETRY` s."""
+        try:
+            self.spawn(slot)
+        except OSError as exc:
+            slot.state, slot.error = ConnState.DEAD, f"cannot start a worker: {exc}"
+            slot.life.respawn_at = now + SPAWN_RETRY
+            log.error("cannot start a worker for %s (%s); trying again in %g s",
+                      slot.spec.broker.uri.masked, exc, SPAWN_RETRY)
 
     def next_respawn(self) -> float | None:
         return min((s.life.respawn_at for s in self.slots.values() if s.life.respawn_at),
