@@ -195,13 +195,13 @@ class LeaseBook:
         row = reservation.assignment
         slots = self.workers.live()
         watched = reservation.watched
-        self._unwatch(reservation)  # before the link owns (and closes) the socket
         while True:
             slot = choose_slot(slots, target_of(row, slots), self._load)
             if slot is None:
                 if watched:
                     self._watch(reservation)
                 return False
+            self._unwatch(reservation)  # before the link owns (and closes) the socket
             adopt = messages.Adopt(row.lease, row.kind.value, row.zone)
             if self.workers.pass_socket(slot, reservation.sock, adopt):
                 break
