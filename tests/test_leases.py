@@ -22,7 +22,7 @@ PoolMaker = Callable[..., Pool]
 
 @pytest.fixture
 def pool(pools: PoolMaker) -> Pool:
-    p = pools([DEFAULT_URI], prechannels=4).start()
+    p = pools([DEFAULT_URI], prechannels=4, hidden_brokers=2).start()
     p.wait_ready()
     return p
 

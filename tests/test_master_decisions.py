@@ -4,6 +4,8 @@ is the test's (tests/fakes.py)."""
 
 from __future__ import annotations
 
+import errno
+import os
 import selectors
 import signal
 import socket
@@ -287,3 +289,137 @@ def test_a_client_that_hangs_up_while_waiting_is_forgotten(short_tmp: Path) -> N
         if key.fileobj is ours:
             key.data(key.fd)
     assert not book.waiting and not book.rows
+
+
+# ----- a dead worker's link ------------------------------------------------------------------
+
+def test_a_dead_workers_link_is_read_to_the_end_in_order(short_tmp: Path) -> None:
+    w = Workers(short_tmp)
+    slot = w.slot(0)
+    ours, theirs = socket.socketpair()
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    slot.link = ours  # what the worker wrote before it died: over 64 KiB of news
+    sent = [LeaseNews(LeaseEvent.RELEASED, f"l{i:05d}") for i in range(1500)]
+    data = b"".join(messages.encode(n) for n in sent)
+    assert len(data) > 64 << 10
+    theirs.setblocking(False)
+    theirs.sendall(data)  # the buffer takes it all: nothing reads it before the death
+    theirs.close()
+    w.die(slot, killed())
+    assert w.news == sent
+
+
+def test_a_bad_frame_on_a_reaped_workers_link_signals_nobody(short_tmp: Path) -> None:
+    w = Workers(short_tmp)
+    slot = w.slot(0)
+    pid = slot.pid
+    ours, theirs = socket.socketpair()
+    slot.link = ours
+    theirs.sendall(b"\x00" * 64)  # garbage, then it died
+    theirs.close()
+    w.system.exit(pid, killed())
+    w.system.alive.add(pid)  # its pid belongs to another process by now
+    assert w.set.exited(*w.system.waitpid(-1, 0))
+    assert not [k for k in w.system.killed if k[0] == pid]
+
+
+# ----- who may have a lease ------------------------------------------------------------------
+
+def asked(book: LeaseBook, request: LeaseRequest) -> messages.Refused | None:
+    """Ask from a socket pair of our own (the peer is this process); the refusal, if any."""
+    client, ours = socket.socketpair()
+    book.request(ours, request)
+    client.setblocking(False)
+    try:
+        data = client.recv(65536)
+    except BlockingIOError:
+        return None
+    finally:
+        client.close()
+    message = messages.decode(next(wire.FrameReader().feed(data))[2], messages.TO_CLIENT)
+    assert isinstance(message, messages.Refused)
+    return message
+
+
+def test_a_lease_id_serves_only_the_process_that_got_it(short_tmp: Path) -> None:
+    w = Workers(short_tmp)
+    book = LeaseBook(w.set, w.selector, w.system)
+    w.connect(w.slot(0))
+    book.on_news(w.slot(0), LeaseNews(LeaseEvent.ASSIGNED, "theirs", channel=1, kind="float",
+                                      client_pid=1))  # pid 1's lease
+    refusal = asked(book, LeaseRequest(kind="float", lease="theirs"))
+    assert refusal is not None and refusal.code == "not_owner"
+    assert "belongs to another process (pid 1)" in refusal.error
+    assert book.rows["theirs"].state is RowState.ASSIGNED  # untouched
+
+
+def test_leases_per_process_count_every_worker_but_not_lost_ones(short_tmp: Path) -> None:
+    w = Workers(short_tmp, "max_leases_per_process = 2")
+    book = LeaseBook(w.set, w.selector, w.system)
+    h1, h2 = w.slot(0), w.slot(1)
+    for slot, lease in ((h1, "a"), (h2, "b")):
+        w.connect(slot)
+        book.on_news(slot, LeaseNews(LeaseEvent.ASSIGNED, lease, channel=1, kind="float",
+                                     client_pid=os.getpid()))
+    refusal = asked(book, LeaseRequest(kind="float"))
+    assert refusal is not None and refusal.code == "limit"
+    assert "max_leases_per_process = 2" in refusal.error
+    book.on_news(h2, LeaseNews(LeaseEvent.LOST, "b"))  # a lost lease holds nothing
+    assert asked(book, LeaseRequest(kind="float")) is None
+    assert asked(book, LeaseRequest(kind="float", lease="b")) is not None  # its own: but full
+
+
+def test_a_lease_a_worker_served_past_the_limit_is_moved(short_tmp: Path) -> None:
+    w = Workers(short_tmp, "max_leases_per_process = 1")
+    book = LeaseBook(w.set, w.selector, w.system)
+    h1, h2 = w.slot(0), w.slot(1)
+    book.on_news(h1, LeaseNews(LeaseEvent.ASSIGNED, "a", channel=1, kind="float",
+                               client_pid=os.getpid()))
+    book.on_news(h2, LeaseNews(LeaseEvent.ASSIGNED, "b", channel=1, kind="float",
+                               client_pid=os.getpid()))  # served at h2 directly: one too many
+    assert (h2, messages.MoveLease("b")) in w.said and book.rows["b"].state is RowState.MOVING
+    assert (h1, messages.MoveLease("a")) not in w.said
+
+
+def test_hidden_brokers_are_refused_bounded_and_unused_ones_retired(short_tmp: Path) -> None:
+    w = Workers(short_tmp)
+    book = LeaseBook(w.set, w.selector, w.system)
+    refusal = asked(book, LeaseRequest(kind="sticky", broker="amqp://u:p@nowhere1/"))
+    assert refusal is not None and refusal.code == "limit"
+    assert "hidden_brokers = 0" in refusal.error and "u:p" not in refusal.error
+    w = Workers(short_tmp, "hidden_brokers = 1")
+    book = LeaseBook(w.set, w.selector, w.system)
+    client, ours = socket.socketpair()
+    book.request(ours, LeaseRequest(kind="sticky", broker="amqp://u:p@nowhere1/", timeout=60))
+    first = [s for s in w.set.live() if s.spec.broker.hidden]
+    assert len(first) == 1 and len(book.waiting) == 1
+    refusal = asked(book, LeaseRequest(kind="sticky", broker="amqp://u:p@nowhere2/"))
+    assert refusal is not None and "are all in use" in refusal.error
+    client.close()  # the first one's client gives up: nothing uses that broker any more
+    for key, _events in w.selector.select(1):
+        if key.fileobj is ours:
+            key.data(key.fd)
+    assert asked(book, LeaseRequest(kind="sticky", broker="amqp://u:p@nowhere2/",
+                                    timeout=60)) is None
+    assert first[0].removed and (first[0].pid, signal.SIGTERM) in w.system.killed
+    assert [s.spec.broker.uri.host for s in w.set.live() if s.spec.broker.hidden] == [
+        "nowhere2"]
+
+
+def test_a_worker_that_cannot_be_forked_at_the_file_limit_is_tried_again(
+        short_tmp: Path) -> None:
+    w = Workers(short_tmp)
+    slot = w.slot(0)
+    w.die(slot, killed())
+    fork = w.system.fork
+
+    def out_of_files() -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+    w.system.fork = out_of_files  # type: ignore[method-assign]
+    w.set.spawn_due(w.system.now)  # the loop goes on: no exception
+    assert slot.pid == 0 and "Too many open files" in str(slot.error)
+    assert slot.life.respawn_at == w.system.now + 1.0
+    w.system.fork = fork  # type: ignore[method-assign]
+    w.system.now += 1.0
+    w.set.spawn_due(w.system.now)
+    assert slot.pid

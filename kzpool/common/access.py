@@ -38,10 +38,23 @@ def _resolve(text: str, lookup: object, what: str) -> list[int]:
 
 
 def peer(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a unix socket."""
+    """(pid, uid, gid) of the process at the other end of a unix socket, as it was when it
+    connected (they stay readable after it hung up).  :class:`OSError` on a closed socket."""
     pid, uid, gid = _UCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     return pid, uid, gid
+
+
+def uid_of(pid: int) -> int | None:
+    """The real uid of process ``pid`` (from /proc), ``None`` if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _groups(pid: int, gid: int) -> set[int]:
@@ -64,7 +77,10 @@ class Access:
 
     def refusal(self, sock: socket.socket) -> str | None:
         """``None`` if the peer may use the pool, else why not (for the peer to read)."""
-        pid, uid, gid = peer(sock)
+        return self.refusal_for(*peer(sock))
+
+    def refusal_for(self, pid: int, uid: int, gid: int) -> str | None:
+        """:meth:`refusal` of a peer whose credentials were read already."""
         if uid in self.uids or _groups(pid, gid) & self.gids:
             return None
         return (f"access refused: uid {uid} (pid {pid}) is not among the allowed users or"

@@ -4,6 +4,11 @@ Each field's type says what its JSON value must be (``str``, ``int``, ``float``,
 ``X | None``, ``dict``, an ``Enum`` by value, a nested dataclass); a value of another type is
 a :class:`~kzpool.common.errors.ProtocolError` naming the field.  A field's metadata may
 name its JSON key (``{"wire": "class"}``).  The layout of each class is read once.
+
+An object field (``dict``, ``Any``: a call's arguments, an AMQP table) is checked all the way
+down, without recursion: at most :data:`MAX_DEPTH` levels of objects and arrays, and whole
+numbers that fit AMQP's 64-bit integers; anything deeper or bigger is a ``ProtocolError``
+here rather than a ``RecursionError`` or ``struct.error`` in whoever encodes it next.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Any, TypeVar, Union
 from .errors import ProtocolError
 
 T = TypeVar("T")
+MAX_DEPTH = 32  # objects and arrays inside an object field
+_INT64 = 1 << 63
 Check = Callable[[Any, str], Any]
 _LAYOUTS: dict[type, tuple[tuple[str, str, Check, bool], ...]] = {}
 
@@ -72,9 +79,10 @@ def _checker(hint: Any) -> Check:
             return inner[0](value, where)
         return check_union
     if hint is Any:
-        return lambda value, _where: value
+        return _bounded
     if origin is dict or hint is dict:
-        return _of_type(dict, "an object")
+        is_object = _of_type(dict, "an object")
+        return lambda value, where: _bounded(is_object(value, where), where)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return _enum(hint)
     if isinstance(hint, type) and is_dataclass(hint):
@@ -100,9 +108,29 @@ def _of_type(kind: type, what: str) -> Check:
     return check
 
 
+def _bounded(value: Any, where: str) -> Any:
+    """``value`` once every object and array in it is at most :data:`MAX_DEPTH` deep and every
+    whole number fits 64 bits (walked with a stack, not recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= MAX_DEPTH:
+                raise ProtocolError(f"malformed {where}: nested over {MAX_DEPTH} levels deep")
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict)
+                                                  else item))
+        elif isinstance(item, int) and not isinstance(item, bool) and not (
+                -_INT64 <= item < _INT64):
+            raise ProtocolError(f"malformed {where}: the number {str(item)[:40]} does not fit"
+                                " 64 bits")
+    return value
+
+
 def _integer(value: Any, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ProtocolError(f"malformed {where}: not a whole number")
+    if not -_INT64 <= value < _INT64:
+        raise ProtocolError(f"malformed {where}: {str(value)[:40]} does not fit 64 bits")
     return value
 
 

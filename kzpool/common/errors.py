@@ -7,6 +7,8 @@ so that they can cross a process boundary as data, never as a pickled exception.
 
 from __future__ import annotations
 
+import re
+
 import pika.exceptions as _pe
 
 
@@ -61,6 +63,24 @@ class ProtocolError(KzpoolError):
     """A peer sent a frame that breaks the wire format."""
 
     code = "protocol"
+
+
+class LimitExceeded(KzpoolError):
+    """A request would pass one of the pool's limits; ``setting`` names the ``[pool]``
+    setting that sets it (``max_leases_per_process``, ``max_peers``, ...)."""
+
+    code = "limit"
+
+    def __init__(self, message: str, setting: str, **fields: object) -> None:
+        super().__init__(message, setting=setting, **fields)
+        self.setting = setting
+
+
+class LeaseNotYours(KzpoolError):
+    """A request named a lease id that another client process got: a lease id serves only
+    the process it was given to (its peer credentials), never another one."""
+
+    code = "not_owner"
 
 
 class StartupError(KzpoolError):
@@ -201,4 +221,11 @@ def refusal_error(code: str, text: str) -> KzpoolError:
         return PoolAccessDenied(text)
     if code in ("bad_kind", "bad_zone", "bad_request", "bad_uri"):
         return LeaseRequestError(text, reason=code)
+    if code == LimitExceeded.code:
+        named = re.search(r"\[pool\] (\w+)", text)
+        return LimitExceeded(text, named.group(1) if named else "")
+    if code == LeaseNotYours.code:
+        return LeaseNotYours(text)
+    if code == ProtocolError.code:
+        return ProtocolError(text)
     return KzpoolError(text, reason=code)

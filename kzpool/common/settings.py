@@ -213,24 +213,28 @@ class PoolSettings:
         " service's own group.")
     max_leases_per_process: int = setting(
         to_int, "256",
-        "Leases one client process may hold at once; a request past it is refused.",
-        at_least(1))
+        "Leases one client process may hold at once (bound to a channel or waiting for"
+        " one); past it a lease request is refused with LimitExceeded.", at_least(1))
     max_leases_per_uid: int = setting(
-        to_int, "4096", "Leases the processes of one user may hold at once.", at_least(1))
+        to_int, "4096",
+        "Leases the processes of one user may hold at once, all together; past it a lease"
+        " request is refused with LimitExceeded.", at_least(1))
     max_pending_per_peer: int = setting(
         to_int, "8",
-        "Requests a client may have sent that the pool has not answered yet; past it the"
-        " client is dropped.", at_least(1))
+        "Requests one connection to the pool's socket may have sent whose answers it has"
+        " not read yet; past it that connection is dropped.", at_least(1))
     max_peers: int = setting(
-        to_int, "900",
-        "Client connections the master and each worker serve at once (waiting lease"
-        " requests included); past it, or at the process's file limit, new ones are"
-        " refused and the others go on.", at_least(1))
+        to_int, "4000",
+        "Client connections the master and each connection worker serve at once (bound"
+        " leases, waiting lease requests and unanswered ones included); past it, or at the"
+        " process's file limit, new ones are refused and the others go on. The master"
+        " raises its soft file limit to fit; systemd's LimitNOFILE must leave room.",
+        at_least(1))
     hidden_brokers: int = setting(
         to_int, "0",
         "Brokers a sticky lease may name that the config does not list (each gets its own"
-        " connection worker); 0: a sticky lease must name a broker of the config.",
-        at_least(0))
+        " connection worker; one no lease uses is replaced first); 0: a sticky lease must"
+        " name a broker of the config.", at_least(0))
     tls_ca: str | None = setting(
         to_optional_path, "",
         "CA certificate file (PEM) for amqps brokers that name no cacertfile of their own;"

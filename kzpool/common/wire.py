@@ -32,18 +32,25 @@ SETTLE     client→wkr  u64 tag                                                
                                                                               4 nack, 8 reject
 =========  ==========  =====================================================  ==============
 
-A frame with another magic or version, an unknown kind, a length above the reader's limit or
-a payload that does not parse is a :class:`~kzpool.common.errors.ProtocolError`: the connection is
+A frame with another magic or version, an unknown kind, a length above the reader's limit (a
+JSON frame has a limit of its own, :data:`MAX_JSON` unless the reader says less) or a payload
+that does not parse is a :class:`~kzpool.common.errors.ProtocolError`: the connection is
 dropped and nothing more is read from it.
+
+Bounds on what a client may send, on every socket that faces one: a request to the pool's or
+a worker's socket is one JSON frame of at most :data:`MAX_REQUEST` bytes; a lease id is
+:data:`LEASE_ID` (at most :data:`MAX_LEASE_ID` characters); a zone, a queue name or a
+federator's label at most :data:`MAX_NAME`; a broker URI at most :data:`MAX_URI`.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import re
 import struct
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import ProtocolError
 
@@ -52,7 +59,12 @@ VERSION = 1
 HEADER = struct.Struct("!BBBBI")
 MAX_FRAME = 16 << 20
 MAX_DATA_FRAME = 129 << 20  # RabbitMQ's largest message (128 MiB) and its envelope
+MAX_JSON = 16 << 20  # a JSON frame (the status of many thousand leases fits)
+MAX_REQUEST = 64 << 10  # what a client sends the pool's or a worker's socket first
 MAX_NAME = 255  # AMQP's limit on a queue or exchange name (short string)
+MAX_URI = 2048
+MAX_LEASE_ID = 64
+LEASE_ID = re.compile(rf"[0-9A-Za-z_-]{{1,{MAX_LEASE_ID}}}")
 
 _U8 = struct.Struct("!B")
 _U16 = struct.Struct("!H")
@@ -103,6 +115,58 @@ def read_document(payload: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ProtocolError("frame payload is not a JSON object")
     return obj
+
+
+def text_field(value: str | None, where: str, limit: int, show: bool = True) -> str | None:
+    """``value`` if it is at most ``limit`` characters; else a :class:`ProtocolError`
+    naming ``where`` (showing the start of the value if ``show``: never for a URI, which
+    may hold a password)."""
+    if value is not None and len(value) > limit:
+        start = f" ({value[:40]!r}...)" if show else ""
+        raise ProtocolError(f"malformed {where}: {len(value)} characters, over the limit of"
+                            f" {limit}{start}")
+    return value
+
+
+def lease_id(value: str | None, where: str = "lease.lease") -> str | None:
+    """A lease id as a client may send it: :data:`LEASE_ID`, else a :class:`ProtocolError`."""
+    if value is not None and not LEASE_ID.fullmatch(value):
+        raise ProtocolError(f"malformed {where}: {value[:40]!r} is not a lease id (at most"
+                            f" {MAX_LEASE_ID} letters, digits, '-' or '_')")
+    return value
+
+
+class LeaseFields(Protocol):
+    """The fields of a lease request (:class:`~kzpool.common.messages.LeaseRequest`) that
+    :func:`check_lease_request` bounds."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def zone(self) -> str | None: ...
+
+    @property
+    def broker(self) -> str | None: ...
+
+    @property
+    def broker_id(self) -> str | None: ...
+
+    @property
+    def lease(self) -> str | None: ...
+
+    @property
+    def federates(self) -> str | None: ...
+
+
+def check_lease_request(request: LeaseFields) -> None:
+    """A lease request's strings within their bounds; else a :class:`ProtocolError`."""
+    lease_id(request.lease)
+    for name, value, limit in (("kind", request.kind, MAX_NAME), ("zone", request.zone, MAX_NAME),
+                               ("federates", request.federates, MAX_NAME)):
+        text_field(value, f"lease.{name}", limit)
+    text_field(request.broker, "lease.broker", MAX_URI, show=False)
+    text_field(request.broker_id, "lease.broker_id", MAX_URI, show=False)
 
 
 def str8(text: str) -> bytes:
@@ -215,9 +279,11 @@ class FrameReader:
     per ``feed``, not once per frame.
     """
 
-    def __init__(self, max_frame: int = MAX_FRAME, kinds: frozenset[int] | None = None) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME, kinds: frozenset[int] | None = None,
+                 max_json: int = MAX_JSON) -> None:
         self._buffer = bytearray()
         self._max = max_frame
+        self._max_json = min(max_json, max_frame)
         self._kinds = kinds or frozenset(Kind)
 
     def feed(self, data: bytes) -> Iterator[Frame]:
@@ -232,8 +298,9 @@ class FrameReader:
                     raise ProtocolError(f"bad frame header (magic {magic}, version {version})")
                 if kind not in self._kinds:
                     raise ProtocolError(f"unexpected frame kind {kind}")
-                if length > self._max:
-                    raise ProtocolError(f"frame of {length} bytes is over the {self._max} limit")
+                limit = self._max_json if kind == Kind.JSON else self._max
+                if length > limit:
+                    raise ProtocolError(f"frame of {length} bytes is over the {limit} limit")
                 end = pos + 8 + length
                 if end > size:
                     break

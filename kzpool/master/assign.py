@@ -50,6 +50,7 @@ class Assignment:
     moves: int = 0
     placed_once: bool = False
     federates: str | None = None  # a federator: the queue of the listener it feeds
+    client_uid: int = -1  # the client's uid (its peer credentials); -1: not known
 
     def row(self) -> dict[str, Any]:
         slot = self.slot if self.state.placed else None

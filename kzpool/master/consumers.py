@@ -54,15 +54,29 @@ class ConsumerSet:
                 for i in range(1, consumer.settings.processes + 1)]
 
     def start(self) -> None:
+        now = self.system.monotonic()
         for slot in self.slots:
+            self._try_spawn(slot, now)
+
+    def _try_spawn(self, slot: ConsumerSlot, now: float) -> None:
+        """Spawn, or (out of descriptors or memory to fork) try again a second later."""
+        try:
             self.spawn(slot)
+        except OSError as exc:
+            slot.life.respawn_at = now + 1.0
+            log.error("cannot start %s (%s); trying again in 1 s", slot.title, exc)
 
     def spawn(self, slot: ConsumerSlot) -> None:
         """Fork one consumer process and ask for its lease on its behalf, on a socket pair:
         the child waits for the answer on its end while it imports its handler."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         master_pid = os.getpid()
-        pid = self.system.fork()
+        try:
+            pid = self.system.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
         if pid == 0:
             code = exitcodes.ERROR
             try:
@@ -110,7 +124,7 @@ class ConsumerSet:
     def spawn_due(self, now: float) -> None:
         for slot in self.slots:
             if slot.life.due(now):
-                self.spawn(slot)
+                self._try_spawn(slot, now)
         for slot in self.by_pid.values():
             if slot.retired and slot.kill_at and now >= slot.kill_at:
                 log.warning("%s still busy %g s after it was told to stop; killing it",

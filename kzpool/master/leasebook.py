@@ -5,12 +5,20 @@ the zone's primary; sticky: the named broker, added as a hidden connection if un
 passes the client's socket to it with SCM_RIGHTS; from then on the client talks to that
 worker only.  When no worker can take it yet, the request waits as a reservation until one
 can or the client's timeout passes.  Workers report what becomes of each lease.
+
+Who may have a lease is :mod:`.admission`'s: per-process and per-uid limits, the lease id's
+owner, hidden brokers.  A lease a worker served directly that puts its client over a limit
+(its other leases being on other workers) is moved: the client comes back here, and is
+refused.  The book never waits on a client: refusals go out without waiting
+(:func:`~.control.refuse`), and a client's socket passes to a worker through the link's
+outbox.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import selectors
 import socket
 from dataclasses import dataclass
@@ -22,6 +30,7 @@ from ..common.errors import BrokerURIError, KzpoolError, LeaseRequestError
 from ..common.messages import LeaseEvent, LeaseNews, LeaseRequest
 from ..common.uri import MASK, BrokerURI
 from . import control
+from .admission import UNKNOWN_UID, Holdings, check_owner, hidden_to_retire
 from .assign import Assignment, LeaseKind, RowState, choose_slot, new_lease_id, target_of, to_move
 from .slots import Slot, broker_key
 from .system import System
@@ -50,6 +59,8 @@ class Workers(Protocol):
 
     def add_hidden(self, uri: BrokerURI) -> Broker: ...
 
+    def remove(self, slot: Slot) -> None: ...
+
     def drain(self) -> None: ...
 
     def send(self, slot: Slot, message: messages.Message) -> None: ...
@@ -70,6 +81,7 @@ class LeaseBook:
         self.selector = selector
         self.system = system
         self.rows: dict[str, Assignment] = {}
+        self.holdings = Holdings()  # lease ids by client pid and uid
         self.waiting: list[Reservation] = []
         self.dirty: set[str] = set()
         self.dropped: set[str] = set()
@@ -85,16 +97,23 @@ class LeaseBook:
         ``client_pid``: the process the lease is for, when the master asks on its behalf
         (an in-service consumer's first lease, handed to it through a socket pair).
         """
+        self.workers.drain()  # the freshest worker reports and lease news first
         try:
             assignment, timeout = self._admit(sock, request, client_pid)
         except KzpoolError as exc:
             control.refuse(sock, exc.code, str(exc))
             return
+        except OSError:  # its peer credentials cannot be read: the client is gone
+            sock.close()
+            return
         reservation = Reservation(assignment, sock, self.system.monotonic() + timeout)
-        self.workers.drain()  # act on the freshest worker reports
         if not self._place(reservation):
             self.waiting.append(reservation)
-            self.selector.register(sock, selectors.EVENT_READ,
+            self._watch(reservation)
+
+    def _watch(self, reservation: Reservation) -> None:
+        if not reservation.watched:
+            self.selector.register(reservation.sock, selectors.EVENT_READ,
                                    functools.partial(self._on_hang_up, reservation))
             reservation.watched = True
 
@@ -117,21 +136,27 @@ class LeaseBook:
         try:
             kind = LeaseKind(request.kind)
         except ValueError:
-            raise LeaseRequestError(f"unknown lease kind {request.kind!r} (float or sticky)"
-                                    ) from None
+            raise LeaseRequestError(f"unknown lease kind {request.kind[:40]!r} (float or"
+                                    " sticky)") from None
         timeout = _timeout(request.timeout)
         config = self.workers.config
         zone = request.zone or config.local_zone
         if zone not in config.zones:
-            raise LeaseRequestError(f"unknown zone {zone!r} (zones: {', '.join(config.zones)})")
+            raise LeaseRequestError(f"unknown zone {zone[:40]!r} (zones:"
+                                    f" {', '.join(config.zones)})")
         federates = _label(request.federates)
-        broker = self._sticky_broker(kind, request.broker)
-        lease = request.lease or new_lease_id()
-        row = self.rows.get(lease)
+        pid, uid = (client_pid, os.getuid()) if client_pid else access.peer(sock)[:2]
+        row = self.rows.get(request.lease) if request.lease else None
+        if row is not None:
+            check_owner(row, pid, uid)
+        refusal = self.holdings.refusal(self.rows, pid, uid, config.settings, request.lease)
+        if refusal is not None:
+            raise refusal
         if row is None:
-            row = Assignment(lease, kind, zone, client_pid or access.peer(sock)[0], broker,
-                             federates=federates)
-            self.rows[lease] = row
+            broker = self._sticky_broker(kind, request.broker)
+            row = Assignment(request.lease or new_lease_id(), kind, zone, pid, broker,
+                             federates=federates, client_uid=uid)
+            self._add(row)
         # a resume: the client knows its channel is gone before its worker's report arrives
         row.state, row.slot = RowState.WAITING, None
         self._touch(row)
@@ -154,23 +179,33 @@ class LeaseBook:
         if uri.password == MASK:
             raise LeaseRequestError(f"unknown broker {uri.masked}: a URI with a masked password"
                                     " names only a broker of the pool's config")
+        retire = hidden_to_retire(self.workers.live(), self.rows.values(), uri.masked,
+                                  self.workers.config.settings.hidden_brokers)
+        for old in retire:
+            log.info("retiring hidden broker %s (no lease uses it) to make room",
+                     old.spec.broker.uri.masked)
+            self.workers.remove(old)
         return broker_key(self.workers.add_hidden(uri))
 
     # ----- placement ----------------------------------------------------------------------------
 
     def _place(self, reservation: Reservation) -> bool:
+        """Pass the client's socket to the worker it should be on, if one can take it now
+        (the socket is the worker link's from then on)."""
         row = reservation.assignment
         slots = self.workers.live()
+        watched = reservation.watched
         while True:
             slot = choose_slot(slots, target_of(row, slots), self._load)
             if slot is None:
+                if watched:
+                    self._watch(reservation)
                 return False
+            self._unwatch(reservation)  # before the link owns (and closes) the socket
             adopt = messages.Adopt(row.lease, row.kind.value, row.zone)
             if self.workers.pass_socket(slot, reservation.sock, adopt):
                 break
             slots.remove(slot)  # its link is broken: the worker is dying
-        self._unwatch(reservation)
-        reservation.sock.close()
         if row.placed_once:
             row.moves += 1
             self.moves += 1
@@ -235,13 +270,15 @@ class LeaseBook:
 
     def _assigned(self, slot: Slot, row: Assignment | None, news: LeaseNews) -> None:
         """A worker bound a lease: placed by us, or asked for at the worker directly."""
+        direct = row is None
         if row is None:
             kind = LeaseKind.STICKY if news.kind == "sticky" else LeaseKind.FLOAT
             broker = broker_key(slot.spec.broker) if kind is LeaseKind.STICKY else None
+            uid = access.uid_of(news.client_pid) if news.client_pid else None
             row = Assignment(news.lease, kind, news.zone or slot.spec.broker.zone,
-                             news.client_pid, broker,
-                             federates=news.federates or None)  # checked by intake
-            self.rows[news.lease] = row
+                             news.client_pid, broker, federates=news.federates or None,
+                             client_uid=UNKNOWN_UID if uid is None else uid)  # checked by intake
+            self._add(row)
         elif row.placed_once and row.state is not RowState.ASSIGNING:
             row.moves += 1
             self.moves += 1  # a resume the client made at the worker directly
@@ -250,6 +287,19 @@ class LeaseBook:
         row.channel = news.channel
         self.check_moves = row.kind is LeaseKind.FLOAT or self.check_moves
         self._touch(row)
+        if direct:
+            self._evict_if_over(slot, row)
+
+    def _evict_if_over(self, slot: Slot, row: Assignment) -> None:
+        """A lease a worker served directly put its client over a limit (the client's other
+        leases are on other workers): move it, so that it comes back here to be refused."""
+        over = self.holdings.over(self.rows, row, self.workers.config.settings)
+        if over is not None:
+            log.warning("lease %s of pid %d is over a limit (%s); moving it", row.lease,
+                        row.client_pid, over.setting)
+            self.workers.send(slot, messages.MoveLease(row.lease))
+            row.state = RowState.MOVING
+            self._touch(row)
 
     def on_worker_exit(self, slot: Slot) -> None:
         for row in self.rows.values():
@@ -281,8 +331,14 @@ class LeaseBook:
     def _touch(self, row: Assignment) -> None:
         self.dirty.add(row.lease)
 
+    def _add(self, row: Assignment) -> None:
+        self.rows[row.lease] = row
+        self.holdings.add(row)
+
     def _drop(self, lease: str) -> None:
-        self.rows.pop(lease, None)
+        row = self.rows.pop(lease, None)
+        if row is not None:
+            self.holdings.drop(row)
         self.dirty.discard(lease)
         self.dropped.add(lease)
 

@@ -33,7 +33,7 @@ from ..common.states import PoolState
 from . import metrics
 from .assign import zone_primary
 from .consumers import ConsumerSet
-from .control import LeaseSocket
+from .control import LeaseSocket, fit_file_limit
 from .ladder import Ladder
 from .leasebook import LeaseBook
 from .life import exit_reason
@@ -85,9 +85,12 @@ class Master:
     def run(self) -> int:
         """Start, serve until stopped, return the exit code."""
         proc.set_title("kzpool: master")
+        fit_file_limit(self.settings.max_peers,
+                       len(self.config.brokers) * self.settings.connections_per_broker)
         self.control = LeaseSocket(self.settings.socket, self.selector,
                                    Access(self.settings.allow_users, self.settings.allow_groups),
-                                   self.answer, self.leases.request)
+                                   self.answer, self.leases.request, self.settings,
+                                   lambda: len(self.leases.waiting), self.system.monotonic)
         if self.settings.metrics_port:
             self._serve_metrics()
         self._install_signals()
@@ -111,9 +114,13 @@ class Master:
         self.notifier.tick(now)
         if self.state is PoolState.STARTING:
             self._check_startup(now)
+        if self.control is not None:
+            self.control.sweep(now)
         if self.state is PoolState.STOPPING:
             self._check_stop(now)
             return
+        if self.registry.restart_due(now):
+            self._start_registry()
         self.leases.place_waiting(now)
         sample = now >= self.next_sample
         if sample:
@@ -133,6 +140,8 @@ class Master:
         soonest = min(t for t in (self.workers.next_respawn(), self.consumers.next_deadline(),
                                   self.leases.next_deadline(), self.next_sample,
                                   self.notifier.next_ping if self.notifier.watchdog else None,
+                                  self.control.next_deadline() if self.control else None,
+                                  self.registry.restart_at or None,
                                   now + 0.05 if self.leases.waiting else None,
                                   self.next_flush if self.unflushed else None)
                       if t is not None)
@@ -249,8 +258,20 @@ class Master:
         self.registry.forget()
         if self.state is PoolState.STOPPING:
             return
+        if self.registry.restart_at:  # killed by us: it did not answer
+            log.info("the registry that did not answer is gone; a new one follows")
+            return
         log.error("the registry process %s; starting a new one", exit_reason(wait_status))
-        self.registry.start()  # it writes every row again, from the workers' latest reports
+        self._start_registry()
+
+    def _start_registry(self) -> None:
+        """A new registry, written again from the workers' latest reports; if it does not
+        answer, it is killed and another one tried a little later."""
+        try:
+            self.registry.start()
+        except (KzpoolError, OSError, EOFError) as exc:
+            self.registry.abandon(f"{type(exc).__name__}: {exc}", self.system.monotonic())
+            return
         self.leases.dirty.update(self.leases.rows)
         for slot in self.workers.slots.values():
             self.workers.send(slot, messages.ReportNow())
@@ -288,6 +309,8 @@ class Master:
         self.config, self.settings = new, new.settings
         if self.control is not None:
             self.control.access = Access(new.settings.allow_users, new.settings.allow_groups)
+            self.control.limits = new.settings
+        fit_file_limit(new.settings.max_peers, len(self.workers.slots))
         log.info("reloaded %s: %d connection worker(s)", new.path, len(self.workers.slots))
         self.notifier.ready(self.summary())
 

@@ -7,15 +7,22 @@ second, never per message); ``kzpool status`` reads them straight from the regis
 
 The registry listens on a Unix socket beside the pool's, ``SOCKET.registry``, mode 0600:
 only the pool's own user (and root) may connect, with the key in ``SOCKET.registry.key``
-(0600 too).  It serves at most :data:`MAX_CONNECTIONS` connections at once, and drops one
-that is silent for :data:`IDLE_TIMEOUT` seconds (the master's own connection hears from the
-master every second).  If the Manager process dies, the master starts a new one and writes
-the tables again from the workers' latest reports.
+(0600 too).  It serves at most :data:`MAX_CONNECTIONS` connections at once (one more is
+closed at once), and drops one that is silent for :data:`IDLE_TIMEOUT` seconds or that does
+not read what it is sent for as long (the master's own connection hears from the master
+every second).
+
+Every call to it is bounded: each connection a client of the registry opens (the master,
+``kzpool status``) connects, authenticates, sends and reads within :data:`CALL_TIMEOUT`
+seconds, or fails.  A call of the master's that fails (a registry stopped, stuck or gone)
+makes the master kill it; as when the Manager process dies, the master then starts a new one
+and writes the tables again from the workers' latest reports.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -25,10 +32,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from multiprocess import connection
+from multiprocess import connection, managers
 from multiprocess.managers import BaseManager, Server
 
 from ..common.errors import KzpoolError
+
+log = logging.getLogger("kzpool.registry")
 
 Row = dict[str, Any]
 TABLES = ("connections", "assignments", "consumers", "pool")
@@ -36,6 +45,9 @@ MAX_CONNECTIONS = 16
 IDLE_TIMEOUT = 5.0
 PING_INTERVAL = 1.0  # the master's connection is never silent longer than this
 START_TIMEOUT = 5.0
+CALL_TIMEOUT = 2.0  # seconds one connect, handshake, send or read may take
+RESTART_DELAY = 1.0  # seconds between two failed starts
+SERIALIZER = "kzpool"  # multiprocess's pickle, over connections with timeouts
 
 
 class Tables:
@@ -65,6 +77,31 @@ def _tables() -> Tables:
     return _TABLES  # in the Manager process: the one Tables every proxy talks to
 
 
+def _timed_client(address: str, family: str | None = None,
+                  authkey: bytes | None = None) -> Any:
+    """multiprocess's ``Client`` for a Unix socket, each step bounded by
+    :data:`CALL_TIMEOUT`: connect, the handshake, and every later send and read (the kernel's
+    SO_RCVTIMEO / SO_SNDTIMEO: a read that waits longer raises ``BlockingIOError``)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(CALL_TIMEOUT)
+        sock.connect(address)
+        sock.settimeout(None)
+        _io_timeouts(sock.fileno(), CALL_TIMEOUT)
+        conn = connection.Connection(sock.detach())
+    try:
+        if authkey is not None:
+            connection.answer_challenge(conn, authkey)
+            connection.deliver_challenge(conn, authkey)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+# the serializer name picks the listener and client pair that managers and proxies use
+managers.listener_client[SERIALIZER] = (connection.Listener, _timed_client)
+
+
 class _Manager(BaseManager):  # type: ignore[misc]
     pass
 
@@ -81,12 +118,13 @@ class _Server(Server):  # type: ignore[misc]
             try:
                 conn = self.listener.accept()
             except OSError:
+                time.sleep(0.01)  # at the file limit: the peer waits in the backlog
                 continue
             if not slots.acquire(blocking=False):
                 conn.close()
                 continue
-            _read_timeout(conn.fileno(), IDLE_TIMEOUT)
-            threading.Thread(target=self._serve, args=(conn, slots), daemon=True).start()
+            _io_timeouts(conn.fileno(), IDLE_TIMEOUT)
+            threading.Thread(target=self._serve, args=(_Idle(conn), slots), daemon=True).start()
 
     def _serve(self, conn: Any, slots: threading.BoundedSemaphore) -> None:
         try:
@@ -95,11 +133,47 @@ class _Server(Server):  # type: ignore[misc]
             slots.release()
 
 
-def _read_timeout(fd: int, seconds: float) -> None:
+class _Idle:
+    """A served connection on which a read that timed out is the client's EOF: the server
+    then ends that connection's thread, rather than answering the timeout and reading again
+    (what multiprocess's ``serve_client`` does with any other error)."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def recv(self) -> Any:
+        try:
+            return self._conn.recv()
+        except BlockingIOError:
+            raise EOFError("silent for too long") from None
+
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        try:
+            data: bytes = self._conn.recv_bytes(maxlength)
+        except BlockingIOError:
+            raise EOFError("silent for too long") from None
+        return data
+
+    def send(self, obj: Any) -> None:
+        self._conn.send(obj)
+
+    def send_bytes(self, buf: bytes, offset: int = 0, size: int | None = None) -> None:
+        self._conn.send_bytes(buf, offset, size)
+
+    def fileno(self) -> int:
+        return int(self._conn.fileno())
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _io_timeouts(fd: int, seconds: float) -> None:
+    """Bound every blocking read and write on socket ``fd`` to ``seconds``."""
+    value = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
     sock = socket.socket(fileno=os.dup(fd))
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                        struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
     finally:
         sock.close()
 
@@ -126,13 +200,25 @@ class Registry:
         self.tables: Any = None
         self.written: dict[str, dict[str, Row]] = {}  # what the registry holds, as we know
         self.next_ping = 0.0
+        self.restart_at = 0.0  # monotonic; when to start a new one (0: none due)
 
     def write(self, rows: dict[str, dict[str, Row]], put: dict[str, Row], drop: list[str],
               now: float) -> None:
         """Write what changed: of ``rows`` (whole tables, by key), the rows that differ from
         what was written; of the assignments, ``put`` and ``drop``.  One Manager call per
         table that changed, none when nothing did but a ping now and then, so that the
-        registry does not take the master's connection for a silent one."""
+        registry does not take the master's connection for a silent one.
+
+        A call that fails (timed out, connection gone) abandons this registry: see
+        :meth:`abandon`.  Never raises.
+        """
+        try:
+            self._write(rows, put, drop, now)
+        except Exception as exc:  # OSError, EOFError, RemoteError: stuck, stopped or gone
+            self.abandon(f"{type(exc).__name__}: {exc}", now)
+
+    def _write(self, rows: dict[str, dict[str, Row]], put: dict[str, Row], drop: list[str],
+               now: float) -> None:
         calls = 0
         for name, table in rows.items():
             old = self.written.get(name, {})
@@ -150,7 +236,24 @@ class Registry:
         if calls or now >= self.next_ping:
             self.next_ping = now + PING_INTERVAL
 
+    def abandon(self, why: str, now: float) -> None:
+        """The registry did not answer: kill it (the master reaps it) and start another one
+        after :data:`RESTART_DELAY`; until then nothing is written."""
+        log.error("the registry did not answer (%s); replacing it", why)
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        self.tables = None
+        self.restart_at = now + RESTART_DELAY
+
+    def restart_due(self, now: float) -> bool:
+        """The old registry is reaped and the time to start a new one has come."""
+        return not self.pid and bool(self.restart_at) and now >= self.restart_at
+
     def start(self) -> None:
+        """Fork the Manager process and connect to it; raises :class:`KzpoolError` (or
+        :class:`OSError`, ``EOFError``) if it does not answer within ``START_TIMEOUT``."""
+        self.restart_at = 0.0
         authkey = os.urandom(32)
         _write_key(self.key_path, authkey)
         with contextlib.suppress(FileNotFoundError):
@@ -160,7 +263,7 @@ class Registry:
             try:
                 self._child_setup()
                 os.umask(0o077)  # no moment when another user could connect
-                server = _Server(_Manager._registry, self.address, authkey, "pickle")
+                server = _Server(_Manager._registry, self.address, authkey, SERIALIZER)
                 os.chmod(self.address, 0o600)
                 server.serve_forever()
             finally:
@@ -199,7 +302,7 @@ def _connect(address: str, authkey: bytes, timeout: float) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            manager = _Manager(address=address, authkey=authkey)
+            manager = _Manager(address=address, authkey=authkey, serializer=SERIALIZER)
             manager.connect()
             return manager.tables()
         except (FileNotFoundError, ConnectionRefusedError):
@@ -221,6 +324,6 @@ def read(pool_socket: str, timeout: float = START_TIMEOUT) -> dict[str, list[Row
     try:
         tables = _connect(address, authkey, timeout)
         snapshot: dict[str, list[Row]] = tables.snapshot()
-    except (EOFError, connection.AuthenticationError) as exc:
+    except (EOFError, BlockingIOError, connection.AuthenticationError) as exc:
         raise KzpoolError(f"the registry at {address} could not be read: {exc}") from exc
     return snapshot

@@ -14,10 +14,13 @@ from typing import Any
 
 from ..common.config import Broker, Config, Consumer
 from ..common.messages import Report
+from ..common.sockets import Outbox
 from ..common.states import ConnState, ProcState
 from ..common.wire import FrameReader
 from ..worker.spec import WorkerSpec
 from .life import Life
+
+LINK_LIMIT = 16 << 20  # bytes the master may have queued for a worker that does not read
 
 
 @dataclass
@@ -27,6 +30,8 @@ class Slot:
     state: ConnState = ConnState.STARTING
     link: socket.socket | None = None
     reader: FrameReader = field(default_factory=FrameReader)
+    outbox: Outbox = field(default_factory=lambda: Outbox(LINK_LIMIT))  # to the worker
+    writing: bool = False  # the link waits to be writable (the outbox is not empty)
     last_seen: float = 0.0  # monotonic
     error: str | None = None
     since: float = field(default_factory=time.time)  # wall clock, for status
@@ -52,8 +57,10 @@ class Slot:
 
     @property
     def has_room(self) -> bool:
-        """It can bind one more lease: a prechannel ready, or room for a new channel."""
-        return self.available and (self.prechannels > 0 or not self.full)
+        """It can bind one more lease: a prechannel ready, or room for a new channel, and
+        fewer leases than ``max_peers``."""
+        return self.available and self.channels < self.spec.settings.max_peers and (
+            self.prechannels > 0 or not self.full)
 
     def apply_report(self, report: Report) -> None:
         """Take a worker's report; unknown states are ignored, not trusted."""

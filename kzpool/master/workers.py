@@ -5,7 +5,12 @@ reports, passes it client sockets, notices when it is silent or too big, and res
 the one rule of :mod:`.life`.  Runs in the master's loop only.
 
 Hazards: :meth:`WorkerSet.exited` must be called with every worker pid the master reaps; a
-worker exiting with :data:`~kzpool.common.exitcodes.WORKER_FATAL` is not respawned.
+worker exiting with :data:`~kzpool.common.exitcodes.WORKER_FATAL` is not respawned.  The
+links are non-blocking both ways: what the master says waits in the slot's
+:class:`~kzpool.common.sockets.Outbox` (a client socket it passes with it) until the worker
+reads it, so a partial write never cuts a frame; a worker that leaves
+:data:`~.slots.LINK_LIMIT` bytes unread is killed.  Once a worker is reaped its pid may
+belong to anyone: nothing is sent to it any more.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from ..common.backoff import Backoff
 from ..common.config import Broker, Config
 from ..common.errors import ProtocolError
 from ..common.messages import LeaseNews, Message
-from ..common.sockets import receive
+from ..common.sockets import Outbox, receive
 from ..common.states import ConnState
 from ..common.uri import BrokerURI
 from ..common.wire import FrameReader, Kind
@@ -34,12 +39,13 @@ from ..worker.spec import WorkerSpec
 from ..worker.worker import run_worker
 from . import control
 from .life import Life, judge
-from .slots import Slot, broker_key, plan
+from .slots import LINK_LIMIT, Slot, broker_key, plan
 from .system import System
 
 log = logging.getLogger("kzpool.master")
 
 HIDDEN_ORDER = 1_000_000  # hidden brokers sort after every configured one
+SPAWN_RETRY = 1.0  # seconds before trying again to fork a worker that could not start
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ class WorkerSet:
         slot = Slot(spec, Life(Backoff(self.settings.reconnect_backoff_min,
                                        self.settings.respawn_backoff_max, immediate=True)))
         self.slots[spec.id] = slot
-        self.spawn(slot)
+        self._try_spawn(slot, self.system.monotonic())
         return slot
 
     def add_hidden(self, uri: BrokerURI) -> Broker:
@@ -127,11 +133,22 @@ class WorkerSet:
     # ----- processes ------------------------------------------------------------------------
 
     def spawn(self, slot: Slot) -> None:
-        """Fork a worker into ``slot``: its link and its lease socket are made before the fork."""
+        """Fork a worker into ``slot``: its link and its lease socket are made before the fork.
+        :class:`OSError` (the file limit, no memory to fork) leaves nothing behind."""
         ours, theirs = socket.socketpair()
-        listener = control.bind_worker(self.socket_path(slot))
+        try:
+            listener = control.bind_worker(self.socket_path(slot))
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
         master_pid = os.getpid()
-        pid = self.system.fork()
+        try:
+            pid = self.system.fork()
+        except OSError:
+            for sock in (ours, theirs, listener):
+                sock.close()
+            raise
         if pid == 0:
             code = exitcodes.ERROR
             try:
@@ -147,16 +164,20 @@ class WorkerSet:
         slot.life.born(pid, self.system.process(pid), now)
         slot.link, slot.reader, slot.state, slot.last_seen = ours, FrameReader(), (
             ConnState.STARTING), now
+        slot.outbox.close()
+        slot.outbox, slot.writing = Outbox(LINK_LIMIT), False
         self.by_pid[pid] = slot
-        self.selector.register(ours, selectors.EVENT_READ, lambda _fd: self.read_link(slot))
+        self.selector.register(ours, selectors.EVENT_READ, lambda _fd: self._on_link(slot))
         self.send(slot, messages.Role(slot.primary))
 
     def socket_path(self, slot: Slot) -> str:
         return f"{self.settings.socket}.{slot.spec.id}"
 
     def kill(self, slot: Slot, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.system.kill(slot.pid, sig)
+        """Signal the slot's worker, if it has one (never pid 0: that is our group)."""
+        if slot.pid > 0:
+            with contextlib.suppress(ProcessLookupError):
+                self.system.kill(slot.pid, sig)
 
     def exited(self, pid: int, status: int) -> bool:
         """A reaped pid: ``True`` if it was one of our workers (then dealt with)."""
@@ -168,6 +189,7 @@ class WorkerSet:
             with contextlib.suppress(KeyError, ValueError):  # unregistered already on EOF
                 self.selector.unregister(slot.link)
             slot.link.close()
+        slot.outbox.close()  # client sockets it never got: their clients ask again
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path(slot))
         slot.life.died()
@@ -195,7 +217,17 @@ class WorkerSet:
     def spawn_due(self, now: float) -> None:
         for slot in list(self.slots.values()):
             if slot.life.due(now) and not slot.removed:
-                self.spawn(slot)
+                self._try_spawn(slot, now)
+
+    def _try_spawn(self, slot: Slot, now: float) -> None:
+        """Spawn, or (out of descriptors or memory) try again in :data:`SPAWN_RETRY` s."""
+        try:
+            self.spawn(slot)
+        except OSError as exc:
+            slot.state, slot.error = ConnState.DEAD, f"cannot start a worker: {exc}"
+            slot.life.respawn_at = now + SPAWN_RETRY
+            log.error("cannot start a worker for %s (%s); trying again in %g s",
+                      slot.spec.broker.uri.masked, exc, SPAWN_RETRY)
 
     def next_respawn(self) -> float | None:
         return min((s.life.respawn_at for s in self.slots.values() if s.life.respawn_at),
@@ -244,8 +276,10 @@ class WorkerSet:
                     self._on_message(slot, messages.decode(payload,
                                                            messages.TO_MASTER_FROM_WORKER))
             except ProtocolError as exc:
-                log.error("worker %d sent a bad frame (%s); killing it", slot.pid, exc)
-                self.kill(slot, signal.SIGKILL)
+                log.error("worker %d sent a bad frame (%s)%s", slot.pid, exc,
+                          "" if to_end else "; killing it")
+                if not to_end:  # reaped already: its pid may be another process's now
+                    self.kill(slot, signal.SIGKILL)
                 return
             if not to_end:
                 return
@@ -264,21 +298,50 @@ class WorkerSet:
                 self.read_link(slot)
 
     def send(self, slot: Slot, message: Message) -> None:
-        if slot.link is None:
-            return
-        with contextlib.suppress(OSError):  # the reaper will see it die
-            slot.link.sendall(messages.encode(message))
+        """Say ``message`` to a worker, now or as soon as its link takes it."""
+        if slot.link is not None and self._queue(slot, messages.encode(message)):
+            self._flush(slot)
 
     def pass_socket(self, slot: Slot, sock: socket.socket, adopt: messages.Adopt) -> bool:
-        """Hand a client's socket to ``slot``'s worker; ``False`` if its link is broken."""
-        if slot.link is None:
+        """Hand a client's socket to ``slot``'s worker, with ``adopt``; from ``True`` on the
+        socket is the link's (closed here once passed).  ``False``: the link is broken or
+        full, and the socket is still the caller's."""
+        if slot.link is None or slot.state is ConnState.DEAD:
             return False
-        try:
-            socket.send_fds(slot.link, [messages.encode(adopt)], [sock.fileno()])
+        if not self._queue(slot, messages.encode(adopt), sock):
+            return False
+        self._flush(slot)
+        return True
+
+    def _queue(self, slot: Slot, data: bytes, passing: socket.socket | None = None) -> bool:
+        if slot.outbox.put(data, passing):
             return True
-        except OSError:
-            slot.state = ConnState.DEAD
-            return False
+        log.error("worker %d leaves over %d MiB unread on its link; killing it", slot.pid,
+                  LINK_LIMIT >> 20)
+        self.kill(slot, signal.SIGKILL)
+        slot.state = ConnState.DEAD
+        return False
+
+    def _flush(self, slot: Slot) -> None:
+        assert slot.link is not None
+        try:
+            done = slot.outbox.flush(slot.link)
+        except OSError:  # the worker is gone: the reaper will tell why
+            slot.state, done = ConnState.DEAD, True
+            slot.outbox.close()
+        if done == slot.writing:
+            slot.writing = not done
+            if slot.writing:
+                log.debug("the link to worker %d is full: %d bytes wait", slot.pid,
+                          slot.outbox.size)
+            with contextlib.suppress(KeyError, ValueError):  # unregistered on EOF
+                self.selector.modify(slot.link, selectors.EVENT_READ | (
+                    selectors.EVENT_WRITE if slot.writing else 0), lambda _fd: self._on_link(slot))
+
+    def _on_link(self, slot: Slot) -> None:
+        if slot.writing and slot.link is not None:
+            self._flush(slot)
+        self.read_link(slot)
 
     def close(self) -> None:
         """The master stops: the workers' socket files go."""

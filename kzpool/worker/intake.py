@@ -1,33 +1,40 @@
 """How a client's socket reaches a worker directly: the worker's own lease socket.
 
 The client connects to the worker's socket, which it learned from an earlier lease
-(``route``), and asks for a lease there.  The worker serves it if it still is what the
+(``route``), and asks for a *new* lease there.  The worker serves it if it still is what the
 client wants (connected; for a float lease, the primary of the zone asked for); else it
-answers ``redirect`` and the client asks the master.  The other way in, a socket the master
-passes over the link (``adopt``), does not come through here.
+answers ``redirect`` and the client asks the master.  A resume (a request naming a lease id)
+is always redirected: the master checks whose lease it is.  The other way in, a socket the
+master passes over the link (``adopt``), does not come through here.
 
-Runs in the worker's loop only; whatever a client sends, only that client is dropped.
+Runs in the worker's loop only and never blocks on a client.  Whatever a client sends, only
+that client is dropped: a request is one JSON frame of at most
+:data:`~kzpool.common.wire.MAX_REQUEST` bytes that must arrive whole within
+:data:`REQUEST_TIMEOUT`; a client past a limit (its leases here, ``max_peers``, the file
+limit) is told which one, naming the ``[pool]`` setting.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
+import time
 import uuid
 from typing import Protocol
 
 from pika.adapters.select_connection import IOLoop
 
 from ..common import messages, wire
-from ..common.access import Access
-from ..common.errors import ProtocolError
+from ..common.access import Access, peer
+from ..common.errors import KzpoolError, ProtocolError
 from ..common.messages import LeaseRequest, Message
-from ..common.sockets import receive
+from ..common.sockets import Acceptor, file_limit, receive, send_final
 
 log = logging.getLogger("kzpool.intake")
 
-MAX_REQUEST = 1 << 16
+REQUEST_TIMEOUT = 5.0  # seconds a client has to send its whole request
+SWEEP_INTERVAL = 1.0
+PAUSE = 0.5  # seconds the listener rests when even the spare descriptor is gone
 
 
 class IntakeHost(Protocol):
@@ -39,6 +46,25 @@ class IntakeHost(Protocol):
 
     def admit(self, lease: str, sock: socket.socket, request: LeaseRequest) -> None: ...
 
+    def refusal(self, pid: int, uid: int) -> KzpoolError | None:
+        """Why this client may have no more leases here (a limit), or ``None``."""
+        ...
+
+    def room(self) -> KzpoolError | None:
+        """Why the worker takes no more client connections now, or ``None``."""
+        ...
+
+
+class Pending:
+    """A client that connected and has not sent its whole request yet."""
+
+    def __init__(self, sock: socket.socket, pid: int, uid: int) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.uid = uid
+        self.reader = wire.FrameReader(wire.MAX_REQUEST, frozenset({wire.Kind.JSON}))
+        self.deadline = time.monotonic() + REQUEST_TIMEOUT
+
 
 class Intake:
     def __init__(self, host: IntakeHost, listener: socket.socket | None, access: Access) -> None:
@@ -46,55 +72,114 @@ class Intake:
         self.listener = listener
         self.route = listener.getsockname() if listener is not None else None
         self.access = access
-        self.pending: dict[int, tuple[socket.socket, wire.FrameReader]] = {}
+        self.pending: dict[int, Pending] = {}
+        self.sweeping = False
+        self.acceptor: Acceptor | None = None
         if listener is not None:
             listener.setblocking(False)
+            self.acceptor = Acceptor(listener, self._at_file_limit)
             host.ioloop.add_handler(listener.fileno(), self._on_accept, IOLoop.READ)
 
     def _on_accept(self, _fd: int, _events: int) -> None:
-        assert self.listener is not None
+        assert self.acceptor is not None
         while True:
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("accept failed: %s", exc)
-                return
-            refusal = self.access.refusal(sock)
-            if refusal is not None:
-                log.warning("%s", refusal)
-                answer(sock, messages.Refused("access", refusal))
-                continue
-            sock.setblocking(False)
-            self.pending[sock.fileno()] = (sock, wire.FrameReader(MAX_REQUEST))
-            self.host.ioloop.add_handler(sock.fileno(), self._on_request, IOLoop.READ)
-            self._on_request(sock.fileno(), 0)  # the request is usually there already
+            sock = self.acceptor.accept()
+            if sock is None:
+                break
+            self._admit(sock)
+        if self.acceptor.full and self.acceptor.spare_lost and self.listener is not None:
+            log.warning("at the file limit without a spare descriptor: pausing the socket")
+            self.host.ioloop.remove_handler(self.listener.fileno())
+            self.host.ioloop.call_later(PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        if self.listener is not None and self.listener.fileno() >= 0:
+            self.host.ioloop.add_handler(self.listener.fileno(), self._on_accept, IOLoop.READ)
+
+    def _at_file_limit(self, sock: socket.socket) -> None:
+        text = f"the worker is at its limit of {file_limit()} open files; try again later"
+        log.warning("turning a client away: %s", text)
+        answer(sock, messages.Refused("limit", text))
+
+    def _admit(self, sock: socket.socket) -> None:
+        try:
+            pid, uid, gid = peer(sock)
+        except OSError:
+            sock.close()
+            return
+        refusal = self.access.refusal_for(pid, uid, gid)
+        if refusal is not None:
+            log.warning("%s", refusal)
+            answer(sock, messages.Refused("access", refusal))
+            return
+        full = self.host.room()
+        if full is not None:
+            log.warning("turning a client away (pid %d): %s", pid, full)
+            answer(sock, messages.Refused(full.code, str(full)))
+            return
+        self.pending[sock.fileno()] = Pending(sock, pid, uid)
+        self.host.ioloop.add_handler(sock.fileno(), self._on_request, IOLoop.READ)
+        if not self.sweeping:
+            self.sweeping = True
+            self.host.ioloop.call_later(SWEEP_INTERVAL, self._sweep)
+        self._on_request(sock.fileno(), 0)  # the request is usually there already
 
     def _on_request(self, fd: int, _events: int) -> None:
-        sock, reader = self.pending[fd]
-        data = receive(sock, 65536)
+        client = self.pending.get(fd)
+        if client is None:
+            return
+        data = receive(client.sock, 65536)
         if data is None:
             return
         try:
-            frames = list(reader.feed(data)) if data else None
+            frames = list(client.reader.feed(data)) if data else None
         except ProtocolError as exc:
-            log.warning("dropping a client: %s", exc)
-            frames = None
+            self.drop(fd, exc)
+            return
         if frames == []:
             return
-        self.host.ioloop.remove_handler(fd)
-        del self.pending[fd]
+        self._forget(fd)
         try:
             request = first_request(frames)
         except ProtocolError as exc:
-            log.warning("dropping a client: %s", exc)
-            answer(sock, messages.Refused(exc.code, str(exc)))
+            log.warning("dropping a client (pid %d): %s", client.pid, exc)
+            answer(client.sock, messages.Refused(exc.code, str(exc)))
             return
-        if self.host.serves(request):
-            self.host.admit(request.lease or uuid.uuid4().hex[:12], sock, request)
-        else:
-            answer(sock, messages.Redirect())
+        self._decide(client, request)
+
+    def _decide(self, client: Pending, request: LeaseRequest) -> None:
+        if not self.host.serves(request):
+            answer(client.sock, messages.Redirect())
+            return
+        limit = self.host.refusal(client.pid, client.uid)
+        if limit is not None:
+            log.warning("refusing a lease to pid %d: %s", client.pid, limit)
+            answer(client.sock, messages.Refused(limit.code, str(limit)))
+            return
+        self.host.admit(uuid.uuid4().hex[:12], client.sock, request)
+
+    def drop(self, fd: int, exc: Exception) -> bool:
+        """Drop a client that has not asked yet, telling it why; ``False``: not one of ours."""
+        client = self.pending.get(fd)
+        if client is None:
+            return False
+        log.warning("dropping a client (pid %d): %s", client.pid, exc)
+        self._forget(fd)
+        answer(client.sock, messages.Refused(ProtocolError.code, str(exc)))
+        return True
+
+    def _forget(self, fd: int) -> None:
+        del self.pending[fd]
+        self.host.ioloop.remove_handler(fd)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for fd, client in list(self.pending.items()):
+            if now >= client.deadline:
+                self.drop(fd, ProtocolError(f"no whole request within {REQUEST_TIMEOUT:g} s"))
+        self.sweeping = bool(self.pending)
+        if self.sweeping:
+            self.host.ioloop.call_later(SWEEP_INTERVAL, self._sweep)
 
 
 def first_request(frames: list[wire.Frame] | None) -> LeaseRequest:
@@ -106,16 +191,11 @@ def first_request(frames: list[wire.Frame] | None) -> LeaseRequest:
         raise ProtocolError(f"expected a lease request, got a frame of kind {kind}")
     request = messages.decode(payload, messages.TO_WORKER_FROM_CLIENT)
     assert isinstance(request, LeaseRequest)
-    if len(request.federates or "") > wire.MAX_NAME:
-        raise ProtocolError(f"malformed lease request: federates is over {wire.MAX_NAME}"
-                            " characters")
+    wire.check_lease_request(request)
     return request
 
 
 def answer(sock: socket.socket, message: Message) -> None:
-    """Say one thing to a client that gets no channel here, and close."""
-    with contextlib.suppress(OSError):
-        sock.setblocking(True)
-        sock.settimeout(1.0)
-        sock.sendall(messages.encode(message))
-    sock.close()
+    """Say one thing to a client that gets no channel here, and close; never waits (see
+    :func:`~kzpool.common.sockets.send_final`)."""
+    send_final(sock, messages.encode(message))

@@ -8,6 +8,13 @@ Counter changes and the news of assignments and releases wait up to :data:`NEWS_
 a burst of short leases wakes the master once, not per lease; a lost or moved lease is told
 at once (its client is about to ask the master for a new channel), and so is a state change
 (the master decides on it).  Runs in the worker's loop only.
+
+The link is non-blocking: what the master does not read yet waits in an
+:class:`~kzpool.common.sockets.Outbox`, so the worker's loop (and its heartbeats) never
+waits on the master; a master that leaves :data:`UPLINK_LIMIT` bytes unread is taken for
+gone.  A client socket the master passes rides on the first byte of its ``adopt``; if the
+kernel had to drop it (the worker at its file limit: ``MSG_CTRUNC``), sockets and ``adopt``
+messages could no longer be paired, so the worker stops rather than guess.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pika.adapters.select_connection import IOLoop
 from ..common import messages
 from ..common.errors import ProtocolError
 from ..common.messages import LeaseEvent, LeaseNews, Message, Report
+from ..common.sockets import Outbox
 from ..common.wire import FrameReader, Kind
 
 log = logging.getLogger("kzpool.worker")
@@ -30,6 +38,7 @@ log = logging.getLogger("kzpool.worker")
 BEAT_INTERVAL = 1.0
 NEWS_DELAY = 0.005  # seconds counter changes, assignments, releases may wait for the master
 URGENT = frozenset({LeaseEvent.LOST, LeaseEvent.MOVED})
+UPLINK_LIMIT = 64 << 20
 
 OnMessage = Callable[[Message, socket.socket | None], None]
 
@@ -52,20 +61,43 @@ class Uplink:
         self._news: list[LeaseNews] = []
         self._news_due = False
         self._report_due = False
+        self._outbox = Outbox(UPLINK_LIMIT)
+        self._events = IOLoop.READ
+        self._reading = False
 
     def start(self) -> None:
-        self.ioloop.add_handler(self.sock.fileno(), self._on_readable, IOLoop.READ)
+        self.sock.setblocking(False)
+        self.ioloop.add_handler(self.sock.fileno(), self._on_io, IOLoop.READ)
+        self._reading = True
         self.ioloop.call_later(BEAT_INTERVAL, self._beat)
 
     def stop_reading(self) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self.ioloop.remove_handler(self.sock.fileno())
+        if self._reading:
+            self._reading = False
+            with contextlib.suppress(KeyError, ValueError):
+                self.ioloop.remove_handler(self.sock.fileno())
 
     # ----- up --------------------------------------------------------------------------------
 
     def send(self, *batch: Message) -> None:
-        with contextlib.suppress(OSError):  # the master is gone: the link's EOF stops us
-            self.sock.sendall(b"".join(map(messages.encode, batch)))
+        if not self._outbox.put(b"".join(map(messages.encode, batch))):
+            log.error("the master leaves over %d MiB unread on the link; taking it for gone",
+                      UPLINK_LIMIT >> 20)
+            self._outbox.close()
+            self._on_gone()
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            done = self._outbox.flush(self.sock)
+        except OSError:  # the master is gone: the link's EOF stops us
+            self._outbox.close()
+            done = True
+        events = IOLoop.READ | (0 if done else IOLoop.WRITE)
+        if events != self._events and self._reading:
+            self._events = events
+            self.ioloop.update_handler(self.sock.fileno(), events)
 
     def news(self, news: LeaseNews) -> None:
         self._news.append(news)
@@ -99,12 +131,25 @@ class Uplink:
 
     # ----- down ------------------------------------------------------------------------------
 
-    def _on_readable(self, _fd: int, _events: int) -> None:
+    def _on_io(self, _fd: int, events: int) -> None:
+        if events & IOLoop.WRITE:
+            self._flush()
+        if events & IOLoop.READ:
+            self._on_readable()
+
+    def _on_readable(self) -> None:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, 64)
+            data, fds, flags, _addr = socket.recv_fds(self.sock, 65536, 64)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError:
-            data, fds = b"", []
+            data, fds, flags = b"", [], 0
         self._fds += fds
+        if flags & socket.MSG_CTRUNC:
+            log.error("a client socket the master passed was dropped by the kernel (file"
+                      " limit?); stopping")
+            self._on_gone()
+            return
         if not data:
             self._on_gone()
             return

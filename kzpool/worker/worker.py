@@ -15,10 +15,13 @@ Hazards:
   closes its connection and exits with :data:`~kzpool.common.exitcodes.WORKER_PARENT_GONE`.
 * A failure a reconnect will not fix (credentials, vhost) is reported, then the worker exits
   with :data:`~kzpool.common.exitcodes.WORKER_FATAL` and the master does not respawn it.
+* An exception from a client's socket drops that client only (:mod:`.loop`); what clients
+  hold is bounded (:mod:`.clients`); a resume goes to the master, which knows whose it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -28,17 +31,19 @@ from typing import Any
 
 import pika.exceptions
 from pika import spec as amqp
-from pika.adapters.select_connection import IOLoop, SelectConnection
+from pika.adapters.select_connection import SelectConnection
 
 from ..common import exitcodes, messages, proc
 from ..common.access import Access, peer
 from ..common.backoff import Backoff
-from ..common.errors import TLSError
+from ..common.errors import KzpoolError, TLSError
 from ..common.messages import LeaseEvent, LeaseNews, LeaseRequest, Message, Reason
 from ..common.states import ConnState
+from .clients import Clients, Waiting, full
 from .connection import BatchedConnection, parameters
 from .faults import classify
 from .intake import Intake, answer
+from .loop import GuardedLoop
 from .session import Session
 from .spec import WorkerSpec
 from .uplink import Uplink
@@ -46,6 +51,7 @@ from .uplink import Uplink
 log = logging.getLogger("kzpool.worker")
 
 NOT_CONNECTED = Reason("ConnectionClosed", 0, "broker not connected")
+FULL = Reason("ConnectionClosed", 0, "this connection serves max_peers clients")
 
 
 class ConnectionWorker:
@@ -54,7 +60,7 @@ class ConnectionWorker:
     def __init__(self, spec: WorkerSpec, link: socket.socket, listener: socket.socket | None,
                  master_pid: int) -> None:
         self.spec = spec
-        self.ioloop = IOLoop()
+        self.ioloop = GuardedLoop(self._client_fault)
         self.state = ConnState.STARTING
         self.error: str | None = None
         self.since = time.time()
@@ -68,7 +74,8 @@ class ConnectionWorker:
         self.prechannels: list[Any] = []
         self.sessions: dict[str, Session] = {}  # by lease id
         self.bound: dict[int, Session] = {}  # by channel number
-        self.waiting: list[tuple[str, socket.socket, LeaseRequest]] = []  # for a channel
+        self.waiting: list[Waiting] = []  # clients waiting for a channel
+        self.clients = Clients()  # the client process of each lease bound or waiting
         self.uplink = Uplink(link, self.ioloop, master_pid, self._report, self._on_master,
                              self._master_gone)
         settings = spec.settings
@@ -86,7 +93,7 @@ class ConnectionWorker:
     # ----- life cycle -------------------------------------------------------------------
 
     def run(self) -> int:
-        self._install_signals()
+        self.ioloop.watch_signals((signal.SIGTERM, signal.SIGINT, signal.SIGHUP), self._on_signal)
         self.uplink.start()
         self._connect()
         self.ioloop.start()
@@ -108,21 +115,10 @@ class ConnectionWorker:
             except pika.exceptions.ConnectionWrongStateError:
                 self.ioloop.stop()
 
-    def _install_signals(self) -> None:
-        read_end, write_end = os.pipe()
-        os.set_blocking(read_end, False)
-        os.set_blocking(write_end, False)
-        signal.set_wakeup_fd(write_end)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, lambda *_: None)  # record only: the wakeup fd carries it
-        self.ioloop.add_handler(read_end, self._on_signal, IOLoop.READ)
-
-    def _on_signal(self, fd: int, _events: int) -> None:
-        for signum in os.read(fd, 64):
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                code = exitcodes.OK if os.getppid() == self.uplink.master_pid else (
-                    exitcodes.WORKER_PARENT_GONE)
-                self.stop(code)
+    def _on_signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            parent = os.getppid() == self.uplink.master_pid
+            self.stop(exitcodes.OK if parent else exitcodes.WORKER_PARENT_GONE)
 
     def _master_gone(self) -> None:
         if self.state is not ConnState.STOPPING:
@@ -172,9 +168,9 @@ class ConnectionWorker:
         for session in list(self.sessions.values()):
             session.event(lost)
             session.end(LeaseEvent.LOST, "connection lost")
-        for lease, sock, _request in self.waiting:  # nothing can be bound any more
-            self._turn_away(lease, sock)
-        self.waiting.clear()
+        waiting, self.waiting = self.waiting, []
+        for entry in waiting:  # nothing can be bound any more
+            self._turn_away(entry.lease, entry.sock)
         if self.state is ConnState.STOPPING:
             self.ioloop.stop()
             return
@@ -246,7 +242,7 @@ class ConnectionWorker:
     def _give(self, channel: Any) -> None:
         """A ready channel: to the first client waiting for one, else to the prechannels."""
         if self.waiting:
-            self._bind(*self.waiting.pop(0), channel)
+            self._bind(self.waiting.pop(0), channel)
         else:
             self.prechannels.append(channel)
         self.uplink.report_soon()
@@ -281,8 +277,11 @@ class ConnectionWorker:
     # ----- leases ---------------------------------------------------------------------------
 
     def serves(self, request: LeaseRequest) -> bool:
-        """A lease asked for at this worker directly: is this worker what it wants?"""
+        """A lease asked for at this worker directly: is this worker what it wants?  A
+        resume (the request names a lease) never is: the master checks whose lease it is."""
         broker = self.spec.broker
+        if request.lease is not None:
+            return False
         if self.state is not ConnState.CONNECTED or (self.full and not self.prechannels):
             return False  # the master knows which other connection has room
         if request.kind == "float":
@@ -290,41 +289,84 @@ class ConnectionWorker:
             return self.primary and in_zone and not broker.hidden
         return request.kind == "sticky" and request.broker_id == broker.uri.short
 
+    def refusal(self, pid: int, uid: int) -> KzpoolError | None:
+        """A limit that process ``pid`` of ``uid`` meets here if it asks for one more."""
+        return self.clients.refusal(pid, uid, self.spec.settings)
+
+    def room(self) -> KzpoolError | None:
+        """Why no more client connection fits here now (``max_peers``, the file limit)."""
+        return full(len(self.sessions) + len(self.waiting) + len(self.intake.pending),
+                    self.spec.settings)
+
     def admit(self, lease: str, sock: socket.socket, request: LeaseRequest) -> None:
         """Bind ``sock`` to a channel for ``lease`` (now, or when the next one opens)."""
+        try:
+            pid, uid, _gid = peer(sock)  # before anything is sent: a failed send closes it
+        except OSError:
+            self._turn_away(lease, sock)
+            return
         if self.state is not ConnState.CONNECTED or self.connection is None or (
                 self.full and not self.prechannels):
             self._turn_away(lease, sock)
             return
+        if full(len(self.sessions) + len(self.waiting), self.spec.settings) is not None:
+            self._turn_away(lease, sock, FULL)  # the master learns from the report
+            return
+        client = Waiting(lease, sock, request, pid, uid)
         if self.prechannels:
-            self._bind(lease, sock, request, self.prechannels.pop(0))
+            self._bind(client, self.prechannels.pop(0))
         else:
-            self.waiting.append((lease, sock, request))
+            self.waiting.append(client)
+            self.clients.hold(lease, pid, uid)
         self.fill_prechannels()
 
-    def _turn_away(self, lease: str, sock: socket.socket) -> None:
-        answer(sock, messages.Lost(NOT_CONNECTED))
+    def _turn_away(self, lease: str, sock: socket.socket, reason: Reason = NOT_CONNECTED) -> None:
+        self.clients.drop(lease)
+        answer(sock, messages.Lost(reason))
         self.uplink.news(LeaseNews(LeaseEvent.LOST, lease))
 
-    def _bind(self, lease: str, sock: socket.socket, request: LeaseRequest,
-              channel: Any) -> None:
-        broker = self.spec.broker
-        client_pid = peer(sock)[0]  # before anything is sent: a failed send closes the socket
-        session = Session(self, sock, lease, channel)
+    def _bind(self, client: Waiting, channel: Any) -> None:
+        broker, lease, request = self.spec.broker, client.lease, client.request
+        old = self.sessions.get(lease)
+        if old is not None:  # placed here again before its old session ended
+            old.end(LeaseEvent.LOST, "placed again")
+        self.clients.hold(lease, client.pid, client.uid)
+        session = Session(self, client.sock, lease, channel)
         self.sessions[lease] = session
         self.bound[channel.channel_number] = session
         session.event(messages.Leased(lease, broker.uri.masked, broker.zone,
                                       channel.channel_number, os.getpid(), self.blocked,
                                       self.intake.route))
         session.flush()  # the client waits for this: before anything else
+        if session.done:  # it hung up at once: its release is told already
+            return
         self.uplink.news(LeaseNews(
             LeaseEvent.ASSIGNED, lease, channel.channel_number, request.kind,
-            request.zone or broker.zone, client_pid, request.federates))
+            request.zone or broker.zone, client.pid, request.federates))
         self.uplink.report_soon()
+
+    def _client_fault(self, fd: int, exc: Exception) -> bool:
+        """A handler of ``fd`` raised: drop that client, if it is one (``False``: it is not)."""
+        session = next((s for s in self.sessions.values() if s.fd == fd), None)
+        if session is None:
+            return self.intake.drop(fd, exc)
+        log.warning("lease %s (pid %d): dropping the client after %r", session.lease,
+                    self.clients.owners.get(session.lease, (0, 0))[0], exc, exc_info=exc)
+        try:
+            session.end(LeaseEvent.RELEASED, repr(exc))
+        except Exception:  # it could not end itself: let it go all the same
+            log.exception("lease %s: could not end it cleanly", session.lease)
+            self.bound = {n: s for n, s in self.bound.items() if s is not session}
+            with contextlib.suppress(KeyError, ValueError):
+                self.ioloop.remove_handler(fd)
+            session.sock.close()
+            self.session_ended(session, LeaseEvent.RELEASED, repr(exc))
+        return True
 
     def session_ended(self, session: Session, how: LeaseEvent, why: str) -> None:
         if self.sessions.get(session.lease) is session:
             del self.sessions[session.lease]
+            self.clients.drop(session.lease)
         log.debug("lease %s %s: %s", session.lease, how.value, why)
         self.uplink.news(LeaseNews(how, session.lease))
         self.fill_prechannels()
@@ -340,8 +382,10 @@ class ConnectionWorker:
             case messages.ReportNow():
                 self.uplink.report_now()
             case messages.Adopt() if sock is not None:
-                request = LeaseRequest(kind=message.kind, zone=message.zone)
-                self.admit(message.lease, sock, request)
+                self.admit(message.lease, sock, LeaseRequest(kind=message.kind,
+                                                             zone=message.zone))
+            case messages.Adopt():  # its socket did not come along
+                self.uplink.news(LeaseNews(LeaseEvent.LOST, message.lease))
             case messages.MoveLease(lease=lease) if lease in self.sessions:
                 self.sessions[lease].move()
 
@@ -378,5 +422,4 @@ def run_worker(spec: WorkerSpec, link: socket.socket, listener: socket.socket,
     proc.set_title(spec.title(False))
     if os.getppid() != master_pid:
         return exitcodes.WORKER_PARENT_GONE
-    link.setblocking(True)
     return ConnectionWorker(spec, link, listener, master_pid).run()

@@ -1,0 +1,53 @@
+"""The worker's IOLoop, guarded: an exception raised by one client's handler drops that
+client, never the worker.  Signals reach it through a pipe (:meth:`GuardedLoop.watch_signals`).
+
+pika's ``IOLoop`` lets an exception from a handler end ``start()``, and with it the worker
+and every lease on it.  :class:`GuardedLoop` wraps each handler it is given: when one raises,
+``on_fault(fd, exc)`` is asked whether ``fd`` is a client's (it then drops that client, and
+the loop goes on) or not (the AMQP connection, the link to the master: the exception goes
+on up, as before).  Not thread-safe, like the loop itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterable
+
+from pika.adapters.select_connection import IOLoop
+
+log = logging.getLogger("kzpool.worker")
+
+Handler = Callable[[int, int], None]
+OnFault = Callable[[int, Exception], bool]  # fd, what it raised → it was a client's
+
+
+class GuardedLoop(IOLoop):  # type: ignore[misc]
+    def __init__(self, on_fault: OnFault) -> None:
+        super().__init__()
+        self.on_fault = on_fault
+
+    def add_handler(self, fd: int, handler: Handler, events: int) -> None:
+        def guarded(fileno: int, happened: int) -> None:
+            try:
+                handler(fileno, happened)
+            except Exception as exc:
+                if not self.on_fault(fileno, exc):
+                    raise
+        super().add_handler(fd, guarded, events)
+
+    def watch_signals(self, signals: Iterable[int], on_signal: Callable[[int], None]) -> None:
+        """Signal handlers that only record (``signal.set_wakeup_fd``): ``on_signal(signum)``
+        is called from the loop."""
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        os.set_blocking(write_end, False)
+        signal.set_wakeup_fd(write_end)
+        for sig in signals:
+            signal.signal(sig, lambda *_: None)  # the wakeup fd carries it
+
+        def drain(fd: int, _events: int) -> None:
+            for signum in os.read(fd, 64):
+                on_signal(signum)
+        self.add_handler(read_end, drain, self.READ)
