@@ -77,6 +77,7 @@ class Pool:
         self.socket = str(self.dir / "kzpool.sock")
         config = self.dir / "config.ini"
         config.write_text(f"[pool]\nsocket = {self.socket}\nprechannels = {prechannels}\n"
+                          "max_leases_per_process = 2000\n"
                           f"log_level = warning\n[amqp]\nuri = {uri}\n")
         self.log = open(self.dir / "serve.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "kzpool", "serve", "-c", str(config)],

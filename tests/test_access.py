@@ -154,24 +154,27 @@ def test_a_client_that_never_reads_does_not_grow_the_worker(pools: PoolMaker) ->
     pool = pools([DEFAULT_URI], default_prefetch=50).start()
     pool.wait_ready()
     client = kzpool.connect(pool.socket)
+    queue = f"kzt-unread-{uuid.uuid4().hex[:8]}"
     with client.lease("float") as feeder:
-        feeder.queue_declare("kzt-unread", auto_delete=False)
+        feeder.queue_declare(queue, auto_delete=False)
+        feeder.confirm_delivery()  # all 2000 on the queue before the count below
         for _ in range(2000):
-            feeder.basic_publish("", "kzt-unread", b"x" * 10_000)
+            feeder.basic_publish("", queue, b"x" * 10_000, wait=False)
+        feeder.wait_for_confirms(30)
     lazy = client.lease("float")
-    lazy.basic_consume("kzt-unread", lambda *_: None)  # then never reads
+    lazy.basic_consume(queue, lambda *_: None)  # then never reads
     worker = psutil.Process(pool.connections()[0]["pid"])
     before = worker.memory_info().rss
     with client.lease("float") as probe:  # the broker holds the rest back: QoS, not memory
         def unacked() -> int:
-            return 2000 - int(probe.queue_declare("kzt-unread", passive=True)
+            return 2000 - int(probe.queue_declare(queue, passive=True)
                               .method.message_count)
         wait_for(lambda: unacked() >= 50, 10, "the prefetch to be delivered")
         assert unacked() == 50
     assert worker.memory_info().rss - before < 5 << 20
     lazy.close()
     with client.lease("float") as cleanup:
-        cleanup.queue_delete("kzt-unread")
+        cleanup.queue_delete(queue)
 
 
 def test_peer_credentials_are_read_from_the_socket() -> None:

@@ -226,6 +226,8 @@ def test_a_released_channel_carries_nothing_to_the_next_lease(pool: Pool, queue:
     for _ in range(20):  # publish-only leases: their clean channels are handed on
         with client.lease("float") as publisher:
             publisher.basic_publish("", queue, b"x")
+    # no confirms: the last publishes reach the queue a moment after their lease closed
+    wait_for(lambda: message_count(queue) == 20, 5, "the 20 messages on the queue")
     with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
         declared = conn.channel().queue_declare(queue, passive=True).method
     assert declared.consumer_count == 0 and declared.message_count == 20

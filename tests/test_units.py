@@ -25,7 +25,8 @@ def test_public_api() -> None:
         "ClientClosed", "Config",
         "ConfigError", "Confirm", "Connection", "ConnectionBlockedTimeout",
         "ConnectionClosedByBroker", "KzpoolError", "Lease",
-        "LeaseClosed", "LeaseRequestError", "LeaseTimeout", "Listener", "Message", "MoveEvent",
+        "LeaseClosed", "LeaseNotYours", "LeaseRequestError", "LeaseTimeout", "LimitExceeded",
+        "Listener", "Message", "MoveEvent",
         "NackError",
         "PoolAccessDenied", "PoolClient", "PoolNotRunning", "ProtocolError", "StartupError",
         "TransactionLost", "UnroutableError", "__version__", "connect", "load"])

@@ -53,8 +53,9 @@ class TLSError(KzpoolError):
     code = "tls"
 
 
-class PoolNotRunning(KzpoolError):
-    """No pool answers on the lease socket."""
+class PoolNotRunning(KzpoolError, _pe.AMQPConnectionError):
+    """No pool answers on the lease socket (pika code catching ``AMQPConnectionError``
+    around its connect catches this too)."""
 
     code = "no_pool"
 

@@ -180,8 +180,10 @@ class LeaseSocket:
 
     def __init__(self, path: str, selector: selectors.BaseSelector, access: Access,
                  answer: Answer, on_lease: OnLease, limits: Limits,
-                 held: Callable[[], int], clock: Callable[[], float]) -> None:
+                 held: Callable[[], int], clock: Callable[[], float],
+                 refused: Callable[[str], None] = lambda _code: None) -> None:
         self.path = path
+        self.refused = refused  # told the code of every client turned away
         self.selector = selector
         self.access = access
         self.answer = answer
@@ -215,7 +217,7 @@ class LeaseSocket:
         text = (f"the pool is at its limit of {file_limit()} open files; try again later"
                 f" ([pool] max_peers = {self.limits.max_peers}, systemd LimitNOFILE)")
         self.throttle.warn("files", "turning a client away: %s", text)
-        refuse(sock, "limit", text)
+        self._refuse(sock, "limit", text)
 
     def _admit(self, sock: socket.socket) -> None:
         try:
@@ -226,14 +228,14 @@ class LeaseSocket:
         refusal = self.access.refusal_for(pid, uid, gid)
         if refusal is not None:
             self.throttle.warn("access", "%s", refusal)
-            refuse(sock, "access", refusal)
+            self._refuse(sock, "access", refusal)
             return
         busy = len(self.peers) + self.held()
         if busy >= self.limits.max_peers:
             text = (f"the pool serves {busy} client connections already ([pool] max_peers ="
                     f" {self.limits.max_peers}); try again later")
             self.throttle.warn("peers", "turning a client away (pid %d): %s", pid, text)
-            refuse(sock, "limit", text)
+            self._refuse(sock, "limit", text)
             return
         self.peers[sock.fileno()] = Peer(sock, pid, self.clock() + REQUEST_TIMEOUT)
         self.selector.register(sock, selectors.EVENT_READ, self._serve)
@@ -331,7 +333,11 @@ class LeaseSocket:
             current.outbox.close()
             current.sock.close()
         else:
-            refuse(current.sock, code, text)
+            self._refuse(current.sock, code, text)
+
+    def _refuse(self, sock: socket.socket, code: str, text: str) -> None:
+        self.refused(code)
+        refuse(sock, code, text)
 
     def _drop(self, fd: int, close: bool = True) -> None:
         current = self.peers.pop(fd)

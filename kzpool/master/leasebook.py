@@ -32,6 +32,7 @@ from ..common.uri import MASK, BrokerURI
 from . import control
 from .admission import UNKNOWN_UID, Holdings, check_owner, hidden_to_retire
 from .assign import Assignment, LeaseKind, RowState, choose_slot, new_lease_id, target_of, to_move
+from .metrics import Tally
 from .slots import Slot, broker_key
 from .system import System
 
@@ -76,8 +77,9 @@ class LeaseBook:
     """
 
     def __init__(self, workers: Workers, selector: selectors.BaseSelector,
-                 system: System) -> None:
+                 system: System, tally: Tally | None = None) -> None:
         self.workers = workers
+        self.tally = tally or Tally()  # refusals by code, for the metrics
         self.selector = selector
         self.system = system
         self.rows: dict[str, Assignment] = {}
@@ -101,7 +103,7 @@ class LeaseBook:
         try:
             assignment, timeout = self._admit(sock, request, client_pid)
         except KzpoolError as exc:
-            control.refuse(sock, exc.code, str(exc))
+            self._refuse(sock, exc.code, str(exc))
             return
         except OSError:  # its peer credentials cannot be read: the client is gone
             sock.close()
@@ -170,7 +172,7 @@ class LeaseBook:
         if not text:
             raise LeaseRequestError("a sticky lease needs a broker URI")
         try:
-            uri = BrokerURI.parse(text)
+            uri = BrokerURI.parse_client(text)  # a broker, never TLS files of its own
         except BrokerURIError as exc:
             raise LeaseRequestError(str(exc)) from exc
         slot = self.workers.find(uri)
@@ -246,9 +248,13 @@ class LeaseBook:
         else:
             text = f"no broker of zone {row.zone!r} is available"
         self._unwatch(reservation)
-        control.refuse(reservation.sock, "unavailable", text)
+        self._refuse(reservation.sock, "unavailable", text)
         if not row.placed_once:
             self._drop(row.lease)
+
+    def _refuse(self, sock: socket.socket, code: str, text: str) -> None:
+        self.tally.inc("lease_requests_refused", reason=code)
+        control.refuse(sock, code, text)
 
     def next_deadline(self) -> float | None:
         return min((r.deadline for r in self.waiting), default=None)

@@ -39,6 +39,7 @@ from .leasebook import LeaseBook
 from .life import exit_reason
 from .notify import Notifier
 from .registry import Registry, Row
+from .signals import SignalQueue, child_defaults
 from .slots import Slot, broker_key, startup_settled
 from .system import OsSystem, System
 from .workers import WorkerEvents, WorkerSet
@@ -47,7 +48,6 @@ log = logging.getLogger("kzpool.master")
 
 FLUSH_INTERVAL = 0.1  # the registry is written at most this often
 SAMPLE_INTERVAL = 1.0  # seconds between two RSS/CPU samples of the children
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
 
 
 class Master:
@@ -59,13 +59,17 @@ class Master:
         self.system = system or OsSystem()
         self.pid = os.getpid()
         self.state = PoolState.STARTING
-        self.signals: list[int] = []
+        self.signals = SignalQueue()
         self.selector = selectors.DefaultSelector()
+        self.tally = metrics.Tally()  # what the metrics count, by the modules that see it
         self.workers = WorkerSet(config, self.system, self.selector,
-                                 WorkerEvents(self._on_lease_news, self._on_worker_exit))
-        self.leases = LeaseBook(self.workers, self.selector, self.system)
+                                 WorkerEvents(self._on_lease_news, self._on_worker_exit),
+                                 self.tally)
+        self.leases = LeaseBook(self.workers, self.selector, self.system, self.tally)
+        self.metrics: metrics.Server | None = None
+        self.last_primaries: dict[str, str] = {}  # zone → its last primary, for the metrics
         self.consumers = ConsumerSet(config.consumers, self.settings, self.system,
-                                     self.leases.request, _child_signal_defaults)
+                                     self.leases.request, child_defaults)
         self.registry = Registry(self.settings.socket, self._registry_child_setup,
                                  self.system.fork)
         self.control: LeaseSocket | None = None
@@ -90,10 +94,12 @@ class Master:
         self.control = LeaseSocket(self.settings.socket, self.selector,
                                    Access(self.settings.allow_users, self.settings.allow_groups),
                                    self.answer, self.leases.request, self.settings,
-                                   lambda: len(self.leases.waiting), self.system.monotonic)
+                                   lambda: len(self.leases.waiting), self.system.monotonic,
+                                   lambda code: self.tally.inc("lease_requests_refused",
+                                                               reason=code))
         if self.settings.metrics_port:
             self._serve_metrics()
-        self._install_signals()
+        self.signals.install(self.selector)
         self.registry.start()
         self.workers.start()
         self.deadline = self.system.monotonic() + self.settings.startup_timeout
@@ -116,6 +122,8 @@ class Master:
             self._check_startup(now)
         if self.control is not None:
             self.control.sweep(now)
+        if self.metrics is not None:
+            self.metrics.expire(now)
         if self.state is PoolState.STOPPING:
             self._check_stop(now)
             return
@@ -141,6 +149,7 @@ class Master:
                                   self.leases.next_deadline(), self.next_sample,
                                   self.notifier.next_ping if self.notifier.watchdog else None,
                                   self.control.next_deadline() if self.control else None,
+                                  self.metrics.next_deadline() if self.metrics else None,
                                   self.registry.restart_at or None,
                                   now + 0.05 if self.leases.waiting else None,
                                   self.next_flush if self.unflushed else None)
@@ -212,27 +221,16 @@ class Master:
     def _close(self) -> None:
         if self.control is not None:
             self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.workers.close()
         self.registry.close()
         log.info("stopped")
 
     # ----- signals and children ---------------------------------------------------------------
 
-    def _install_signals(self) -> None:
-        read_end, write_end = os.pipe()
-        for fd in (read_end, write_end):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(write_end)
-        for sig in HANDLED_SIGNALS:
-            signal.signal(sig, self._record_signal)
-        self.selector.register(read_end, selectors.EVENT_READ, _drain_pipe)
-
-    def _record_signal(self, signum: int, _frame: Any) -> None:
-        self.signals.append(signum)
-
     def handle_signals(self) -> None:
-        while self.signals:
-            signum = self.signals.pop(0)
+        while (signum := self.signals.take()) is not None:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self.stop(graceful=self.state is not PoolState.STOPPING)
             elif signum == signal.SIGQUIT:
@@ -277,7 +275,7 @@ class Master:
             self.workers.send(slot, messages.ReportNow())
 
     def _registry_child_setup(self) -> None:
-        _child_signal_defaults()
+        child_defaults()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         proc.close_fds_except(0, 1, 2)
         proc.die_with_parent(signal.SIGKILL)
@@ -326,9 +324,11 @@ class Master:
     def _serve_metrics(self) -> None:
         collector = metrics.Collector(lambda: self.workers.slots.values(),
                                       lambda: self.leases.rows.values(),
-                                      lambda: self.leases.moves)
-        metrics.Server(metrics.listen(self.settings.metrics_address, self.settings.metrics_port),
-                       self.selector, collector, lambda: status.health(self.status()))
+                                      lambda: self.leases.moves, self.tally.snapshot)
+        self.metrics = metrics.Server(
+            metrics.listen(self.settings.metrics_address, self.settings.metrics_port),
+            self.selector, collector, lambda: status.health(self.status()),
+            self.system.monotonic)
 
     def answer(self, request: Message) -> dict[str, Any]:
         """A document for ``ping``, ``status`` or ``brokers``."""
@@ -358,11 +358,25 @@ class Master:
         if primaries != self.primaries:
             self.primaries = primaries
             self.leases.check_moves = True
+            self._count_primary_changes(primaries)
         self.leases.fail_back()
         if now >= self.next_flush:
             self.flush_registry()
             if self.state is PoolState.RUNNING and self.notifier.address:
                 self.notifier.status(self.summary())
+
+    def _count_primary_changes(self, primaries: tuple[str | None, ...]) -> None:
+        """A zone's new primary later in config order than its last one: a failover;
+        earlier: a fail-back (a zone with no primary for a while changes nothing)."""
+        order = {broker_key(b): b.order for b in self.config.brokers}
+        for zone, primary in zip(self.config.zones, primaries, strict=True):
+            last = self.last_primaries.get(zone)
+            if primary is None or primary == last:
+                continue
+            self.last_primaries[zone] = primary
+            if last is not None and last in order and primary in order:
+                name = "failovers" if order[primary] > order[last] else "failbacks"
+                self.tally.inc(name, zone=zone)
 
     def _rows(self) -> dict[str, dict[str, Row]]:
         """Every table but the assignments (the lease book keeps those), as rows by key."""
@@ -402,15 +416,3 @@ class Master:
             if broker_key(slot.spec.broker) == key:
                 return slot.spec.broker.uri.masked
         return "none"
-
-
-def _child_signal_defaults() -> None:
-    """In a freshly forked child: the master's signal handling undone."""
-    signal.set_wakeup_fd(-1)
-    for sig in HANDLED_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
-
-
-def _drain_pipe(fd: int) -> None:
-    with contextlib.suppress(BlockingIOError):
-        os.read(fd, 4096)

@@ -45,6 +45,7 @@ class Slot:
     primary: bool = False
     tried: bool = False  # at least one connect attempt has ended, well or not
     retiring: bool = False  # replaced on purpose (RSS): respawn at once
+    silenced: bool = False  # killed for being silent past worker_timeout
     removed: bool = False  # dropped from the config: never respawn
 
     @property

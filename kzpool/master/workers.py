@@ -35,10 +35,12 @@ from ..common.sockets import Outbox, receive
 from ..common.states import ConnState
 from ..common.uri import BrokerURI
 from ..common.wire import FrameReader, Kind
+from ..worker.faults import HEARTBEATS_MISSED
 from ..worker.spec import WorkerSpec
 from ..worker.worker import run_worker
 from . import control
 from .life import Life, judge
+from .metrics import RestartReason, Tally
 from .slots import LINK_LIMIT, Slot, broker_key, plan
 from .system import System
 
@@ -56,9 +58,21 @@ class WorkerEvents:
     exited: Callable[[Slot], None]  # its leases are lost
 
 
+def restart_reason(slot: Slot, status: int) -> RestartReason:
+    """Why a worker that is started again ended."""
+    if slot.retiring:
+        return RestartReason.MEMORY
+    if slot.silenced:
+        return RestartReason.UNRESPONSIVE
+    if os.WIFSIGNALED(status):
+        return RestartReason.KILLED
+    return RestartReason.CRASHED if os.WEXITSTATUS(status) else RestartReason.EXITED
+
+
 class WorkerSet:
     def __init__(self, config: Config, system: System, selector: selectors.BaseSelector,
-                 events: WorkerEvents) -> None:
+                 events: WorkerEvents, tally: Tally | None = None) -> None:
+        self.tally = tally or Tally()  # restarts and missed heartbeats, for the metrics
         self.config = config
         self.settings = config.settings
         self.system = system
@@ -202,7 +216,8 @@ class WorkerSet:
             return True
         now = self.system.monotonic()
         verdict = judge(slot.life, status, now, exitcodes.WORKER_FATAL, slot.retiring)
-        slot.retiring = False
+        reason = restart_reason(slot, status)
+        slot.retiring = slot.silenced = False
         if not verdict.respawn:
             slot.state = ConnState.FAILED
             log.error("worker for %s %s: %s; not respawning (SIGHUP retries)",
@@ -210,6 +225,8 @@ class WorkerSet:
             return True
         slot.state, slot.error = ConnState.DEAD, f"worker {verdict.why}"
         slot.life.respawn_at = now + verdict.delay
+        self.tally.inc("worker_restarts", broker=slot.spec.broker.uri.masked,
+                       reason=reason.value)
         log.warning("worker for %s %s; respawning in %.1f s", slot.spec.broker.uri.masked,
                     verdict.why, verdict.delay)
         return True
@@ -241,6 +258,7 @@ class WorkerSet:
             if now - slot.last_seen > self.settings.worker_timeout:
                 log.error("worker %d for %s silent for %.1f s; killing it", slot.pid,
                           slot.spec.broker.uri.masked, now - slot.last_seen)
+                slot.silenced = True
                 self.kill(slot, signal.SIGKILL)
                 slot.last_seen = now
             elif sample and slot.life.process is not None:
@@ -287,7 +305,11 @@ class WorkerSet:
     def _on_message(self, slot: Slot, message: Message) -> None:
         match message:
             case messages.Report():
+                was = slot.state
                 slot.apply_report(message)
+                if was is ConnState.CONNECTED and slot.error == HEARTBEATS_MISSED:
+                    self.tally.inc("missed_heartbeats", connection=slot.spec.id,
+                                   broker=slot.spec.broker.uri.masked)
             case messages.LeaseNews():
                 self.events.lease_news(slot, message)
 

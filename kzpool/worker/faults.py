@@ -13,6 +13,7 @@ import pika.adapters.utils.connection_workflow as wf
 import pika.exceptions as pe
 
 from ..common.errors import TLSError
+from ..common.messages import Reason
 
 HEARTBEATS_MISSED = "heartbeats missed"  # the reason, as reports and status carry it
 
@@ -127,3 +128,11 @@ def _innermost(exc: BaseException) -> str:
     text = str(exc).replace("ConnectionClosedByBroker: ", "")
     text = re.sub(r"\((\d+)\) '([^']*)'?", r"\1 \2", text).strip("()\",' ")
     return text or type(exc).__name__
+
+
+def connection_lost(exc: BaseException) -> Reason:
+    """What a lease hears when the connection goes: the broker's reply code and text if it
+    closed the connection (a call of that lease may be why), else that it was lost."""
+    if isinstance(exc, pe.ConnectionClosedByBroker):
+        return Reason("ConnectionClosedByBroker", exc.reply_code, exc.reply_text)
+    return Reason("ConnectionClosed", 0, "connection to the broker lost")

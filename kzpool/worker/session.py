@@ -220,6 +220,7 @@ class Session:
 
     def _channel_call(self, request: messages.Request) -> None:
         args, reply = request.args, self._replier(request.id)
+        check_args(args)  # pika would fail to encode them after it began, and end the connection
         match request:
             case messages.Call(method="basic_cancel") if not self._consuming(args):
                 reply(_CancelOk(str(args.get("consumer_tag", ""))))  # pika would not answer
@@ -368,6 +369,24 @@ class _CancelOk:
 
     def __init__(self, consumer_tag: str) -> None:
         self.method = spec.Basic.CancelOk(consumer_tag)
+
+
+SHORT_STRINGS = ("queue", "exchange", "routing_key", "consumer_tag", "exchange_type",
+                 "destination", "source")
+RANGES = {"prefetch_count": 0xFFFF, "prefetch_size": 0xFFFFFFFF}
+
+
+def check_args(args: dict[str, Any]) -> None:
+    """A call's arguments as AMQP can carry them: a :class:`ValueError` (answered to that
+    caller alone) names the one that cannot be."""
+    for name in SHORT_STRINGS:
+        value = args.get(name)
+        if isinstance(value, str) and len(value.encode()) > 255:
+            raise ValueError(f"{name} {value[:40]!r}... is over AMQP's 255 bytes")
+    for name, top in RANGES.items():
+        value = args.get(name)
+        if isinstance(value, int) and not 0 <= value <= top:
+            raise ValueError(f"{name} = {value} is not between 0 and {top}")
 
 
 def _fields(method: Any) -> dict[str, Any]:

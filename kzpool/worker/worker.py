@@ -41,7 +41,7 @@ from ..common.messages import LeaseEvent, LeaseNews, LeaseRequest, Message, Reas
 from ..common.states import ConnState
 from .clients import Clients, Waiting, full
 from .connection import BatchedConnection, parameters
-from .faults import classify
+from .faults import classify, connection_lost
 from .intake import Intake, answer
 from .loop import GuardedLoop
 from .session import Session
@@ -401,14 +401,6 @@ class ConnectionWorker:
             full=self.full,
             counters={**self.counters, "blocked_seconds": round(self.blocked_seconds, 3)},
             prechannels=len(self.prechannels), channels=len(self.sessions))
-
-
-def connection_lost(exc: BaseException) -> Reason:
-    """What a lease hears when the connection goes: the broker's reply code and text if it
-    closed the connection (a call of that lease may be why), else that it was lost."""
-    if isinstance(exc, pika.exceptions.ConnectionClosedByBroker):
-        return Reason("ConnectionClosedByBroker", exc.reply_code, exc.reply_text)
-    return Reason("ConnectionClosed", 0, "connection to the broker lost")
 
 
 def run_worker(spec: WorkerSpec, link: socket.socket, listener: socket.socket,
