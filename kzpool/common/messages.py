@@ -138,6 +138,7 @@ class LeaseNews(Message):
     zone: str | None = None
     client_pid: int = 0
     federates: str | None = None
+    client_uid: int = -1  # from the socket's peer credentials; -1: not known
 
 
 # ----- client → master or worker -----------------------------------------------------------

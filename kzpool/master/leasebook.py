@@ -280,7 +280,8 @@ class LeaseBook:
         if row is None:
             kind = LeaseKind.STICKY if news.kind == "sticky" else LeaseKind.FLOAT
             broker = broker_key(slot.spec.broker) if kind is LeaseKind.STICKY else None
-            uid = access.uid_of(news.client_pid) if news.client_pid else None
+            uid = news.client_uid if news.client_uid >= 0 else (
+                access.uid_of(news.client_pid) if news.client_pid else None)
             row = Assignment(news.lease, kind, news.zone or slot.spec.broker.zone,
                              news.client_pid, broker, federates=news.federates or None,
                              client_uid=UNKNOWN_UID if uid is None else uid)  # checked by intake

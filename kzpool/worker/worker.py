@@ -342,7 +342,7 @@ class ConnectionWorker:
             return
         self.uplink.news(LeaseNews(
             LeaseEvent.ASSIGNED, lease, channel.channel_number, request.kind,
-            request.zone or broker.zone, client.pid, request.federates))
+            request.zone or broker.zone, client.pid, request.federates, client.uid))
         self.uplink.report_soon()
 
     def _client_fault(self, fd: int, exc: Exception) -> bool:
