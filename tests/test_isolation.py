@@ -96,6 +96,7 @@ def test_json_nested_5000_deep_is_a_protocol_error_on_every_socket(pool: Pool) -
     bystander.basic_publish("", queue, b"unmoved")
     assert bystander.queue_declare(queue, passive=True).method.message_count == 1
     assert not moves  # the other lease kept its channel
+    bystander.queue_delete(queue)  # never consumed: auto_delete would not take it
     bystander.close()
     assert "dropping the client" in pool.logs()
     assert_whole(pool, before)
@@ -468,6 +469,7 @@ def test_a_lease_id_serves_only_the_process_that_got_it(pools: PoolMaker) -> Non
     assert next(r for r in pool.status()["assignments"] if r["lease"] == victim.id) == row
     victim.basic_publish("", queue, b"mine")  # confirmed on the victim's own channel
     assert victim.queue_declare(queue, passive=True).method.message_count == 1
+    victim.queue_delete(queue)
     victim.close()
     assert_whole(pool, before)
 
