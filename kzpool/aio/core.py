@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, cast
 
 from ..client.confirms import Unconfirmed
-from ..client.lease import MoveEvent
+from ..client.move import MoveEvent
 from ..common import wire
 from ..common.errors import ChannelClosedByBroker, LeaseRequestError, NackError, UnroutableError
 from ..common.wire import Flag
