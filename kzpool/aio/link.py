@@ -279,7 +279,6 @@ class AioLink:
         old = self.broker
         retry = Backoff(0.05, 2.0)
         recovery = self.recovery
-        recovery.waited_for_pool = False
         while self.state is LinkState.LOST:
             try:
                 if await recovery.replay(await recovery.acquire(), self.send_call):
@@ -298,7 +297,8 @@ class AioLink:
             return  # closed meanwhile
         self.state, self.failure = LinkState.READY, None
         self.changed()
-        why = POOL_RESTARTED if recovery.waited_for_pool else reason.text
+        why = POOL_RESTARTED if recovery.pool_wait.waited else reason.text
+        recovery.pool_wait.waited = False
         log.info("lease %s has a channel again, on %s (lost on %s: %s)", self.id, self.broker,
                  old, why)
         self.owner.on_move(old, why, {})

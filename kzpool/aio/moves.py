@@ -22,11 +22,11 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..client.acquire import POOL_RETRY, REPLY_GRACE, gave_up
+from ..client.acquire import REPLY_GRACE, PoolWait, gave_up
 from ..client.state import LeaseState
 from ..common import messages
 from ..common.backoff import Backoff
-from ..common.errors import LeaseTimeout, PoolAccessDenied, PoolNotRunning, refusal_error
+from ..common.errors import LeaseTimeout, PoolNotRunning, refusal_error
 from ..common.messages import Reason, Reply
 from .bound import AioBound
 from .client import AioPoolClient
@@ -44,7 +44,7 @@ class AioRecovery:
         self.pool = pool
         self.state = state
         self.attach = attach
-        self.waited_for_pool = False  # the pool's socket was gone since this was last reset
+        self.pool_wait = PoolWait(state)
 
     async def acquire(self) -> AioBound:
         """A stream bound to a channel (new or resumed); raises why there is none."""
@@ -90,21 +90,15 @@ class AioRecovery:
         return bound.live
 
     async def _open_pool(self, deadline: float) -> socket.socket:
-        """The pool's socket; while it is gone, a lease that had a channel waits for the
-        pool to come back (a restart), up to ``deadline``."""
+        """The pool's socket; while it is gone, wait for it (:class:`PoolWait`)."""
         loop = asyncio.get_running_loop()
-        retry = Backoff(*POOL_RETRY)
+        self.pool_wait.start()
         while True:
             try:
                 return await self.pool.open_pool()
-            except PoolAccessDenied:
-                raise
-            except PoolNotRunning:
-                left = deadline - loop.time()
-                if self.state.id is None or left <= 0:
-                    raise
-                self.waited_for_pool = True
-            await asyncio.sleep(min(retry.next_delay(), left))
+            except PoolNotRunning as exc:
+                delay = self.pool_wait.after(exc, deadline - loop.time())
+            await asyncio.sleep(delay)
 
 
 async def _wait_bound(bound: AioBound, deadline: float) -> messages.Refused | None:

@@ -81,6 +81,29 @@ class Abort:
         return ABORT_POLL
 
 
+class PoolWait:
+    """While the pool's socket is gone: a lease that had a channel waits for the pool to
+    come back (a restart), a first lease does not.  Both links' rule; pure."""
+
+    def __init__(self, state: LeaseState) -> None:
+        self.state = state
+        self.waited = False  # the pool was gone since this was last reset (a restart)
+        self._retry = Backoff(*POOL_RETRY)
+
+    def start(self) -> None:
+        """A new look for the pool: the first wait is short again."""
+        self._retry = Backoff(*POOL_RETRY)
+
+    def after(self, error: PoolNotRunning, left: float) -> float:
+        """How long to wait before looking again, ``left`` seconds before the deadline;
+        raises ``error`` if the lease may not wait (a first lease, access refused, no
+        time left)."""
+        if isinstance(error, PoolAccessDenied) or self.state.id is None or left <= 0:
+            raise error
+        self.waited = True
+        return min(self._retry.next_delay(), left)
+
+
 class Recovery:
     """Getting a channel for the lease whose ``state`` it is; ``make`` turns a socket into
     the lease's :class:`Bound`.  ``handed``: a socket on which the master asked for this
@@ -93,7 +116,7 @@ class Recovery:
         self.make = make
         self.abort = abort
         self.handed = handed
-        self.waited_for_pool = False  # the pool's socket was gone since this was last reset
+        self.pool_wait = PoolWait(state)
 
     def acquire(self) -> Bound:
         """A socket bound to a channel (new or resumed); raises why there is none."""
@@ -136,21 +159,15 @@ class Recovery:
         return not bound.dead
 
     def _open_pool(self, deadline: float) -> socket.socket:
-        """The pool's socket; while it is gone, a lease that had a channel waits for the
-        pool to come back (a restart), up to ``deadline``."""
-        retry = Backoff(*POOL_RETRY)
+        """The pool's socket; while it is gone, wait for it (:class:`PoolWait`)."""
+        self.pool_wait.start()
         while True:
             try:
                 return self.pool.open_pool()
-            except PoolAccessDenied:
-                raise
-            except PoolNotRunning:
-                left = deadline - time.monotonic()
-                if self.state.id is None or left <= 0:
-                    raise
-                self.waited_for_pool = True
+            except PoolNotRunning as exc:
+                delay = self.pool_wait.after(exc, deadline - time.monotonic())
             self.abort.check(None, self.state.id)
-            time.sleep(min(retry.next_delay(), left))
+            time.sleep(delay)
 
     def _wait_leased(self, bound: Bound, deadline: float) -> messages.Refused | None:
         """Read until the socket is bound, lost or refused; the refusal, if refused."""

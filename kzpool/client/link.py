@@ -134,7 +134,6 @@ class LeaseLink:
         old = self.broker
         renamed: dict[str, str] = {}
         recovery = self.recovery
-        recovery.waited_for_pool = False
         while True:
             self.bound = recovery.acquire()
             self.loss = None
@@ -142,7 +141,8 @@ class LeaseLink:
             if recovery.replay(self.bound, self._send_call, renamed):
                 break
         self.confirming = self.state.topology.confirming
-        reason = POOL_RESTARTED if recovery.waited_for_pool else lost.reason.text
+        reason = POOL_RESTARTED if recovery.pool_wait.waited else lost.reason.text
+        recovery.pool_wait.waited = False
         log.info("lease %s moved from %s to %s (%s)", self.id, old, self.broker, reason)
         self.hooks.on_move(old, reason, renamed)
 
