@@ -11,7 +11,8 @@ lasting :class:`~kzpool.client.state.LeaseState`; the link decides when to recov
 A pool restart is a move too: when the pool's socket is gone (its master killed, or
 restarted by systemd), a lease that had a channel waits for the pool to come back, up to
 its ``timeout``, then raises :class:`PoolNotRunning`; a first lease with no pool fails at
-once.
+once, and so does an in-service consumer's (the master's child: it goes with it, and the
+next master starts its own).
 
 Hazards: blocks up to the lease's ``timeout`` (then :class:`BrokerUnavailable`,
 :class:`LeaseTimeout` or :class:`PoolNotRunning`); not thread-safe.
@@ -83,10 +84,13 @@ class Abort:
 
 class PoolWait:
     """While the pool's socket is gone: a lease that had a channel waits for the pool to
-    come back (a restart), a first lease does not.  Both links' rule; pure."""
+    come back (a restart), a first lease does not, nor one that is not ``patient`` (an
+    in-service consumer's: a child of the master, it goes with it).  Both links' rule;
+    pure."""
 
-    def __init__(self, state: LeaseState) -> None:
+    def __init__(self, state: LeaseState, patient: bool = True) -> None:
         self.state = state
+        self.patient = patient
         self.waited = False  # the pool was gone since this was last reset (a restart)
         self._retry = Backoff(*POOL_RETRY)
 
@@ -98,7 +102,8 @@ class PoolWait:
         """How long to wait before looking again, ``left`` seconds before the deadline;
         raises ``error`` if the lease may not wait (a first lease, access refused, no
         time left)."""
-        if isinstance(error, PoolAccessDenied) or self.state.id is None or left <= 0:
+        if (isinstance(error, PoolAccessDenied) or not self.patient or self.state.id is None
+                or left <= 0):
             raise error
         self.waited = True
         return min(self._retry.next_delay(), left)
@@ -107,7 +112,8 @@ class PoolWait:
 class Recovery:
     """Getting a channel for the lease whose ``state`` it is; ``make`` turns a socket into
     the lease's :class:`Bound`.  ``handed``: a socket on which the master asked for this
-    lease already (an in-service consumer's first), whose answer is only waited for."""
+    lease already (an in-service consumer's first), whose answer is only waited for; such a
+    lease goes with its master, and does not wait for the next one."""
 
     def __init__(self, pool: Pool, state: LeaseState, make: Callable[[socket.socket], Bound],
                  abort: Abort, handed: socket.socket | None = None) -> None:
@@ -116,7 +122,7 @@ class Recovery:
         self.make = make
         self.abort = abort
         self.handed = handed
-        self.pool_wait = PoolWait(state)
+        self.pool_wait = PoolWait(state, patient=handed is None)
 
     def acquire(self) -> Bound:
         """A socket bound to a channel (new or resumed); raises why there is none."""
