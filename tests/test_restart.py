@@ -12,33 +12,22 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pika
-import pytest
 
 import kzpool
 import kzpool.aio
 from kzpool.client.move import POOL_RESTARTED
 from kzpool.testing import DEFAULT_URI, Pool, consumer_count, wait_for
 
-from . import test_consumers
+from . import test_consumers, test_leases
 from .test_consumers import consumer_pool, consumers, publish, traced
 
-names = test_consumers.names  # the fixture: a queue and an exchange of the test's own
+names = test_consumers.names  # fixtures: a queue and an exchange of the test's own,
+queue = test_leases.queue  # and a queue, deleted after
 
 PoolMaker = Callable[..., Pool]
-
-
-@pytest.fixture
-def queue() -> Iterator[str]:
-    name = f"kzt-r-{uuid.uuid4().hex[:10]}"
-    yield name
-    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
-        conn.channel().queue_delete(name)
 
 
 def restart(pool: Pool, env: dict[str, str] | None = None) -> None:
