@@ -22,7 +22,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..client.acquire import REPLY_GRACE, PoolWait, gave_up
+from ..client.asking import REPLY_GRACE, PoolWait, gave_up
 from ..client.state import LeaseState
 from ..common import messages
 from ..common.backoff import Backoff
