@@ -4,6 +4,7 @@ end of a socket pair for a lease."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -110,14 +111,21 @@ class FakeWorker:
 
 class FakeBackend:
     """Every connect gives the lease one end of a new socket pair, the other to a new
-    :class:`FakeWorker` running ``script``."""
+    :class:`FakeWorker` running ``script``; while ``refuse`` is above 0, a connect is
+    refused instead (and counts it down), as a pool that is restarting refuses."""
 
     def __init__(self, script: Callable[[Any, FakeWorker], None]) -> None:
         self.script = script
         self.workers: list[FakeWorker] = []
         self.paths: list[str] = []
+        self.refuse = 0
+        self.refused = 0
 
     def connect(self, path: str) -> socket.socket:
+        if self.refuse > 0:
+            self.refuse -= 1
+            self.refused += 1
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
         ours, theirs = socket.socketpair()
         self.paths.append(path)
         self.workers.append(FakeWorker(theirs, self.script))

@@ -13,6 +13,7 @@ import aiormq.exceptions
 import pytest
 
 import kzpool.aio
+import kzpool.client.move
 from kzpool.common import messages, wire
 from kzpool.common.messages import Reason
 from kzpool.common.wire import Flag, Kind
@@ -193,4 +194,36 @@ def test_closing_the_channel_ends_the_calls_in_flight(fake: FakeBackend) -> None
         with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
             await waiting
         await until(lambda: received(fake.workers[0], messages.Close), "the lease given back")
+    run(main())
+
+
+def test_a_channel_waits_for_a_pool_that_went_away_and_says_it_restarted(
+        fake: FakeBackend) -> None:
+    async def main() -> None:
+        moves: list[kzpool.MoveEvent] = []
+        channel = await open_channel(fake, on_move=moves.append)
+        publish = asyncio.create_task(channel.default_exchange.publish(
+            kzpool.aio.Message(b"m"), "q"))
+        first = fake.workers[0]
+        await until(lambda: received(first, Kind.PUBLISH), "the publish")
+        fake.refuse = 3  # the pool's socket refuses connects while it restarts
+        lose(first)
+        await until(lambda: len(fake.workers) == 2 and received(fake.workers[1], Kind.PUBLISH),
+                    "the publish sent again on the new pool")
+        assert fake.refused == 3 and not publish.done()
+        assert received(fake.workers[1], messages.LeaseRequest)[0].lease == "L1"
+        fake.workers[1].send(wire.tagged(Kind.CONFIRM, 1, 0))
+        assert (await publish).name == "Basic.Ack"  # no exception on the way
+        await until(lambda: moves, "the move reported")
+        assert [m.reason for m in moves] == [kzpool.client.move.POOL_RESTARTED]
+        await channel.close()
+    run(main())
+
+
+def test_a_first_channel_does_not_wait_for_a_pool(fake: FakeBackend) -> None:
+    async def main() -> None:
+        fake.refuse = 1
+        with pytest.raises(kzpool.PoolNotRunning, match="connection refused"):
+            await open_channel(fake, timeout=3600)
+        assert fake.refused == 1 and not fake.workers
     run(main())

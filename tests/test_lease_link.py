@@ -5,12 +5,14 @@ flow control, a signal handler's exception, dispatch.  No broker, no pool
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pika.exceptions
 import pytest
 
 import kzpool
+import kzpool.client.move
 from kzpool.client.confirms import ConfirmBook
 from kzpool.client.connection import Connection
 from kzpool.client.pool import PoolClient
@@ -473,4 +475,63 @@ def test_basic_cancel_drops_a_queued_broker_cancel_and_requeues_what_was_queued(
     lease.connection.dispatcher.process(0)  # what process_data_events does: nothing runs
     assert cancels == [] and lease.consumer_tags == []
     wait(lambda: frames(worker, Kind.SETTLE), "the reject of the queued delivery")
+    lease.close()
+
+
+# ----- a pool that went away: a restart ----------------------------------------------------
+
+def test_a_lease_waits_for_a_pool_that_went_away_then_replays_and_resends(
+        backend: FakeBackend) -> None:
+    moves: list[kzpool.MoveEvent] = []
+    lease = PoolClient("/fake/kz.sock", backend).lease("float", on_move=moves.append)
+    lease.queue_declare("q")
+    lease.confirm_delivery()
+    future = lease.basic_publish("", "q", b"m", wait=False)
+    backend.refuse = 3  # the pool's socket refuses connects while it restarts
+    lose(backend.workers[0])
+    with pytest.raises(TimeoutError):  # no exception but the caller's own wait running out
+        lease.wait_for_confirms(0.5)
+    second = backend.workers[1]
+    assert backend.refused == 3
+    assert [type(m).__name__ for m in second.received[:3]] == ["LeaseRequest", "Call",
+                                                               "ConfirmSelect"]
+    assert second.received[0].lease == "L1"  # the same lease, on the new pool
+    wait(lambda: frames(second, Kind.PUBLISH), "the publish sent again")
+    second.send(wire.tagged(Kind.CONFIRM, 1, 0))
+    assert future is not None and future.result(5) is None
+    assert [m.reason for m in moves] == [kzpool.client.move.POOL_RESTARTED]
+    lease.close()
+
+
+def test_a_first_lease_does_not_wait_for_a_pool(backend: FakeBackend) -> None:
+    backend.refuse = 1
+    with pytest.raises(kzpool.PoolNotRunning, match="connection refused"):
+        PoolClient("/fake/kz.sock", backend).lease("float", timeout=3600)
+    assert backend.refused == 1 and not backend.workers
+
+
+def test_a_lease_whose_pool_stays_away_raises_after_its_timeout_and_recovers_later(
+        backend: FakeBackend) -> None:
+    lease = PoolClient("/fake/kz.sock", backend).lease("float", timeout=0.3)
+    backend.refuse = 10 ** 6
+    lose(backend.workers[0])
+    with pytest.raises(kzpool.PoolNotRunning):
+        lease.queue_declare("q")
+    assert backend.refused > 1  # it looked again while it waited
+    backend.refuse = 0
+    assert lease.queue_declare("q").method.queue == "q"
+    lease.close()
+
+
+def test_an_in_service_consumers_lease_goes_with_its_master(backend: FakeBackend) -> None:
+    ours, theirs = socket.socketpair()
+    FakeWorker(theirs, broker).send(messages.Leased("L7", "amqp://guest:***@fake/", "local",
+                                                    channel=1, worker=1))
+    lease = PoolClient("/fake/kz.sock", backend).lease("float", handed=ours, timeout=3600)
+    backend.refuse = 1
+    lose_handed = messages.Lost(Reason("ConnectionClosed", 0, "master gone"))
+    theirs.sendall(messages.encode(lose_handed))
+    theirs.close()
+    with pytest.raises(kzpool.PoolNotRunning):  # at once: the next master starts its own
+        lease.queue_declare("q")
     lease.close()

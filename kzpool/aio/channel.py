@@ -20,7 +20,7 @@ from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any
 
-from ..client.lease import MoveEvent
+from ..client.move import MoveEvent
 from .callbacks import CallbackCollection
 from .client import AioPoolClient
 from .compat import ExchangeType

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from ..client.lease import MoveEvent
+from ..client.move import MoveEvent
 from ..common.errors import LeaseRequestError
 from ..common.settings import BY_NAME
 from .callbacks import CallbackCollection

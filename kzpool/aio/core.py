@@ -17,10 +17,10 @@ import inspect
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from ..client.confirms import Unconfirmed
-from ..client.lease import MoveEvent
+from ..client.move import MoveEvent
 from ..common import wire
 from ..common.errors import ChannelClosedByBroker, LeaseRequestError, NackError, UnroutableError
 from ..common.wire import Flag
@@ -29,9 +29,8 @@ from .callbacks import CallbackCollection
 from .client import AioPoolClient
 from .errors import DeliveryError, DuplicateConsumerTag, PublishError, channel_error
 from .incoming import IncomingMessage, ReturnedMessage
-from .link import LinkState
+from .link import AioLink, LinkState
 from .message import body_of, encode_properties
-from .moves import AioLink
 
 log = logging.getLogger("kzpool.aio")
 
@@ -197,13 +196,11 @@ class ChannelCore:
     async def publish(self, exchange: str, routing_key: str, message: Any, mandatory: bool,
                       timeout: float | None) -> Any:
         link = self.link
-        while not link.ready or link.blocked or link.unreported is not None or (
-                link.stream is not None and link.stream.paused):
+        while not link.ready or link.blocked or link.unreported is not None or link.paused:
             await link.wait_ready()
             if link.blocked:
                 await link.wait_unblocked()
-            if link.stream is not None:
-                await link.stream.drain()
+            await link.drain()
         body = body_of(message)
         if len(body) > MAX_BODY:
             raise LeaseRequestError(f"message of {len(body):,} bytes is over the {MAX_BODY:,}"
@@ -215,8 +212,7 @@ class ChannelCore:
             return None
         future: asyncio.Future[Any] = link.loop.create_future()
         confirm = _Confirm(self, future, link.confirms.seq + 1)
-        link.confirms.add(Unconfirmed(cast(Any, confirm), data, exchange, routing_key, None,
-                                      body))
+        link.confirms.add(Unconfirmed(confirm, data, exchange, routing_key, None, body))
         link.send(data)
         if timeout is None:
             return await future

@@ -1,44 +1,56 @@
-"""An asyncio lease's link to the worker that owns its channel: frames, calls, losses.
+"""An asyncio lease's link to the worker that owns its channel: calls, losses, recovery.
 
-The twin of :class:`kzpool.client.link.LeaseLink` for the event loop, on the same wire
-(:mod:`kzpool.common.wire`, :mod:`kzpool.common.messages`) and the same pure bookkeeping:
-:class:`~kzpool.client.tags.TagMap` (delivery tags unique across channels),
-:class:`~kzpool.client.confirms.ConfirmBook` (which publish a confirm is for, what to send
-again) and :class:`~kzpool.client.topology.Topology` (what to replay).  Frames are handled
-as they are read, from the loop's read callback: a delivery goes to the owner, a confirm
-resolves its future, a reply wakes its call.
+The event loop's counterpart of :class:`kzpool.client.link.LeaseLink`, on the same wire and
+the same pure pieces: the lasting :class:`~kzpool.client.state.LeaseState` (tags unique
+across channels, the confirm book, the topology to replay) and the frame dispatch
+(:mod:`kzpool.client.frames`).  The stream of the channel now is an
+:class:`~kzpool.aio.bound.AioBound`, made anew on every acquire; frames are handled as they
+are read, from the loop's read callback: a delivery goes to the owner, a confirm resolves
+its future, a reply wakes its call.
 
 When the channel is lost the link says so at once (pending calls are tried again on the new
-channel; a call the broker refused gets that error) and :mod:`.moves` gets another in the
-background, so consumers come back without anyone calling.  Calls made meanwhile wait for
-it, up to the lease's ``timeout``.  Not thread-safe: the loop's thread only.
+channel; a call the broker refused gets that error) and recovers in a task of its own
+(:mod:`.moves`: acquire, replay, re-send), so consumers come back without anyone calling.
+It tries until it succeeds or the lease is closed, backing off between tries; calls made
+meanwhile wait up to the lease's ``timeout`` and then raise why the last try failed (a
+sticky lease's :class:`~kzpool.BrokerUnavailable` names its broker; a pool that is gone,
+:class:`~kzpool.PoolNotRunning`).  An error no retry will mend (the pool refusing the
+request as malformed or forbidden) ends the lease: calls raise it.  Not thread-safe: the
+loop's thread only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
-from typing import Any, Protocol
+import socket
+from typing import Any
 
-from ..client.backend import route_key
 from ..client.confirms import ConfirmBook
-from ..client.tags import TagMap
-from ..client.topology import Topology
+from ..client.move import POOL_RESTARTED
+from ..client.state import LeaseState
 from ..common import messages, wire
-from ..common.errors import ChannelClosedByBroker, ConnectionBlockedTimeout, LeaseTimeout
+from ..common.backoff import Backoff
+from ..common.errors import (
+    ChannelClosedByBroker,
+    ConnectionBlockedTimeout,
+    KzpoolError,
+    LeaseRequestError,
+    LeaseTimeout,
+    PoolAccessDenied,
+)
 from ..common.messages import Reason, Reply
 from ..common.wire import Kind
+from .bound import AioBound, Got, LinkOwner
 from .client import AioPoolClient
-from .errors import ChannelInvalidStateError, channel_error
-from .stream import FrameStream
+from .errors import ChannelClosed, ChannelInvalidStateError, channel_error
+from .moves import AioRecovery
 
 log = logging.getLogger("kzpool.aio")
 
-_DELIVER, _CONFIRM, _RETURN, _JSON = map(int, (Kind.DELIVER, Kind.CONFIRM, Kind.RETURN,
-                                               Kind.JSON))
-_GET = int(wire.Flag.GET)
-_REDELIVERED = int(wire.Flag.REDELIVERED)
+FATAL = (LeaseRequestError, PoolAccessDenied)  # a retry would be refused the same way
 
 
 class LinkState(enum.Enum):
@@ -49,51 +61,49 @@ class LinkState(enum.Enum):
     CLOSED = "closed"  # closed by its owner
 
 
-class LinkOwner(Protocol):
-    """What a link tells its channel."""
-
-    def on_delivery(self, tag: int, redelivered: bool, consumer_tag: str, exchange: str,
-                    routing_key: str, encoded: bytes, body: bytes) -> None: ...
-
-    def on_return(self, code: int, text: str, exchange: str, routing_key: str,
-                  encoded: bytes, body: bytes) -> Any: ...
-
-    def on_lost(self) -> None: ...
-
-    def on_move(self, old_broker: str | None, reason: str, renamed: dict[str, str]) -> None: ...
-
-
-class LinkBase:
+class AioLink:
     def __init__(self, pool: AioPoolClient, owner: LinkOwner, kind: str, zone: str | None,
                  broker: str | None, timeout: float) -> None:
         self.loop = asyncio.get_running_loop()
         self.pool = pool
         self.owner = owner
-        self.kind = kind
-        self.zone = zone
-        self.sticky = broker
-        self.timeout = timeout
-        self.route_key = route_key(kind, zone, broker)
+        self.lease = LeaseState(kind, zone, broker, timeout)
         self.state = LinkState.OPENING
-        self.id: str | None = None
-        self.broker: str | None = None  # the broker serving it now, password masked
-        self.broker_zone: str | None = None
-        self.channel_number = 0
-        self.blocked = False
-        self.topology = Topology()
-        self.confirms = ConfirmBook()
-        self.tags = TagMap()
-        self.stream: FrameStream | None = None
-        self.bound = False  # the worker bound this stream to a channel
-        self.refusal: messages.Refused | None = None
+        self.current: AioBound | None = None  # the stream of the channel now
         self.failure: BaseException | None = None  # why the last recovery try failed
-        self._binding: asyncio.Future[None] | None = None  # resolved: bound, lost or refused
-        self._changed: asyncio.Future[None] | None = None  # resolved on each state change
         self.unreported: Reason | None = None  # a channel error no call has raised yet
-        self._replies: dict[int, asyncio.Future[Reply | None]] = {}
+        self._changed: asyncio.Future[None] | None = None  # resolved on each state change
         self._rid = 0
-        self._got: list[tuple[Any, ...]] = []  # basic.get messages, before their replies
-        self._got_for: dict[int, tuple[Any, ...]] = {}  # reply id -> its message
+        self._recovery: asyncio.Task[None] | None = None
+        self.recovery = AioRecovery(pool, self.lease, self._attach)
+
+    async def _attach(self, sock: socket.socket) -> AioBound:
+        bound = AioBound(self.lease, self.owner, self.pool, self._on_lost, self.changed)
+        self.current = bound
+        await bound.attach(sock)
+        return bound
+
+    # ----- what the lease is ----------------------------------------------------------------
+
+    @property
+    def id(self) -> str | None:
+        return self.lease.id
+
+    @property
+    def broker(self) -> str | None:
+        return self.lease.broker
+
+    @property
+    def channel_number(self) -> int:
+        return self.lease.channel_number
+
+    @property
+    def blocked(self) -> bool:
+        return self.lease.blocked
+
+    @property
+    def confirms(self) -> ConfirmBook:
+        return self.lease.confirms
 
     @property
     def closed(self) -> bool:
@@ -103,45 +113,78 @@ class LinkBase:
     def ready(self) -> bool:
         return self.state is LinkState.READY
 
+    @property
+    def paused(self) -> bool:
+        """The stream's buffer is over its high mark: writers wait (:meth:`drain`)."""
+        current = self.current
+        return current is not None and current.stream is not None and current.stream.paused
+
+    async def drain(self) -> None:
+        current = self.current
+        if current is not None and current.stream is not None:
+            await current.stream.drain()
+
+    # ----- life -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """The first channel: errors (no pool, refused, no broker in time) raise here."""
+        await self.recovery.acquire()
+        self.state = LinkState.READY
+        self.changed()
+
+    async def close(self) -> None:
+        """Give the channel back (the worker cancels its consumers, unacked messages go back
+        to their queues); publishes still unconfirmed fail."""
+        if self.state is LinkState.CLOSED:
+            return
+        self.state = LinkState.CLOSED
+        self.changed()
+        recovery, self._recovery = self._recovery, None
+        if recovery is not None and recovery is not asyncio.current_task():
+            recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await recovery
+        current, self.current = self.current, None
+        error = ChannelInvalidStateError("the channel was closed", lease=self.id)
+        if current is not None:
+            current.close(messages.encode(messages.Close()), error)
+        self.lease.confirms.fail_all(ChannelInvalidStateError("the channel was closed",
+                                                              lease=self.id))
+
     # ----- calls ----------------------------------------------------------------------------
 
     async def call(self, op: str, method: str, args: dict[str, Any],
                    record: bool = True) -> Reply:
         """One call and its reply, across moves (up to the lease's timeout); recorded for
         replay.  A call the broker refuses raises aiormq's error for its code."""
-        deadline = self.loop.time() + self.timeout
+        deadline = self.loop.time() + self.lease.timeout
         while True:
             await self.wait_ready(deadline)
             reply = await self.send_call(op, method, args)
             if reply is not None:
                 break
             if self.loop.time() > deadline:
-                raise LeaseTimeout(f"{method} got no reply within {self.timeout} s",
+                raise LeaseTimeout(f"{method} got no reply within {self.lease.timeout} s",
                                    lease=self.id)
         if reply.error is not None:
             raise channel_error(reply.error.code, reply.error.text)
         if record:
-            self.topology.record(op, method, args)
+            self.lease.topology.record(op, method, args)
         return reply
 
     async def send_call(self, op: str, method: str, args: dict[str, Any]) -> Reply | None:
         """One try on the current channel: its reply, ``None`` if the channel was lost."""
-        stream = self.stream
-        if stream is None or not self.bound:
+        current = self.current
+        if current is None or not current.live:
             return None
         self._rid += 1
-        rid = self._rid
-        future: asyncio.Future[Reply | None] = self.loop.create_future()
-        self._replies[rid] = future
-        stream.write(messages.encode(messages.REQUESTS[op](id=rid, method=method, args=args)))
-        try:
-            return await future
-        finally:
-            self._replies.pop(rid, None)
+        return await current.call(self._rid, messages.REQUESTS[op](id=self._rid, method=method,
+                                                                   args=args))
 
-    def take_get(self, reply: Reply) -> tuple[Any, ...] | None:
+    def take_get(self, reply: Reply) -> Got | None:
         """The message a ``basic.get`` reply is for."""
-        return self._got_for.pop(reply.id, None)
+        current = self.current
+        return None if current is None else current.take_get(reply)
 
     async def wait_ready(self, deadline: float | None = None) -> None:
         """Until the link has a channel (replayed); a channel error no call raised yet is
@@ -150,7 +193,7 @@ class LinkBase:
             reason, self.unreported = self.unreported, None
             raise channel_error(reason.code, reason.text)
         if deadline is None:
-            deadline = self.loop.time() + self.timeout
+            deadline = self.loop.time() + self.lease.timeout
         while self.state is not LinkState.READY:
             if self.state is LinkState.CLOSED:
                 raise ChannelInvalidStateError("the channel is closed", lease=self.id)
@@ -161,30 +204,25 @@ class LinkBase:
             if remaining <= 0:
                 if self.failure is not None:
                     raise self.failure
-                raise LeaseTimeout(f"no channel within {self.timeout} s", lease=self.id)
-            if self._changed is None:
-                self._changed = self.loop.create_future()
-            try:
-                async with asyncio.timeout(remaining):
-                    await asyncio.shield(self._changed)
-            except TimeoutError:
-                continue
+                raise LeaseTimeout(f"no channel within {self.lease.timeout} s", lease=self.id)
+            await self._wait_change(remaining)
 
     async def wait_unblocked(self) -> None:
-        deadline = self.loop.time() + self.timeout
-        while self.blocked:
+        deadline = self.loop.time() + self.lease.timeout
+        while self.lease.blocked:
             await self.wait_ready(deadline)
             if self.loop.time() > deadline:
                 raise ConnectionBlockedTimeout(f"the broker {self.broker} blocked publishing"
-                                               f" for over {self.timeout} s",
+                                               f" for over {self.lease.timeout} s",
                                                broker=self.broker)
-            if self._changed is None:
-                self._changed = self.loop.create_future()
-            try:
-                async with asyncio.timeout(deadline - self.loop.time()):
-                    await asyncio.shield(self._changed)
-            except TimeoutError:
-                continue
+            await self._wait_change(deadline - self.loop.time())
+
+    async def _wait_change(self, timeout: float) -> None:
+        if self._changed is None:
+            self._changed = self.loop.create_future()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._changed)
 
     def changed(self) -> None:
         """Wake whoever waits for the state (ready, failed, closed, unblocked)."""
@@ -195,105 +233,33 @@ class LinkBase:
     def send(self, data: bytes) -> None:
         """Queue frames on the channel; dropped if there is none now (a publish with
         confirms is in the book, and sent again on the next channel)."""
-        if self.stream is not None and self.bound:
-            self.stream.write(data)
+        current = self.current
+        if current is not None and current.live:
+            current.write(data)
 
     def settle(self, delivery_tag: int, flags: int) -> None:
         """Ack, nack or reject; a tag of a lost channel is dropped (the broker redelivers)."""
-        tag = self.tags.channel_tag(delivery_tag) if self.bound else None
+        current = self.current
+        live = current is not None and current.live
+        tag = self.lease.tags.channel_tag(delivery_tag) if live else None
         if tag is None:
             log.debug("lease %s: dropping settle of tag %d from a lost channel", self.id,
                       delivery_tag)
             return
         self.send(wire.tagged(Kind.SETTLE, tag, flags))
 
-    # ----- reading --------------------------------------------------------------------------
+    # ----- losses and recovery --------------------------------------------------------------
 
-    def on_frame(self, kind: int, flags: int, payload: bytes) -> None:
-        if kind == _DELIVER:
-            self._on_deliver(flags, payload)
-        elif kind == _CONFIRM:
-            self.confirms.confirmed(wire.read_tag(payload), flags)
-        elif kind == _RETURN:
-            code, text, exchange, routing_key, encoded, body = wire.read_return(payload)
-            returned = self.owner.on_return(code, text, exchange, routing_key, encoded, body)
-            if not self.confirms.returned(exchange, routing_key, returned):
-                log.warning("lease %s: message returned by the broker: %d %s", self.id,
-                            code, text)
-        elif kind == _JSON:
-            self._on_event(messages.decode(payload, messages.TO_CLIENT))
-
-    def _on_deliver(self, flags: int, payload: bytes) -> None:
-        if self.stream is None:
-            return  # the broker redelivers it on the new channel
-        tag, count, ctag, exchange, routing_key, encoded, body = wire.read_deliver(payload)
-        tag = self.tags.shown(tag)
-        if flags & _GET:
-            self._got.append((tag, bool(flags & _REDELIVERED), exchange, routing_key,
-                              encoded, body, count))
-            return
-        self.owner.on_delivery(tag, bool(flags & _REDELIVERED), ctag, exchange, routing_key,
-                               encoded, body)
-
-    def _on_event(self, event: messages.Message) -> None:
-        match event:
-            case Reply():
-                if event.method == "Basic.GetOk" and self._got:
-                    self._got_for[event.id] = self._got.pop(0)
-                future = self._replies.get(event.id)
-                if future is not None and not future.done():
-                    future.set_result(event)
-            case messages.Leased():
-                self.bound = True
-                self.id, self.broker, self.broker_zone = event.lease, event.broker, event.zone
-                self.channel_number, self.blocked = event.channel, event.blocked
-                if event.route:
-                    self.pool.routes[self.route_key] = event.route
-                self._resolve_binding()
-            case messages.Redirect():
-                self.lost(Reason("Redirect", 0, "ask the master"))
-            case messages.Lost(reason=reason):
-                self.lost(reason)
-            case messages.Move():
-                if self.stream is not None:
-                    self.stream.write(messages.encode(messages.Bye()))
-                self.lost(Reason("Moved", 0, "moved to the primary"))
-            case messages.Blocked():
-                self.blocked = True
-            case messages.Unblocked():
-                self.blocked = False
-                self.changed()
-            case messages.Error(error=error):
-                log.warning("lease %s: %s", self.id, error.text)
-            case messages.Refused():
-                self.refusal = event
-                self._resolve_binding()
-
-    def _resolve_binding(self) -> None:
-        binding, self._binding = self._binding, None
-        if binding is not None and not binding.done():
-            binding.set_result(None)
-
-    # ----- losses ---------------------------------------------------------------------------
-
-    def lost(self, reason: Reason) -> None:
-        """The channel (or the stream to its worker) is gone: say so, start recovering."""
-        stream, self.stream = self.stream, None
-        if stream is None:
-            return
-        had_channel, self.bound = self.bound, False
-        stream.close()
-        self._resolve_binding()
-        reported = self._fail_calls(reason)
-        if reason.channel_error and self.confirms.pending:
-            self.confirms.fail_all(ChannelClosedByBroker(reason.code, reason.text))
+    def _on_lost(self, reason: Reason, reported: bool, had_channel: bool) -> None:
+        """What an :class:`AioBound` says when its channel is gone (once)."""
+        confirms = self.lease.confirms
+        if reason.channel_error and confirms.pending:
+            confirms.fail_all(ChannelClosedByBroker(reason.code, reason.text))
             reported = True  # caused by a publish: not re-sent
         if reason.channel_error and not reported and had_channel:
             log.warning("lease %s: the broker closed the channel: %d %s", self.id, reason.code,
                         reason.text)
             self.unreported = reason
-        self._got.clear()
-        self._got_for.clear()
         was_ready = self.state is LinkState.READY
         if self.state is not LinkState.CLOSED and had_channel:
             self.state = LinkState.LOST
@@ -303,22 +269,44 @@ class LinkBase:
         if was_ready:
             self.recover(reason)
 
-    def _fail_calls(self, reason: Reason) -> bool:
-        """Calls in flight: the broker's error if it closed the channel, else tried again."""
-        replies, self._replies = self._replies, {}
-        for rid, future in replies.items():
-            if not future.done():
-                future.set_result(Reply(rid, error=reason) if reason.channel_error else None)
-        return bool(replies) and reason.channel_error
-
-    def fail_calls(self, error: BaseException) -> None:
-        """The link is closed: calls in flight raise ``error``; a wait for a binding ends."""
-        replies, self._replies = self._replies, {}
-        for future in replies.values():
-            if not future.done():
-                future.set_exception(error)
-        self._resolve_binding()
-
     def recover(self, reason: Reason) -> None:
-        """Get another channel in the background (:mod:`.moves`)."""
-        raise NotImplementedError
+        """Get another channel in the background."""
+        if self._recovery is None or self._recovery.done():
+            self._recovery = self.loop.create_task(self._recover(reason),
+                                                   name=f"kzpool lease {self.id} recovery")
+
+    async def _recover(self, reason: Reason) -> None:
+        old = self.broker
+        retry = Backoff(0.05, 2.0)
+        recovery = self.recovery
+        while self.state is LinkState.LOST:
+            try:
+                if await recovery.replay(await recovery.acquire(), self.send_call):
+                    break
+            except FATAL as exc:
+                self._failed(exc, final=True)
+                return
+            except (KzpoolError, ChannelClosed, OSError) as exc:
+                self._failed(exc)
+                await asyncio.sleep(retry.next_delay())
+            except Exception as exc:  # a fault of ours: say so, and try again all the same
+                log.exception("lease %s: recovery failed", self.id)
+                self._failed(exc)
+                await asyncio.sleep(retry.next_delay())
+        if self.state is not LinkState.LOST:
+            return  # closed meanwhile
+        self.state, self.failure = LinkState.READY, None
+        self.changed()
+        why = POOL_RESTARTED if recovery.pool_wait.waited else reason.text
+        recovery.pool_wait.waited = False
+        log.info("lease %s has a channel again, on %s (lost on %s: %s)", self.id, self.broker,
+                 old, why)
+        self.owner.on_move(old, why, {})
+
+    def _failed(self, exc: BaseException, final: bool = False) -> None:
+        log.warning("lease %s: no channel yet: %s", self.id, exc)
+        self.failure = exc
+        if final:
+            self.state = LinkState.FAILED
+            self.lease.confirms.fail_all(exc)
+        self.changed()

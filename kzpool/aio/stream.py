@@ -19,9 +19,9 @@ import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..client.backend import not_running
+from ..client.backend import not_running, read_answer
 from ..common import messages, wire
-from ..common.errors import KzpoolError, ProtocolError, refusal_error
+from ..common.errors import KzpoolError
 from ..common.messages import Message, Reason
 
 WORKER_GONE = Reason("ConnectionClosed", 0, "worker gone")
@@ -166,21 +166,7 @@ async def call(backend: AioBackend, path: str, request: Message,
             # the pool may have answered (a refusal) and hung up before reading: read on
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 await loop.sock_sendall(sock, messages.encode(request))
-            answer = await _read_one(loop, sock)
-    if answer.get("op") == messages.Refused.OP:
-        refused = messages.from_wire(answer, messages.accepts(messages.Refused))
-        assert isinstance(refused, messages.Refused)
-        raise refusal_error(refused.code, refused.error)
+            reader = wire.FrameReader()
+            while (answer := read_answer(reader, await loop.sock_recv(sock, 65536))) is None:
+                pass
     return answer
-
-
-async def _read_one(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> dict[str, Any]:
-    reader = wire.FrameReader()
-    while True:
-        data = await loop.sock_recv(sock, 65536)
-        if not data:
-            raise ConnectionError("the pool closed the connection")
-        for kind, _flags, payload in reader.feed(data):
-            if kind != wire.Kind.JSON:
-                raise ProtocolError(f"unexpected frame kind {kind}")
-            return wire.read_document(payload)

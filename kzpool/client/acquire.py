@@ -1,38 +1,46 @@
 """How a lease gets a channel, and gets one again after it lost one.
 
-:class:`Acquiring` is the part of :class:`~kzpool.client.link.LeaseLink` that asks for a
-channel (first at the worker that served this kind of lease last, else at the master, which
-may keep the request waiting until a broker can serve it), and that recovers after a loss:
-a new channel, the topology replayed, unconfirmed publishes sent again, then the call goes
-on.  A loss whose error is the caller's (the broker closed the channel, or the connection,
-because of a call) is raised once first, by the next call.
+:class:`Recovery` asks for a channel: first at the worker that served this kind of lease
+last (the client's route cache: one round trip), else at the master, which may keep the
+request waiting until a broker can serve it.  Each socket it opens becomes a new
+:class:`~kzpool.client.bound.Bound` (made by the link, which it tells of losses), bound
+once the worker says so.  On a new channel :meth:`Recovery.replay` rebuilds the lease's
+topology and re-sends its unconfirmed publishes, renumbered.  It works on the lease's
+lasting :class:`~kzpool.client.state.LeaseState`; the link decides when to recover.
 
-Hazards: blocks up to the lease's ``timeout`` (then :class:`BrokerUnavailable` or
-:class:`LeaseTimeout`); not thread-safe.
+A pool restart is a move too: when the pool's socket is gone (its master killed, or
+restarted by systemd), a lease that had a channel waits for the pool to come back, up to
+its ``timeout``, then raises :class:`PoolNotRunning`; a first lease with no pool fails at
+once, and so does an in-service consumer's (the master's child: it goes with it, and the
+next master starts its own).
+
+Hazards: blocks up to the lease's ``timeout`` (then :class:`BrokerUnavailable`,
+:class:`LeaseTimeout` or :class:`PoolNotRunning`); not thread-safe.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..common import messages, wire
+from ..common import messages
 from ..common.backoff import Backoff
-from ..common.errors import KzpoolError, LeaseClosed, LeaseTimeout, refusal_error
-from ..common.messages import Reason, Reply
-from .backend import Pool, RouteKey
-from .confirms import ConfirmBook
-from .tags import TagMap
-from .topology import Topology
+from ..common.errors import (
+    LeaseClosed,
+    LeaseTimeout,
+    PoolNotRunning,
+    refusal_error,
+)
+from ..common.messages import Reason
+from .asking import REPLY_GRACE, PoolWait, gave_up
+from .backend import Pool
+from .bound import Bound
+from .state import LeaseState
+from .topology import Send
 
-log = logging.getLogger("kzpool.lease")
-
-REPLY_GRACE = 5.0  # the master answers a lease request within its timeout; allow this more
 ABORT_POLL = 0.25  # seconds between two looks at a lease's abort callable while it waits
 
 
@@ -44,153 +52,104 @@ class Loss:
     error: Exception | None = None
 
 
-class Acquiring:
-    """Getting a channel; the link's state it reads and writes is declared here."""
+class Abort:
+    """The owner's abort callable, asked while a lease waits (``None``: never asked)."""
 
-    pool: Pool
-    kind: str
-    zone: str | None
-    federates: str | None
-    timeout: float
-    id: str | None
-    broker: str | None
-    closed: bool
-    aborted: bool
-    owner: int
-    generation: int
-    confirming: bool
-    tags: TagMap
-    topology: Topology
-    confirms: ConfirmBook
-    on_move: Callable[[str | None, str, dict[str, str]], None]
-    _sticky: str | None
-    _route_key: RouteKey
-    _handed: socket.socket | None
-    _abort: Callable[[], bool] | None
-    _sock: socket.socket | None
-    _reader: wire.FrameReader
-    _leased: bool
-    _lost: Loss | None
-    _refusal: messages.Refused | None
+    def __init__(self, abort: Callable[[], bool] | None) -> None:
+        self.abort = abort
+        self.aborted = False  # it said so: the lease is closed
 
-    def pump(self, timeout: float | None) -> None:
-        raise NotImplementedError
-
-    def send(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def _on_lost(self, reason: Reason) -> None:
-        raise NotImplementedError
-
-    def _send_call(self, op: str, method: str, args: dict[str, object]) -> Reply | None:
-        raise NotImplementedError
-
-    # ----- recovering -----------------------------------------------------------------------
-
-    def ready(self) -> None:
-        """Make sure the lease has a channel: raise a loss's error once, else recover."""
-        self.owner = threading.get_ident()
-        if self.closed:
-            raise LeaseClosed("the lease is closed", lease=self.id)
-        lost = self._lost
-        if lost is None:
-            return
-        if lost.error is not None:
-            error, lost.error = lost.error, None
-            raise error
-        old = self.broker
-        renamed: dict[str, str] = {}
-        while True:
-            self._acquire()
-            if self._replay(renamed):
-                break
-        log.info("lease %s moved from %s to %s (%s)", self.id, old, self.broker,
-                 lost.reason.text)
-        self.on_move(old, lost.reason.text, renamed)
-
-    def _replay(self, renamed: dict[str, str]) -> bool:
-        """Rebuild the topology on the new channel, then re-send unconfirmed publishes.
-
-        ``False``: the new channel was lost too; acquire another and replay again.
-        """
-        if not self.topology.replay(self._send_call, renamed):
-            return False
-        self.confirming = self.topology.confirming
-        for data in self.confirms.renumber():
-            self.send(data)
-        return self._lost is None
-
-    # ----- acquiring ------------------------------------------------------------------------
-
-    def _acquire(self) -> None:
-        """Get a channel (new or resumed) and wait for a worker to bind it.
-
-        First at the worker that served this kind of lease last (the client's route cache):
-        one round trip.  If that worker is gone or no longer the right one, at the master,
-        which may keep the request waiting until a broker can serve it.  A lease the master
-        asked for on our behalf (``handed``) only waits for its answer.
-        """
-        deadline = time.monotonic() + self.timeout
-        retry = Backoff(0.005, 0.25)
-        while True:
-            handed, self._handed = self._handed, None
-            route = None if handed else self.pool.routes.get(self._route_key)
-            sock = handed or (self.pool.open_route(route) if route else None)
-            if sock is None:
-                route = None
-                sock = self.pool.open_pool()  # PoolNotRunning: the lease stays lost
-            self._sock, self._lost, self._refusal = sock, None, None
-            self._reader = wire.FrameReader(wire.MAX_DATA_FRAME)
-            if handed is None:
-                self._ask(sock, deadline)
-            refusal = self._wait_leased(deadline)
-            if refusal is not None:
-                error = refusal_error(refusal.code, refusal.error)
-                self._give_up(error)
-                raise error
-            if self._leased:
-                self.tags.new_channel()
-                self.generation += 1
-                return
-            if route is not None:  # that worker would not: ask the master, at once
-                self.pool.routes.pop(self._route_key, None)
-                continue
-            if time.monotonic() > deadline:
-                error = LeaseTimeout(f"no channel within {self.timeout} s", lease=self.id)
-                self._give_up(error)
-                raise error
-            time.sleep(retry.next_delay())  # the worker had just lost its broker
-
-    def _ask(self, sock: socket.socket, deadline: float) -> None:
-        request = messages.LeaseRequest(
-            kind=self.kind, zone=self.zone, broker=self._sticky,
-            broker_id=self._route_key[1] if self._sticky else None, lease=self.id,
-            federates=self.federates, timeout=max(0.0, deadline - time.monotonic()))
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(messages.encode(request))  # a refusal may be waiting: read on
-
-    def _wait_leased(self, deadline: float) -> messages.Refused | None:
-        """Read until the lease is bound, lost or refused; the refusal, if refused."""
-        while not self._leased and self._lost is None and self._refusal is None:
-            if time.monotonic() > deadline + REPLY_GRACE:
-                self._on_lost(Reason("Timeout", 0, "no reply"))
-                break
-            self.pump(min(deadline + REPLY_GRACE - time.monotonic(),
-                          self._check_abort() or REPLY_GRACE))
-        return self._refusal
-
-    def _check_abort(self) -> float | None:
-        """Raise :class:`LeaseClosed` if the owner gave up; else how long a wait may last
-        before asking again (``None``: as long as it takes)."""
-        if self._abort is None:
+    def check(self, bound: Bound | None, lease: str | None) -> float | None:
+        """Raise :class:`LeaseClosed` (giving ``bound`` up) if the owner gave up; else how
+        long a wait may last before asking again (``None``: as long as it takes)."""
+        if self.abort is None:
             return None
-        if self._abort():
-            error = LeaseClosed("given up: its owner is stopping", lease=self.id)
-            self._give_up(error)
-            self.closed = self.aborted = True
+        if self.abort():
+            error = LeaseClosed("given up: its owner is stopping", lease=lease)
+            if bound is not None:
+                bound.lose(gave_up(error))
+            self.aborted = True
             raise error
         return ABORT_POLL
 
-    def _give_up(self, error: KzpoolError) -> None:
-        """No channel this time: stay lost, so the next call asks again."""
-        self._on_lost(Reason(type(error).__name__, 0, str(error)))
+
+class Recovery:
+    """Getting a channel for the lease whose ``state`` it is; ``make`` turns a socket into
+    the lease's :class:`Bound`.  ``handed``: a socket on which the master asked for this
+    lease already (an in-service consumer's first), whose answer is only waited for; such a
+    lease goes with its master, and does not wait for the next one."""
+
+    def __init__(self, pool: Pool, state: LeaseState, make: Callable[[socket.socket], Bound],
+                 abort: Abort, handed: socket.socket | None = None) -> None:
+        self.pool = pool
+        self.state = state
+        self.make = make
+        self.abort = abort
+        self.handed = handed
+        self.pool_wait = PoolWait(state, patient=handed is None)
+
+    def acquire(self) -> Bound:
+        """A socket bound to a channel (new or resumed); raises why there is none."""
+        state = self.state
+        deadline = time.monotonic() + state.timeout
+        retry = Backoff(0.005, 0.25)
+        while True:
+            handed, self.handed = self.handed, None
+            route = None if handed else self.pool.routes.get(state.route_key)
+            sock = handed or (self.pool.open_route(route) if route else None)
+            if sock is None:
+                route = None
+                sock = self._open_pool(deadline)
+            bound = self.make(sock)
+            if handed is None:
+                _ask(sock, state.request(deadline - time.monotonic()))
+            refusal = self._wait_leased(bound, deadline)
+            if refusal is not None:
+                error = refusal_error(refusal.code, refusal.error)
+                bound.lose(gave_up(error))
+                raise error
+            if bound.has_channel:
+                state.tags.new_channel()
+                return bound
+            if route is not None:  # that worker would not: ask the master, at once
+                self.pool.routes.pop(state.route_key, None)
+                continue
+            if time.monotonic() > deadline:
+                raise LeaseTimeout(f"no channel within {state.timeout} s", lease=state.id)
+            time.sleep(retry.next_delay())  # the worker had just lost its broker
+
+    def replay(self, bound: Bound, send_call: Send, renamed: dict[str, str]) -> bool:
+        """Rebuild the topology on ``bound``'s new channel (``send_call``: one call on it),
+        then re-send unconfirmed publishes.  ``False``: that channel was lost too; acquire
+        another and replay again."""
+        if not self.state.topology.replay(send_call, renamed):
+            return False
+        for data in self.state.confirms.renumber():
+            bound.send(data)
+        return not bound.dead
+
+    def _open_pool(self, deadline: float) -> socket.socket:
+        """The pool's socket; while it is gone, wait for it (:class:`PoolWait`)."""
+        self.pool_wait.start()
+        while True:
+            try:
+                return self.pool.open_pool()
+            except PoolNotRunning as exc:
+                delay = self.pool_wait.after(exc, deadline - time.monotonic())
+            self.abort.check(None, self.state.id)
+            time.sleep(delay)
+
+    def _wait_leased(self, bound: Bound, deadline: float) -> messages.Refused | None:
+        """Read until the socket is bound, lost or refused; the refusal, if refused."""
+        while not bound.has_channel and not bound.dead and bound.refusal is None:
+            if time.monotonic() > deadline + REPLY_GRACE:
+                bound.lose(Reason("Timeout", 0, "no reply"))
+                break
+            bound.pump(min(deadline + REPLY_GRACE - time.monotonic(),
+                           self.abort.check(bound, self.state.id) or REPLY_GRACE))
+        return bound.refusal
+
+
+def _ask(sock: socket.socket, request: messages.LeaseRequest) -> None:
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(messages.encode(request))  # a refusal may be waiting: read on

@@ -3,7 +3,8 @@
 A :class:`Backend` connects to a Unix socket path: the pool's lease socket or a worker's.
 :class:`UnixBackend` is the real one; a test gives a lease a backend that returns one end of
 a socket pair, with a scripted worker at the other end.  :func:`call` is one request to the
-pool and its answer (``ping``, ``status``, ``brokers``).  A lease reaches sockets through a
+pool and its answer (``ping``, ``status``, ``brokers``); :func:`read_answer` reads that
+answer, for the asyncio client too.  A lease reaches sockets through a
 :class:`Pool` (the client): the pool's, or the worker's that served the same kind of lease
 last (its *route*, by :func:`route_key`).
 """
@@ -84,24 +85,28 @@ def call(backend: Backend, path: str, request: Message, timeout: float = 5.0) ->
         # the pool may have answered (a refusal) and hung up before reading: read on
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(messages.encode(request))
-        answer = _read_one(sock)
-    if answer.get("op") == messages.Refused.OP:
-        refused = messages.from_wire(answer, messages.accepts(messages.Refused))
-        assert isinstance(refused, messages.Refused)
-        raise refusal_error(refused.code, refused.error)
+        reader = wire.FrameReader()
+        while (answer := read_answer(reader, sock.recv(65536))) is None:
+            pass
     return answer
 
 
-def _read_one(sock: socket.socket) -> dict[str, Any]:
-    reader = wire.FrameReader()
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("the pool closed the connection")
-        for kind, _flags, payload in reader.feed(data):
-            if kind != wire.Kind.JSON:
-                raise ProtocolError(f"unexpected frame kind {kind}")
-            return wire.read_document(payload)
+def read_answer(reader: wire.FrameReader, data: bytes) -> dict[str, Any] | None:
+    """The pool's answer to one request, once ``data`` completes its frame (``None``: not
+    yet).  Raises the error a refusal names, :class:`ProtocolError` for a frame that is no
+    answer, ``ConnectionError`` if the pool hung up (``data`` empty).  Both clients' own."""
+    if not data:
+        raise ConnectionError("the pool closed the connection")
+    for kind, _flags, payload in reader.feed(data):
+        if kind != wire.Kind.JSON:
+            raise ProtocolError(f"unexpected frame kind {kind}")
+        answer = wire.read_document(payload)
+        if answer.get("op") == messages.Refused.OP:
+            refused = messages.from_wire(answer, messages.accepts(messages.Refused))
+            assert isinstance(refused, messages.Refused)
+            raise refusal_error(refused.code, refused.error)
+        return answer
+    return None
 
 
 def not_running(path: str, exc: OSError) -> PoolNotRunning:

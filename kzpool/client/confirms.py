@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pika import spec
 from pika.adapters.blocking_connection import ReturnedMessage
@@ -42,9 +42,17 @@ class Confirm(Future[None]):
         return super().exception(0)
 
 
+class Outcome(Protocol):
+    """What a confirm resolves: a :class:`Confirm`, or an asyncio channel's own."""
+
+    def set_result(self, result: None, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
 @dataclass
 class Unconfirmed:
-    future: Confirm
+    future: Outcome
     data: bytes  # the PUBLISH frame, sent again after a move
     exchange: str
     routing_key: str

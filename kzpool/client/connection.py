@@ -76,7 +76,8 @@ class Connection(PoolClient):
         :class:`ClientClosed` (pika's ``ConnectionWrongStateError``)."""
         self._check_open()
         try:
-            for lease in self.dispatcher.snapshot():
+            for member in self.dispatcher.snapshot():
+                lease = member.channel
                 if isinstance(lease, Lease) and lease.is_open:
                     lease.close(reply_code, reply_text)
         finally:

@@ -6,8 +6,8 @@ own that only the generator reads.  The broker's cancel of a consumer (its queue
 comes after that consumer's last delivery: it ends the generator, or runs the
 ``add_on_cancel_callback`` callbacks and ends ``start_consuming`` once no consumer is left.
 Returns go to the ``add_on_return_callback`` callbacks (none registered: dropped, as pika
-does).  :class:`Consuming` is the part of :class:`~kzpool.client.lease.Lease` that does
-this, and what the dispatcher sees of a lease.
+does).  A :class:`~kzpool.client.lease.Lease` holds its :class:`Consumers`, which are also
+what the dispatcher sees of it (a :class:`~kzpool.client.dispatch.Member`).
 
 Hazards: not thread-safe; every call blocks; a callback's exception goes through the
 dispatcher to its caller, and the events after it stay queued.
@@ -27,8 +27,9 @@ from pika import spec, validators
 from pika.adapters.blocking_connection import ReturnedMessage
 
 from ..common.errors import DuplicateConsumerTag, LeaseClosed, ReentrancyError
+from .bound import Delivery
 from .dispatch import Dispatcher
-from .link import Delivery, LeaseLink
+from .link import LeaseLink
 
 log = logging.getLogger("kzpool.lease")
 
@@ -76,28 +77,34 @@ class Generator:
     buffer: deque[Delivery | Cancel] = field(default_factory=deque)
 
 
-class Consuming:
-    """Consumers, generator and event queue; the lease's link and dispatcher are its."""
+class Consumers:
+    """A lease's consumers, generator and event queue, on its ``link``.  Callbacks get
+    ``channel`` (the lease) as their channel; ``reject(tag)`` gives a delivery back to its
+    queue as the lease's ``basic_reject`` does."""
 
-    _impl: LeaseLink
-    _dispatcher: Dispatcher
-
-    def _init_consuming(self) -> None:
-        self._events: deque[Event] = deque()
-        self._consumers: dict[str, Consumer] = {}
-        self._gen: Generator | None = None
-        self._cancel_callbacks: list[OnCancel] = []
-        self._return_callbacks: list[OnReturn] = []
+    def __init__(self, link: LeaseLink, dispatcher: Dispatcher, channel: object,
+                 reject: Callable[[int], None]) -> None:
+        self.link = link
+        self.dispatcher = dispatcher
+        self.channel = channel
+        self.reject = reject
+        self.events: deque[Event] = deque()
+        self.consumers: dict[str, Consumer] = {}
+        self.gen: Generator | None = None
+        self.cancel_callbacks: list[OnCancel] = []
+        self.return_callbacks: list[OnReturn] = []
 
     @property
-    def channel_number(self) -> int:
-        return self._impl.channel_number
+    def more_waiting(self) -> bool:
+        """Read deliveries wait to be dispatched or yielded (a settle may be batched)."""
+        gen = self.gen
+        return bool(self.events or (gen and gen.buffer))
 
-    def basic_reject(self, delivery_tag: int = 0, requeue: bool = True) -> None:
-        raise NotImplementedError
-
-    def _rpc(self, method: str, **args: Any) -> Any:
-        raise NotImplementedError
+    def clear(self) -> None:
+        """The lease is closing: forget every consumer and what was queued."""
+        self.events.clear()
+        self.consumers.clear()
+        self.gen = None
 
     # ----- callbacks --------------------------------------------------------------------
 
@@ -105,22 +112,22 @@ class Consuming:
         """``callback(method_frame)`` when the broker cancels a ``basic_consume`` consumer
         (``method_frame.method`` is a ``Basic.Cancel``)."""
         validators.require_callback(callback)
-        self._cancel_callbacks.append(callback)
+        self.cancel_callbacks.append(callback)
 
     def add_on_return_callback(self, callback: OnReturn) -> None:
         """``callback(lease, method, properties, body)`` for each message the broker
         returns (``method`` is a ``Basic.Return``), in a dispatcher."""
         validators.require_callback(callback)
-        self._return_callbacks.append(callback)
+        self.return_callbacks.append(callback)
 
     @property
     def consumer_tags(self) -> list[str]:
         """The tags of the consumers of this lease, the generator's included."""
-        return [*self._consumers, *([self._gen.tag] if self._gen is not None else [])]
+        return [*self.consumers, *([self.gen.tag] if self.gen is not None else [])]
 
     def get_waiting_message_count(self) -> int:
         """Deliveries the ``consume()`` generator has read but not yielded yet."""
-        gen = self._gen
+        gen = self.gen
         return 0 if gen is None else sum(1 for item in gen.buffer if item is not CANCELLED)
 
     # ----- basic_consume ----------------------------------------------------------------
@@ -133,29 +140,29 @@ class Consuming:
         validators.require_string(queue, "queue")
         validators.require_callback(on_message_callback, "on_message_callback")
         tag = self._start_consumer(queue, auto_ack, exclusive, consumer_tag, arguments)
-        self._consumers[tag] = Consumer(on_message_callback, auto_ack)
+        self.consumers[tag] = Consumer(on_message_callback, auto_ack)
         return tag
 
     def basic_cancel(self, consumer_tag: str) -> list[Delivery]:
         """Cancel a consumer.  Its deliveries not yet dispatched are rejected (requeued),
         or, for an ``auto_ack`` consumer, returned, in order.  An unknown tag: ``[]``."""
-        gen = self._gen
+        gen = self.gen
         if gen is not None and consumer_tag == gen.tag:
             self.cancel()
             return []
-        consumer = self._consumers.get(consumer_tag)
+        consumer = self.consumers.get(consumer_tag)
         if consumer is None:
-            log.warning("basic_cancel: no consumer %r on lease %s", consumer_tag, self._impl.id)
+            log.warning("basic_cancel: no consumer %r on lease %s", consumer_tag, self.link.id)
             return []
         try:
             self._stop_consumer(consumer_tag)
         finally:
-            self._consumers.pop(consumer_tag, None)
+            self.consumers.pop(consumer_tag, None)
         left = self._take_events(consumer_tag)
         if consumer.auto_ack:
             return left
         for method, _properties, _body in left:
-            self.basic_reject(method.delivery_tag, requeue=True)
+            self.reject(method.delivery_tag)
         return []
 
     def start_consuming(self) -> None:
@@ -163,14 +170,14 @@ class Consuming:
         (cancelled by its owner or by the broker, or the lease closed).  Raises a
         callback's exception, and :class:`ChannelClosedByBroker` once if the broker closes
         the channel (the lease recovers after: calling it again carries on)."""
-        if self._dispatcher.dispatching:
+        if self.dispatcher.dispatching:
             raise ReentrancyError("start_consuming may not be called from inside a callback")
-        link = self._impl
+        link = self.link
         if link.closed:
             raise LeaseClosed("the lease is closed", lease=link.id)
-        while self._consumers:
+        while self.consumers:
             link.ready()
-            self._dispatcher.process(None, stop=lambda: link.lost)
+            self.dispatcher.process(None, stop=lambda: link.lost)
 
     def stop_consuming(self, consumer_tag: str | None = None) -> None:
         """Cancel one consumer, or every one (the generator's first): ``start_consuming``
@@ -179,7 +186,7 @@ class Consuming:
             self.basic_cancel(consumer_tag)
             return
         self.cancel()
-        for tag in list(self._consumers):
+        for tag in list(self.consumers):
             self.basic_cancel(tag)
 
     # ----- the consume() generator ------------------------------------------------------
@@ -193,24 +200,24 @@ class Consuming:
         ``next()``.  Ends when the broker cancels the consumer, or on ``cancel()`` or
         ``close()``; a ``consume()`` with the same queue, ``auto_ack`` and ``exclusive``
         resumes it (breaking out of the loop does not cancel it)."""
-        link = self._impl
+        link = self.link
         if link.closed:
             raise LeaseClosed("the lease is closed", lease=link.id)
         params = (queue, auto_ack, exclusive)
-        gen = self._gen
+        gen = self.gen
         if gen is None:
             validators.require_string(queue, "queue")
             tag = self._start_consumer(queue, auto_ack, exclusive, consumer_tag, arguments)
-            gen = self._gen = Generator(tag, params)
+            gen = self.gen = Generator(tag, params)
             gen.buffer.extend(self._take_events(tag))  # read with the ConsumeOk
         elif gen.params != params:
             raise ValueError(f"consume({params}) while the lease's consume() generator runs"
                              f" with {gen.params}: cancel() it first")
-        while self._gen is gen:
+        while self.gen is gen:
             if gen.buffer:
                 item = gen.buffer.popleft()
                 if isinstance(item, Cancel):
-                    self._gen = None
+                    self.gen = None
                     return
                 yield item
             elif not self._wait_generator(gen, inactivity_timeout):
@@ -218,28 +225,28 @@ class Consuming:
 
     def _wait_generator(self, gen: Generator, timeout: float | None) -> bool:
         """Dispatch until the generator has something (``False``: ``timeout`` passed)."""
-        link = self._impl
+        link = self.link
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._gen is gen and not gen.buffer:
+        while self.gen is gen and not gen.buffer:
             link.ready()
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False
-            self._dispatcher.process(
-                left, stop=lambda: bool(gen.buffer) or link.lost or self._gen is not gen)
+            self.dispatcher.process(
+                left, stop=lambda: bool(gen.buffer) or link.lost or self.gen is not gen)
         return True
 
     def cancel(self) -> int:
         """Cancel the ``consume()`` generator; what it had not yielded is requeued (unless
         ``auto_ack``).  Returns 0, as pika does."""
-        gen, self._gen = self._gen, None
+        gen, self.gen = self.gen, None
         if gen is None:
             return 0
         self._stop_consumer(gen.tag)
         if not gen.params[1]:
             for item in gen.buffer:
                 if not isinstance(item, Cancel):
-                    self.basic_reject(item[0].delivery_tag, requeue=True)
+                    self.reject(item[0].delivery_tag)
         return 0
 
     # ----- consumers on the link --------------------------------------------------------
@@ -248,106 +255,106 @@ class Consuming:
                         consumer_tag: str | None, arguments: dict[str, Any] | None) -> str:
         if consumer_tag is not None and consumer_tag in self.consumer_tags:
             raise DuplicateConsumerTag(f"consumer tag {consumer_tag!r} is in use on this lease")
-        reply = self._impl.call("consume", "basic_consume", {
+        reply = self.link.call("consume", "basic_consume", {
             "queue": queue, "auto_ack": auto_ack, "exclusive": exclusive,
             "consumer_tag": consumer_tag, "arguments": arguments})
         tag = str(reply.fields["consumer_tag"])
-        self._impl.topology.steps[-1].args["consumer_tag"] = tag  # replay keeps the same tag
+        self.link.state.topology.steps[-1].args["consumer_tag"] = tag  # replay keeps the same tag
         return tag
 
     def _stop_consumer(self, tag: str) -> None:
         """Cancel on the broker; a lease that lost its channel only forgets the consumer
         (it is gone with the channel)."""
-        link = self._impl
+        link = self.link
         if link.closed:
             return
         if link.lost and not link.failed:
-            link.topology.record("call", "basic_cancel", {"consumer_tag": tag})
+            link.state.topology.record("call", "basic_cancel", {"consumer_tag": tag})
             return
-        self._rpc("basic_cancel", consumer_tag=tag)
+        link.call("call", "basic_cancel", {"consumer_tag": tag})
 
     def _take_events(self, tag: str) -> list[Delivery]:
         """Take this consumer's queued deliveries (and its broker cancel) off the queue."""
         taken: list[Delivery] = []
         kept: deque[Event] = deque()
-        for event in self._events:
+        for event in self.events:
             if isinstance(event, tuple) and event[0].consumer_tag == tag:
                 taken.append(event)
             elif not (isinstance(event, Cancel) and event.frame.method.consumer_tag == tag):
                 kept.append(event)
-        self._events = kept
+        self.events = kept
         return taken
 
     # ----- what the link tells the lease ------------------------------------------------
 
-    def _on_delivery(self, delivery: Delivery) -> None:
-        gen = self._gen
+    def on_delivery(self, delivery: Delivery) -> None:
+        gen = self.gen
         if gen is not None and delivery[0].consumer_tag == gen.tag:
             gen.buffer.append(delivery)
         else:
-            self._events.append(delivery)
+            self.events.append(delivery)
 
-    def _on_cancelled(self, tag: str) -> None:
-        gen = self._gen
+    def on_cancelled(self, tag: str) -> None:
+        gen = self.gen
         if gen is not None and tag == gen.tag:
             gen.buffer.append(CANCELLED)
-        elif tag in self._consumers:
+        elif tag in self.consumers:
             method = spec.Basic.Cancel(consumer_tag=tag, nowait=True)
-            self._events.append(Cancel(pika_frame.Method(self.channel_number, method)))
+            self.events.append(Cancel(pika_frame.Method(self.link.state.channel_number, method)))
 
-    def _on_returned(self, message: ReturnedMessage) -> None:
-        if self._return_callbacks:
-            self._events.append(Returned(message))
+    def on_returned(self, message: ReturnedMessage) -> None:
+        if self.return_callbacks:
+            self.events.append(Returned(message))
 
-    def _on_lost(self) -> None:
+    def on_lost(self) -> None:
         """The deliveries read so far are void: the broker redelivers them."""
-        self._events = deque(e for e in self._events if not isinstance(e, tuple))
-        if self._gen is not None:
-            self._gen.buffer = deque(e for e in self._gen.buffer if isinstance(e, Cancel))
+        self.events = deque(e for e in self.events if not isinstance(e, tuple))
+        if self.gen is not None:
+            self.gen.buffer = deque(e for e in self.gen.buffer if isinstance(e, Cancel))
 
-    # ----- what the dispatcher sees -------------------------------------------------------
-
-    @property
-    def _owner(self) -> int:
-        return self._impl.owner
+    # ----- what the dispatcher sees (a Member) ---------------------------------------------
 
     @property
-    def _blocked(self) -> bool:
-        return self._impl.blocked
+    def owner(self) -> int:
+        return self.link.owner
 
-    def _wait_fd(self) -> int | None:
-        sock = self._impl.sock
+    @property
+    def blocked(self) -> bool:
+        return self.link.state.blocked
+
+    def wait_fd(self) -> int | None:
+        sock = self.link.sock
         return None if sock is None else sock.fileno()
 
-    def _prepare_wait(self) -> None:
+    def prepare_wait(self) -> None:
         """Before a dispatcher waits: settles out; a consuming lease that lost its channel
         (not by its own fault, which its next call raises) gets a new one now."""
-        link = self._impl
+        link = self.link
         link.flush()
-        if link.lost and not link.failed and not link.closed and (self._consumers or self._gen):
+        if link.lost and not link.failed and not link.closed and (self.consumers or self.gen):
             link.ready()
 
-    def _read_now(self) -> None:
-        self._impl.drain()
+    def read_now(self) -> None:
+        self.link.drain()
 
-    def _has_events(self) -> bool:
-        return bool(self._events)
+    def has_events(self) -> bool:
+        return bool(self.events)
 
-    def _dispatch_events(self) -> None:
-        while self._events and not self._impl.closed:  # a callback may cancel or close
-            self._dispatch(self._events.popleft())
+    def dispatch_events(self) -> None:
+        while self.events and not self.link.closed:  # a callback may cancel or close
+            self._dispatch(self.events.popleft())
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, tuple):
             method, properties, body = event
-            consumer = self._consumers.get(method.consumer_tag)
+            consumer = self.consumers.get(method.consumer_tag)
             if consumer is not None:
-                consumer.callback(self, method, properties, body)
+                consumer.callback(self.channel, method, properties, body)
         elif isinstance(event, Cancel):
-            if self._consumers.pop(event.frame.method.consumer_tag, None) is not None:
-                for callback in list(self._cancel_callbacks):
+            if self.consumers.pop(event.frame.method.consumer_tag, None) is not None:
+                for callback in list(self.cancel_callbacks):
                     callback(event.frame)
         else:
             message = event.message
-            for on_return in list(self._return_callbacks):
-                on_return(self, message.method, message.properties, message.body)
+            for on_return in list(self.return_callbacks):
+                on_return(self.channel, message.method, message.properties, message.body)

@@ -37,23 +37,30 @@ Callback = Callable[[], Any]
 
 
 class Member(Protocol):
-    """What a dispatcher needs of a lease."""
+    """What a dispatcher needs of a lease (its :class:`~kzpool.client.consuming.Consumers`)."""
 
     @property
-    def _owner(self) -> int: ...
+    def channel(self) -> object:
+        """The lease itself (what its callbacks get)."""
+        ...
 
     @property
-    def _blocked(self) -> bool: ...
+    def owner(self) -> int:
+        """The thread that used the lease last."""
+        ...
 
-    def _wait_fd(self) -> int | None: ...
+    @property
+    def blocked(self) -> bool: ...
 
-    def _prepare_wait(self) -> None: ...
+    def wait_fd(self) -> int | None: ...
 
-    def _read_now(self) -> None: ...
+    def prepare_wait(self) -> None: ...
 
-    def _has_events(self) -> bool: ...
+    def read_now(self) -> None: ...
 
-    def _dispatch_events(self) -> None: ...
+    def has_events(self) -> bool: ...
+
+    def dispatch_events(self) -> None: ...
 
 
 class Timer:
@@ -160,7 +167,7 @@ class Dispatcher:
             home = threading.get_ident() == self.home
             mine = self._mine()
             for member in mine:  # settles out; recoveries (they may read deliveries)
-                member._prepare_wait()
+                member.prepare_wait()
             if home:
                 self._fire_timers()
             if self._runnable(mine, home) or (stop is not None and stop()) or self.closed:
@@ -177,12 +184,12 @@ class Dispatcher:
 
     def _mine(self) -> list[Member]:
         me = threading.get_ident()
-        return [m for m in self.snapshot() if m._owner == me]
+        return [m for m in self.snapshot() if m.owner == me]
 
     def _runnable(self, mine: list[Member], home: bool) -> bool:
         if self.dispatching:
             return False  # nested: nothing will run, so nothing cuts the wait short
-        return (home and bool(self._ready)) or any(m._has_events() for m in mine)
+        return (home and bool(self._ready)) or any(m.has_events() for m in mine)
 
     def _fire_timers(self) -> None:
         now = time.monotonic()
@@ -196,7 +203,7 @@ class Dispatcher:
         or the wake pipe, and read what came; ``False`` if there was nothing to wait on."""
         fds: dict[int, Member | None] = {}
         for member in mine:
-            fd = member._wait_fd()
+            fd = member.wait_fd()
             if fd is not None:
                 fds[fd] = member
         if home:
@@ -213,7 +220,7 @@ class Dispatcher:
         for fd in readable(list(fds), left):
             reader = fds[fd]
             if reader is not None:
-                reader._read_now()
+                reader.read_now()
             elif self._wake is not None:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake[0], 4096)
@@ -222,7 +229,7 @@ class Dispatcher:
         return True
 
     def _note_blocked(self, mine: list[Member]) -> None:
-        blocked = any(m._blocked for m in mine)
+        blocked = any(m.blocked for m in mine)
         if blocked != self._blocked:
             self._blocked = blocked
             for callback in self._on_blocked:
@@ -239,8 +246,8 @@ class Dispatcher:
                         break
                     self._ready.popleft()()
             for member in mine:
-                if member._has_events():
-                    member._dispatch_events()
+                if member.has_events():
+                    member.dispatch_events()
         finally:
             local.depth -= 1
 

@@ -4,12 +4,14 @@ The lease's socket goes to the worker that owns its channel; AMQP I/O and heartb
 that worker, so a callback may hold the GIL for minutes without the broker dropping anything.
 
 This module is the pika surface: declarations, QoS, transactions, publishes and confirms,
-``basic_get``, settles, ``close``; consumers, the ``consume()`` generator and the callbacks
-are :mod:`.consuming`'s.  Its :class:`~kzpool.client.link.LeaseLink` (``_impl``, as pika's
-``BlockingChannel`` holds its ``Channel``) keeps the channel across moves: when it is lost
-(broker down, worker killed, moved back to the primary) the lease gets a new one, replays
-its topology (exchanges, queues, bindings, QoS, consumers, confirm and transaction mode) and
-re-sends unconfirmed publishes, then the call goes on.
+``basic_get``, settles, ``close``.  A lease holds two objects: its
+:class:`~kzpool.client.link.LeaseLink` (``_impl``, as pika's ``BlockingChannel`` holds its
+``Channel``), which keeps the channel across moves: when it is lost (broker down, worker
+killed, moved back to the primary, the pool restarted) the lease gets a new one, replays
+its topology (exchanges, queues, bindings, QoS, consumers, confirm and transaction mode)
+and re-sends unconfirmed publishes, then the call goes on; and its
+:class:`~kzpool.client.consuming.Consumers` (consumers, the ``consume()`` generator, the
+callbacks), to which the consuming methods go.
 
 Where a lease differs from pika on purpose: the broker closing the channel (or, for a call,
 the connection) raises pika's error once, then the lease recovers instead of staying closed;
@@ -25,8 +27,7 @@ from __future__ import annotations
 import enum
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pika import frame as pika_frame
@@ -37,9 +38,11 @@ from ..common.errors import LeaseClosed, LeaseRequestError, LeaseTimeout, Transa
 from ..common.messages import Reply
 from ..common.wire import Flag
 from .backend import Pool
+from .bound import Delivery, Hooks
 from .confirms import Confirm, Unconfirmed
-from .consuming import Consuming
-from .link import Delivery, Hooks, LeaseLink
+from .consuming import Consumers, OnCancel, OnMessage, OnReturn
+from .link import LeaseLink
+from .move import MoveEvent
 from .replies import method_of
 
 __all__ = ["Confirm", "Lease", "MoveEvent"]
@@ -48,18 +51,7 @@ MAX_BODY = wire.MAX_DATA_FRAME - (1 << 20)  # room for the frame's other fields
 DRAIN_INTERVAL = 0.001  # seconds between two reads of confirms and events while publishing
 
 
-@dataclass(frozen=True)
-class MoveEvent:
-    """Passed to ``on_move``: the lease now runs on ``new_broker``."""
-
-    lease: str
-    old_broker: str | None
-    new_broker: str | None
-    reason: str
-    renamed: dict[str, str]  # server-named queues: old name → new name
-
-
-class Lease(Consuming):
+class Lease:
     """A float or sticky channel lease.  Create with ``connection.channel()`` or
     :meth:`kzpool.PoolClient.lease`."""
 
@@ -67,18 +59,18 @@ class Lease(Consuming):
                  timeout: float, on_move: Callable[[MoveEvent], None] | None,
                  federates: str | None = None, handed: socket.socket | None = None,
                  abort: Callable[[], bool] | None = None) -> None:
-        self._init_consuming()
         self._pool = pool
         self._next_drain = 0.0
         self._on_move = on_move
         self._tx = False  # in transaction mode
         self._tx_since: int | None = None  # the channel the open transaction began on
-        hooks = Hooks(self._moved, self._on_delivery, self._on_cancelled, self._on_returned,
-                      self._on_lost)
-        self._impl = LeaseLink(pool, kind, zone, broker, timeout, hooks, federates, handed,
-                               abort)
+        link = self._impl = LeaseLink(pool, kind, zone, broker, timeout, federates, handed,
+                                      abort)
         self._dispatcher = pool.dispatcher
-        self._dispatcher.add(self)
+        consumers = self._consumers = Consumers(link, self._dispatcher, self, self._requeue)
+        link.open(Hooks(self._moved, consumers.on_delivery, consumers.on_cancelled,
+                        consumers.on_returned, consumers.on_lost))
+        self._dispatcher.add(consumers)
 
     # ----- what the lease is ------------------------------------------------------------------
 
@@ -88,7 +80,7 @@ class Lease(Consuming):
 
     @property
     def kind(self) -> str:
-        return self._impl.kind
+        return self._impl.state.kind
 
     @property
     def broker(self) -> str | None:
@@ -97,11 +89,11 @@ class Lease(Consuming):
 
     @property
     def broker_zone(self) -> str | None:
-        return self._impl.broker_zone
+        return self._impl.state.broker_zone
 
     @property
     def timeout(self) -> float:
-        return self._impl.timeout
+        return self._impl.state.timeout
 
     @property
     def connection(self) -> Pool:
@@ -117,6 +109,10 @@ class Lease(Consuming):
     @property
     def is_closed(self) -> bool:
         return self._impl.closed
+
+    @property
+    def channel_number(self) -> int:
+        return self._impl.state.channel_number
 
     def __int__(self) -> int:
         return self.channel_number
@@ -265,8 +261,9 @@ class Lease(Consuming):
             self._next_drain = now + DRAIN_INTERVAL
             link.drain()
             link.ready()
-        if link.blocked:
-            link.wait(lambda: not link.blocked, None, "basic_publish")
+        state = link.state
+        if state.blocked:
+            link.wait(lambda: not state.blocked, None, "basic_publish")
         body = body.encode() if isinstance(body, str) else bytes(body)
         if len(body) > MAX_BODY:
             raise LeaseRequestError(f"message of {len(body):,} bytes is over the {MAX_BODY:,}"
@@ -278,7 +275,7 @@ class Lease(Consuming):
             link.publish(data)
             return None
         future = Confirm(link.wait_confirm, link.id)
-        link.confirms.add(Unconfirmed(future, data, exchange, routing_key, properties, body))
+        state.confirms.add(Unconfirmed(future, data, exchange, routing_key, properties, body))
         link.send(data)
         if wait:
             future.result(None)
@@ -287,10 +284,62 @@ class Lease(Consuming):
 
     def wait_for_confirms(self, timeout: float | None = None) -> None:
         """Wait until every pipelined publish is confirmed (or failed)."""
-        confirms = self._impl.confirms
+        confirms = self._impl.state.confirms
         if not self._impl.wait(lambda: not confirms.pending, timeout, "wait_for_confirms"):
             raise LeaseTimeout(f"{len(confirms)} publish(es) unconfirmed after {timeout} s",
                                lease=self.id)
+
+    # ----- consuming (the lease's Consumers) ------------------------------------------------
+
+    def basic_consume(self, queue: str, on_message_callback: OnMessage, auto_ack: bool = False,
+                      exclusive: bool = False, consumer_tag: str | None = None,
+                      arguments: dict[str, Any] | None = None) -> str:
+        """Start a consumer; its deliveries go to ``on_message_callback(lease, method,
+        properties, body)`` in a dispatcher.  Blocks until the broker's ``ConsumeOk``."""
+        return self._consumers.basic_consume(queue, on_message_callback, auto_ack, exclusive,
+                                             consumer_tag, arguments)
+
+    def basic_cancel(self, consumer_tag: str) -> list[Delivery]:
+        """Cancel a consumer: see :meth:`Consumers.basic_cancel`."""
+        return self._consumers.basic_cancel(consumer_tag)
+
+    def start_consuming(self) -> None:
+        """Run the dispatcher until no ``basic_consume`` consumer is left: see
+        :meth:`Consumers.start_consuming`."""
+        self._consumers.start_consuming()
+
+    def stop_consuming(self, consumer_tag: str | None = None) -> None:
+        """Cancel one consumer, or every one (the generator's first)."""
+        self._consumers.stop_consuming(consumer_tag)
+
+    def consume(self, queue: str, auto_ack: bool = False, exclusive: bool = False,
+                arguments: dict[str, Any] | None = None,
+                inactivity_timeout: float | None = None,
+                consumer_tag: str | None = None) -> Iterator[Any]:
+        """Yield ``(method, properties, body)``: see :meth:`Consumers.consume`."""
+        return self._consumers.consume(queue, auto_ack, exclusive, arguments,
+                                       inactivity_timeout, consumer_tag)
+
+    def cancel(self) -> int:
+        """Cancel the ``consume()`` generator; what it had not yielded is requeued."""
+        return self._consumers.cancel()
+
+    def add_on_cancel_callback(self, callback: OnCancel) -> None:
+        """``callback(method_frame)`` when the broker cancels a ``basic_consume`` consumer."""
+        self._consumers.add_on_cancel_callback(callback)
+
+    def add_on_return_callback(self, callback: OnReturn) -> None:
+        """``callback(lease, method, properties, body)`` for each returned message."""
+        self._consumers.add_on_return_callback(callback)
+
+    @property
+    def consumer_tags(self) -> list[str]:
+        """The tags of the consumers of this lease, the generator's included."""
+        return self._consumers.consumer_tags
+
+    def get_waiting_message_count(self) -> int:
+        """Deliveries the ``consume()`` generator has read but not yielded yet."""
+        return self._consumers.get_waiting_message_count()
 
     # ----- getting and settling ---------------------------------------------------------------
 
@@ -321,10 +370,8 @@ class Lease(Consuming):
         link = self._impl
         if link.closed and not link.aborted:
             raise LeaseClosed("the lease is closed", lease=self.id)
-        self._events.clear()
         self._consumers.clear()
-        self._gen = None
-        self._dispatcher.discard(self)
+        self._dispatcher.discard(self._consumers)
         link.close(reply_code, reply_text)
 
     # ----- the link's side --------------------------------------------------------------------
@@ -335,8 +382,10 @@ class Lease(Consuming):
 
     def _settle(self, delivery_tag: int, flags: int) -> None:
         self._tx_touch()
-        gen = self._gen
-        self._impl.settle(delivery_tag, flags, bool(self._events or (gen and gen.buffer)))
+        self._impl.settle(delivery_tag, flags, self._consumers.more_waiting)
+
+    def _requeue(self, delivery_tag: int) -> None:
+        self.basic_reject(delivery_tag, requeue=True)
 
     def _rpc(self, method: str, **args: Any) -> Any:
         reply: Reply = self._impl.call("call", method, args)

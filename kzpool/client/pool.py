@@ -17,7 +17,8 @@ from ..common import messages
 from ..common.errors import ClientClosed, LeaseRequestError
 from .backend import Backend, RouteKey, UnixBackend, call, not_running
 from .dispatch import Dispatcher
-from .lease import Lease, MoveEvent
+from .lease import Lease
+from .move import MoveEvent
 
 KINDS = ("float", "sticky")
 

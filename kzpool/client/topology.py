@@ -4,7 +4,8 @@ Kazoo's gen_listener rebuilds queue, QoS, consume and bindings when handed a new
 kzpool does it for any lease.  Each successful call that creates broker state is recorded;
 deletions and cancels (the owner's or the broker's) remove what they undo; passive declares,
 purges, commits and the like are not recorded.
-:meth:`Topology.replay` sends the steps on a new channel through the lease's ``send``.
+:meth:`Topology.replay` sends the steps on a new channel through the lease's ``send``; an
+asyncio link sends them itself and hands each reply to :meth:`Topology.replayed`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ NOT_RECORDED = frozenset({"queue_purge", "basic_recover", "basic_get", "flow", "
                           "tx_rollback"})
 
 Send = Callable[[str, str, dict[str, Any]], Reply | None]  # one call; None: channel lost
+Refusal = Callable[[int, str], Exception]  # (reply code, text) -> the error to raise
 
 
 @dataclass
@@ -66,25 +68,30 @@ class Topology:
 
     def replay(self, send: Send, renamed: dict[str, str]) -> bool:
         """Send every step again, in order, on a new channel; ``False`` if that channel was
-        lost too.  A server-named queue that comes back with a new name is renamed (and put
-        in ``renamed``, old name to new).  A step the broker refuses is a
-        :class:`ChannelClosedByBroker` naming it."""
+        lost too.  Each reply goes through :meth:`replayed`."""
         for step in self.steps:
             reply = send(step.op, step.method, step.args)
             if reply is None:
                 return False
-            if reply.error is not None:
-                raise ChannelClosedByBroker(reply.error.code,
-                                            f"replaying {step.method}: {reply.error.text}")
-            old = step.args.get("_name")
-            if step.method == "queue_declare" and old:
-                new = str(reply.fields.get("queue"))
-                if new != old:
-                    log.warning("server-named queue %s is now %s", old, new)
-                    self.renamed(old, new)
-                    renamed[old] = new
-                    step.args["_name"] = new
+            self.replayed(step, reply, renamed)
         return True
+
+    def replayed(self, step: Step, reply: Reply, renamed: dict[str, str],
+                 refused: Refusal = ChannelClosedByBroker) -> None:
+        """What the new channel answered to ``step``.  A step the broker refuses raises
+        ``refused(code, text)`` naming it (pika's :class:`ChannelClosedByBroker` unless
+        told otherwise).  A server-named queue that came back with a new name is renamed
+        (and put in ``renamed``, old name to new)."""
+        if reply.error is not None:
+            raise refused(reply.error.code, f"replaying {step.method}: {reply.error.text}")
+        old = step.args.get("_name")
+        if step.method == "queue_declare" and old:
+            new = str(reply.fields.get("queue"))
+            if new != old:
+                log.warning("server-named queue %s is now %s", old, new)
+                self.renamed(old, new)
+                renamed[old] = new
+                step.args["_name"] = new
 
 
 def _same(step: Step, method: str, args: dict[str, Any], *keys: str) -> bool:

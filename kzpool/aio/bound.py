@@ -1,0 +1,188 @@
+"""One stream of an asyncio lease to a worker, bound (or being bound) to a channel.
+
+An :class:`AioBound` is made anew on every acquire and lives until its channel is lost or
+the lease closes: the :class:`~kzpool.aio.stream.FrameStream`, whether the worker bound it
+(or refused), the calls waiting for their replies, and the ``basic.get`` messages read
+before their replies.  Each frame goes, from the loop's read callback, to the shared
+:class:`~kzpool.client.frames.Frames`, which writes into the lease's lasting
+:class:`~kzpool.client.state.LeaseState`; deliveries and returns go to the channel
+(:class:`LinkOwner`).  When it is lost it closes its stream, settles its calls, and tells
+its ``on_lost`` once.  Not thread-safe: the loop's thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..client.frames import Frames
+from ..client.state import LeaseState
+from ..common import messages
+from ..common.messages import Reason, Reply
+from .client import AioPoolClient
+from .stream import FrameStream, attach
+
+log = logging.getLogger("kzpool.aio")
+
+OnLost = Callable[[Reason, bool, bool], None]  # (reason, a call raised it, was bound)
+Got = tuple[Any, ...]  # a basic.get's (tag, redelivered, exchange, key, props, body, count)
+
+
+class LinkOwner(Protocol):
+    """What a link tells its channel."""
+
+    def on_delivery(self, tag: int, redelivered: bool, consumer_tag: str, exchange: str,
+                    routing_key: str, encoded: bytes, body: bytes) -> None: ...
+
+    def on_return(self, code: int, text: str, exchange: str, routing_key: str,
+                  encoded: bytes, body: bytes) -> Any: ...
+
+    def on_lost(self) -> None: ...
+
+    def on_move(self, old_broker: str | None, reason: str, renamed: dict[str, str]) -> None: ...
+
+
+class AioBound:
+    """A stream to a worker and the calls on it (see the module); :meth:`attach` first."""
+
+    def __init__(self, state: LeaseState, owner: LinkOwner, pool: AioPoolClient,
+                 on_lost: OnLost, on_unblocked: Callable[[], None]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.state = state
+        self.owner = owner
+        self.pool = pool
+        self.on_lost = on_lost
+        self.on_unblocked = on_unblocked
+        self.frames = Frames(self, state, log)
+        self.stream: FrameStream | None = None
+        self.has_channel = False  # the worker bound this stream to a channel
+        self.refusal: messages.Refused | None = None
+        self.dead = False  # lost or closed: nothing more is read or sent
+        self.binding: asyncio.Future[None] = self.loop.create_future()  # bound, lost, refused
+        self.replies: dict[int, asyncio.Future[Reply | None]] = {}
+        self._got: list[Got] = []  # basic.get messages, before their replies
+        self._got_for: dict[int, Got] = {}  # reply id -> its message
+
+    async def attach(self, sock: socket.socket) -> None:
+        self.stream = await attach(sock, self.frames.process, self.lose)
+
+    @property
+    def live(self) -> bool:
+        """Bound to a channel, and not lost: calls and publishes go through."""
+        return self.has_channel and not self.dead
+
+    def write(self, data: bytes) -> None:
+        if self.stream is not None and not self.dead:
+            self.stream.write(data)
+
+    async def call(self, rid: int, request: messages.Message) -> Reply | None:
+        """Send a call and wait for its reply; ``None`` if the channel was lost (the broker's
+        error instead, if it closed the channel)."""
+        future: asyncio.Future[Reply | None] = self.loop.create_future()
+        self.replies[rid] = future
+        self.write(messages.encode(request))
+        try:
+            return await future
+        finally:
+            self.replies.pop(rid, None)
+
+    def take_get(self, reply: Reply) -> Got | None:
+        """The message a ``basic.get`` reply is for."""
+        return self._got_for.pop(reply.id, None)
+
+    # ----- ending ---------------------------------------------------------------------------
+
+    def lose(self, reason: Reason) -> None:
+        """The channel (or the stream to its worker) is gone: close, tell ``on_lost`` once."""
+        if self.dead:
+            return
+        self.dead = True
+        had_channel, self.has_channel = self.has_channel, False
+        if self.stream is not None:
+            self.stream.close()
+        self._resolve_binding()
+        reported = self._fail_calls(reason)
+        self._got.clear()
+        self._got_for.clear()
+        self.on_lost(reason, reported, had_channel)
+
+    def close(self, last: bytes, error: BaseException) -> None:
+        """Closed by the lease's owner: send ``last``; calls in flight raise ``error``."""
+        self.dead = True
+        self.has_channel = False
+        if self.stream is not None:
+            self.stream.close(last)
+        replies, self.replies = self.replies, {}
+        for future in replies.values():
+            if not future.done():
+                future.set_exception(error)
+        self._resolve_binding()
+
+    def _fail_calls(self, reason: Reason) -> bool:
+        """Calls in flight: the broker's error if it closed the channel, else tried again;
+        whether a call got that error."""
+        replies, self.replies = self.replies, {}
+        for rid, future in replies.items():
+            if not future.done():
+                future.set_result(Reply(rid, error=reason) if reason.channel_error else None)
+        return bool(replies) and reason.channel_error
+
+    def _resolve_binding(self) -> None:
+        if not self.binding.done():
+            self.binding.set_result(None)
+
+    # ----- what the frames say (FrameSink) --------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        return not self.dead
+
+    def delivered(self, tag: int, redelivered: bool, consumer_tag: str, exchange: str,
+                  routing_key: str, encoded: bytes, body: bytes) -> None:
+        self.owner.on_delivery(tag, redelivered, consumer_tag, exchange, routing_key, encoded,
+                               body)
+
+    def got(self, tag: int, redelivered: bool, exchange: str, routing_key: str,
+            encoded: bytes, body: bytes, count: int) -> None:
+        self._got.append((tag, redelivered, exchange, routing_key, encoded, body, count))
+
+    def returned(self, code: int, text: str, exchange: str, routing_key: str,
+                 encoded: bytes, body: bytes) -> Any:
+        return self.owner.on_return(code, text, exchange, routing_key, encoded, body)
+
+    def unclaimed(self, code: int, text: str) -> None:
+        log.warning("lease %s: message returned by the broker: %d %s", self.state.id, code,
+                    text)
+
+    def replied(self, reply: Reply) -> None:
+        if reply.method == "Basic.GetOk" and self._got:
+            self._got_for[reply.id] = self._got.pop(0)
+        future = self.replies.get(reply.id)
+        if future is not None and not future.done():
+            future.set_result(reply)
+
+    def leased(self, event: messages.Leased) -> None:
+        self.has_channel = True
+        self.state.bound(event, self.pool.routes)
+        self._resolve_binding()
+
+    def cancelled(self, consumer_tag: str) -> None:
+        pass  # the broker's cancel: its consumer's deliveries simply end
+
+    def lost(self, reason: Reason) -> None:
+        self.lose(reason)
+
+    def send(self, data: bytes) -> None:
+        self.write(data)
+
+    def set_blocked(self, blocked: bool) -> None:
+        self.state.set_blocked(blocked)
+        if not blocked:
+            self.on_unblocked()
+
+    def refused(self, event: messages.Refused) -> None:
+        self.refusal = event
+        self._resolve_binding()

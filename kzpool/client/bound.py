@@ -1,0 +1,208 @@
+"""One socket of a lease to a worker, bound (or being bound) to a channel.
+
+A :class:`Bound` is made anew on every acquire and lives until its channel is lost or the
+lease closes: the socket, its frame reader, the call in flight and the replies read,
+whether the worker bound it (or refused), and the settles batched while read deliveries
+wait.  It reads (:meth:`pump`, :meth:`drain`) and hands each frame to :class:`~kzpool.
+client.frames.Frames`, which writes into the lease's lasting
+:class:`~kzpool.client.state.LeaseState` and tells the lease's :class:`Hooks`.  When it is
+lost it closes its socket and tells its ``on_lost`` once; after that it reads and sends
+nothing.
+
+Hazards: not thread-safe; :meth:`pump` blocks up to its timeout.  An exception raised by
+the caller's signal handler while it sends cuts the frame stream: the channel is given up
+(the next call gets a new one) and the exception goes on to the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pika import spec
+from pika.adapters.blocking_connection import ReturnedMessage
+
+from ..common import messages, props, wire
+from ..common.errors import KzpoolError
+from ..common.messages import Reason, Reply
+from .backend import Pool
+from .frames import Frames
+from .sockio import readable, receive
+from .state import LeaseState
+
+log = logging.getLogger("kzpool.lease")
+
+READ_SIZE = 256 << 10
+WORKER_GONE = Reason("ConnectionClosed", 0, "worker gone")
+INTERRUPTED = Reason("Interrupted", 0, "interrupted while sending")
+Delivery = tuple[Any, Any, bytes]
+OnLost = Callable[[Reason, bool, bool], None]  # (reason, a call was in flight, was bound)
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the link tells its lease."""
+
+    on_move: Callable[[str | None, str, dict[str, str]], None]
+    on_delivery: Callable[[Delivery], None]
+    on_cancelled: Callable[[str], None]
+    on_returned: Callable[[ReturnedMessage], None]
+    on_lost: Callable[[], None]
+
+
+class Bound:
+    """A socket to a worker and what is read and sent on it (see the module)."""
+
+    def __init__(self, sock: socket.socket, state: LeaseState, hooks: Hooks, pool: Pool,
+                 on_lost: OnLost) -> None:
+        self.sock: socket.socket | None = sock  # None once lost or closed
+        self.state = state
+        self.hooks = hooks
+        self.pool = pool
+        self.on_lost = on_lost
+        self.reader = wire.FrameReader(wire.MAX_DATA_FRAME)
+        self.frames = Frames(self, state, log)
+        self.has_channel = False  # the worker bound this socket to a channel
+        self.refusal: messages.Refused | None = None
+        self.dead = False  # lost: nothing more is read or sent
+        self.replies: dict[int, Reply] = {}
+        self.waiting: int | None = None  # the call in flight
+        self.got_message: Delivery | None = None  # a basic.get's, before its reply
+        self.settles: list[bytes] = []  # acks batched while read deliveries wait
+
+    # ----- sending --------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Send ``data``, after any batched settles (acks keep their order)."""
+        sock = self.sock
+        if sock is None:
+            return  # lost: the next call recovers
+        if self.settles:
+            data = b"".join(self.settles) + data
+            self.settles.clear()
+        try:
+            sock.sendall(data)
+        except TimeoutError:
+            self.lose(INTERRUPTED)
+            raise
+        except OSError:
+            self.lose(WORKER_GONE)
+        except BaseException:
+            self.lose(INTERRUPTED)  # part of a frame may have gone: the stream is cut
+            raise
+
+    def flush(self) -> None:
+        """Send the batched settles now."""
+        if self.settles and self.sock is not None:
+            self.send(b"")
+
+    def close(self, last: bytes) -> None:
+        """Send the batched settles and ``last``, then close (errors ignored)."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.sendall(b"".join(self.settles) + last)
+            sock.close()
+
+    # ----- reading --------------------------------------------------------------------------
+
+    def pump(self, timeout: float | None) -> None:
+        """Read once (waiting up to ``timeout``) and process every complete frame."""
+        sock = self.sock
+        if sock is None:
+            return
+        if self.settles:
+            self.send(b"")
+            if self.sock is None:
+                return
+        if timeout is not None and not readable([sock.fileno()], max(0.0, timeout)):
+            return
+        self._feed(receive(sock, READ_SIZE) or b"")
+
+    def drain(self) -> None:
+        """Process what is already there, without waiting."""
+        sock = self.sock
+        while sock is not None and sock is self.sock:
+            data = receive(sock, READ_SIZE, socket.MSG_DONTWAIT)
+            if data is None:
+                return
+            self._feed(data)
+            if len(data) < READ_SIZE:
+                return
+
+    def _feed(self, data: bytes) -> None:
+        if not data:
+            self.lose(WORKER_GONE)
+            return
+        try:
+            for kind, flags, payload in self.reader.feed(data):
+                self.frames.process(kind, flags, payload)
+        except KzpoolError as exc:
+            log.error("lease %s: bad frame from the pool: %s", self.state.id, exc)
+            self.lose(Reason("ProtocolError", 0, str(exc)))
+
+    # ----- losing ---------------------------------------------------------------------------
+
+    def lose(self, reason: Reason) -> None:
+        """The channel is gone (or was never had): close, and tell ``on_lost`` once."""
+        if self.dead:
+            return
+        self.dead = True
+        had_channel, self.has_channel = self.has_channel, False
+        self.settles.clear()  # acks for the lost channel: meaningless now
+        self.on_lost(reason, self.waiting is not None, had_channel)
+        self.replies.clear()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    # ----- what the frames say (FrameSink) --------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        return not self.dead
+
+    def delivered(self, tag: int, redelivered: bool, consumer_tag: str, exchange: str,
+                  routing_key: str, encoded: bytes, body: bytes) -> None:
+        method = spec.Basic.Deliver(consumer_tag, tag, redelivered, exchange, routing_key)
+        self.hooks.on_delivery((method, props.decode(encoded), body))
+
+    def got(self, tag: int, redelivered: bool, exchange: str, routing_key: str,
+            encoded: bytes, body: bytes, count: int) -> None:
+        method = spec.Basic.GetOk(tag, redelivered, exchange, routing_key, count)
+        self.got_message = (method, props.decode(encoded), body)
+
+    def returned(self, code: int, text: str, exchange: str, routing_key: str,
+                 encoded: bytes, body: bytes) -> ReturnedMessage:
+        method = spec.Basic.Return(code, text, exchange, routing_key)
+        message = ReturnedMessage(method, props.decode(encoded), body)
+        self.hooks.on_returned(message)
+        return message
+
+    def unclaimed(self, code: int, text: str) -> None:
+        pass  # the lease's return callbacks have it
+
+    def replied(self, reply: Reply) -> None:
+        if reply.id == self.waiting:  # a call given up on is answered late
+            self.replies[reply.id] = reply
+
+    def leased(self, event: messages.Leased) -> None:
+        self.has_channel = True
+        self.state.bound(event, self.pool.routes)
+
+    def cancelled(self, consumer_tag: str) -> None:
+        self.state.topology.record("call", "basic_cancel", {"consumer_tag": consumer_tag})
+        self.hooks.on_cancelled(consumer_tag)
+
+    def lost(self, reason: Reason) -> None:
+        self.lose(reason)
+
+    def set_blocked(self, blocked: bool) -> None:
+        self.state.set_blocked(blocked)
+
+    def refused(self, event: messages.Refused) -> None:
+        self.refusal = event
