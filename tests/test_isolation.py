@@ -126,17 +126,19 @@ def test_calls_pika_cannot_encode_fail_alone(pool: Pool) -> None:
     assert_whole(pool, before)
 
 
-def test_a_queue_name_over_255_bytes_leaves_the_other_leases_alone(pool: Pool) -> None:
+def test_a_queue_name_over_255_bytes_fails_that_call_alone(pool: Pool) -> None:
+    """AMQP's short strings are 255 bytes: the worker refuses a longer one to its caller
+    before pika, which would end the shared connection half-way through a frame."""
     client = kzpool.connect(pool.socket)
     moves: list[kzpool.MoveEvent] = []
     bystander = client.lease("float", on_move=moves.append)
-    lease = client.lease("float")
-    lease._impl.send(json_frame(json.dumps({"op": "consume", "id": 1,
-                                            "args": {"queue": "q" * 300}})))
-    lease._impl.wait(lambda: lease._impl.lost or 1 in lease._impl._replies, 10)
-    lease.close()
+    with client.lease("float") as lease:
+        with pytest.raises(ValueError, match="255 bytes"):
+            lease.basic_consume("q" * 300, lambda *_: None)
+        lease.queue_declare("", exclusive=True)  # the same lease goes on
     bystander.queue_declare("", exclusive=True)
     assert not moves  # the other lease kept its channel
+    bystander.close()
 
 
 # ----- about 1,015 connections, and max_peers -------------------------------------------------

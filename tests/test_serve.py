@@ -205,7 +205,7 @@ def test_registry_kill_9_rebuilds_the_tables(pools: PoolMaker, vhost: str) -> No
 def test_worker_over_max_rss_is_replaced(pools: PoolMaker) -> None:
     pool = pools([DEFAULT_URI], worker_max_rss="1M", respawn_backoff_max=0.5).start()
     pool.wait_ready()
-    wait_for(lambda: pool.logs().count("> worker_max_rss; replacing it") >= 2, 10,
+    wait_for(lambda: pool.logs().count("> worker_max_rss; replacing it") >= 2, 30,
              "the worker to be replaced twice")
 
 
