@@ -14,6 +14,7 @@ event loop's thread only.
 from __future__ import annotations
 
 import logging
+import struct
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Protocol
@@ -23,6 +24,13 @@ from ..common.wire import Flag
 from .compat import DeliveryMode
 from .errors import ChannelInvalidStateError, MessageProcessError
 from .message import Message
+
+try:
+    from pamqp.header import ContentHeader as _PAMQP
+except ImportError:  # without aio-pika: pika decodes
+    _PAMQP = None  # type: ignore[assignment,misc]
+
+_HEADER = struct.Struct(">HHQ")
 
 log = logging.getLogger("kzpool.aio")
 
@@ -79,7 +87,7 @@ class IncomingMessage(Message):
 
     def _decode(self) -> None:
         self._decoded = True
-        p = props.decode(self._encoded)
+        p = _properties(self._encoded)
         self.headers = p.headers or {}
         self.content_type = p.content_type
         self.content_encoding = p.content_encoding
@@ -185,3 +193,28 @@ class ProcessContext:
             await message.reject(requeue=requeue)
         except ChannelInvalidStateError:
             log.warning("reject is not sent since the channel is closed")
+
+
+def _properties(encoded: bytes) -> Any:
+    """The properties as aio-pika reads them: with pamqp (aio-pika's own decoder, where it
+    is installed: a float header stays a float), else with pika's."""
+    if _PAMQP is None or not encoded:
+        return props.decode(encoded)
+    header = _PAMQP()
+    header.unmarshal(_HEADER.pack(60, 0, 0) + encoded)
+    return _PamqpProperties(header.properties)
+
+
+class _PamqpProperties:
+    """pamqp's properties under the names pika gives them (``type``, a timestamp in s)."""
+
+    def __init__(self, p: Any) -> None:
+        self.headers, self.content_type, self.content_encoding = (
+            p.headers, p.content_type, p.content_encoding)
+        self.delivery_mode, self.priority, self.correlation_id = (
+            p.delivery_mode, p.priority, p.correlation_id)
+        self.reply_to, self.expiration, self.message_id = p.reply_to, p.expiration, p.message_id
+        self.timestamp = None if p.timestamp is None else p.timestamp.timestamp()
+        self.type, self.user_id, self.app_id, self.cluster_id = (
+            p.message_type, p.user_id, p.app_id, p.cluster_id)
+
