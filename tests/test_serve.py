@@ -114,9 +114,11 @@ def test_wrong_password_is_not_respawned_in_a_loop(pools: PoolMaker, vhost: str)
     bad = "amqp://guest:wrong@127.0.0.1:5672/%2F"
     pool = pools([vhost, bad]).start()
     pool.wait_ready()
-    rows = pool.wait_rows(lambda rs: rs[1]["state"] == "failed", 10, "the bad broker to fail")
+    # the worker says it failed, then exits: the row ends failed, with no process
+    rows = pool.wait_rows(lambda rs: rs[1]["state"] == "failed" and rs[1]["pid"] is None, 10,
+                          "the bad broker to fail and its worker to be gone")
     assert "authentication refused" in rows[1]["error"]
-    assert rows[1]["pid"] is None and not rows[1]["available"]
+    assert not rows[1]["available"]
     # it stays failed: a SIGHUP (no change) retries it once, and it fails once more
     pool.signal(signal.SIGHUP)
     wait_for(lambda: pool.logs().count("not respawning") == 2, 10, "a second failure")
