@@ -79,6 +79,33 @@ def shared(name: str, start: Callable[[], T], stop: Callable[[T], None]) -> Iter
                 users.unlink()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def leftovers() -> Iterator[None]:
+    """Queues a test left on the default broker (a failed test, a queue declared
+    ``auto_delete`` but never consumed) are deleted when the last test run of this machine
+    ends: every idle queue named ``kzt-...``."""
+    with shared("leftovers", lambda: None, lambda _: _delete_idle_test_queues()):
+        yield
+
+
+def _delete_idle_test_queues() -> None:
+    import subprocess
+
+    import pika
+
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "consumers"],
+                            capture_output=True, text=True, timeout=60)
+    idle = [line.split("\t")[0] for line in listed.stdout.splitlines()[1:]
+            if line.startswith("kzt-") and line.rstrip().endswith("\t0")]
+    if not idle:
+        return
+    with pika.BlockingConnection(pika.URLParameters("amqp://guest:guest@127.0.0.1:5672/%2F")
+                                 ) as conn:
+        channel = conn.channel()
+        for name in idle:
+            channel.queue_delete(name)
+
+
 @pytest.fixture(scope="session")
 def extra_node() -> Iterator[Any]:
     """The extra node kzp1 on 5701, started once and stopped by the last xdist worker."""

@@ -89,7 +89,7 @@ def test_json_nested_5000_deep_is_a_protocol_error_on_every_socket(pool: Pool) -
         lease = client.lease("float")
         arguments = "[" * depth + "]" * depth
         lease._impl.send(json_frame('{"op": "call", "id": 1, "method": "queue_declare",'
-                                    ' "args": {"queue": "x", "arguments": {"a": '
+                                    ' "args": {"queue": "kzt-x", "arguments": {"a": '
                                     + arguments + "}}}"))
         assert dropped(lease)  # the worker drops that client
         lease.close()
@@ -116,7 +116,7 @@ def test_calls_pika_cannot_encode_fail_alone(pool: Pool) -> None:
         lease.basic_qos(prefetch_count=10)  # the same channel, still there
     lease = client.lease("float")
     lease._impl.send(json_frame(json.dumps({"op": "call", "id": 1, "method": "queue_declare",
-                                            "args": {"queue": "x",
+                                            "args": {"queue": "kzt-x",
                                                      "arguments": {"x-n": 1 << 70}}})))
     assert dropped(lease)
     lease.close()
