@@ -186,3 +186,31 @@ def test_a_client_that_sends_nothing_is_dropped_and_the_oldest_gives_way() -> No
                  "every idle client to be dropped at its deadline")
         for sock in idle:
             sock.close()
+
+
+def test_a_lease_that_left_nothing_on_its_channel_hands_it_to_the_next(
+        pools: Callable[..., Pool]) -> None:
+    """Plain leases released back to back reuse their channels (the counter says so); a
+    lease that put its channel in confirm mode, consumed and set QoS leaves it to no one:
+    every later lease can still choose transactions, which confirm mode would refuse."""
+    port = free_port()
+    pool = pools([DEFAULT_URI], metrics_port=port, prechannels=2).start()
+    pool.wait_ready()
+    client = kzpool.connect(pool.socket)
+    with client.lease("float") as used:
+        used.confirm_delivery()
+        used.basic_qos(prefetch_count=3)
+        queue = used.queue_declare("", exclusive=True).method.queue
+        used.basic_consume(queue, lambda *args: None)
+    for _ in range(20):
+        with client.lease("float") as lease:
+            lease.queue_declare(queue, passive=True)
+    conn = 'broker="amqp://guest:***@127.0.0.1:5672/%2F",connection="c1"'
+    reused = wait_for(lambda: scrape(port).get(f"kzpool_channels_reused_total{{{conn}}}"), 5,
+                      "a reused channel counted")
+    assert 1 <= reused <= 20
+    for _ in range(4):  # every channel the worker holds ready, and then some
+        with client.lease("float") as lease:
+            lease.tx_select()
+            lease.basic_publish("", queue, b"in a transaction")
+            lease.tx_commit()

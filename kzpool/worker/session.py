@@ -101,6 +101,7 @@ class Session:
         self.watching_cancels = False
         self.close_code, self.close_text = 0, "Normal shutdown"  # the client's, at close
         self.clean = True  # nothing of this lease stays on the channel: it may serve another
+        self.unanswered = 0  # calls sent to the broker, not answered yet
         self.counters = host.counters
         self.consumers: set[str] = set()  # tags of its consumers, while they consume
         self.number = channel.channel_number
@@ -203,8 +204,13 @@ class Session:
         self.connection.send_raw(amqp.settle(self.number, method, tag, multiple, requeue))
 
     def _request(self, request: Message) -> None:
-        if not isinstance(request, messages.Call) or request.method in CHANNEL_STATE:
-            self.clean = False  # consumers, deliveries, QoS or confirm mode live on the channel
+        match request:
+            case messages.Close() | messages.Bye():
+                pass  # ending leaves nothing on the channel
+            case messages.Call(method=method) if method not in CHANNEL_STATE:
+                pass
+            case _:  # consumers, deliveries, QoS, confirm or tx mode live on the channel
+                self.clean = False
         match request:
             case messages.Bye():
                 self.end(LeaseEvent.MOVED, "moved")
@@ -274,7 +280,10 @@ class Session:
         return consumed
 
     def _replier(self, rid: int) -> Callable[[Any], None]:
+        self.unanswered += 1
+
         def reply(frame: Any) -> None:
+            self.unanswered -= 1
             method = frame.method
             self.event(messages.Reply(rid, method.NAME, _fields(method)))
         return reply
@@ -354,7 +363,8 @@ class Session:
             return
         self.ended = how
         self.connection.remove_sink(self.number)
-        if self.channel.is_open and how is LeaseEvent.RELEASED and self.clean:
+        if self.channel.is_open and how is LeaseEvent.RELEASED and self.clean and \
+                not self.unanswered:
             self.host.recycle(self.channel)
         elif self.channel.is_open:
             self.channel.close(self.close_code, self.close_text)

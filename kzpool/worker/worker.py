@@ -3,7 +3,8 @@
 The master forks a worker per broker URI (times ``connections_per_broker``).  Everything the
 worker does runs in one pika ``IOLoop``: the AMQP connection (:mod:`.connection`, heartbeats
 included), the link to the master (:mod:`.uplink`), the worker's own lease socket
-(:mod:`.intake`), one :mod:`.session` per lease, and a signal pipe.  No callback blocks, so
+(:mod:`.intake`), its ready channels (:mod:`.prechannels`), one :mod:`.session` per lease,
+and a signal pipe.  No callback blocks, so
 heartbeats are answered even while clients are busy elsewhere.
 
 Hazards:
@@ -44,6 +45,7 @@ from .connection import BatchedConnection, parameters
 from .faults import classify, connection_lost
 from .intake import Intake, answer
 from .loop import GuardedLoop
+from .prechannels import Prechannels
 from .session import Session
 from .spec import WorkerSpec
 from .uplink import Uplink
@@ -65,13 +67,16 @@ class ConnectionWorker:
         self.error: str | None = None
         self.since = time.time()
         self.blocked = False
-        self.full = False  # the connection has channel_max channels
-        self.counters = dict.fromkeys(("publishes", "deliveries", "redeliveries", "acks"), 0)
+        self.counters = dict.fromkeys(("publishes", "deliveries", "redeliveries", "acks",
+                                      "channels_reused"), 0)
         self.blocked_since = 0.0
         self.blocked_seconds = 0.0
         self.primary = False
         self.connection: SelectConnection | None = None
-        self.prechannels: list[Any] = []
+        self.prechannels = Prechannels(spec.settings.prechannels, self.ioloop,
+                                       spec.broker.uri.masked, self._offer,
+                                       lambda: len(self.waiting), self._report_soon)
+        self.prechannels.on_open = self._on_channel_open
         self.sessions: dict[str, Session] = {}  # by lease id
         self.bound: dict[int, Session] = {}  # by channel number
         self.waiting: list[Waiting] = []  # clients waiting for a channel
@@ -84,7 +89,6 @@ class ConnectionWorker:
         cap = (settings.reconnect_backoff_max if spec.broker.local
                else settings.reconnect_backoff_max_remote)
         self.backoff = Backoff(settings.reconnect_backoff_min, cap)
-        self._opening = 0  # channels asked for, not yet open
 
     @property
     def default_prefetch(self) -> int:
@@ -153,7 +157,8 @@ class ConnectionWorker:
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
         self._set_state(ConnState.CONNECTED)
-        self.fill_prechannels()
+        self.prechannels.connection = connection
+        self.prechannels.fill()
 
     def _on_open_error(self, _connection: SelectConnection, exc: BaseException | str) -> None:
         self.connection = None
@@ -163,7 +168,6 @@ class ConnectionWorker:
         self.connection = None
         self.prechannels.clear()
         self.bound.clear()
-        self._opening = 0
         lost = messages.Lost(connection_lost(exc))
         for session in list(self.sessions.values()):
             session.event(lost)
@@ -212,57 +216,35 @@ class ConnectionWorker:
         for session in self.sessions.values():
             session.event(event)
 
-    # ----- prechannels ----------------------------------------------------------------------
-
-    def fill_prechannels(self) -> None:
-        """Open channels until ``prechannels`` are ready or opening."""
-        connection = self.connection
-        if connection is None or not connection.is_open:
-            return
-        wanted = self.spec.settings.prechannels + len(self.waiting)
-        for _ in range(wanted - len(self.prechannels) - self._opening):
-            try:
-                connection.channel(on_open_callback=self._on_channel_open)
-            except pika.exceptions.NoFreeChannels:  # channel_max: other connections serve
-                if not self.full:
-                    log.warning("%s: channel_max reached", self.spec.broker.uri.masked)
-                    self.full = True
-                    self.uplink.report_soon()
-                return
-            self._opening += 1
+    # ----- channels ------------------------------------------------------------------------
 
     def _on_channel_open(self, channel: Any) -> None:
         """Channel callbacks are set once, here, and find the lease bound at the time."""
-        self._opening -= 1
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
         channel.add_callback(self._on_get_empty, [amqp.Basic.GetEmpty], one_shot=False)
-        self._give(channel)
 
-    def _give(self, channel: Any) -> None:
-        """A ready channel: to the first client waiting for one, else to the prechannels."""
-        if self.waiting:
-            self._bind(self.waiting.pop(0), channel)
-        else:
-            self.prechannels.append(channel)
-        self.uplink.report_soon()
+    def _offer(self, channel: Any) -> bool:
+        """A ready channel: to the first client waiting for one (``False``: none waits)."""
+        if not self.waiting:
+            return False
+        self._bind(self.waiting.pop(0), channel)
+        return True
 
     def recycle(self, channel: Any) -> None:
-        """A released lease left nothing on its channel: it serves the next one as is."""
+        """A released lease left nothing on its channel (:meth:`Prechannels.hand_back`)."""
         self.bound.pop(channel.channel_number, None)
-        self._give(channel)
+        if self.prechannels.hand_back(channel):
+            self.counters["channels_reused"] += 1
 
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
-        if self.full:
-            self.full = False
-            self.uplink.report_soon()
         session = self.bound.pop(channel.channel_number, None)
+        self.prechannels.closed(channel)
         if session is not None:
             session.on_channel_closed(reason)
-        elif channel in self.prechannels:
-            self.prechannels.remove(channel)
-            self.fill_prechannels()
-            self.uplink.report_soon()
+
+    def _report_soon(self) -> None:
+        self.uplink.report_soon()
 
     def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         session = self.bound.get(channel.channel_number)
@@ -282,7 +264,8 @@ class ConnectionWorker:
         broker = self.spec.broker
         if request.lease is not None:
             return False
-        if self.state is not ConnState.CONNECTED or (self.full and not self.prechannels):
+        full = self.prechannels.full and not self.prechannels
+        if self.state is not ConnState.CONNECTED or full:
             return False  # the master knows which other connection has room
         if request.kind == "float":
             in_zone = broker.local if request.zone is None else request.zone == broker.zone
@@ -306,19 +289,20 @@ class ConnectionWorker:
             self._turn_away(lease, sock)
             return
         if self.state is not ConnState.CONNECTED or self.connection is None or (
-                self.full and not self.prechannels):
+                self.prechannels.full and not self.prechannels):
             self._turn_away(lease, sock)
             return
         if full(len(self.sessions) + len(self.waiting), self.spec.settings) is not None:
             self._turn_away(lease, sock, FULL)  # the master learns from the report
             return
         client = Waiting(lease, sock, request, pid, uid)
-        if self.prechannels:
-            self._bind(client, self.prechannels.pop(0))
+        channel = self.prechannels.take()
+        if channel is not None:
+            self._bind(client, channel)
         else:
             self.waiting.append(client)
             self.clients.hold(lease, pid, uid)
-        self.fill_prechannels()
+            self.prechannels.fill()
 
     def _turn_away(self, lease: str, sock: socket.socket, reason: Reason = NOT_CONNECTED) -> None:
         self.clients.drop(lease)
@@ -369,7 +353,7 @@ class ConnectionWorker:
             self.clients.drop(session.lease)
         log.debug("lease %s %s: %s", session.lease, how.value, why)
         self.uplink.news(LeaseNews(how, session.lease))
-        self.fill_prechannels()
+        self.prechannels.fill()
         self.uplink.report_soon()
 
     # ----- what the master says ---------------------------------------------------------------
@@ -398,7 +382,7 @@ class ConnectionWorker:
     def _report(self) -> messages.Report:
         return messages.Report(
             state=self.state.value, since=self.since, error=self.error, blocked=self.blocked,
-            full=self.full,
+            full=self.prechannels.full,
             counters={**self.counters, "blocked_seconds": round(self.blocked_seconds, 3)},
             prechannels=len(self.prechannels), channels=len(self.sessions))
 
