@@ -457,7 +457,9 @@ def test_a_lease_id_serves_only_the_process_that_got_it(pools: PoolMaker) -> Non
     victim = kzpool.connect(pool.socket).lease("float")
     victim.queue_declare(queue, auto_delete=True)
     victim.confirm_delivery()
-    row = next(r for r in pool.status()["assignments"] if r["lease"] == victim.id)
+    row = wait_for(lambda: next((r for r in pool.status()["assignments"]
+                                 if r["lease"] == victim.id and r["state"] == "assigned"), None),
+                   5, "the victim's row, assigned")
 
     def take_over() -> str:  # read from status, asked for at the master and at the worker
         request = messages.LeaseRequest(kind="float", lease=victim.id)

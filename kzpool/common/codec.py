@@ -27,19 +27,36 @@ MAX_DEPTH = 32  # objects and arrays inside an object field
 _INT64 = 1 << 63
 Check = Callable[[Any, str], Any]
 _LAYOUTS: dict[type, tuple[tuple[str, str, Check, bool], ...]] = {}
+_OUT_LAYOUTS: dict[type, tuple[tuple[str, str, bool], ...]] = {}
 
 
 def to_wire(obj: Any) -> dict[str, Any]:
     """A dataclass as a JSON object, its ``OP`` (if it has one) as ``op``."""
     out: dict[str, Any] = {"op": obj.OP} if getattr(obj, "OP", "") else {}
-    for name, wire_name, _check, _required in _layout(type(obj)):
+    for name, wire_name, nested in _out_layout(type(obj)):
         value = getattr(obj, name)
-        if isinstance(value, enum.Enum):
-            value = value.value
-        elif is_dataclass(value):
-            value = to_wire(value)
-        out[wire_name] = value
+        if not nested or value is None:
+            out[wire_name] = value
+        elif isinstance(value, enum.Enum):
+            out[wire_name] = value.value
+        else:
+            out[wire_name] = to_wire(value)
     return out
+
+
+def _out_layout(cls: type) -> tuple[tuple[str, str, bool], ...]:
+    """Each field's name, JSON key, and whether its type is an ``Enum`` or a dataclass
+    (optional or not): the only values :func:`to_wire` converts."""
+    layout = _OUT_LAYOUTS.get(cls)
+    if layout is None:
+        hints = typing.get_type_hints(cls)
+        layout = tuple(
+            (f.name, f.metadata.get("wire", f.name),
+             any(isinstance(t, type) and (issubclass(t, enum.Enum) or is_dataclass(t))
+                 for t in (hints[f.name], *typing.get_args(hints[f.name]))))
+            for f in fields(cls))
+        _OUT_LAYOUTS[cls] = layout
+    return layout
 
 
 def build(cls: type[T], obj: dict[str, Any], where: str) -> T:

@@ -64,6 +64,7 @@ class Pending:
         self.uid = uid
         self.reader = wire.FrameReader(wire.MAX_REQUEST, frozenset({wire.Kind.JSON}))
         self.deadline = time.monotonic() + REQUEST_TIMEOUT
+        self.watched = False  # its socket is on the loop (its request was not all there)
 
 
 class Intake:
@@ -117,12 +118,16 @@ class Intake:
             log.warning("turning a client away (pid %d): %s", pid, full)
             answer(sock, messages.Refused(full.code, str(full)))
             return
-        self.pending[sock.fileno()] = Pending(sock, pid, uid)
-        self.host.ioloop.add_handler(sock.fileno(), self._on_request, IOLoop.READ)
+        fd = sock.fileno()
+        client = self.pending[fd] = Pending(sock, pid, uid)
+        self._on_request(fd, 0)  # the request is usually there already
+        if self.pending.get(fd) is not client:
+            return
+        client.watched = True
+        self.host.ioloop.add_handler(fd, self._on_request, IOLoop.READ)
         if not self.sweeping:
             self.sweeping = True
             self.host.ioloop.call_later(SWEEP_INTERVAL, self._sweep)
-        self._on_request(sock.fileno(), 0)  # the request is usually there already
 
     def _on_request(self, fd: int, _events: int) -> None:
         client = self.pending.get(fd)
@@ -169,8 +174,8 @@ class Intake:
         return True
 
     def _forget(self, fd: int) -> None:
-        del self.pending[fd]
-        self.host.ioloop.remove_handler(fd)
+        if self.pending.pop(fd).watched:
+            self.host.ioloop.remove_handler(fd)
 
     def _sweep(self) -> None:
         now = time.monotonic()
