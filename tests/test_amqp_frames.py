@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pika import frame, spec
 
 from kzpool.common import props
+from kzpool.common.errors import ProtocolError
 from kzpool.worker import amqp
 
 PROPS = spec.BasicProperties(content_type="text/plain", delivery_mode=2, headers={"a": 1},
@@ -62,3 +65,38 @@ def test_truncated_frames_are_value_errors() -> None:
             amqp.deliver(method[7:7 + cut])
     with pytest.raises(ValueError):
         amqp.header(b"\x00\x3c")
+
+
+_short = st.text(max_size=40)
+_octet = st.integers(0, 255)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({}, optional={
+    "content_type": _short, "content_encoding": _short, "delivery_mode": _octet,
+    "priority": _octet, "correlation_id": _short, "reply_to": _short, "expiration": _short,
+    "message_id": _short, "timestamp": st.integers(0, 2**64 - 1), "type": _short,
+    "user_id": _short, "app_id": _short, "cluster_id": _short,
+    "headers": st.dictionaries(_short, st.one_of(_short, st.integers(-2**31, 2**31 - 1),
+                                                 st.booleans(), st.none()), max_size=4)}))
+def test_properties_decode_as_pikas_decoder_does(fields: dict[str, object]) -> None:
+    encoded = props.encode(spec.BasicProperties(**fields))
+    theirs = spec.BasicProperties()
+    if encoded:
+        theirs.decode(encoded)
+    assert props.decode(encoded) == theirs
+    assert repr(props.decode(encoded)) == repr(theirs)
+
+
+def test_a_short_string_that_is_not_utf8_stays_bytes_as_in_pika() -> None:
+    encoded = b"\x80\x00" + b"\x02\xff\xfe"  # content_type, two bytes that are not UTF-8
+    theirs = spec.BasicProperties()
+    theirs.decode(encoded)
+    assert props.decode(encoded) == theirs and theirs.content_type == b"\xff\xfe"
+
+
+@pytest.mark.parametrize("encoded", [b"\x80", b"\x80\x00\x05ab", b"\x20\x00\x00\x00\x00\x09",
+                                     b"\x00\x40"])
+def test_properties_that_do_not_parse_are_protocol_errors(encoded: bytes) -> None:
+    with pytest.raises(ProtocolError, match="bad message properties"):
+        props.decode(encoded)

@@ -255,10 +255,30 @@ def read_tag(payload: bytes) -> int:
 
 
 def read_deliver(payload: bytes) -> tuple[int, int, str, str, str, bytes, bytes]:
-    cursor = Cursor(payload)
-    tag, count = cursor.struct(_DELIVER)
-    return (tag, count, cursor.str8(), cursor.str8(), cursor.str8(), cursor.props(),
-            cursor.rest())
+    """A delivery's fields, read in one pass (every message a consumer gets comes here):
+    a field that runs past the end makes a later read fail, which is a ``ProtocolError``."""
+    try:
+        tag, count = _DELIVER.unpack_from(payload)
+        start = _DELIVER.size + 1
+        end = start + payload[start - 1]
+        consumer_tag = payload[start:end]
+        start = end + 1
+        end = start + payload[start - 1]
+        exchange = payload[start:end]
+        start = end + 1
+        end = start + payload[start - 1]
+        routing_key = payload[start:end]
+        (size,) = _U16.unpack_from(payload, end)
+        start = end + 2
+        end = start + size
+        if end > len(payload):
+            raise ProtocolError("truncated frame")
+        return (tag, count, consumer_tag.decode(), exchange.decode(), routing_key.decode(),
+                payload[start:end], payload[end:])
+    except (IndexError, struct.error) as exc:
+        raise ProtocolError("truncated frame") from exc
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("a string field is not UTF-8") from exc
 
 
 def read_publish(payload: bytes) -> tuple[str, str, bytes, bytes]:
