@@ -14,6 +14,7 @@ from ..common import tls
 from .fastpath import Inbound, Sink
 from .spec import WorkerSpec
 
+RECV_SIZE = 64 << 10  # bytes read from the broker at a time
 
 class BatchedConnection(SelectConnection):  # type: ignore[misc]
     """pika's ``SelectConnection``, sending what one loop pass produced in one write, and
@@ -50,6 +51,10 @@ class BatchedConnection(SelectConnection):  # type: ignore[misc]
         """Frames made by :mod:`.amqp`, sent as pika sends its own (counted, batched)."""
         self.bytes_sent += len(data)
         self._adapter_emit_data(data)
+
+    def _proto_connection_made(self, transport: Any) -> None:
+        transport._MAX_RECV_BYTES = RECV_SIZE  # pika's 4 KiB: a read per ten deliveries
+        super()._proto_connection_made(transport)
 
     def _on_data_available(self, data_in: bytes) -> None:
         if not self.is_open:  # the handshake, and the close: pika's own way
