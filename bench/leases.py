@@ -190,10 +190,60 @@ def kombu_connection(uri: str, confirm: bool = False) -> kombu.Connection:
     return connection
 
 
+class CpuMeter:
+    """CPU seconds spent by the broker, the pool's processes, this process and its reaped
+    children (a C client run with ``subprocess``) over each :func:`timed` call."""
+
+    def __init__(self, broker: psutil.Process | None,
+                 pool: Callable[[], list[psutil.Process]]) -> None:
+        self.broker, self.pool = broker, pool
+        self.last: dict[str, float] = {}
+        self._start: dict[str, float] = {}
+
+    @staticmethod
+    def _cpu(process: psutil.Process) -> float:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            return float(times.user + times.system)
+        return 0.0
+
+    def _read(self) -> dict[str, float]:
+        own = os.times()
+        return {"broker": self._cpu(self.broker) if self.broker else float("nan"),
+                "pool": sum(self._cpu(p) for p in self.pool()),
+                "client": own.user + own.system,
+                "child": own.children_user + own.children_system}
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def stop(self) -> None:
+        end = self._read()
+        self.last = {k: end[k] - self._start[k] for k in end}
+
+
+meter: CpuMeter | None = None  # set by a bench that reports CPU per message
+
+
+def broker_process(uri: str) -> psutil.Process | None:
+    """The local process listening on ``uri``'s port (the broker), if it can be seen."""
+    port = pika.URLParameters(uri).port
+    with contextlib.suppress(psutil.Error):
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+                return psutil.Process(conn.pid)
+    return None
+
+
 def timed(function: Callable[[], None]) -> float:
+    if meter is not None:
+        meter.start()
     start = time.perf_counter()
     function()
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    if meter is not None:
+        meter.stop()
+    return elapsed
 
 
 def percentile(values: list[float], fraction: float) -> float:

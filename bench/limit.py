@@ -50,20 +50,24 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
+import leases
 import pika
 from leases import (
     BODY,
     PREFETCH,
     URI,
     Bench,
+    CpuMeter,
     Pool,
     acquire_kzpool,
+    broker_process,
     confirm_pika,
     consume_kzpool,
     consume_pika,
     percentile,
     publish_kzpool,
     publish_pika,
+    timed,
 )
 
 import kzpool
@@ -145,7 +149,11 @@ class LimitBench(Bench):
         assert self.client is not None
         command = [str(self.client), *self.c_args, queue, str(len(BODY)), mode,
                    *map(str, numbers)]
+        if leases.meter is not None:
+            leases.meter.start()
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        if leases.meter is not None:
+            leases.meter.stop()
         if done.returncode != 0:
             raise RuntimeError(f"limit_client {mode} failed: {done.stderr.strip()}")
         result = json.loads(done.stdout)
@@ -199,9 +207,7 @@ def confirm_lease(bench: LimitBench, count: int) -> float:
             if failed:
                 raise RuntimeError(f"{len(failed)} pipelined publishes failed")
 
-        start = time.perf_counter()
-        run()
-        elapsed = time.perf_counter() - start
+        elapsed = timed(run)
         bench.check(queue, count, "kzpool confirm pipelined")
     return count / elapsed
 
@@ -363,6 +369,25 @@ def report_rates(args: argparse.Namespace, rates: dict[str, dict[str, list[float
         print(f"  {title.format(window=args.window):<36} {row}")
 
 
+def report_cpu(args: argparse.Namespace, cpu: dict[str, dict[str, list[dict[str, float]]]]
+               ) -> None:
+    """CPU per message of each process over the timed part of each case (medians)."""
+    print("\nCPU per message, µs (medians of the rounds; the broker, the pool's processes, the"
+          " client process; 2 cores = at most 2 s of CPU a second):")
+    print(f"  {'case':<34} {'who':<6} {'broker':>7} {'pool':>7} {'client':>7} {'total':>7}")
+    for name, (title, *_rest) in CASES.items():
+        for who in ("c", "lease", "pika"):
+            got = cpu[name][who]
+            if not got:
+                continue
+            each = {k: median([g[k] for g in got]) * 1e6 for k in got[0]}
+            client = each["client"] + each["child"]
+            total = each["broker"] + each["pool"] + client
+            pool = f"{each['pool']:7.1f}" if who == "lease" else f"{'-':>7}"
+            print(f"  {title.format(window=args.window):<34} {who:<6} {each['broker']:7.1f}"
+                  f" {pool} {client:7.1f} {total:7.1f}")
+
+
 def report_rpc(args: argparse.Namespace, rpc: dict[str, list[list[float]]]) -> None:
     print(f"\nRPC round trip: {args.requests:,} requests after {args.warm_up:,} warm-up, one"
           " outstanding, reply_to an exclusive server-named queue (median of the rounds)")
@@ -424,17 +449,22 @@ def main() -> None:
     bench = LimitBench(args, pool, client)
     rates: dict[str, dict[str, list[float]]] = {
         name: {"c": [], "lease": [], "pika": []} for name in CASES}
+    cpu: dict[str, dict[str, list[dict[str, float]]]] = {
+        name: {"c": [], "lease": [], "pika": []} for name in CASES}
+    leases.meter = meter = CpuMeter(broker_process(args.uri), pool.processes)
     rpc: dict[str, list[list[float]]] = {"lease": [], "pika": []}
     acquire: list[list[float]] = []
     try:
         for number in range(1, rounds + 1):
             print(f"# round {number} of {rounds}", file=sys.stderr, flush=True)
             for name, (_title, c_case, lease_case, pika_case, _label) in CASES.items():
-                if client is not None:
-                    rates[name]["c"].append(c_case(bench, n))
-                rates[name]["lease"].append(lease_case(bench, n))
                 pika_count = args.confirm_messages if name == "confirm" else n
-                rates[name]["pika"].append(pika_case(bench, pika_count))
+                for who, case, count in (("c", c_case, n), ("lease", lease_case, n),
+                                         ("pika", pika_case, pika_count)):
+                    if who == "c" and client is None:
+                        continue
+                    rates[name][who].append(case(bench, count))
+                    cpu[name][who].append({k: v / count for k, v in meter.last.items()})
             for kind in ("lease", "pika"):
                 rpc[kind].append(rpc_round(bench, kind, args.requests, args.warm_up))
             acquire.append(acquire_kzpool(bench, args.leases))
@@ -444,6 +474,7 @@ def main() -> None:
     print(f"# pika {pika.__version__}, kzpool {kzpool.__version__}, Python"
           f" {sys.version.split()[0]}" + (f", rabbitmq-c {bench.rabbitmq_c}" if client else ""))
     report_rates(args, rates, client is not None)
+    report_cpu(args, cpu)
     report_rpc(args, rpc)
     report_acquire(args, acquire)
 

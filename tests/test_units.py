@@ -203,3 +203,33 @@ def test_topic_patterns(pattern: str, key: str, matches: bool) -> None:
     from kzpool.consumer.listener import topic_matches
 
     assert topic_matches(pattern, key) is matches
+
+
+def test_a_confirm_is_a_future_to_every_caller() -> None:
+    """Its lock-free path keeps Future's behaviour: results, errors, callbacks, a second
+    resolution refused, and concurrent.futures.wait from another thread."""
+    import concurrent.futures
+    import threading
+    from collections.abc import Callable
+
+    from kzpool.client.confirms import Confirm
+
+    def reads(done: Callable[[], bool], _timeout: float | None) -> bool:
+        return done()
+    ok, failed, later = Confirm(reads, "L"), Confirm(reads, "L"), Confirm(reads, "L")
+    heard: list[concurrent.futures.Future[None]] = []
+    failed.add_done_callback(heard.append)
+    ok.set_result(None)
+    failed.set_exception(ValueError("nacked"))
+    assert isinstance(ok, concurrent.futures.Future)
+    assert ok.done() and ok.result() is None and ok.exception() is None
+    assert heard == [failed] and isinstance(failed.exception(), ValueError)
+    with pytest.raises(ValueError, match="nacked"):
+        failed.result()
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        ok.set_result(None)
+    with pytest.raises(kzpool.LeaseTimeout):
+        later.result(0)
+    threading.Timer(0.05, later.set_result, (None,)).start()
+    done, not_done = concurrent.futures.wait([ok, later], timeout=10)
+    assert done == {ok, later} and not not_done

@@ -10,8 +10,10 @@ Pure bookkeeping: the lease sends and reads.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,20 +23,47 @@ from pika.adapters.blocking_connection import ReturnedMessage
 from ..common.errors import LeaseTimeout, NackError, UnroutableError
 from ..common.wire import Flag
 
+_DONE = (FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED)
 Waiter = Callable[[Callable[[], bool], float | None], bool]  # wait(done, timeout) -> done?
 
 
+# One condition for every Confirm: a lease is one thread's, and making a Condition per
+# publish (what Future() does) cost more than the rest of a pipelined publish.  It is
+# reentrant, so concurrent.futures.wait() over several Confirms still takes it once each.
+_CONDITION = threading.Condition(threading.RLock())
+
+
 class Confirm(Future[None]):
-    """A pipelined publish confirm; ``result()`` reads the lease until it resolves."""
+    """A pipelined publish confirm; ``result()`` reads the lease until it resolves.
+
+    A ``concurrent.futures.Future`` whose common path (resolved with nobody waiting on it
+    from another thread, no done-callbacks) takes no lock."""
 
     def __init__(self, wait: Waiter, lease: str | None) -> None:
-        super().__init__()
+        # Future.__init__'s fields, with the shared condition
+        self._condition = _CONDITION
+        self._state = PENDING
+        self._result = None
+        self._exception = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
         self._wait_for = wait
         self._lease = lease
 
+    def done(self) -> bool:
+        return self._state in _DONE
+
+    def set_result(self, result: None) -> None:
+        if self._state != PENDING or self._waiters or self._done_callbacks:
+            super().set_result(result)
+        else:
+            self._result, self._state = result, FINISHED
+
     def result(self, timeout: float | None = None) -> None:
-        if not self.done() and not self._wait_for(self.done, timeout):
+        if self._state not in _DONE and not self._wait_for(self.done, timeout):
             raise LeaseTimeout(f"no confirm within {timeout} s", lease=self._lease)
+        if self._state == FINISHED and self._exception is None:
+            return self._result
         return super().result(0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
