@@ -4,11 +4,13 @@ per-message frames read and written without pika's objects (:mod:`.fastpath`,
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pika
 from pika import frame
 from pika.adapters.select_connection import SelectConnection
+from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
 
 from ..common import tls
 from .fastpath import Inbound, Sink
@@ -80,8 +82,19 @@ class BatchedConnection(SelectConnection):  # type: ignore[misc]
     def _flush_out(self) -> None:
         self._flush_due = False
         data, self._out = b"".join(self._out), []
-        if data and self._transport is not None:
-            super()._adapter_emit_data(data)
+        transport = self._transport
+        if not data or transport is None:
+            return
+        if type(transport) is _AsyncPlaintextTransport and not transport.get_write_buffer_size() \
+                and transport._state == transport._STATE_ACTIVE:
+            # pika's transport sends only when the loop next says the socket is writable: a
+            # wait, and two changes to the poller, on every hop of every message.  Send now;
+            # what does not fit (and any error) goes pika's way.
+            with contextlib.suppress(OSError):
+                data = data[transport._sock.send(data):]
+            if not data:
+                return
+        super()._adapter_emit_data(data)
 
 
 def parameters(spec: WorkerSpec) -> pika.ConnectionParameters:
