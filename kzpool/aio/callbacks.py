@@ -70,3 +70,33 @@ class CallbackCollection:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("callback failed", exc_info=task.exception())
+
+
+class Ending:
+    """How a channel or a connection ends, once: ``closed`` as soon as its close begins;
+    then its ``callbacks`` hear why, and the future :meth:`future` gave completes."""
+
+    def __init__(self, sender: Any) -> None:
+        self.callbacks = CallbackCollection(sender)
+        self.closed = False
+        self._future: asyncio.Future[bool] | None = None
+
+    def begin(self) -> bool:
+        """Mark it closed; ``False`` if it was already (nothing more to do)."""
+        if self.closed:
+            return False
+        self.closed = True
+        return True
+
+    def finish(self, exc: BaseException | None) -> None:
+        self.callbacks(exc)
+        if self._future is not None and not self._future.done():
+            self._future.set_result(True)
+
+    def future(self) -> asyncio.Future[bool]:
+        """Completes when it has closed (at once if it has)."""
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+            if self.closed:
+                self._future.set_result(True)
+        return self._future

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from ..client.move import MoveEvent
-from .callbacks import CallbackCollection
+from .callbacks import CallbackCollection, Ending
 from .client import AioPoolClient
 from .compat import ExchangeType
 from .core import ChannelCore
@@ -49,16 +49,15 @@ class Channel:
         self._kind, self._zone, self._broker = kind, zone, broker
         self._timeout, self._on_move = timeout, on_move
         self._core: ChannelCore | None = None
-        self._closed = False
-        self._done: asyncio.Future[bool] | None = None
-        self.close_callbacks = CallbackCollection(self)
+        self._ending = Ending(self)
+        self.close_callbacks = self._ending.callbacks
         self.default_exchange: Exchange
 
     # ----- life -----------------------------------------------------------------------------
 
     async def initialize(self, timeout: float | None = None) -> None:
         """Lease the channel (and turn confirms on); raises what kept it from the pool."""
-        if self._core is not None or self._closed:
+        if self._core is not None or self._ending.closed:
             raise RuntimeError("Already initialized")
         core = ChannelCore(self, self._pool, self.publisher_confirms, self.on_return_raises,
                            self._kind, self._zone, self._broker, self._timeout, self._on_move)
@@ -93,22 +92,15 @@ class Channel:
 
     async def close(self, exc: BaseException | None = None) -> None:
         """Give the lease back: its consumers are cancelled, unacked messages requeued."""
-        if self._closed:
+        if not self._ending.begin():
             return
-        self._closed = True
         if self._core is not None:
             await self._core.close()
-        self.close_callbacks(exc)
-        if self._done is not None and not self._done.done():
-            self._done.set_result(True)
+        self._ending.finish(exc)
 
     def closed(self) -> asyncio.Future[bool]:
         """A future that completes when the channel is closed."""
-        if self._done is None:
-            self._done = asyncio.get_running_loop().create_future()
-            if self._closed:
-                self._done.set_result(True)
-        return self._done
+        return self._ending.future()
 
     @property
     def is_initialized(self) -> bool:
@@ -116,7 +108,7 @@ class Channel:
 
     @property
     def is_closed(self) -> bool:
-        return self._closed or self._core is None or self._core.is_closed
+        return self._ending.closed or self._core is None or self._core.is_closed
 
     @property
     def number(self) -> int | None:

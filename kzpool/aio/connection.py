@@ -16,7 +16,7 @@ from typing import Any
 from ..client.move import MoveEvent
 from ..common.errors import LeaseRequestError
 from ..common.settings import BY_NAME
-from .callbacks import CallbackCollection
+from .callbacks import Ending
 from .channel import Channel
 from .client import AioPoolClient
 from .stream import AioBackend
@@ -25,10 +25,9 @@ from .stream import AioBackend
 class Connection:
     def __init__(self, client: AioPoolClient) -> None:
         self.client = client
-        self.close_callbacks = CallbackCollection(self)
+        self._ending = Ending(self)
+        self.close_callbacks = self._ending.callbacks
         self._channels: list[Channel] = []
-        self._closed = False
-        self._done: asyncio.Future[bool] | None = None
 
     @property
     def socket(self) -> str:
@@ -36,11 +35,11 @@ class Connection:
 
     @property
     def is_closed(self) -> bool:
-        return self._closed
+        return self._ending.closed
 
     @property
     def close_called(self) -> bool:
-        return self._closed
+        return self._ending.closed
 
     def __repr__(self) -> str:
         return f"<kzpool.aio.Connection {self.socket}>"
@@ -52,7 +51,7 @@ class Connection:
         """A channel to ``await`` (or ``async with``): a float lease by default, following
         the zone's primary; ``kind="sticky", broker=URI`` stays on that broker.  Calls wait
         up to ``timeout`` seconds for a channel across a move."""
-        if self._closed:
+        if self._ending.closed:
             raise RuntimeError("Connection was not opened")
         channel = Channel(self.client, channel_number, publisher_confirms, on_return_raises,
                           kind=kind, zone=zone, broker=broker, timeout=timeout, on_move=on_move)
@@ -62,22 +61,15 @@ class Connection:
 
     async def close(self, exc: BaseException | None = None) -> None:
         """Close every channel of this connection (idempotent)."""
-        if self._closed:
+        if not self._ending.begin():
             return
-        self._closed = True
         channels, self._channels = self._channels, []
         for channel in channels:
             await channel.close()
-        self.close_callbacks(exc)
-        if self._done is not None and not self._done.done():
-            self._done.set_result(True)
+        self._ending.finish(exc)
 
     def closed(self) -> asyncio.Future[bool]:
-        if self._done is None:
-            self._done = asyncio.get_running_loop().create_future()
-            if self._closed:
-                self._done.set_result(True)
-        return self._done
+        return self._ending.future()
 
     async def ready(self) -> None:
         """aio-pika's: the connection is up.  The pool's is, once ``connect`` returned."""

@@ -22,11 +22,11 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..client.asking import REPLY_GRACE, PoolWait, gave_up
+from ..client.asking import REPLY_GRACE, Next, PoolWait, answered
 from ..client.state import LeaseState
 from ..common import messages
 from ..common.backoff import Backoff
-from ..common.errors import LeaseTimeout, PoolNotRunning, refusal_error
+from ..common.errors import PoolNotRunning
 from ..common.messages import Reason, Reply
 from .bound import AioBound
 from .client import AioPoolClient
@@ -61,19 +61,12 @@ class AioRecovery:
             bound = await self.attach(sock)
             bound.write(messages.encode(state.request(deadline - loop.time())))
             refusal = await _wait_bound(bound, deadline)
-            if refusal is not None:
-                error = refusal_error(refusal.code, refusal.error)
-                bound.lose(gave_up(error))
-                raise error
-            if bound.has_channel:
-                state.tags.new_channel()
+            step = answered(bound, refusal, route, state, self.pool.routes,
+                            loop.time() > deadline)
+            if step is Next.BOUND:
                 return bound
-            if route is not None:  # that worker would not: ask the master, at once
-                self.pool.routes.pop(state.route_key, None)
-                continue
-            if loop.time() > deadline:
-                raise LeaseTimeout(f"no channel within {state.timeout} s", lease=state.id)
-            await asyncio.sleep(retry.next_delay())  # the worker had just lost its broker
+            if step is Next.RETRY:
+                await asyncio.sleep(retry.next_delay())
 
     async def replay(self, bound: AioBound, send_call: SendCall) -> bool:
         """Rebuild the topology on ``bound``'s new channel, then re-send unconfirmed

@@ -30,12 +30,10 @@ from ..common import messages
 from ..common.backoff import Backoff
 from ..common.errors import (
     LeaseClosed,
-    LeaseTimeout,
     PoolNotRunning,
-    refusal_error,
 )
 from ..common.messages import Reason
-from .asking import REPLY_GRACE, PoolWait, gave_up
+from .asking import REPLY_GRACE, Next, PoolWait, answered, gave_up
 from .backend import Pool
 from .bound import Bound
 from .state import LeaseState
@@ -104,19 +102,12 @@ class Recovery:
             if handed is None:
                 _ask(sock, state.request(deadline - time.monotonic()))
             refusal = self._wait_leased(bound, deadline)
-            if refusal is not None:
-                error = refusal_error(refusal.code, refusal.error)
-                bound.lose(gave_up(error))
-                raise error
-            if bound.has_channel:
-                state.tags.new_channel()
+            step = answered(bound, refusal, route, state, self.pool.routes,
+                            time.monotonic() > deadline)
+            if step is Next.BOUND:
                 return bound
-            if route is not None:  # that worker would not: ask the master, at once
-                self.pool.routes.pop(state.route_key, None)
-                continue
-            if time.monotonic() > deadline:
-                raise LeaseTimeout(f"no channel within {state.timeout} s", lease=state.id)
-            time.sleep(retry.next_delay())  # the worker had just lost its broker
+            if step is Next.RETRY:
+                time.sleep(retry.next_delay())
 
     def replay(self, bound: Bound, send_call: Send, renamed: dict[str, str]) -> bool:
         """Rebuild the topology on ``bound``'s new channel (``send_call``: one call on it),

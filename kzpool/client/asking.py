@@ -9,13 +9,61 @@ do the waiting.
 
 from __future__ import annotations
 
+import enum
+from typing import Protocol
+
+from ..common import messages
 from ..common.backoff import Backoff
-from ..common.errors import KzpoolError, PoolAccessDenied, PoolNotRunning
+from ..common.errors import (
+    KzpoolError,
+    LeaseTimeout,
+    PoolAccessDenied,
+    PoolNotRunning,
+    refusal_error,
+)
 from ..common.messages import Reason
 from .state import LeaseState
 
 REPLY_GRACE = 5.0  # the master answers a lease request within its timeout; allow this more
 POOL_RETRY = (0.005, 0.25)  # first and longest wait between two looks for a pool restarting
+
+
+class Asked(Protocol):
+    """A socket of either link, once its lease request was answered (or given up)."""
+
+    @property
+    def has_channel(self) -> bool: ...
+
+    def lose(self, reason: Reason) -> None: ...
+
+
+class Next(enum.Enum):
+    """What a lease does after one answer to its request."""
+
+    BOUND = "bound"  # it has its channel
+    MASTER = "master"  # the worker of its route would not: ask the master, at once
+    RETRY = "retry"  # no channel yet (the worker had just lost its broker): wait, ask again
+
+
+def answered(asked: Asked, refusal: messages.Refused | None, route: str | None,
+             state: LeaseState, routes: dict[tuple[str, str | None], str], late: bool
+             ) -> Next:
+    """What one answer to ``state``'s request on ``asked`` comes to (``route``: the worker
+    asked directly, if one was; ``late``: past the lease's deadline).  Raises the refusal's
+    error (giving the socket up), or :class:`LeaseTimeout`.  Both links' rule."""
+    if refusal is not None:
+        error = refusal_error(refusal.code, refusal.error)
+        asked.lose(gave_up(error))
+        raise error
+    if asked.has_channel:
+        state.tags.new_channel()
+        return Next.BOUND
+    if route is not None:
+        routes.pop(state.route_key, None)
+        return Next.MASTER
+    if late:
+        raise LeaseTimeout(f"no channel within {state.timeout} s", lease=state.id)
+    return Next.RETRY
 
 
 def gave_up(error: KzpoolError) -> Reason:
