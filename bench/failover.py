@@ -35,8 +35,6 @@ import pika
 from nodes import load_brokers
 
 import kzpool
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.helpers
 from kzpool.testing import drain
 
 ROOT = Path(__file__).resolve().parent.parent

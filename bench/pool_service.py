@@ -25,8 +25,8 @@ from typing import Any
 import pika
 import psutil
 
+from kzpool import PoolClient
 from kzpool.common.errors import KzpoolError
-from kzpool.master import control
 
 DEFAULT = "amqp://guest:guest@127.0.0.1:5672/%2F"
 SECOND = "amqp://guest:guest@127.0.0.1:5701/%2F"
@@ -68,7 +68,7 @@ class Run:
                                      stderr=subprocess.DEVNULL, start_new_session=True)
 
     def status(self) -> dict[str, Any]:
-        return control.call(self.socket, {"op": "status"}, timeout=2)
+        return PoolClient(self.socket).status()
 
     def full(self, exclude: int = 0) -> bool:
         rows = self.status()["connections"]

@@ -41,7 +41,7 @@ import pika
 import pika.exceptions
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tests.forwarder, tests.helpers; the handler is tests.handlers
+sys.path.insert(0, str(ROOT))  # the stuck handler is tests.handlers
 
 from kzpool.testing import (  # noqa: E402
     DEFAULT_URI,
