@@ -103,7 +103,7 @@ def test_tags_stay_unique_across_a_move_and_old_ones_are_dropped(fake: FakeBacke
         tag = await queue.consume(on_message)
         first = fake.workers[0]
         for n in (1, 2):
-            first.send(wire.deliver(n, 0, tag, "", "q", b"", b"old %d" % n, 0))
+            first.send(wire.deliver(n, 0, tag, wire.names("", "q"), b"", b"old %d" % n, 0))
         await until(lambda: len(got) == 2, "two deliveries")
         await got[0].ack()
         await until(lambda: received(first, Kind.SETTLE), "the first ack")
@@ -114,7 +114,8 @@ def test_tags_stay_unique_across_a_move_and_old_ones_are_dropped(fake: FakeBacke
         assert received(second, messages.LeaseRequest)[0].lease == "L1"  # resumed
         assert received(second, messages.Consume)[0].args["consumer_tag"] == tag  # same tag
         await until(lambda: moves, "the move reported")
-        second.send(wire.deliver(1, 0, tag, "", "q", b"", b"new 1", Flag.REDELIVERED))
+        second.send(wire.deliver(1, 0, tag, wire.names("", "q"), b"", b"new 1",
+                                 Flag.REDELIVERED))
         await until(lambda: len(got) == 3, "a delivery on the new channel")
         assert [m.delivery_tag for m in got] == [1, 2, 3]
         await got[1].ack()  # of the lost channel: dropped, never applied to "new 1"

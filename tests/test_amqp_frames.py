@@ -47,7 +47,7 @@ def test_settles_are_pikas() -> None:
 def test_deliveries_and_confirms_read_as_pika_wrote_them() -> None:
     method = frame.Method(5, spec.Basic.Deliver("ctag", 99, True, "ex", "rk")).marshal()
     assert amqp.method_id(method[7:-1]) == (amqp.BASIC, amqp.DELIVER)
-    assert amqp.deliver(method[7:-1]) == ("ctag", 99, True, "ex", "rk")
+    assert amqp.deliver(method[7:-1]) == ("ctag", 99, True, b"\x02ex\x02rk")
     header = frame.Header(5, 256, PROPS).marshal()
     assert amqp.header(header[7:-1]) == (256, props.encode(PROPS))
     assert amqp.header(frame.Header(5, 0, spec.BasicProperties()).marshal()[7:-1]) == (0, b"")

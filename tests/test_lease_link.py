@@ -49,7 +49,7 @@ def broker(item: Any, worker: FakeWorker) -> None:
 
 
 def deliver(worker: FakeWorker, tag: int, body: bytes) -> None:
-    worker.send(wire.deliver(tag, 0, "ctag-1", "", "q", b"", body, 0))
+    worker.send(wire.deliver(tag, 0, "ctag-1", wire.names("", "q"), b"", body, 0))
 
 
 def lose(worker: FakeWorker) -> None:

@@ -39,7 +39,8 @@ def test_public_api() -> None:
 def test_frames_round_trip_in_one_feed() -> None:
     data = (protocol.document({"op": "x", "n": 1})
             + protocol.publish("ex", "rk", b"\x00\x01", b"body", mandatory=True)
-            + protocol.deliver(7, 3, "ctag", "ex", "rk", b"", b"payload", Flag.REDELIVERED)
+            + protocol.deliver(7, 3, "ctag", protocol.names("ex", "rk"), b"", b"payload",
+                               Flag.REDELIVERED)
             + protocol.tagged(protocol.Kind.CONFIRM, 9, Flag.MULTIPLE))
     reader = protocol.FrameReader()
     frames = []

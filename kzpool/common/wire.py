@@ -231,11 +231,17 @@ def publish(exchange: str, routing_key: str, properties: bytes, body: bytes,
     return frame(Kind.PUBLISH, payload, Flag.MANDATORY if mandatory else 0)
 
 
-def deliver(tag: int, count: int, consumer_tag: str, exchange: str, routing_key: str,
-            properties: bytes, body: bytes, flags: int) -> bytes:
-    payload = b"".join((_DELIVER.pack(tag, count), str8(consumer_tag), str8(exchange),
-                        str8(routing_key), props(properties), body))
+def deliver(tag: int, count: int, consumer_tag: str, names: bytes, properties: bytes,
+            body: bytes, flags: int) -> bytes:
+    """A DELIVER frame; ``names``: the exchange and routing key, two ``str8``
+    (:func:`names`, or a Basic.Deliver's own bytes)."""
+    payload = b"".join((_DELIVER.pack(tag, count), str8(consumer_tag), names,
+                        props(properties), body))
     return frame(Kind.DELIVER, payload, flags)
+
+
+def names(exchange: str, routing_key: str) -> bytes:
+    return str8(exchange) + str8(routing_key)
 
 
 def returned(code: int, text: str, exchange: str, routing_key: str, properties: bytes,

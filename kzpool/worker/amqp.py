@@ -105,13 +105,19 @@ class _Reader:
         return int(tag), int(bits)
 
 
-def deliver(payload: bytes) -> tuple[str, int, bool, str, str]:
-    """Basic.Deliver's (consumer tag, delivery tag, redelivered, exchange, routing key)."""
+def deliver(payload: bytes) -> tuple[str, int, bool, bytes]:
+    """Basic.Deliver's (consumer tag, delivery tag, redelivered, names): ``names`` is its
+    exchange and routing key as they are on the wire, two short strings, which kzpool's
+    DELIVER frame carries as they are."""
     try:
-        reader = _Reader(payload, 4)
-        consumer_tag = reader.shortstr()
-        tag, bits = reader.tag_and_bits()
-        return consumer_tag, tag, bool(bits & 1), reader.shortstr(), reader.shortstr()
+        end = 5 + payload[4]
+        consumer_tag = payload[5:end].decode()
+        tag, bits = _TAG_BITS.unpack_from(payload, end)
+        names = payload[end + 9:]
+        routing_key = 1 + names[0]
+        if routing_key + 1 + names[routing_key] != len(names):
+            raise ValueError("its exchange and routing key do not fill the frame")
+        return consumer_tag, int(tag), bool(bits & 1), names
     except (IndexError, struct.error, UnicodeDecodeError) as exc:
         raise ValueError(f"bad Basic.Deliver: {exc}") from None
 

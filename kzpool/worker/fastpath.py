@@ -13,7 +13,6 @@ Runs in the worker's loop; a frame that breaks AMQP is pika's ``InvalidFrameErro
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from pika.exceptions import InvalidFrameError
@@ -29,22 +28,25 @@ class Sink(Protocol):
 
     def claims(self, consumer_tag: str) -> bool: ...
 
-    def deliver(self, consumer_tag: str, tag: int, redelivered: bool, exchange: str,
-                routing_key: str, properties: bytes, body: bytes) -> None: ...
+    def deliver(self, consumer_tag: str, tag: int, redelivered: bool, names: bytes,
+                properties: bytes, body: bytes) -> None:
+        """``names``: the exchange and routing key as two short strings."""
 
     def confirm(self, tag: int, multiple: bool, nack: bool) -> None: ...
 
 
-@dataclass
 class _Content:
     """A message whose method frame came, its header and body still coming."""
 
-    sink: Sink | None  # None: pika's, frames handed on as they come
-    method: tuple[str, int, bool, str, str] = ("", 0, False, "", "")
-    size: int = -1  # from the header; -1 until it came
-    properties: bytes = b""
-    chunks: list[bytes] = field(default_factory=list)
-    got: int = 0
+    __slots__ = ("chunks", "got", "method", "properties", "sink", "size")
+
+    def __init__(self, sink: Sink | None, method: tuple[str, int, bool, bytes]) -> None:
+        self.sink = sink  # None: pika's, frames handed on as they come
+        self.method = method
+        self.size = -1  # from the header; -1 until it came
+        self.properties = b""
+        self.chunks: list[bytes] = []
+        self.got = 0
 
 
 class Inbound:

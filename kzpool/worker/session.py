@@ -293,21 +293,22 @@ class Session:
     def _on_message(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
         """A delivery pika read (one the fast path did not claim)."""
         self.deliver(method.consumer_tag, method.delivery_tag, method.redelivered,
-                     method.exchange, method.routing_key, props.encode(properties), body)
+                     wire.names(method.exchange, method.routing_key), props.encode(properties),
+                     body)
 
     # the fast path's sink (kzpool.worker.fastpath): deliveries and confirms as bytes
 
     def claims(self, consumer_tag: str) -> bool:
         return consumer_tag in self.consumers
 
-    def deliver(self, consumer_tag: str, tag: int, redelivered: bool, exchange: str,
-                routing_key: str, properties: bytes, body: bytes) -> None:
+    def deliver(self, consumer_tag: str, tag: int, redelivered: bool, names: bytes,
+                properties: bytes, body: bytes) -> None:
         if self.ended is not None:
             return
         self.counters["deliveries"] += 1
         if redelivered:
             self.counters["redeliveries"] += 1
-        self.send(wire.deliver(tag, 0, consumer_tag, exchange, routing_key, properties, body,
+        self.send(wire.deliver(tag, 0, consumer_tag, names, properties, body,
                                Flag.REDELIVERED if redelivered else 0))
 
     def confirm(self, tag: int, multiple: bool, nack: bool) -> None:
@@ -322,7 +323,7 @@ class Session:
         rid = self.gets.popleft() if self.gets else 0
         flags = Flag.GET | (Flag.REDELIVERED if method.redelivered else 0)
         self.send(wire.deliver(method.delivery_tag, method.message_count, "",
-                               method.exchange, method.routing_key,
+                               wire.names(method.exchange, method.routing_key),
                                props.encode(properties), body, flags))
         self.event(messages.Reply(rid, "Basic.GetOk"))
 
