@@ -15,7 +15,7 @@ from kzpool.common.uri import BrokerURI
 from kzpool.common.wire import Flag
 from kzpool.master.assign import Assignment, LeaseKind, RowState, choose_slot, to_move, zone_primary
 from kzpool.master.life import Life
-from kzpool.master.slots import Slot, startup_settled
+from kzpool.master.slots import Slot, startup_hopeless, startup_settled
 from kzpool.worker.spec import WorkerSpec
 
 
@@ -156,6 +156,14 @@ def test_startup_waits_for_earlier_brokers_to_be_tried() -> None:
     assert not startup_settled([first, second])  # the primary must be the first if it comes
     first.tried, first.state = True, ConnState.WAITING
     assert startup_settled([first, second])
+
+
+def test_startup_gives_up_at_once_when_every_local_broker_failed_for_good() -> None:
+    first, second = slot(0, ConnState.FAILED), slot(1, ConnState.WAITING)
+    assert not startup_hopeless([first, second])  # the second may still come
+    second.state = ConnState.FAILED
+    assert startup_hopeless([first, second]) and not startup_settled([first, second])
+    assert not startup_hopeless([])
 
 
 def test_choose_slot_spreads_and_skips_unavailable() -> None:

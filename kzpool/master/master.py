@@ -11,7 +11,8 @@ The parts, each its own object: :class:`~.workers.WorkerSet` (the connection wor
 :class:`~.registry.Registry` (the shared tables), and the :class:`~.ladder.Ladder` of a stop.
 
 Start-up blocks until the local zone's primary broker is connected (see
-:func:`kzpool.master.slots.startup_settled`) or ``startup_timeout`` passes.
+:func:`kzpool.master.slots.startup_settled`) or ``startup_timeout`` passes, or every local
+broker failed for a reason a retry will not fix.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from .life import exit_reason
 from .notify import Notifier
 from .registry import Registry, Row
 from .signals import SignalQueue, child_defaults
-from .slots import Slot, broker_key, startup_settled
+from .slots import Slot, broker_key, startup_hopeless, startup_settled
 from .system import OsSystem, System
 from .workers import WorkerEvents, WorkerSet
 
@@ -164,11 +165,12 @@ class Master:
                      self._masked(primary))
             self.consumers.start()
             self.notifier.ready(self.summary())
-        elif now >= self.deadline:
+        elif now >= self.deadline or startup_hopeless(self.workers.slots.values()):
             tried = "; ".join(f"{s.spec.broker.uri.masked}: {s.error or s.state.value}"
                               for s in self.workers.slots.values() if s.spec.broker.local)
-            error = StartupError(f"no local primary broker after {self.settings.startup_timeout:g}"
-                                 f" s ({tried})")
+            why = (f" after {self.settings.startup_timeout:g} s" if now >= self.deadline
+                   else ": every local broker failed for good")
+            error = StartupError(f"no local primary broker{why} ({tried})")
             log.error("%s", error)
             self.exit_code = exitcodes.STARTUP
             self.stop(graceful=True)

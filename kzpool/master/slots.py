@@ -128,6 +128,13 @@ def startup_settled(slots: Iterable[Slot]) -> bool:
     return False
 
 
+def startup_hopeless(slots: Iterable[Slot]) -> bool:
+    """No local broker can come up without a change of config: each failed for good
+    (credentials, vhost, TLS), so waiting for ``startup_timeout`` would change nothing."""
+    local = [s for s in slots if s.spec.broker.local]
+    return bool(local) and all(s.state.final for s in local)
+
+
 @dataclass
 class ConsumerSlot:
     """One process of a ``[consumer:NAME]`` section."""
