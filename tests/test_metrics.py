@@ -214,3 +214,4 @@ def test_a_lease_that_left_nothing_on_its_channel_hands_it_to_the_next(
             lease.tx_select()
             lease.basic_publish("", queue, b"in a transaction")
             lease.tx_commit()
+

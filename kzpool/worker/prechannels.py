@@ -42,6 +42,7 @@ class Prechannels:
         self.connection: Any = None  # the open connection channels come from
         self.on_open: Callable[[Any], None] = lambda channel: None  # sets its callbacks
         self._due = False  # a fill is on the loop's timers
+        self.reused = 0  # channels handed back and given out again
 
     def __len__(self) -> int:
         return len(self.ready)
@@ -63,8 +64,10 @@ class Prechannels:
             self.opening += 1
 
     def take(self) -> Any | None:
-        """A ready channel (``None``: none is); its replacement is on its way."""
-        channel = self.ready.pop(0) if self.ready else None
+        """A ready channel, its replacement on its way (``None``: none is ready)."""
+        if not self.ready:
+            return None
+        channel = self.ready.pop(0)
         if len(self.ready) * 2 < self.target:
             self.fill()
         elif not self._due:
@@ -73,14 +76,24 @@ class Prechannels:
 
         return channel
 
-    def hand_back(self, channel: Any) -> bool:
+    def hand_back(self, channel: Any, settled_first: bool) -> None:
         """A released lease left nothing on ``channel``: it serves the next one as is, if a
-        client waits or the ready ones are short of it (``True``); else it is closed."""
-        if self.waiting() or len(self.ready) + self.opening < self.target:
+        client waits or the ready ones are short of it; else it is closed.
+
+        ``settled_first``: the lease published or settled, which the broker may still answer
+        by closing the channel (a missing exchange, an unknown delivery tag).  A round trip
+        first settles that (``basic.qos`` 0, a fresh channel's own prefetch): the channel
+        is handed back on its answer; if the broker closes it instead, no lease gets it."""
+        if settled_first:
+            channel.basic_qos(prefetch_count=0,
+                              callback=lambda _frame: self.hand_back(channel, False))
+        elif not channel.is_open:
+            return
+        elif self.waiting() or len(self.ready) + self.opening < self.target:
+            self.reused += 1
             self._give(channel)
-            return True
-        channel.close()
-        return False
+        else:
+            channel.close()
 
     def closed(self, channel: Any) -> bool:
         """A channel of the connection closed: ``True`` if it was a ready one (replaced)."""

@@ -75,7 +75,7 @@ class SessionHost(Protocol):
     @property
     def default_prefetch(self) -> int: ...
 
-    def recycle(self, channel: Any) -> None: ...
+    def recycle(self, channel: Any, settled_first: bool) -> None: ...
 
     def session_ended(self, session: Session, how: LeaseEvent, why: str) -> None: ...
 
@@ -102,6 +102,7 @@ class Session:
         self.close_code, self.close_text = 0, "Normal shutdown"  # the client's, at close
         self.clean = True  # nothing of this lease stays on the channel: it may serve another
         self.unanswered = 0  # calls sent to the broker, not answered yet
+        self.unsure = False  # published or settled: the broker may still close the channel
         self.counters = host.counters
         self.consumers: set[str] = set()  # tags of its consumers, while they consume
         self.number = channel.channel_number
@@ -182,6 +183,7 @@ class Session:
         mandatory = bool(flags & Flag.MANDATORY)
         if mandatory:
             self.clean = False  # a return may still come back on this channel
+        self.unsure = True  # a missing exchange closes the channel, later
         self.counters["publishes"] += 1
         if not self.channel.is_open:
             self.event(messages.Error(CHANNEL_CLOSED))
@@ -193,6 +195,7 @@ class Session:
         if not self.channel.is_open:
             self.event(messages.Error(CHANNEL_CLOSED))
             return
+        self.unsure = True  # an unknown tag closes the channel, later
         multiple, requeue = bool(flags & Flag.MULTIPLE), bool(flags & Flag.REQUEUE)
         if flags & Flag.SETTLE_REJECT:
             method = amqp.REJECT
@@ -366,7 +369,7 @@ class Session:
         self.connection.remove_sink(self.number)
         if self.channel.is_open and how is LeaseEvent.RELEASED and self.clean and \
                 not self.unanswered:
-            self.host.recycle(self.channel)
+            self.host.recycle(self.channel, settled_first=self.unsure)
         elif self.channel.is_open:
             self.channel.close(self.close_code, self.close_text)
         self.flush()

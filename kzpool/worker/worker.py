@@ -67,8 +67,7 @@ class ConnectionWorker:
         self.error: str | None = None
         self.since = time.time()
         self.blocked = False
-        self.counters = dict.fromkeys(("publishes", "deliveries", "redeliveries", "acks",
-                                      "channels_reused"), 0)
+        self.counters = dict.fromkeys(("publishes", "deliveries", "redeliveries", "acks"), 0)
         self.blocked_since = 0.0
         self.blocked_seconds = 0.0
         self.primary = False
@@ -231,11 +230,10 @@ class ConnectionWorker:
         self._bind(self.waiting.pop(0), channel)
         return True
 
-    def recycle(self, channel: Any) -> None:
+    def recycle(self, channel: Any, settled_first: bool) -> None:
         """A released lease left nothing on its channel (:meth:`Prechannels.hand_back`)."""
         self.bound.pop(channel.channel_number, None)
-        if self.prechannels.hand_back(channel):
-            self.counters["channels_reused"] += 1
+        self.prechannels.hand_back(channel, settled_first)
 
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
         session = self.bound.pop(channel.channel_number, None)
@@ -383,7 +381,8 @@ class ConnectionWorker:
         return messages.Report(
             state=self.state.value, since=self.since, error=self.error, blocked=self.blocked,
             full=self.prechannels.full,
-            counters={**self.counters, "blocked_seconds": round(self.blocked_seconds, 3)},
+            counters={**self.counters, "channels_reused": self.prechannels.reused,
+                      "blocked_seconds": round(self.blocked_seconds, 3)},
             prechannels=len(self.prechannels), channels=len(self.sessions))
 
 
