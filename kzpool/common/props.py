@@ -29,8 +29,9 @@ _FIELDS = (("content_type", "s"), ("content_encoding", "s"), ("headers", "t"),
            ("delivery_mode", "o"), ("priority", "o"), ("correlation_id", "s"),
            ("reply_to", "s"), ("expiration", "s"), ("message_id", "s"), ("timestamp", "q"),
            ("type", "s"), ("user_id", "s"), ("app_id", "s"), ("cluster_id", "s"))
-_BITS = tuple((name, kind, 1 << (15 - i)) for i, (name, kind) in enumerate(_FIELDS))
-_KNOWN = sum(bit for _name, _kind, bit in _BITS)
+# (name, kind, flag bit): "s" short string, "t" table, "o" octet, "q" 64-bit timestamp
+BITS = tuple((name, kind, 1 << (15 - i)) for i, (name, kind) in enumerate(_FIELDS))
+KNOWN_FLAGS = sum(bit for _name, _kind, bit in BITS)
 _EMPTY = dict.fromkeys(name for name, _kind in _FIELDS)
 
 
@@ -50,11 +51,11 @@ def decode(data: bytes) -> spec.BasicProperties:
         return properties
     try:
         (flags,) = _U16.unpack_from(data)
-        if flags & ~_KNOWN:  # a continuation flag word: pika's decoder knows them
+        if flags & ~KNOWN_FLAGS:  # a continuation flag word: pika's decoder knows them
             properties.decode(data)
             return properties
         pos = 2
-        for name, kind, bit in _BITS:
+        for name, kind, bit in BITS:
             if not flags & bit:
                 continue
             if kind == "s":

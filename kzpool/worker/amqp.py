@@ -23,6 +23,8 @@ import struct
 
 from pika import data as amqp_data
 
+from ..common import props
+
 FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT = 1, 2, 3, 8
 FRAME_END = b"\xce"
 FRAME_HEAD = struct.Struct(">BHI")
@@ -140,11 +142,6 @@ def header(payload: bytes) -> tuple[int, bytes]:
     return int(size), b"" if properties == NO_PROPERTIES else properties
 
 
-# the basic class's properties, in flag order: what each field is on the wire
-_FIELDS = (("s", 15), ("s", 14), ("t", 13), ("o", 12), ("o", 11), ("s", 10), ("s", 9),
-           ("s", 8), ("s", 7), ("q", 6), ("s", 5), ("s", 4), ("s", 3), ("s", 2))
-_KNOWN_FLAGS = sum(1 << bit for _kind, bit in _FIELDS)
-
 
 def check_properties(properties: bytes) -> None:
     """Raise :class:`ValueError` unless ``properties`` are a well-formed property section of
@@ -156,12 +153,12 @@ def check_properties(properties: bytes) -> None:
     if len(properties) < 2:
         raise ValueError("bad message properties: no flags")
     (flags,) = struct.unpack_from(">H", properties)
-    if flags & ~_KNOWN_FLAGS & 0xFFFF:
+    if flags & ~props.KNOWN_FLAGS & 0xFFFF:
         raise ValueError(f"bad message properties: unknown flags {flags:#06x}")
     pos = 2
     try:
-        for kind, bit in _FIELDS:
-            if flags & (1 << bit):
+        for _name, kind, bit in props.BITS:
+            if flags & bit:
                 pos = _skip(properties, pos, kind)
     except (IndexError, struct.error) as exc:
         raise ValueError(f"bad message properties: {exc}") from None
