@@ -9,9 +9,10 @@ the first 200 (forked, imported, consuming).  With C cores the best possible thr
 is C x 1,000 msg/s; the run reports the share reached.  Side by side, the same number of
 plain pika processes (BlockingConnection, same prefetch, same handler, ack per message) run
 the same load: their share is what this machine allows once the broker has taken its part,
-and the broker's CPU per message (every beam.smp process) is measured in both runs.  The
-pool's CPU (master, registry, connection workers: everything but the consumers) per message
-is compared with the CPU a plain pika consumer with an empty callback spends per message.
+and the broker's CPU per message (the process listening on its port) is measured in both
+runs.  The pool's CPU (master, registry, connection workers: everything but the consumers)
+per message is compared with the CPU a plain pika consumer with an empty callback spends
+per message.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import pika
 import psutil
+from leases import broker_process
 
 import kzpool
 
@@ -88,7 +90,8 @@ def pool_run(count: int, processes: int) -> tuple[float, float, float]:
 
 
 def broker_pids() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
+    broker = broker_process(URI)
+    return [broker.pid] if broker is not None else []
 
 
 def pika_procs_run(count: int, processes: int) -> tuple[float, float]:
