@@ -100,3 +100,22 @@ def test_a_short_string_that_is_not_utf8_stays_bytes_as_in_pika() -> None:
 def test_properties_that_do_not_parse_are_protocol_errors(encoded: bytes) -> None:
     with pytest.raises(ProtocolError, match="bad message properties"):
         props.decode(encoded)
+
+
+@pytest.mark.parametrize("properties", [PROPS, spec.BasicProperties(timestamp=1, priority=3,
+                                                                    cluster_id="c")])
+def test_a_publishs_properties_as_pika_encodes_them_pass_the_check(
+        properties: spec.BasicProperties) -> None:
+    amqp.check_properties(props.encode(properties))
+
+
+@pytest.mark.parametrize(("encoded", "fault"), [
+    (b"\x00\x01", "unknown flags"),  # a continuation flag word
+    (b"\x80\x00\x05ab", "bad message properties"),  # content_type runs past the end
+    (props.encode(PROPS) + b"x", "length does not match"),  # a byte left over
+    (b"\x20\x00\x00\x00\x00\x03\x01a", "bad message headers"),  # a table that does not parse
+])
+def test_a_publishs_properties_that_would_close_the_connection_are_refused(
+        encoded: bytes, fault: str) -> None:
+    with pytest.raises(ValueError, match=fault):
+        amqp.check_properties(encoded)
