@@ -142,10 +142,6 @@ class ConsumerSet:
             if slot.life.process is not None:
                 slot.rss = proc.rss_and_cpu(slot.life.process)[0]
 
-    def signal_all(self, sig: int) -> None:
-        for pid in self.pids():
-            self._kill(pid, sig)
-
     def _kill(self, pid: int, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             self.system.kill(pid, sig)

@@ -86,27 +86,6 @@ def method_id(payload: bytes) -> tuple[int, int]:
     return _METHOD_ID.unpack_from(payload)
 
 
-class _Reader:
-    __slots__ = ("data", "pos")
-
-    def __init__(self, data: bytes, pos: int) -> None:
-        self.data, self.pos = data, pos
-
-    def shortstr(self) -> str:
-        size = self.data[self.pos]
-        end = self.pos + 1 + size
-        if end > len(self.data):
-            raise ValueError("truncated short string")
-        text = self.data[self.pos + 1:end].decode()
-        self.pos = end
-        return text
-
-    def tag_and_bits(self) -> tuple[int, int]:
-        tag, bits = _TAG_BITS.unpack_from(self.data, self.pos)
-        self.pos += 9
-        return int(tag), int(bits)
-
-
 def deliver(payload: bytes) -> tuple[str, int, bool, bytes]:
     """Basic.Deliver's (consumer tag, delivery tag, redelivered, names): ``names`` is its
     exchange and routing key as they are on the wire, two short strings, which kzpool's
@@ -178,7 +157,3 @@ def _skip(properties: bytes, pos: int, kind: str) -> int:
     except Exception as exc:  # pika raises assorted errors on a bad table
         raise ValueError(f"bad message headers: {exc}") from None
     return int(end)
-
-
-def tag_of(payload: bytes) -> int:
-    return int(_U64.unpack_from(payload, 4)[0])
