@@ -1,4 +1,5 @@
-"""Handlers for the in-service consumer tests: they leave a trace the test can read."""
+"""Handlers for the in-service consumer tests (they leave a trace the test can read), and
+the CPU-heavy work of the heartbeat tests."""
 
 from __future__ import annotations
 
@@ -6,6 +7,17 @@ import os
 import time
 
 from kzpool.consumer.listener import Listener, Message
+
+HEARTBEAT = 2
+CPU_SECONDS = 4 * HEARTBEAT  # the broker drops a peer silent for two heartbeat intervals
+
+
+def burn(seconds: float) -> None:
+    """Hold the GIL (and an event loop): nothing else of this process runs meanwhile."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
 
 
 def _trace(line: str) -> None:

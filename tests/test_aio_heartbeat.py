@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable
@@ -22,17 +21,7 @@ import pika
 
 import kzpool.aio
 from kzpool.testing import DEFAULT_URI, Pool, queue_counts, wait_for
-
-HEARTBEAT = 2
-CPU_SECONDS = 4 * HEARTBEAT  # the broker drops a peer silent for two heartbeat intervals
-
-
-def burn(seconds: float) -> None:
-    """Hold the event loop (and the GIL): nothing else of this process runs meanwhile."""
-    end = time.monotonic() + seconds
-    n = 0
-    while time.monotonic() < end:
-        n += 1
+from tests.handlers import CPU_SECONDS, HEARTBEAT, burn
 
 
 async def consume_one(connection: aio_pika.abc.AbstractConnection, queue_name: str) -> None:

@@ -7,7 +7,6 @@ channel, once on a lease.  Only how it gets its channel differs.
 from __future__ import annotations
 
 import multiprocessing
-import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -18,17 +17,7 @@ import pika
 
 import kzpool
 from kzpool.testing import DEFAULT_URI, Pool
-
-HEARTBEAT = 2
-CPU_SECONDS = 4 * HEARTBEAT  # the broker drops a peer silent for two heartbeat intervals
-
-
-def burn(seconds: float) -> None:
-    """Hold the GIL: no other thread of this process runs meanwhile."""
-    end = time.monotonic() + seconds
-    n = 0
-    while time.monotonic() < end:
-        n += 1
+from tests.handlers import CPU_SECONDS, HEARTBEAT, burn
 
 
 def consume_one(channel: Any, queue: str) -> None:
