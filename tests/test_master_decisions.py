@@ -136,8 +136,7 @@ def test_consumers_that_cannot_load_fail_and_recycled_ones_come_back_at_once(
     system = FakeSystem()
     asked: list[tuple[LeaseRequest, int]] = []
     consumers = ConsumerSet(cfg.consumers, cfg.settings, system,
-                            lambda sock, req, pid: (asked.append((req, pid)), sock.close()),
-                            lambda: None)
+                            lambda sock, req, pid: (asked.append((req, pid)), sock.close()))
     consumers.start()
     first, second = consumers.slots
     assert [pid for _req, pid in asked] == [first.pid, second.pid]
@@ -214,8 +213,7 @@ def test_sighup_diff_of_consumer_sections() -> None:
     new = loads(BROKERS + "[pool]\nzone = east\n[consumer:a]\nhandler = m:f\n[consumer:b]\n"
                 "handler = m:g\n[consumer:c]\nhandler = m:f\nfederate = true\nexchange = x\n"
                 "bindings = k\n", environ={})
-    slots = ConsumerSet(old.consumers, old.settings, FakeSystem(), lambda *_: None,
-                        lambda: None).slots
+    slots = ConsumerSet(old.consumers, old.settings, FakeSystem(), lambda *_: None).slots
     kept, retire = changed_sections(slots, new.consumers, brokers_changed=False)
     assert sorted(kept) == ["a", "c"] and [s.consumer.name for s in retire] == ["b"]
     kept, retire = changed_sections(slots, new.consumers, brokers_changed=True)

@@ -222,3 +222,27 @@ def test_second_signal_stops_at_once(pools: PoolMaker) -> None:
     assert pool.wait_exit(5) == 0
     assert "killing 1 worker" in pool.logs()
     assert not pool.group()
+
+
+FORK_THEN_TERM = """
+import os, selectors, signal, time
+from kzpool.master.signals import SignalQueue
+from kzpool.master.system import OsSystem
+SignalQueue().install(selectors.DefaultSelector())   # the master's recorder
+pid = OsSystem().fork()
+if pid == 0:
+    time.sleep(30)   # a child that never gets as far as its own handlers
+    os._exit(0)
+os.kill(pid, signal.SIGTERM)   # at once: a worker replaced as it starts
+_, status = os.waitpid(pid, 0)
+print(os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM)
+"""
+
+
+def test_a_signal_sent_as_a_child_is_forked_reaches_it_with_its_default_action() -> None:
+    """The master's fork holds its signals until the child has put their defaults back:
+    a SIGTERM sent right after the fork ends the child, instead of being recorded by the
+    child's copy of the master's handler and lost (the worker never replaced)."""
+    done = subprocess.run([sys.executable, "-c", FORK_THEN_TERM], capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "True"

@@ -65,7 +65,6 @@ def run_consumer(consumer: Consumer, index: int, socket_path: str, master_pid: i
     """Entry point in the forked child.  ``stop_timeout``: how long federators may take to
     finish their handlers once stopping (the master's SIGKILL comes before it ends);
     ``handed``: the socket on which the master asked for this process's lease."""
-    signal.set_wakeup_fd(-1)
     proc.die_with_parent(signal.SIGTERM)
     proc.set_title(f"kzpool: consumer {consumer.name} #{index}")
     try:

@@ -36,11 +36,10 @@ RequestLease = Callable[[socket.socket, LeaseRequest, int], None]
 
 class ConsumerSet:
     def __init__(self, consumers: tuple[Consumer, ...], settings: PoolSettings, system: System,
-                 request_lease: RequestLease, child_setup: Callable[[], None]) -> None:
+                 request_lease: RequestLease) -> None:
         self.settings = settings
         self.system = system
         self.request_lease = request_lease
-        self.child_setup = child_setup  # in a new child: signals back to their defaults
         self.slots = [s for c in consumers for s in self._slots_of(c)]
         self.by_pid: dict[int, ConsumerSlot] = {}  # every live one, retired ones included
         self.stopping = False  # the pool stops: nothing is restarted
@@ -80,7 +79,6 @@ class ConsumerSet:
         if pid == 0:
             code = exitcodes.ERROR
             try:
-                self.child_setup()
                 proc.close_fds_except(0, 1, 2, theirs.fileno())
                 code = run_consumer(slot.consumer, slot.index, self.settings.socket, master_pid,
                                     self.settings.shutdown_timeout, theirs)

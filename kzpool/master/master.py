@@ -40,7 +40,7 @@ from .leasebook import LeaseBook
 from .life import exit_reason
 from .notify import Notifier
 from .registry import Registry, Row
-from .signals import SignalQueue, child_defaults
+from .signals import SignalQueue
 from .slots import Slot, broker_key, startup_hopeless, startup_settled
 from .system import OsSystem, System
 from .workers import WorkerEvents, WorkerSet
@@ -70,7 +70,7 @@ class Master:
         self.metrics: metrics.Server | None = None
         self.last_primaries: dict[str, str] = {}  # zone → its last primary, for the metrics
         self.consumers = ConsumerSet(config.consumers, self.settings, self.system,
-                                     self.leases.request, child_defaults)
+                                     self.leases.request)
         self.registry = Registry(self.settings.socket, self._registry_child_setup,
                                  self.system.fork)
         self.control: LeaseSocket | None = None
@@ -277,7 +277,6 @@ class Master:
             self.workers.send(slot, messages.ReportNow())
 
     def _registry_child_setup(self) -> None:
-        child_defaults()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         proc.close_fds_except(0, 1, 2)
         proc.die_with_parent(signal.SIGKILL)

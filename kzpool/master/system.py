@@ -8,10 +8,13 @@ nothing and reaps what the test says, on a clock the test moves.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Protocol
 
 import psutil
+
+from .signals import HANDLED, child_defaults
 
 
 class System(Protocol):
@@ -34,7 +37,17 @@ class OsSystem:
     """The real one."""
 
     def fork(self) -> int:
-        return os.fork()
+        """``os.fork``, the master's signals held until the child has undone the master's
+        handling of them: one sent at once (a worker replaced as it starts) reaches the
+        child with its default action, never the copy of the master's recorder."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                child_defaults()
+            return pid
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
 
     def waitpid(self, pid: int, options: int) -> tuple[int, int]:
         return os.waitpid(pid, options)

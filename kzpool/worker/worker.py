@@ -388,10 +388,7 @@ class ConnectionWorker:
 
 def run_worker(spec: WorkerSpec, link: socket.socket, listener: socket.socket,
                master_pid: int) -> int:
-    """Entry point in the forked child."""
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
+    """Entry point in the forked child (its signals at their defaults: the master's fork)."""
     proc.close_fds_except(link.fileno(), listener.fileno(), 0, 1, 2)
     proc.die_with_parent(signal.SIGTERM)
     proc.set_title(spec.title(False))
