@@ -91,13 +91,19 @@ def test_consumers_run_in_their_own_processes(pools: PoolMaker, tmp_path: Path,
     wait_for(lambda: queue_depth(names["queue"]) == 0, 5, "every message acked")
 
 
+@pytest.mark.parametrize("requeue", [False, True])
 def test_a_failing_handler_drops_or_requeues(pools: PoolMaker, tmp_path: Path,
-                                             names: dict[str, str]) -> None:
-    pool, trace = consumer_pool(pools, tmp_path, names, "fail", requeue_on_error="false")
+                                             names: dict[str, str], requeue: bool) -> None:
+    pool, trace = consumer_pool(pools, tmp_path, names, "fail", requeue_on_error=str(requeue))
     publish(names, ["billing.a"])
-    wait_for(lambda: traced(trace), 10, "the handler to fail")
-    wait_for(lambda: queue_depth(names["queue"]) == 0, 5, "the message dropped")
-    assert "RuntimeError: cannot handle b'0'" in pool.logs()
+    wait_for(lambda: "RuntimeError: cannot handle b'0'" in pool.logs(), 10, "the failure logged")
+    if requeue:
+        wait_for(lambda: len(traced(trace)) >= 2, 10, "the message handled again")
+        assert {body for _pid, _kind, body in traced(trace)} == {"0"}
+        return
+    pool.stop(10)  # a message still unsettled goes back to the queue as the channel closes
+    assert queue_depth(names["queue"]) == 0
+    assert [body for _pid, _kind, body in traced(trace)] == ["0"]
 
 
 def test_a_handler_that_cannot_load_is_not_restarted(pools: PoolMaker, tmp_path: Path,
