@@ -141,7 +141,7 @@ def test_stop_is_bounded_with_a_stuck_handler(pools: PoolMaker, tmp_path: Path,
     elapsed = pool.stop(3 + 1 + 2)  # shutdown_timeout + 1 s, and a margin for a loaded machine
     assert elapsed < 3 + 1 + 2, elapsed
     assert gone(consumer)
-    assert queue_depth(names["queue"]) == 2  # the stuck message is back on its queue
+    wait_for(lambda: queue_depth(names["queue"]) == 2, 5, "the stuck message back on its queue")
 
 
 def test_sighup_applies_changed_consumer_sections(pools: PoolMaker, tmp_path: Path,

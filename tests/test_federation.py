@@ -130,7 +130,8 @@ def test_stop_is_bounded_with_a_silent_federated_broker_and_a_stuck_handler(
         elapsed = pool.stop(3 + 1 + 2)  # shutdown_timeout + 1 s, and a margin for a loaded machine
         assert elapsed < 3 + 1 + 2, elapsed
         assert gone(consumer)
-        assert queue_depth(names["queue"]) == 1  # the stuck message is back on its queue
+        wait_for(lambda: queue_depth(names["queue"]) == 1, 5,
+                 "the stuck message back on its queue")
     finally:
         forwarder.close()  # the broker sees west's connection end: it requeues what it held
     wait_for(lambda: queue_depth(federated, remote) == 1, 10, "the federated message requeued")
