@@ -148,6 +148,37 @@ def test_the_iterator_gives_back_what_it_buffered(socket: str, name: str) -> Non
     run(main())
 
 
+def test_a_queue_deleted_under_its_consumers_ends_them(socket: str, name: str) -> None:
+    """The broker's cancel: the iterator ends after what it buffered, a callback consumer
+    gets no more, and the channel goes on (aio-pika's plain channel only logs it)."""
+    called: list[bytes] = []
+
+    async def main() -> None:
+        async with await kzpool.aio.connect(socket) as connection:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=5)
+            queue = await channel.declare_queue(name)
+            other = await channel.declare_queue(f"{name}-cb", auto_delete=True)
+            await other.consume(lambda message: called.append(message.body), no_ack=True)
+            await channel.default_exchange.publish(Message(b"kept"), name)
+            got = []
+            async with queue.iterator() as messages:
+                async for message in messages:
+                    got.append(message.body)
+                    await message.ack()
+                    async with await kzpool.aio.connect(socket) as deleting:
+                        await (await deleting.channel()).queue_delete(name)
+                        await (await deleting.channel()).queue_delete(f"{name}-cb")
+            assert got == [b"kept"]
+            await channel.declare_queue(f"{name}-cb", auto_delete=True)
+            await channel.default_exchange.publish(Message(b"late"), f"{name}-cb")
+            late = await channel.get_queue(f"{name}-cb")
+            assert (await late.get(no_ack=True)).body == b"late"  # not the old consumer's
+            assert called == []
+            await late.delete()
+    run(main())
+
+
 def test_a_channel_error_raises_then_the_channel_recovers(socket: str, name: str) -> None:
     got: list[bytes] = []
 

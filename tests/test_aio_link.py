@@ -155,6 +155,24 @@ def test_unconfirmed_publishes_are_sent_again_renumbered(fake: FakeBackend) -> N
     run(main())
 
 
+def test_a_consumer_the_broker_cancelled_is_not_replayed_after_a_move(
+        fake: FakeBackend) -> None:
+    async def main() -> None:
+        moves: list[kzpool.MoveEvent] = []
+        channel = await open_channel(fake, publisher_confirms=False, on_move=moves.append)
+        queue = await channel.declare_queue("q")
+        kept = await queue.consume(lambda message: None)
+        gone = await (await channel.declare_queue("deleted")).consume(lambda message: None)
+        fake.workers[0].send(messages.Cancelled(gone))  # the broker's: its queue was deleted
+        lose(fake.workers[0])
+        await until(lambda: moves, "the move reported, once the topology is replayed")
+        assert len(received(fake.workers[1], messages.Call)) == 2  # both queues declared
+        assert [m.args["consumer_tag"] for m in received(fake.workers[1],
+                                                         messages.Consume)] == [kept]
+        await channel.close()
+    run(main())
+
+
 def test_a_channel_error_fails_its_call_and_the_channel_replays_alone(
         fake: FakeBackend) -> None:
     async def main() -> None:

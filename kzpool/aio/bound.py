@@ -42,6 +42,8 @@ class LinkOwner(Protocol):
 
     def on_lost(self) -> None: ...
 
+    def on_cancelled(self, consumer_tag: str) -> None: ...
+
     def on_move(self, old_broker: str | None, reason: str, renamed: dict[str, str]) -> None: ...
 
 
@@ -170,7 +172,9 @@ class AioBound:
         self._resolve_binding()
 
     def cancelled(self, consumer_tag: str) -> None:
-        pass  # the broker's cancel: its consumer's deliveries simply end
+        """The broker cancelled a consumer (its queue was deleted): not replayed after a move."""
+        self.state.topology.record("call", "basic_cancel", {"consumer_tag": consumer_tag})
+        self.owner.on_cancelled(consumer_tag)
 
     def lost(self, reason: Reason) -> None:
         self.lose(reason)

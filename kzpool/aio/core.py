@@ -247,6 +247,15 @@ class ChannelCore:
             self.return_callbacks(message)
         return message
 
+    def on_cancelled(self, consumer_tag: str) -> None:
+        """The broker's cancel: a callback consumer gets no more, an iterator ends once it
+        has given what it buffered (as kzpool's blocking ``consume()`` generator does)."""
+        consumer = self.consumers.pop(consumer_tag, None)
+        if consumer is None or isinstance(consumer, _Cancelled):
+            return
+        log.warning("lease %s: consumer %r cancelled by the broker", self.link.id, consumer_tag)
+        consumer.closed()
+
     def on_lost(self) -> None:
         for consumer in list(self.consumers.values()):
             if not isinstance(consumer, _Cancelled):
