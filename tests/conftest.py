@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import pytest
 from filelock import FileLock
 
+import kzpool
 from kzpool.testing import Pool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,6 +133,15 @@ def tls_node() -> Iterator[Any]:
 
     with shared("kztls1", start, stop) as node:
         yield node, certs
+
+
+@pytest.fixture
+def connection(pool: Pool) -> Iterator[kzpool.Connection]:
+    """``kzpool.connect()`` to the test module's own ``pool`` fixture; closed after."""
+    conn = kzpool.connect(pool.socket)
+    yield conn
+    if conn.is_open:
+        conn.close()
 
 
 @pytest.fixture(scope="session")

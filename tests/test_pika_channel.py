@@ -36,14 +36,6 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
 
 
 @pytest.fixture
-def connection(pool: Pool) -> Iterator[kzpool.Connection]:
-    conn = kzpool.connect(pool.socket)
-    yield conn
-    if conn.is_open:
-        conn.close()
-
-
-@pytest.fixture
 def names() -> Iterator[Names]:
     """``names("q")``: a name of this test's own; the queues and exchanges named so are
     deleted afterwards."""

@@ -30,14 +30,6 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
 
 
 @pytest.fixture
-def connection(pool: Pool) -> Iterator[kzpool.Connection]:
-    conn = kzpool.connect(pool.socket)
-    yield conn
-    if conn.is_open:
-        conn.close()
-
-
-@pytest.fixture
 def queue() -> Iterator[str]:
     name = f"kzt-{uuid.uuid4().hex[:10]}"
     yield name
