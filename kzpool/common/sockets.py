@@ -13,17 +13,43 @@ import errno
 import os
 import resource
 import socket
+import threading
 from collections import deque
 from collections.abc import Callable
 
 FILE_LIMIT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
+class _Scratch(threading.local):
+    """One thread's read buffer (see :func:`recv`)."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(0))
+
+
+_SCRATCH = _Scratch()
+
+
+def recv(sock: socket.socket, size: int, flags: int = 0) -> bytes:
+    """``sock.recv(size, flags)``, read through this thread's buffer.
+
+    ``recv`` allocates ``size`` bytes for every read, and above glibc's mmap threshold
+    (128 KiB) that is an ``mmap``, a page fault and an ``mremap`` or ``munmap`` a read,
+    about 14 µs, though a read mostly brings a few hundred bytes.  Here the kernel fills
+    memory already mapped, and only what came is copied out.  Raises as ``recv`` does.
+    """
+    scratch = _SCRATCH
+    if len(scratch.view) < size:
+        scratch.view = memoryview(bytearray(size))
+    got = sock.recv_into(scratch.view, size, flags)
+    return scratch.view[:got].tobytes() if got else b""
+
+
 def receive(sock: socket.socket, size: int, flags: int = 0) -> bytes | None:
     """Up to ``size`` bytes; ``b""`` when the peer is gone (EOF, or any socket error, which
     means the same to every caller here); ``None`` when nothing is there yet."""
     try:
-        return sock.recv(size, flags)
+        return recv(sock, size, flags)
     except (BlockingIOError, InterruptedError):
         return None
     except OSError:
