@@ -1,6 +1,6 @@
 """One socket to the pool or to a worker, on the event loop: frames in, batched writes out.
 
-A :class:`FrameStream` is an ``asyncio.Protocol``: each complete frame it reads goes to
+A :class:`FrameStream` is an ``asyncio.BufferedProtocol``: each complete frame it reads goes to
 ``on_frame`` at once, from the loop's own read callback (no task per frame).  Writes are
 gathered and sent once per pass of the loop, so a thousand publishes or acks made in one
 pass cost one ``send``.  When the peer hangs up, or sends a frame that breaks the wire
@@ -23,9 +23,11 @@ from ..client.backend import not_running, read_answer
 from ..common import messages, wire
 from ..common.errors import KzpoolError
 from ..common.messages import Message, Reason
+from ..common.sockets import scratch
 
 WORKER_GONE = Reason("ConnectionClosed", 0, "worker gone")
 WRITE_HIGH = 4 << 20  # bytes buffered before writers wait (drain)
+READ_SIZE = 256 << 10  # bytes read at a time, as asyncio's own transports read
 
 
 class AioBackend(Protocol):
@@ -46,8 +48,10 @@ class UnixBackend:
         return sock
 
 
-class FrameStream(asyncio.Protocol):
-    """Not thread-safe: the loop's thread only."""
+class FrameStream(asyncio.BufferedProtocol):
+    """Not thread-safe: the loop's thread only.  Reads into the thread's buffer
+    (:func:`~kzpool.common.sockets.scratch`): asyncio's plain protocols get a fresh
+    256 KiB ``recv`` a read, which costs an ``mmap`` each (:func:`~kzpool.common.sockets.recv`)."""
 
     def __init__(self, on_frame: Callable[[int, int, bytes], None],
                  on_close: Callable[[Reason], None]) -> None:
@@ -64,6 +68,12 @@ class FrameStream(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return scratch(READ_SIZE)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(scratch(READ_SIZE)[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         try:

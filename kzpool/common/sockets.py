@@ -38,11 +38,17 @@ def recv(sock: socket.socket, size: int, flags: int = 0) -> bytes:
     about 14 µs, though a read mostly brings a few hundred bytes.  Here the kernel fills
     memory already mapped, and only what came is copied out.  Raises as ``recv`` does.
     """
-    scratch = _SCRATCH
-    if len(scratch.view) < size:
-        scratch.view = memoryview(bytearray(size))
-    got = sock.recv_into(scratch.view, size, flags)
-    return scratch.view[:got].tobytes() if got else b""
+    view = scratch(size)
+    got = sock.recv_into(view, size, flags)
+    return view[:got].tobytes() if got else b""
+
+
+def scratch(size: int) -> memoryview:
+    """This thread's read buffer, at least ``size`` bytes: what is read into it must be
+    copied out before anything else of the thread reads."""
+    if len(_SCRATCH.view) < size:
+        _SCRATCH.view = memoryview(bytearray(size))
+    return _SCRATCH.view
 
 
 def receive(sock: socket.socket, size: int, flags: int = 0) -> bytes | None:
