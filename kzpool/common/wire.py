@@ -101,10 +101,13 @@ def frame(kind: Kind, payload: bytes, flags: int = 0) -> bytes:
     return HEADER.pack(MAGIC, VERSION, kind, flags, len(payload)) + payload
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps would build one a call
+
+
 def document(obj: dict[str, Any]) -> bytes:
     """A JSON frame of a document (an answer to ``status``, ``ping``, ``brokers``); messages
     between processes are :func:`kzpool.common.messages.encode`'s."""
-    return frame(Kind.JSON, json.dumps(obj, separators=(",", ":")).encode())
+    return frame(Kind.JSON, _COMPACT.encode(obj).encode())
 
 
 def read_document(payload: bytes) -> dict[str, Any]:
