@@ -18,7 +18,7 @@ import pytest
 from kzpool.common import messages, wire
 from kzpool.common.access import Access
 from kzpool.common.errors import ProtocolError
-from kzpool.common.sockets import Outbox
+from kzpool.common.sockets import Outbox, receive
 from kzpool.master import registry
 from kzpool.master.control import REQUEST_TIMEOUT, LeaseSocket
 
@@ -27,6 +27,25 @@ from kzpool.master.control import REQUEST_TIMEOUT, LeaseSocket
 def short_tmp() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="kzl-", dir="/tmp") as name:
         yield Path(name)
+
+
+# ----- reads -----------------------------------------------------------------------------------
+
+def test_reads_through_the_shared_buffer_are_copies_of_their_own() -> None:
+    first, first_peer = socket.socketpair()
+    second, second_peer = socket.socketpair()
+    with first, first_peer, second, second_peer:
+        for sock in (first, second):
+            sock.setblocking(False)
+        assert receive(first, 1024) is None  # nothing there yet
+        first_peer.sendall(b"a" * 100)
+        second_peer.sendall(b"b" * 100_000)
+        one = receive(first, 64)
+        two = receive(second, 512 << 10)  # a larger read than any before: the buffer grows
+        assert one == b"a" * 64 and two is not None and set(two) == {ord("b")}
+        assert receive(first, 1024) == b"a" * 36
+        first_peer.close()
+        assert receive(first, 1024) == b""  # EOF
 
 
 # ----- the outbox ------------------------------------------------------------------------------
