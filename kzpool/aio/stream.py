@@ -23,7 +23,7 @@ from ..client.backend import not_running, read_answer
 from ..common import messages, wire
 from ..common.errors import KzpoolError
 from ..common.messages import Message, Reason
-from ..common.sockets import scratch
+from ..common.sockets import give_scratch, take_scratch
 
 WORKER_GONE = Reason("ConnectionClosed", 0, "worker gone")
 WRITE_HIGH = 4 << 20  # bytes buffered before writers wait (drain)
@@ -50,7 +50,7 @@ class UnixBackend:
 
 class FrameStream(asyncio.BufferedProtocol):
     """Not thread-safe: the loop's thread only.  Reads into the thread's buffer
-    (:func:`~kzpool.common.sockets.scratch`): asyncio's plain protocols get a fresh
+    (:func:`~kzpool.common.sockets.take_scratch`): asyncio's plain protocols get a fresh
     256 KiB ``recv`` a read, which costs an ``mmap`` each (:func:`~kzpool.common.sockets.recv`)."""
 
     def __init__(self, on_frame: Callable[[int, int, bytes], None],
@@ -63,6 +63,7 @@ class FrameStream(asyncio.BufferedProtocol):
         self._out: list[bytes] = []
         self._flush: asyncio.Handle | None = None
         self._paused: asyncio.Future[None] | None = None
+        self._view: memoryview | None = None  # the thread's read buffer, while a read has it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -70,10 +71,16 @@ class FrameStream(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return scratch(READ_SIZE)
+        if self._view is None:  # else a read failed after the last one was taken: reuse it
+            self._view = take_scratch(READ_SIZE)
+        return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(scratch(READ_SIZE)[:nbytes].tobytes())
+        view, self._view = self._view, None
+        assert view is not None
+        data = view[:nbytes].tobytes()
+        give_scratch(view)
+        self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
         try:

@@ -24,9 +24,10 @@ class _Scratch(threading.local):
     """One thread's read buffer (see :func:`recv`)."""
 
     def __init__(self) -> None:
-        self.view = memoryview(bytearray(0))
+        self.view = _NONE
 
 
+_NONE = memoryview(b"")
 _SCRATCH = _Scratch()
 
 
@@ -38,17 +39,27 @@ def recv(sock: socket.socket, size: int, flags: int = 0) -> bytes:
     about 14 µs, though a read mostly brings a few hundred bytes.  Here the kernel fills
     memory already mapped, and only what came is copied out.  Raises as ``recv`` does.
     """
-    view = scratch(size)
-    got = sock.recv_into(view, size, flags)
-    return view[:got].tobytes() if got else b""
+    view = take_scratch(size)
+    try:
+        got = sock.recv_into(view, size, flags)
+        return view[:got].tobytes() if got else b""
+    finally:
+        give_scratch(view)
 
 
-def scratch(size: int) -> memoryview:
-    """This thread's read buffer, at least ``size`` bytes: what is read into it must be
-    copied out before anything else of the thread reads."""
-    if len(_SCRATCH.view) < size:
-        _SCRATCH.view = memoryview(bytearray(size))
-    return _SCRATCH.view
+def take_scratch(size: int) -> memoryview:
+    """This thread's read buffer (at least ``size`` bytes), until :func:`give_scratch`.
+
+    While it is taken, a read nested in this one (a signal handler's: one that closes a
+    lease reads the close's answer) gets a buffer of its own instead of overwriting it."""
+    view = _SCRATCH.view
+    _SCRATCH.view = _NONE
+    return view if len(view) >= size else memoryview(bytearray(size))
+
+
+def give_scratch(view: memoryview) -> None:
+    if len(view) > len(_SCRATCH.view):
+        _SCRATCH.view = view
 
 
 def receive(sock: socket.socket, size: int, flags: int = 0) -> bytes | None:
