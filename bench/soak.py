@@ -12,8 +12,9 @@ killed (and started again), the registry killed.
 
 At the end everything is drained and it prints confirmed publishes, unique messages
 received, lost (must be 0), duplicates, the longest gap between two confirmed float
-publishes (the longest failover), publish latency p50/p99, and the RSS of every pool
-process over time.  Not part of CI: it takes minutes.
+publishes (the longest failover) and between two sticky ones (a stall of the machine shows
+in both), publish latency p50/p99, and the RSS of every pool process over time.  Not part
+of CI: it takes minutes.
 """
 
 from __future__ import annotations
@@ -211,15 +212,19 @@ class Soak:
         got += self.leftovers()
         confirmed = {s[0] for s in sent}
         unique = set(got)
-        floats = sorted(float(s[1]) for s in sent if s[0].startswith("float"))
-        gaps = [b - a for a, b in itertools.pairwise(floats)]
+        times = {kind: sorted(float(s[1]) for s in sent if s[0].startswith(kind))
+                 for kind in QUEUES}
+        start = min((t[0] for t in times.values() if t), default=0.0)
         latency = sorted(float(s[2]) for s in sent)
         print(f"\n$ python bench/soak.py --minutes {self.args.minutes} --fault-every"
               f" {self.args.fault_every}")
         print(f"faults: {len(self.faults)} ({', '.join(sorted(set(self.faults)))})")
         print(f"confirmed publishes {len(confirmed)}, unique received {len(unique & confirmed)},"
               f" lost {len(confirmed - unique)}, duplicates {len(got) - len(unique)}")
-        print(f"longest gap between confirmed float publishes: {max(gaps, default=0):.2f} s")
+        for kind, stamps in times.items():  # a gap in both at once is the machine, not a move
+            gap, at = max(((b - a, a) for a, b in itertools.pairwise(stamps)), default=(0, start))
+            print(f"longest gap between confirmed {kind} publishes: {gap:.2f} s,"
+                  f" {at - start:.0f} s into the run")
         print(f"publish latency p50 {statistics.median(latency) * 1000:.2f} ms, p99"
               f" {latency[int(len(latency) * 0.99)] * 1000:.2f} ms")
         print("RSS (MB) after warm-up -> at the end:")
