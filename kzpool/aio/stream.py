@@ -1,6 +1,6 @@
 """One socket to the pool or to a worker, on the event loop: frames in, batched writes out.
 
-A :class:`FrameStream` is an ``asyncio.BufferedProtocol``: each complete frame it reads goes to
+A :class:`FrameStream` is an ``asyncio.Protocol``: each complete frame it reads goes to
 ``on_frame`` at once, from the loop's own read callback (no task per frame).  Writes are
 gathered and sent once per pass of the loop, so a thousand publishes or acks made in one
 pass cost one ``send``.  When the peer hangs up, or sends a frame that breaks the wire
@@ -23,11 +23,10 @@ from ..client.backend import not_running, read_answer
 from ..common import messages, wire
 from ..common.errors import KzpoolError
 from ..common.messages import Message, Reason
-from ..common.sockets import give_scratch, take_scratch
+from ..common.sockets import READ_SIZE
 
 WORKER_GONE = Reason("ConnectionClosed", 0, "worker gone")
 WRITE_HIGH = 4 << 20  # bytes buffered before writers wait (drain)
-READ_SIZE = 256 << 10  # bytes read at a time, as asyncio's own transports read
 
 
 class AioBackend(Protocol):
@@ -48,10 +47,8 @@ class UnixBackend:
         return sock
 
 
-class FrameStream(asyncio.BufferedProtocol):
-    """Not thread-safe: the loop's thread only.  Reads into the thread's buffer
-    (:func:`~kzpool.common.sockets.take_scratch`): asyncio's plain protocols get a fresh
-    256 KiB ``recv`` a read, which costs an ``mmap`` each (:func:`~kzpool.common.sockets.recv`)."""
+class FrameStream(asyncio.Protocol):
+    """Not thread-safe: the loop's thread only."""
 
     def __init__(self, on_frame: Callable[[int, int, bytes], None],
                  on_close: Callable[[Reason], None]) -> None:
@@ -63,24 +60,14 @@ class FrameStream(asyncio.BufferedProtocol):
         self._out: list[bytes] = []
         self._flush: asyncio.Handle | None = None
         self._paused: asyncio.Future[None] | None = None
-        self._view: memoryview | None = None  # the thread's read buffer, while a read has it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self._view is None:  # else a read failed after the last one was taken: reuse it
-            self._view = take_scratch(READ_SIZE)
-        return self._view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        view, self._view = self._view, None
-        assert view is not None
-        data = view[:nbytes].tobytes()
-        give_scratch(view)
-        self.data_received(data)
+        # asyncio's socket transports read 256 KiB at a time: an mmap a read (READ_SIZE)
+        with contextlib.suppress(AttributeError):  # a loop whose transports have no such field
+            transport.max_size = READ_SIZE  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         try:

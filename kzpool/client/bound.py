@@ -29,6 +29,7 @@ from pika.adapters.blocking_connection import ReturnedMessage
 from ..common import messages, props, wire
 from ..common.errors import KzpoolError
 from ..common.messages import Reason, Reply
+from ..common.sockets import READ_SIZE
 from .backend import Pool
 from .frames import Frames
 from .sockio import readable, receive
@@ -36,7 +37,6 @@ from .state import LeaseState
 
 log = logging.getLogger("kzpool.lease")
 
-READ_SIZE = 256 << 10
 WORKER_GONE = Reason("ConnectionClosed", 0, "worker gone")
 INTERRUPTED = Reason("Interrupted", 0, "interrupted while sending")
 Delivery = tuple[Any, Any, bytes]

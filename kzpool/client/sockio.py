@@ -13,8 +13,6 @@ import math
 import select
 import socket
 
-from ..common.sockets import recv
-
 
 def readable(fds: list[int], timeout: float | None) -> list[int]:
     """The descriptors of ``fds`` with something to read (or hung up), waiting up to
@@ -32,7 +30,7 @@ def receive(sock: socket.socket, size: int, flags: int = 0) -> bytes | None:
     ``None`` when nothing is there yet.  A ``TimeoutError`` is not the socket's (lease
     sockets have no timeout): it is the caller's, and raised on."""
     try:
-        return recv(sock, size, flags)
+        return sock.recv(size, flags)
     except (BlockingIOError, InterruptedError):
         return None
     except TimeoutError:

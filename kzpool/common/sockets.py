@@ -13,60 +13,24 @@ import errno
 import os
 import resource
 import socket
-import threading
 from collections import deque
 from collections.abc import Callable
 
 FILE_LIMIT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-class _Scratch(threading.local):
-    """One thread's read buffer (see :func:`recv`)."""
-
-    def __init__(self) -> None:
-        self.view = _NONE
-
-
-_NONE = memoryview(b"")
-_SCRATCH = _Scratch()
-
-
-def recv(sock: socket.socket, size: int, flags: int = 0) -> bytes:
-    """``sock.recv(size, flags)``, read through this thread's buffer.
-
-    ``recv`` allocates ``size`` bytes for every read, and above glibc's mmap threshold
-    (128 KiB) that is an ``mmap``, a page fault and an ``mremap`` or ``munmap`` a read,
-    about 14 µs, though a read mostly brings a few hundred bytes.  Here the kernel fills
-    memory already mapped, and only what came is copied out.  Raises as ``recv`` does.
-    """
-    view = take_scratch(size)
-    try:
-        got = sock.recv_into(view, size, flags)
-        return view[:got].tobytes() if got else b""
-    finally:
-        give_scratch(view)
-
-
-def take_scratch(size: int) -> memoryview:
-    """This thread's read buffer (at least ``size`` bytes), until :func:`give_scratch`.
-
-    While it is taken, a read nested in this one (a signal handler's: one that closes a
-    lease reads the close's answer) gets a buffer of its own instead of overwriting it."""
-    view = _SCRATCH.view
-    _SCRATCH.view = _NONE
-    return view if len(view) >= size else memoryview(bytearray(size))
-
-
-def give_scratch(view: memoryview) -> None:
-    if len(view) > len(_SCRATCH.view):
-        _SCRATCH.view = view
+READ_SIZE = 64 << 10
+"""Bytes one read of a socket takes at most.  No more: ``recv(n)`` allocates ``n`` bytes for
+every read, and above glibc's mmap threshold (128 KiB) that is an ``mmap``, a page fault and
+an ``mremap`` or ``munmap`` a read, about 14 µs, though most reads bring a few hundred
+bytes; below it, a read of 64 KiB costs what one of 4 KiB does."""
 
 
 def receive(sock: socket.socket, size: int, flags: int = 0) -> bytes | None:
     """Up to ``size`` bytes; ``b""`` when the peer is gone (EOF, or any socket error, which
     means the same to every caller here); ``None`` when nothing is there yet."""
     try:
-        return recv(sock, size, flags)
+        return sock.recv(size, flags)
     except (BlockingIOError, InterruptedError):
         return None
     except OSError:

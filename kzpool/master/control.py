@@ -35,7 +35,15 @@ from ..common import messages, wire
 from ..common.access import Access, peer
 from ..common.errors import KzpoolError, ProtocolError
 from ..common.messages import LeaseRequest, Message
-from ..common.sockets import Acceptor, Outbox, file_limit, raise_file_limit, receive, send_final
+from ..common.sockets import (
+    READ_SIZE,
+    Acceptor,
+    Outbox,
+    file_limit,
+    raise_file_limit,
+    receive,
+    send_final,
+)
 
 log = logging.getLogger("kzpool.control")
 
@@ -46,7 +54,6 @@ ACCEPT_BATCH = 64  # peers accepted per wake-up of the loop
 FILE_HEADROOM = 64  # descriptors the master needs besides its clients and worker links
 PAUSE = 0.5  # seconds the listener rests when even the spare descriptor is gone
 LOG_EVERY = 10.0  # seconds between two log lines about peers turned away for one reason
-READ_SIZE = 65536
 
 Answer = Callable[[Message], dict[str, Any]]  # ping, status, brokers → a document
 OnLease = Callable[[socket.socket, LeaseRequest], None]

@@ -29,7 +29,7 @@ from pika.adapters.select_connection import IOLoop
 from ..common import messages, props, wire
 from ..common.errors import ProtocolError
 from ..common.messages import LeaseEvent, Message, Reason
-from ..common.sockets import receive
+from ..common.sockets import READ_SIZE, receive
 from ..common.wire import Flag, Kind
 from . import amqp
 
@@ -37,7 +37,6 @@ log = logging.getLogger("kzpool.session")
 
 _PUBLISH, _SETTLE, _JSON = int(Kind.PUBLISH), int(Kind.SETTLE), int(Kind.JSON)
 
-READ_SIZE = 256 << 10
 MOVE_GRACE = 5.0  # seconds a moved client may take to say bye
 
 # JSON calls a client may make, with the arguments pika's Channel method takes
