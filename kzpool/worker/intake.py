@@ -44,7 +44,9 @@ class IntakeHost(Protocol):
 
     def serves(self, request: LeaseRequest) -> bool: ...
 
-    def admit(self, lease: str, sock: socket.socket, request: LeaseRequest) -> None: ...
+    def admit(self, lease: str, sock: socket.socket, request: LeaseRequest,
+              ids: tuple[int, int] | None = None) -> None:
+        """``ids``: the client's (pid, uid), when they were read already."""
 
     def refusal(self, pid: int, uid: int) -> KzpoolError | None:
         """Why this client may have no more leases here (a limit), or ``None``."""
@@ -161,7 +163,7 @@ class Intake:
             log.warning("refusing a lease to pid %d: %s", client.pid, limit)
             answer(client.sock, messages.Refused(limit.code, str(limit)))
             return
-        self.host.admit(uuid.uuid4().hex[:12], client.sock, request)
+        self.host.admit(uuid.uuid4().hex[:12], client.sock, request, (client.pid, client.uid))
 
     def drop(self, fd: int, exc: Exception) -> bool:
         """Drop a client that has not asked yet, telling it why; ``False``: not one of ours."""

@@ -47,6 +47,11 @@ class Prechannels:
     def __len__(self) -> int:
         return len(self.ready)
 
+    @property
+    def exhausted(self) -> bool:
+        """At ``channel_max`` with none ready: no lease can be bound on this connection."""
+        return self.full and not self.ready
+
     def fill(self) -> None:
         """Open channels until ``target`` (and one per waiting client) are ready or opening."""
         connection = self.connection
@@ -73,7 +78,6 @@ class Prechannels:
         elif not self._due:
             self._due = True
             self.ioloop.call_later(FILL_DELAY, self._fill_due)
-
         return channel
 
     def hand_back(self, channel: Any, settled_first: bool) -> None:

@@ -262,8 +262,7 @@ class ConnectionWorker:
         broker = self.spec.broker
         if request.lease is not None:
             return False
-        full = self.prechannels.full and not self.prechannels
-        if self.state is not ConnState.CONNECTED or full:
+        if self.state is not ConnState.CONNECTED or self.prechannels.exhausted:
             return False  # the master knows which other connection has room
         if request.kind == "float":
             in_zone = broker.local if request.zone is None else request.zone == broker.zone
@@ -279,15 +278,19 @@ class ConnectionWorker:
         return full(len(self.sessions) + len(self.waiting) + len(self.intake.pending),
                     self.spec.settings)
 
-    def admit(self, lease: str, sock: socket.socket, request: LeaseRequest) -> None:
-        """Bind ``sock`` to a channel for ``lease`` (now, or when the next one opens)."""
-        try:
-            pid, uid, _gid = peer(sock)  # before anything is sent: a failed send closes it
-        except OSError:
-            self._turn_away(lease, sock)
-            return
-        if self.state is not ConnState.CONNECTED or self.connection is None or (
-                self.prechannels.full and not self.prechannels):
+    def admit(self, lease: str, sock: socket.socket, request: LeaseRequest,
+              ids: tuple[int, int] | None = None) -> None:
+        """Bind ``sock`` to a channel for ``lease`` (now, or when the next one opens);
+        ``ids``: the client's (pid, uid), when the intake read them already."""
+        if ids is None:
+            try:
+                ids = peer(sock)[:2]  # before anything is sent: a failed send closes it
+            except OSError:
+                self._turn_away(lease, sock)
+                return
+        pid, uid = ids
+        if self.state is not ConnState.CONNECTED or self.connection is None or \
+                self.prechannels.exhausted:
             self._turn_away(lease, sock)
             return
         if full(len(self.sessions) + len(self.waiting), self.spec.settings) is not None:
