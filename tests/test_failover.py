@@ -150,8 +150,9 @@ def test_a_silent_primary_is_left_on_missed_heartbeats(pools: PoolMaker, vhost: 
         lease.queue_declare(queue, auto_delete=False)
         lease.confirm_delivery()
         forwarder.silence()  # no close, no reset: packets just vanish
-        rows = pool.wait_rows(lambda rs: not rs[0]["available"], 15,
-                              "the silent broker to be given up on")
+        # the worker reports its broker gone; the master makes the next one primary after
+        rows = pool.wait_rows(lambda rs: not rs[0]["available"] and rs[1]["primary"], 15,
+                              "the silent broker to be given up on, the secondary primary")
         assert rows[0]["error"] and rows[1]["primary"]
         wait_for(lambda: lease.basic_publish("", queue, b"x") is None
                  and lease.broker != primary, 15, "a confirmed publish on the secondary")

@@ -139,8 +139,10 @@ def test_worker_kill_9_is_respawned_and_refilled(pools: PoolMaker) -> None:
     pool.wait_ready()
     old = pool.wait_rows(lambda rs: rs[0]["prechannels"] == 5, 10, "prechannels")[0]["pid"]
     psutil.Process(old).send_signal(signal.SIGKILL)
+    # the new worker reports itself available; the master makes it primary again after
     rows = pool.wait_rows(lambda rs: rs[0]["pid"] not in (None, old) and rs[0]["available"]
-                          and rs[0]["prechannels"] == 5, 10, "a new worker with prechannels")
+                          and rs[0]["prechannels"] == 5 and rs[0]["primary"], 10,
+                          "a new worker with prechannels, primary again")
     assert rows[0]["primary"]
     assert "was killed by SIGKILL" in pool.logs()
 
