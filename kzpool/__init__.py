@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from .client.connection import Connection, connect
-from .client.lease import Confirm, Lease, MoveEvent
+from .client.lease import Confirm, Lease
 from .client.pool import PoolClient
 from .common.config import Config, load
 from .common.errors import (
@@ -33,8 +33,10 @@ from .common.errors import (
     TransactionLost,
     UnroutableError,
 )
+from .common.options import LeaseOptions
 from .common.uri import BrokerURI
 from .consumer.listener import Binding, Listener, Message
+from .lease.state import MoveEvent
 
 __version__ = "0.1.0"
 
@@ -55,6 +57,7 @@ __all__ = [
     "Lease",
     "LeaseClosed",
     "LeaseNotYours",
+    "LeaseOptions",
     "LeaseRequestError",
     "LeaseTimeout",
     "LimitExceeded",

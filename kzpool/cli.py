@@ -113,7 +113,7 @@ def _status(socket_path: str, as_json: bool) -> int:
 def _health(socket_path: str, timeout: float) -> int:
     """One line, exit 0 or 1.  The master itself is asked (not the registry, which answers
     while the master is stopped): its answer is the proof it runs its loop."""
-    from .client.backend import UnixBackend, call
+    from .client.pool import UnixBackend, call
     from .common import messages
     from .common.status import health
 

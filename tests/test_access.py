@@ -15,6 +15,7 @@ import pytest
 import kzpool
 from kzpool.common import messages
 from kzpool.common import wire as protocol
+from kzpool.common.options import LeaseOptions
 from kzpool.testing import DEFAULT_URI, Pool, wait_for
 
 PoolMaker = Callable[..., Pool]
@@ -80,7 +81,7 @@ def test_other_users_are_refused_even_through_an_open_socket(pools: PoolMaker) -
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(f"{pool.socket}.c1")
         with contextlib.suppress(BrokenPipeError):  # it may hang up before reading
-            sock.sendall(messages.encode(messages.LeaseRequest(kind="float")))
+            sock.sendall(messages.encode(messages.LeaseRequest(LeaseOptions())))
         return sock.recv(4096)[8:].decode()
     assert "access refused: uid 65534" in as_nobody(direct)
     assert "access refused: uid 65534" in pool.logs()

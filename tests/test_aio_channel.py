@@ -248,8 +248,8 @@ def test_connect_says_what_is_wrong(tmp_path: Any) -> None:
         with pytest.raises(kzpool.LeaseRequestError, match="socket path, not a broker URL"):
             await kzpool.aio.connect("amqp://guest:guest@localhost/")
     run(main())
-    with pytest.raises(ValueError, match="sticky channel names its broker"):
-        kzpool.aio.Channel(kzpool.aio.client.AioPoolClient("/x"), kind="sticky")
+    with pytest.raises(ValueError, match="sticky lease needs a broker"):
+        kzpool.aio.Channel(kzpool.aio.pool.PoolClient("/x"), kind="sticky")
 
 
 def test_closing_a_channel_gives_back_what_it_had_not_acked(socket: str, name: str) -> None:

@@ -13,7 +13,7 @@ import aiormq.exceptions
 import pytest
 
 import kzpool.aio
-import kzpool.client.move
+import kzpool.lease.state
 from kzpool.common import messages, wire
 from kzpool.common.messages import Reason
 from kzpool.common.wire import Flag, Kind
@@ -57,7 +57,7 @@ class AsyncBackend:
 
 
 async def open_channel(fake: FakeBackend, **kwargs: Any) -> kzpool.aio.Channel:
-    client = kzpool.aio.client.AioPoolClient("/fake/kz.sock", AsyncBackend(fake))
+    client = kzpool.aio.pool.PoolClient("/fake/kz.sock", AsyncBackend(fake))
     channel = kzpool.aio.Channel(client, **kwargs)
     await channel.initialize()
     return channel
@@ -234,7 +234,7 @@ def test_a_channel_waits_for_a_pool_that_went_away_and_says_it_restarted(
         fake.workers[1].send(wire.tagged(Kind.CONFIRM, 1, 0))
         assert (await publish).name == "Basic.Ack"  # no exception on the way
         await until(lambda: moves, "the move reported")
-        assert [m.reason for m in moves] == [kzpool.client.move.POOL_RESTARTED]
+        assert [m.reason for m in moves] == [kzpool.lease.state.POOL_RESTARTED]
         await channel.close()
     run(main())
 

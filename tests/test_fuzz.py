@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import kzpool
 from kzpool.common import config, messages
 from kzpool.common import wire as protocol
-from kzpool.common.errors import BrokerURIError, ConfigError, ProtocolError
+from kzpool.common.errors import BrokerURIError, ConfigError, KzpoolError, ProtocolError
 from kzpool.common.uri import BrokerURI
 from kzpool.master import control
 from kzpool.testing import DEFAULT_URI, Pool
@@ -108,16 +108,22 @@ json_values = st.recursive(
                                                                  max_size=4),
     max_leaves=20)
 OPS = sorted({*messages.TO_MASTER_FROM_CLIENT, *messages.TO_SESSION, "report", "adopt", "x"})
-FIELDS = ["kind", "zone", "broker", "broker_id", "lease", "federates", "timeout", "id",
-          "method", "args", "class"]
-KNOWN = {"kind": st.sampled_from(["float", "sticky", "x" * 300]),
+FIELDS = ["options", "lease", "wait", "id", "method", "args", "class"]
+OPTIONS = st.fixed_dictionaries({}, optional={
+    "kind": st.sampled_from(["float", "sticky", "x" * 300]) | json_values,
+    "zone": st.text(max_size=8) | st.just("z" * 300) | json_values,
+    "broker": st.sampled_from(["amqp://h/", "amqp://h/?heartbeat=1", "http://h/", "x" * 3000])
+    | json_values,
+    "timeout": st.floats(allow_nan=True) | st.integers() | json_values,
+    "federates": st.text(max_size=8) | json_values})
+KNOWN = {"options": OPTIONS | json_values,
          "lease": st.text(max_size=80) | st.just("a" * 100_000),
-         "timeout": st.floats(allow_nan=True) | st.integers(),
+         "wait": st.floats(allow_nan=True) | st.integers(),
          "id": st.integers(), "args": st.dictionaries(st.text(max_size=12), json_values)}
 
 
 def _deep(depth: int) -> str:
-    return '{"op": "lease", "kind": ' + "[" * depth + "]" * depth + "}"
+    return '{"op": "lease", "options": {"kind": ' + "[" * depth + "]" * depth + "}}"
 
 
 messages_like = st.builds(
@@ -141,8 +147,8 @@ def test_the_pool_socket_parses_any_stream_or_names_the_fault(data: bytes, chunk
                 assert type(request) in messages.TO_MASTER_FROM_CLIENT.values()
                 if isinstance(request, messages.LeaseRequest):
                     assert len(request.lease or "") <= protocol.MAX_LEASE_ID
-                    assert len(request.zone or "") <= protocol.MAX_NAME
-    except ProtocolError as exc:
+                    assert len(request.options.zone or "") <= protocol.MAX_NAME
+    except KzpoolError as exc:  # malformed (ProtocolError), or options that do not check
         assert str(exc)
 
 
@@ -152,11 +158,11 @@ def test_a_worker_socket_parses_any_first_request_or_names_the_fault(data: bytes
     reader = protocol.FrameReader(protocol.MAX_REQUEST, frozenset({protocol.Kind.JSON}))
     try:
         request = intake.first_request(list(reader.feed(data)))
-    except ProtocolError as exc:
+    except KzpoolError as exc:
         assert str(exc)
     else:
         assert isinstance(request, messages.LeaseRequest)
-        assert len(request.broker or "") <= protocol.MAX_URI
+        assert len(request.options.broker or "") <= protocol.MAX_URI
 
 
 @FUZZ

@@ -22,8 +22,9 @@ import psutil
 import pytest
 
 import kzpool
-from kzpool.common import messages
+from kzpool.common import messages, wire
 from kzpool.common.errors import LimitExceeded
+from kzpool.common.options import LeaseOptions
 from kzpool.common.status import render
 from kzpool.master.registry import MAX_CONNECTIONS
 from kzpool.master.registry import read as read_registry
@@ -246,11 +247,11 @@ def test_a_client_that_never_reads_its_answers(pools: PoolMaker) -> None:
 def test_a_400_kb_lease_id_is_refused_where_it_is_sent(pool: Pool) -> None:
     before = pids(pool)
     for path in (pool.socket, worker_socket(pool)):
-        answer = ask(path, messages.LeaseRequest(kind="float", lease="x" * 400_000))
+        answer = ask(path, wire.document({"op": "lease", "lease": "x" * 400_000}))
         assert answer["code"] == "protocol" and "over the 65536 limit" in answer["error"]
-        answer = ask(path, messages.LeaseRequest(kind="float", lease="x" * 100))
+        answer = ask(path, wire.document({"op": "lease", "lease": "x" * 100}))
         assert answer["code"] == "protocol" and "is not a lease id" in answer["error"]
-        answer = ask(path, messages.LeaseRequest(kind="float", zone="z" * 300))
+        answer = ask(path, wire.document({"op": "lease", "options": {"zone": "z" * 300}}))
         assert answer["code"] == "protocol" and "lease.zone: 300 characters" in answer["error"]
     assert not pool.status()["assignments"]
     assert_whole(pool, before)
@@ -271,7 +272,7 @@ def test_a_full_link_to_a_worker_loses_no_frame(pools: PoolMaker) -> None:
     try:
         for _ in range(600):
             sock = raw(pool.socket)
-            send(sock, messages.encode(messages.LeaseRequest(kind="float", timeout=60)))
+            send(sock, messages.encode(messages.LeaseRequest(LeaseOptions(), wait=60)))
             clients.append(sock)
         wait_for(lambda: "the link to worker" in pool.logs(), 20, "the link to fill up")
     finally:
@@ -292,7 +293,7 @@ def test_clients_that_hang_up_at_once_leave_nothing_behind(pool: Pool) -> None:
     before = pids(pool)
     with kzpool.connect(pool.socket).lease("float") as lease:
         assert lease._impl.pool.routes  # it learned the worker's socket
-    request = messages.encode(messages.LeaseRequest(kind="float"))
+    request = messages.encode(messages.LeaseRequest(LeaseOptions()))
     for _ in range(30):
         for path in (pool.socket, worker_socket(pool)):
             sock = raw(path)
@@ -462,7 +463,7 @@ def test_a_lease_id_serves_only_the_process_that_got_it(pools: PoolMaker) -> Non
                    5, "the victim's row, assigned")
 
     def take_over() -> str:  # read from status, asked for at the master and at the worker
-        request = messages.LeaseRequest(kind="float", lease=victim.id)
+        request = messages.LeaseRequest(LeaseOptions(), lease=victim.id)
         at_master = ask(pool.socket, request)
         at_worker = ask(worker_socket(pool), request)
         return f"{at_master.get('code')} {at_worker['op']} {at_master.get('error')}"

@@ -12,14 +12,14 @@ import pika.exceptions
 import pytest
 
 import kzpool
-import kzpool.client.move
-from kzpool.client.confirms import ConfirmBook
+import kzpool.lease.state
 from kzpool.client.connection import Connection
 from kzpool.client.pool import PoolClient
-from kzpool.client.tags import TagMap
 from kzpool.common import messages, wire
 from kzpool.common.messages import Reason
 from kzpool.common.wire import Flag, Kind
+from kzpool.lease.confirms import ConfirmBook
+from kzpool.lease.state import TagMap
 
 from .fakes import FakeBackend, FakeWorker
 
@@ -175,7 +175,7 @@ def test_tag_map() -> None:
 
 
 def test_confirm_book_renumbers_what_is_pending() -> None:
-    from kzpool.client.confirms import Confirm, Unconfirmed
+    from kzpool.lease.confirms import Confirm, Unconfirmed
 
     book = ConfirmBook()
     entries = [Unconfirmed(Confirm(lambda _d, _t: True, "L"), f"f{i}".encode(), "", "q", None,
@@ -499,7 +499,7 @@ def test_a_lease_waits_for_a_pool_that_went_away_then_replays_and_resends(
     wait(lambda: frames(second, Kind.PUBLISH), "the publish sent again")
     second.send(wire.tagged(Kind.CONFIRM, 1, 0))
     assert future is not None and future.result(5) is None
-    assert [m.reason for m in moves] == [kzpool.client.move.POOL_RESTARTED]
+    assert [m.reason for m in moves] == [kzpool.lease.state.POOL_RESTARTED]
     lease.close()
 
 

@@ -18,6 +18,7 @@ import pytest
 from kzpool.common import messages, wire
 from kzpool.common.access import Access
 from kzpool.common.errors import ProtocolError
+from kzpool.common.options import LeaseOptions
 from kzpool.common.sockets import Outbox, receive
 from kzpool.master import registry
 from kzpool.master.control import REQUEST_TIMEOUT, LeaseSocket
@@ -62,7 +63,7 @@ def test_an_outbox_finishes_partial_writes_and_passes_each_socket_with_its_frame
         ours, theirs = socket.socketpair()
         ours.sendall(b"%05d" % i)  # what the worker will read on the socket it gets
         clients.append(ours)
-        adopt = messages.encode(messages.Adopt(f"lease{i:05d}" + "x" * 40, "float", "z"))
+        adopt = messages.encode(messages.Adopt(f"lease{i:05d}" + "x" * 40, LeaseOptions(zone="z")))
         assert outbox.put(adopt, theirs)
     assert not outbox.flush(link) and outbox.pending  # the link is full
     reader, fds, got = wire.FrameReader(), [], []

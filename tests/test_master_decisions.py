@@ -19,6 +19,7 @@ from kzpool.common.backoff import Backoff
 from kzpool.common.config import Config, loads
 from kzpool.common.exitcodes import CONSUMER_BOOT, OK, WORKER_FATAL
 from kzpool.common.messages import LeaseEvent, LeaseNews, LeaseRequest, Report
+from kzpool.common.options import LeaseOptions
 from kzpool.common.states import ConnState, ProcState
 from kzpool.master.assign import RowState
 from kzpool.master.consumers import ConsumerSet, changed_sections
@@ -234,7 +235,7 @@ def test_a_reservation_waits_for_a_broker_then_expires(short_tmp: Path) -> None:
     w = Workers(short_tmp)  # no worker connected yet
     book = LeaseBook(w.set, w.selector, w.system)
     client, ours = socket.socketpair()
-    book.request(ours, LeaseRequest(kind="float", timeout=2))
+    book.request(ours, LeaseRequest(LeaseOptions(), wait=2))
     assert len(book.waiting) == 1
     w.system.now += 1
     book.place_waiting(w.system.now)
@@ -250,14 +251,14 @@ def test_a_reservation_is_placed_on_the_primary_once_it_connects(short_tmp: Path
     w = Workers(short_tmp)
     book = LeaseBook(w.set, w.selector, w.system)
     client, ours = socket.socketpair()
-    book.request(ours, LeaseRequest(kind="float", timeout=5))
+    book.request(ours, LeaseRequest(LeaseOptions(), wait=5))
     h2 = w.slot(1)
     w.connect(h2)  # the second broker of the zone is up: it is the primary while h1 is not
     book.place_waiting(w.system.now)
     (row,) = book.rows.values()
     assert row.state is RowState.ASSIGNING and row.slot is h2
-    assert (h2, messages.Adopt(row.lease, "float", "east")) in w.said
-    book.on_news(h2, LeaseNews(LeaseEvent.ASSIGNED, row.lease, channel=1, kind="float"))
+    assert (h2, messages.Adopt(row.lease, LeaseOptions())) in w.said
+    book.on_news(h2, LeaseNews(LeaseEvent.ASSIGNED, row.lease, channel=1, options=LeaseOptions()))
     assert row.state is RowState.ASSIGNED
     client.close()
 
@@ -267,7 +268,8 @@ def test_fail_back_moves_float_leases_to_the_primary_when_it_returns(short_tmp: 
     book = LeaseBook(w.set, w.selector, w.system)
     h1, h2 = w.slot(0), w.slot(1)
     w.connect(h2)
-    book.on_news(h2, LeaseNews(LeaseEvent.ASSIGNED, "l1", channel=1, kind="float", zone="east"))
+    book.on_news(h2, LeaseNews(LeaseEvent.ASSIGNED, "l1", channel=1,
+                               options=LeaseOptions(zone="east")))
     book.fail_back()
     assert book.rows["l1"].state is RowState.ASSIGNED  # h2 is the primary
     w.connect(h1)
@@ -281,7 +283,7 @@ def test_a_client_that_hangs_up_while_waiting_is_forgotten(short_tmp: Path) -> N
     w = Workers(short_tmp)
     book = LeaseBook(w.set, w.selector, w.system)
     client, ours = socket.socketpair()
-    book.request(ours, LeaseRequest(kind="float", timeout=60))
+    book.request(ours, LeaseRequest(LeaseOptions(), wait=60))
     client.close()
     for key, _events in w.selector.select(1):
         if key.fileobj is ours:
@@ -343,9 +345,9 @@ def test_a_lease_id_serves_only_the_process_that_got_it(short_tmp: Path) -> None
     w = Workers(short_tmp)
     book = LeaseBook(w.set, w.selector, w.system)
     w.connect(w.slot(0))
-    book.on_news(w.slot(0), LeaseNews(LeaseEvent.ASSIGNED, "theirs", channel=1, kind="float",
+    book.on_news(w.slot(0), LeaseNews(LeaseEvent.ASSIGNED, "theirs", channel=1,
                                       client_pid=1))  # pid 1's lease
-    refusal = asked(book, LeaseRequest(kind="float", lease="theirs"))
+    refusal = asked(book, LeaseRequest(LeaseOptions(), lease="theirs"))
     assert refusal is not None and refusal.code == "not_owner"
     assert "belongs to another process (pid 1)" in refusal.error
     assert book.rows["theirs"].state is RowState.ASSIGNED  # untouched
@@ -357,23 +359,23 @@ def test_leases_per_process_count_every_worker_but_not_lost_ones(short_tmp: Path
     h1, h2 = w.slot(0), w.slot(1)
     for slot, lease in ((h1, "a"), (h2, "b")):
         w.connect(slot)
-        book.on_news(slot, LeaseNews(LeaseEvent.ASSIGNED, lease, channel=1, kind="float",
+        book.on_news(slot, LeaseNews(LeaseEvent.ASSIGNED, lease, channel=1, options=LeaseOptions(),
                                      client_pid=os.getpid()))
-    refusal = asked(book, LeaseRequest(kind="float"))
+    refusal = asked(book, LeaseRequest(LeaseOptions()))
     assert refusal is not None and refusal.code == "limit"
     assert "max_leases_per_process = 2" in refusal.error
     book.on_news(h2, LeaseNews(LeaseEvent.LOST, "b"))  # a lost lease holds nothing
-    assert asked(book, LeaseRequest(kind="float")) is None
-    assert asked(book, LeaseRequest(kind="float", lease="b")) is not None  # its own: but full
+    assert asked(book, LeaseRequest(LeaseOptions())) is None
+    assert asked(book, LeaseRequest(LeaseOptions(), lease="b")) is not None  # its own: but full
 
 
 def test_a_lease_a_worker_served_past_the_limit_is_moved(short_tmp: Path) -> None:
     w = Workers(short_tmp, "max_leases_per_process = 1")
     book = LeaseBook(w.set, w.selector, w.system)
     h1, h2 = w.slot(0), w.slot(1)
-    book.on_news(h1, LeaseNews(LeaseEvent.ASSIGNED, "a", channel=1, kind="float",
+    book.on_news(h1, LeaseNews(LeaseEvent.ASSIGNED, "a", channel=1, options=LeaseOptions(),
                                client_pid=os.getpid()))
-    book.on_news(h2, LeaseNews(LeaseEvent.ASSIGNED, "b", channel=1, kind="float",
+    book.on_news(h2, LeaseNews(LeaseEvent.ASSIGNED, "b", channel=1, options=LeaseOptions(),
                                client_pid=os.getpid()))  # served at h2 directly: one too many
     assert (h2, messages.MoveLease("b")) in w.said and book.rows["b"].state is RowState.MOVING
     assert (h1, messages.MoveLease("a")) not in w.said
@@ -382,23 +384,23 @@ def test_a_lease_a_worker_served_past_the_limit_is_moved(short_tmp: Path) -> Non
 def test_hidden_brokers_are_refused_bounded_and_unused_ones_retired(short_tmp: Path) -> None:
     w = Workers(short_tmp)
     book = LeaseBook(w.set, w.selector, w.system)
-    refusal = asked(book, LeaseRequest(kind="sticky", broker="amqp://u:p@nowhere1/"))
+    refusal = asked(book, LeaseRequest(LeaseOptions("sticky", broker="amqp://u:p@nowhere1/")))
     assert refusal is not None and refusal.code == "limit"
     assert "hidden_brokers = 0" in refusal.error and "u:p" not in refusal.error
     w = Workers(short_tmp, "hidden_brokers = 1")
     book = LeaseBook(w.set, w.selector, w.system)
     client, ours = socket.socketpair()
-    book.request(ours, LeaseRequest(kind="sticky", broker="amqp://u:p@nowhere1/", timeout=60))
+    book.request(ours, LeaseRequest(LeaseOptions("sticky", broker="amqp://u:p@nowhere1/"), wait=60))
     first = [s for s in w.set.live() if s.spec.broker.hidden]
     assert len(first) == 1 and len(book.waiting) == 1
-    refusal = asked(book, LeaseRequest(kind="sticky", broker="amqp://u:p@nowhere2/"))
+    refusal = asked(book, LeaseRequest(LeaseOptions("sticky", broker="amqp://u:p@nowhere2/")))
     assert refusal is not None and "are all in use" in refusal.error
     client.close()  # the first one's client gives up: nothing uses that broker any more
     for key, _events in w.selector.select(1):
         if key.fileobj is ours:
             key.data(key.fd)
-    assert asked(book, LeaseRequest(kind="sticky", broker="amqp://u:p@nowhere2/",
-                                    timeout=60)) is None
+    assert asked(book, LeaseRequest(LeaseOptions("sticky", broker="amqp://u:p@nowhere2/"),
+                                    wait=60)) is None
     assert first[0].removed and (first[0].pid, signal.SIGTERM) in w.system.killed
     assert [s.spec.broker.uri.host for s in w.set.live() if s.spec.broker.hidden] == [
         "nowhere2"]

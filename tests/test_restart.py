@@ -18,7 +18,7 @@ from typing import Any
 
 import kzpool
 import kzpool.aio
-from kzpool.client.move import POOL_RESTARTED
+from kzpool.lease.state import POOL_RESTARTED
 from kzpool.testing import DEFAULT_URI, Pool, consumer_count, wait_for
 
 from . import test_consumers, test_leases

@@ -227,10 +227,10 @@ def test_second_signal_stops_at_once(pools: PoolMaker) -> None:
 
 
 FORK_THEN_TERM = """
-import os, selectors, signal, time
-from kzpool.master.signals import SignalQueue
-from kzpool.master.system import OsSystem
-SignalQueue().install(selectors.DefaultSelector())   # the master's recorder
+import os, signal, time
+from kzpool.common.wakeup import SignalPipe
+from kzpool.master.system import HANDLED, OsSystem
+SignalPipe(HANDLED).install()   # the master's recorder
 pid = OsSystem().fork()
 if pid == 0:
     time.sleep(30)   # a child that never gets as far as its own handlers

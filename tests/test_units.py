@@ -5,18 +5,21 @@ from __future__ import annotations
 import pytest
 
 import kzpool
-from kzpool.client.topology import Topology
 from kzpool.common import wire as protocol
 from kzpool.common.backoff import Backoff
 from kzpool.common.config import Broker, loads
 from kzpool.common.errors import ProtocolError
+from kzpool.common.options import LeaseOptions
 from kzpool.common.states import ConnState
 from kzpool.common.uri import BrokerURI
 from kzpool.common.wire import Flag
-from kzpool.master.assign import Assignment, LeaseKind, RowState, choose_slot, to_move, zone_primary
+from kzpool.lease.topology import Topology
+from kzpool.master.assign import Assignment, RowState, choose_slot, to_move, zone_primary
 from kzpool.master.life import Life
 from kzpool.master.slots import Slot, startup_hopeless, startup_settled
 from kzpool.worker.spec import WorkerSpec
+
+FLOAT, STICKY = LeaseOptions(), LeaseOptions("sticky", broker="amqp://h2/")
 
 
 def test_public_api() -> None:
@@ -25,7 +28,8 @@ def test_public_api() -> None:
         "ClientClosed", "Config",
         "ConfigError", "Confirm", "Connection", "ConnectionBlockedTimeout",
         "ConnectionClosedByBroker", "KzpoolError", "Lease",
-        "LeaseClosed", "LeaseNotYours", "LeaseRequestError", "LeaseTimeout", "LimitExceeded",
+        "LeaseClosed", "LeaseNotYours", "LeaseOptions", "LeaseRequestError", "LeaseTimeout",
+        "LimitExceeded",
         "Listener", "Message", "MoveEvent",
         "NackError",
         "PoolAccessDenied", "PoolClient", "PoolNotRunning", "ProtocolError", "StartupError",
@@ -176,9 +180,9 @@ def test_choose_slot_spreads_and_skips_unavailable() -> None:
 
 def test_float_leases_off_the_primary_are_moved_back() -> None:
     slots = [slot(0), slot(1)]
-    on_secondary = Assignment("l1", LeaseKind.FLOAT, "a", 1, state=RowState.ASSIGNED, slot=slots[1])
-    on_primary = Assignment("l2", LeaseKind.FLOAT, "a", 1, state=RowState.ASSIGNED, slot=slots[0])
-    sticky = Assignment("l3", LeaseKind.STICKY, "a", 1, "amqp://h2/", RowState.ASSIGNED, slots[1])
+    on_secondary = Assignment("l1", FLOAT, "a", 1, state=RowState.ASSIGNED, slot=slots[1])
+    on_primary = Assignment("l2", FLOAT, "a", 1, state=RowState.ASSIGNED, slot=slots[0])
+    sticky = Assignment("l3", STICKY, "a", 1, "amqp://h2/", RowState.ASSIGNED, slots[1])
     assert to_move([on_secondary, on_primary, sticky], slots) == [on_secondary]
     slots[0].state = ConnState.WAITING
     assert to_move([on_secondary, on_primary, sticky], slots) == [on_primary]
@@ -189,10 +193,10 @@ def test_broker_summary_counts_connections_and_leases() -> None:
 
     slots = [slot(0), slot(1)]
     slots[0].primary, slots[0].prechannels = True, 7
-    rows = [Assignment("l1", LeaseKind.FLOAT, "a", 1, state=RowState.ASSIGNED, slot=slots[0]),
-            Assignment("l2", LeaseKind.STICKY, "a", 1, "amqp://h2/", RowState.ASSIGNED,
+    rows = [Assignment("l1", FLOAT, "a", 1, state=RowState.ASSIGNED, slot=slots[0]),
+            Assignment("l2", STICKY, "a", 1, "amqp://h2/", RowState.ASSIGNED,
                        slots[1]),
-            Assignment("l3", LeaseKind.STICKY, "a", 1, "amqp://h2/", RowState.WAITING)]
+            Assignment("l3", STICKY, "a", 1, "amqp://h2/", RowState.WAITING)]
     summary = {b["broker"]: b for b in broker_summary([s.row() for s in slots],
                                                       [r.row() for r in rows])}
     first, second = summary["amqp://guest:***@h1:5672/%2F"], summary["amqp://guest:***@h2:5672/%2F"]
@@ -221,7 +225,7 @@ def test_a_confirm_is_a_future_to_every_caller() -> None:
     import threading
     from collections.abc import Callable
 
-    from kzpool.client.confirms import Confirm
+    from kzpool.lease.confirms import Confirm
 
     def reads(done: Callable[[], bool], _timeout: float | None) -> bool:
         return done()

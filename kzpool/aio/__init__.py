@@ -15,7 +15,7 @@ without it, kzpool.aio's own work the same.
 
 from __future__ import annotations
 
-from ..client.move import MoveEvent
+from ..lease.state import MoveEvent
 from . import compat, errors
 from .channel import Channel
 from .compat import DeliveryMode, ExchangeType

@@ -1,11 +1,11 @@
 """One stream of an asyncio lease to a worker, bound (or being bound) to a channel.
 
-An :class:`AioBound` is made anew on every acquire and lives until its channel is lost or
+An :class:`Bound` is made anew on every acquire and lives until its channel is lost or
 the lease closes: the :class:`~kzpool.aio.stream.FrameStream`, whether the worker bound it
 (or refused), the calls waiting for their replies, and the ``basic.get`` messages read
 before their replies.  Each frame goes, from the loop's read callback, to the shared
-:class:`~kzpool.client.frames.Frames`, which writes into the lease's lasting
-:class:`~kzpool.client.state.LeaseState`; deliveries and returns go to the channel
+:class:`~kzpool.lease.frames.Frames`, which writes into the lease's lasting
+:class:`~kzpool.lease.state.LeaseState`; deliveries and returns go to the channel
 (:class:`LinkOwner`).  When it is lost it closes its stream, settles its calls, and tells
 its ``on_lost`` once.  Not thread-safe: the loop's thread only.
 """
@@ -18,11 +18,10 @@ import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..client.frames import Frames
-from ..client.state import LeaseState
 from ..common import messages
 from ..common.messages import Reason, Reply
-from .client import AioPoolClient
+from ..lease.frames import Frames
+from ..lease.state import LeaseState
 from .stream import FrameStream, attach
 
 log = logging.getLogger("kzpool.aio")
@@ -47,20 +46,20 @@ class LinkOwner(Protocol):
     def on_move(self, old_broker: str | None, reason: str, renamed: dict[str, str]) -> None: ...
 
 
-class AioBound:
+class Bound:
     """A stream to a worker and the calls on it (see the module); :meth:`attach` first."""
 
-    def __init__(self, state: LeaseState, owner: LinkOwner, pool: AioPoolClient,
-                 on_lost: OnLost, on_unblocked: Callable[[], None]) -> None:
+    def __init__(self, state: LeaseState, owner: LinkOwner, on_lost: OnLost,
+                 on_unblocked: Callable[[], None]) -> None:
         self.loop = asyncio.get_running_loop()
         self.state = state
         self.owner = owner
-        self.pool = pool
         self.on_lost = on_lost
         self.on_unblocked = on_unblocked
         self.frames = Frames(self, state, log)
         self.stream: FrameStream | None = None
         self.has_channel = False  # the worker bound this stream to a channel
+        self.route: str | None = None  # that worker's own socket, once bound
         self.refusal: messages.Refused | None = None
         self.dead = False  # lost or closed: nothing more is read or sent
         self.binding: asyncio.Future[None] = self.loop.create_future()  # bound, lost, refused
@@ -76,7 +75,7 @@ class AioBound:
         """Bound to a channel, and not lost: calls and publishes go through."""
         return self.has_channel and not self.dead
 
-    def write(self, data: bytes) -> None:
+    def send(self, data: bytes) -> None:
         if self.stream is not None and not self.dead:
             self.stream.write(data)
 
@@ -85,7 +84,7 @@ class AioBound:
         error instead, if it closed the channel)."""
         future: asyncio.Future[Reply | None] = self.loop.create_future()
         self.replies[rid] = future
-        self.write(messages.encode(request))
+        self.send(messages.encode(request))
         try:
             return await future
         finally:
@@ -167,8 +166,8 @@ class AioBound:
             future.set_result(reply)
 
     def leased(self, event: messages.Leased) -> None:
-        self.has_channel = True
-        self.state.bound(event, self.pool.routes)
+        self.has_channel, self.route = True, event.route
+        self.state.bound(event)
         self._resolve_binding()
 
     def cancelled(self, consumer_tag: str) -> None:
@@ -178,9 +177,6 @@ class AioBound:
 
     def lost(self, reason: Reason) -> None:
         self.lose(reason)
-
-    def send(self, data: bytes) -> None:
-        self.write(data)
 
     def set_blocked(self, blocked: bool) -> None:
         self.state.set_blocked(blocked)

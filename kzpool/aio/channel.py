@@ -18,36 +18,33 @@ import asyncio
 import uuid
 from collections.abc import Callable, Generator
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
-from ..client.move import MoveEvent
+from ..common.options import LeaseOptions, OptionFields
+from ..lease.state import MoveEvent
 from .callbacks import CallbackCollection, Ending
-from .client import AioPoolClient
 from .compat import ExchangeType
 from .core import ChannelCore
 from .errors import ChannelInvalidStateError
 from .exchange import Exchange
+from .pool import PoolClient
 from .queue import Queue
 
 
 class Channel:
-    def __init__(self, pool: AioPoolClient, channel_number: int | None = None,
+    def __init__(self, pool: PoolClient, channel_number: int | None = None,
                  publisher_confirms: bool = True, on_return_raises: bool = False, *,
-                 kind: str = "float", zone: str | None = None, broker: str | None = None,
-                 timeout: float = 10.0, on_move: Callable[[MoveEvent], Any] | None = None
-                 ) -> None:
+                 options: LeaseOptions | None = None,
+                 on_move: Callable[[MoveEvent], Any] | None = None,
+                 **fields: Unpack[OptionFields]) -> None:
         if on_return_raises and not publisher_confirms:
             raise RuntimeError("on_return_raises must be passed with publisher_confirms")
-        if kind not in ("float", "sticky"):
-            raise ValueError(f"unknown lease kind {kind!r} (float or sticky)")
-        if kind == "sticky" and not broker:
-            raise ValueError("a sticky channel names its broker: broker='amqp://...'")
+        self.options = LeaseOptions.of(options, **fields)
         self._pool = pool
         self._requested_number = channel_number
         self.publisher_confirms = publisher_confirms
         self.on_return_raises = on_return_raises
-        self._kind, self._zone, self._broker = kind, zone, broker
-        self._timeout, self._on_move = timeout, on_move
+        self._on_move = on_move
         self._core: ChannelCore | None = None
         self._ending = Ending(self)
         self.close_callbacks = self._ending.callbacks
@@ -60,7 +57,7 @@ class Channel:
         if self._core is not None or self._ending.closed:
             raise RuntimeError("Already initialized")
         core = ChannelCore(self, self._pool, self.publisher_confirms, self.on_return_raises,
-                           self._kind, self._zone, self._broker, self._timeout, self._on_move)
+                           self.options, self._on_move)
         self._core = core
         try:
             if timeout is None:
@@ -136,7 +133,7 @@ class Channel:
 
     @property
     def kind(self) -> str:
-        return self._kind
+        return self.options.kind
 
     def __repr__(self) -> str:
         return f"<Channel #{self.number} lease {self.lease_id} on {self.broker}>"

@@ -11,19 +11,20 @@ import asyncio
 import os
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
-from ..client.move import MoveEvent
 from ..common.errors import LeaseRequestError
+from ..common.options import LeaseOptions, OptionFields
 from ..common.settings import BY_NAME
+from ..lease.state import MoveEvent
 from .callbacks import Ending
 from .channel import Channel
-from .client import AioPoolClient
+from .pool import PoolClient
 from .stream import AioBackend
 
 
 class Connection:
-    def __init__(self, client: AioPoolClient) -> None:
+    def __init__(self, client: PoolClient) -> None:
         self.client = client
         self._ending = Ending(self)
         self.close_callbacks = self._ending.callbacks
@@ -45,16 +46,18 @@ class Connection:
         return f"<kzpool.aio.Connection {self.socket}>"
 
     def channel(self, channel_number: int | None = None, publisher_confirms: bool = True,
-                on_return_raises: bool = False, *, kind: str = "float",
-                zone: str | None = None, broker: str | None = None, timeout: float = 10.0,
-                on_move: Callable[[MoveEvent], Any] | None = None) -> Channel:
+                on_return_raises: bool = False, *, options: LeaseOptions | None = None,
+                on_move: Callable[[MoveEvent], Any] | None = None,
+                **fields: Unpack[OptionFields]) -> Channel:
         """A channel to ``await`` (or ``async with``): a float lease by default, following
-        the zone's primary; ``kind="sticky", broker=URI`` stays on that broker.  Calls wait
-        up to ``timeout`` seconds for a channel across a move."""
+        the zone's primary; ``kind="sticky", broker=URI`` stays on that broker.  Its options
+        are ``options`` (a :class:`~kzpool.common.options.LeaseOptions`) and keywords over
+        them.  Calls wait up to the lease's ``timeout`` seconds for a channel across a
+        move."""
         if self._ending.closed:
             raise RuntimeError("Connection was not opened")
         channel = Channel(self.client, channel_number, publisher_confirms, on_return_raises,
-                          kind=kind, zone=zone, broker=broker, timeout=timeout, on_move=on_move)
+                          options=options, on_move=on_move, **fields)
         self._channels = [c for c in self._channels if not c.is_closed or not c.is_initialized]
         self._channels.append(channel)
         return channel
@@ -94,7 +97,7 @@ async def connect(socket: str | None = None, *, timeout: float = 5.0,
             f" ({str(socket).split('@')[-1]}): the pool's config names its brokers; a"
             " channel on one broker is connection.channel(kind='sticky', broker=URL)")
     path = socket or os.environ.get("KZPOOL_SOCKET") or str(BY_NAME["socket"].default)
-    client = AioPoolClient(path, backend)
+    client = PoolClient(path, backend)
     await client.ping(timeout)
     return Connection(client)
 

@@ -19,18 +19,19 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
-from ..client.confirms import Unconfirmed
-from ..client.move import MoveEvent
 from ..common import wire
 from ..common.errors import ChannelClosedByBroker, LeaseRequestError, NackError, UnroutableError
+from ..common.options import LeaseOptions
 from ..common.wire import Flag
+from ..lease.confirms import Unconfirmed
+from ..lease.state import MoveEvent
 from . import compat
 from .callbacks import CallbackCollection
-from .client import AioPoolClient
 from .errors import DeliveryError, DuplicateConsumerTag, PublishError, channel_error
 from .incoming import IncomingMessage, ReturnedMessage
-from .link import AioLink, LinkState
+from .link import LeaseLink, Phase
 from .message import body_of, encode_properties
+from .pool import PoolClient
 
 log = logging.getLogger("kzpool.aio")
 
@@ -119,9 +120,9 @@ class _Confirm:
 
 
 class ChannelCore:
-    def __init__(self, public: Any, pool: AioPoolClient, publisher_confirms: bool,
-                 on_return_raises: bool, kind: str, zone: str | None, broker: str | None,
-                 timeout: float, on_move: Callable[[MoveEvent], Any] | None) -> None:
+    def __init__(self, public: Any, pool: PoolClient, publisher_confirms: bool,
+                 on_return_raises: bool, options: LeaseOptions,
+                 on_move: Callable[[MoveEvent], Any] | None) -> None:
         self.public = public  # the Channel users hold: what callbacks and messages get
         self.publisher_confirms = publisher_confirms
         self.on_return_raises = on_return_raises
@@ -130,7 +131,7 @@ class ChannelCore:
         self.consumers: dict[str, Consumer | _Cancelled] = {}
         self._on_move = on_move
         self._tasks: set[asyncio.Future[Any]] = set()  # on_move coroutines running
-        self.link = AioLink(pool, self, kind, zone, broker, timeout)
+        self.link = LeaseLink(pool, self, options)
 
     async def open(self) -> None:
         await self.link.open()
@@ -139,7 +140,7 @@ class ChannelCore:
 
     @property
     def is_closed(self) -> bool:
-        return self.link.state in (LinkState.CLOSED, LinkState.FAILED)
+        return self.link.phase in (Phase.CLOSED, Phase.FAILED)
 
     async def close(self) -> None:
         await self.link.close()

@@ -1,10 +1,10 @@
 """An asyncio lease's link to the worker that owns its channel: calls, losses, recovery.
 
 The event loop's counterpart of :class:`kzpool.client.link.LeaseLink`, on the same wire and
-the same pure pieces: the lasting :class:`~kzpool.client.state.LeaseState` (tags unique
+the same pure pieces: the lasting :class:`~kzpool.lease.state.LeaseState` (tags unique
 across channels, the confirm book, the topology to replay) and the frame dispatch
-(:mod:`kzpool.client.frames`).  The stream of the channel now is an
-:class:`~kzpool.aio.bound.AioBound`, made anew on every acquire; frames are handled as they
+(:mod:`kzpool.lease.frames`).  The stream of the channel now is an
+:class:`~kzpool.aio.bound.Bound`, made anew on every acquire; frames are handled as they
 are read, from the loop's read callback: a delivery goes to the owner, a confirm resolves
 its future, a reply wakes its call.
 
@@ -28,9 +28,6 @@ import logging
 import socket
 from typing import Any
 
-from ..client.confirms import ConfirmBook
-from ..client.move import POOL_RESTARTED
-from ..client.state import LeaseState
 from ..common import messages, wire
 from ..common.backoff import Backoff
 from ..common.errors import (
@@ -42,18 +39,23 @@ from ..common.errors import (
     PoolAccessDenied,
 )
 from ..common.messages import Reason, Reply
+from ..common.options import LeaseOptions
 from ..common.wire import Kind
-from .bound import AioBound, Got, LinkOwner
-from .client import AioPoolClient
+from ..lease.confirms import ConfirmBook
+from ..lease.state import POOL_RESTARTED, LeaseState
+from .bound import Bound, Got, LinkOwner
 from .errors import ChannelClosed, ChannelInvalidStateError, channel_error
-from .moves import AioRecovery
+from .pool import PoolClient
+from .recovery import Recovery
 
 log = logging.getLogger("kzpool.aio")
 
 FATAL = (LeaseRequestError, PoolAccessDenied)  # a retry would be refused the same way
 
 
-class LinkState(enum.Enum):
+class Phase(enum.Enum):
+    """Where a link is in its life."""
+
     OPENING = "opening"  # no channel yet
     READY = "ready"  # a channel, its topology replayed: calls go through
     LOST = "lost"  # getting another channel (and replaying)
@@ -61,24 +63,23 @@ class LinkState(enum.Enum):
     CLOSED = "closed"  # closed by its owner
 
 
-class AioLink:
-    def __init__(self, pool: AioPoolClient, owner: LinkOwner, kind: str, zone: str | None,
-                 broker: str | None, timeout: float) -> None:
+class LeaseLink:
+    def __init__(self, pool: PoolClient, owner: LinkOwner, options: LeaseOptions) -> None:
         self.loop = asyncio.get_running_loop()
         self.pool = pool
         self.owner = owner
-        self.lease = LeaseState(kind, zone, broker, timeout)
-        self.state = LinkState.OPENING
-        self.current: AioBound | None = None  # the stream of the channel now
+        self.state = LeaseState(options)
+        self.phase = Phase.OPENING
+        self.current: Bound | None = None  # the stream of the channel now
         self.failure: BaseException | None = None  # why the last recovery try failed
         self.unreported: Reason | None = None  # a channel error no call has raised yet
         self._changed: asyncio.Future[None] | None = None  # resolved on each state change
         self._rid = 0
         self._recovery: asyncio.Task[None] | None = None
-        self.recovery = AioRecovery(pool, self.lease, self._attach)
+        self.recovery = Recovery(pool, self.state, self._attach)
 
-    async def _attach(self, sock: socket.socket) -> AioBound:
-        bound = AioBound(self.lease, self.owner, self.pool, self._on_lost, self.changed)
+    async def _attach(self, sock: socket.socket) -> Bound:
+        bound = Bound(self.state, self.owner, self._on_lost, self.changed)
         self.current = bound
         await bound.attach(sock)
         return bound
@@ -87,31 +88,31 @@ class AioLink:
 
     @property
     def id(self) -> str | None:
-        return self.lease.id
+        return self.state.id
 
     @property
     def broker(self) -> str | None:
-        return self.lease.broker
+        return self.state.broker
 
     @property
     def channel_number(self) -> int:
-        return self.lease.channel_number
+        return self.state.channel_number
 
     @property
     def blocked(self) -> bool:
-        return self.lease.blocked
+        return self.state.blocked
 
     @property
     def confirms(self) -> ConfirmBook:
-        return self.lease.confirms
+        return self.state.confirms
 
     @property
     def closed(self) -> bool:
-        return self.state is LinkState.CLOSED
+        return self.phase is Phase.CLOSED
 
     @property
     def ready(self) -> bool:
-        return self.state is LinkState.READY
+        return self.phase is Phase.READY
 
     @property
     def paused(self) -> bool:
@@ -129,15 +130,15 @@ class AioLink:
     async def open(self) -> None:
         """The first channel: errors (no pool, refused, no broker in time) raise here."""
         await self.recovery.acquire()
-        self.state = LinkState.READY
+        self.phase = Phase.READY
         self.changed()
 
     async def close(self) -> None:
         """Give the channel back (the worker cancels its consumers, unacked messages go back
         to their queues); publishes still unconfirmed fail."""
-        if self.state is LinkState.CLOSED:
+        if self.phase is Phase.CLOSED:
             return
-        self.state = LinkState.CLOSED
+        self.phase = Phase.CLOSED
         self.changed()
         recovery, self._recovery = self._recovery, None
         if recovery is not None and recovery is not asyncio.current_task():
@@ -148,7 +149,7 @@ class AioLink:
         error = ChannelInvalidStateError("the channel was closed", lease=self.id)
         if current is not None:
             current.close(messages.encode(messages.Close()), error)
-        self.lease.confirms.fail_all(ChannelInvalidStateError("the channel was closed",
+        self.state.confirms.fail_all(ChannelInvalidStateError("the channel was closed",
                                                               lease=self.id))
 
     # ----- calls ----------------------------------------------------------------------------
@@ -157,19 +158,19 @@ class AioLink:
                    record: bool = True) -> Reply:
         """One call and its reply, across moves (up to the lease's timeout); recorded for
         replay.  A call the broker refuses raises aiormq's error for its code."""
-        deadline = self.loop.time() + self.lease.timeout
+        deadline = self.loop.time() + self.state.timeout
         while True:
             await self.wait_ready(deadline)
             reply = await self.send_call(op, method, args)
             if reply is not None:
                 break
             if self.loop.time() > deadline:
-                raise LeaseTimeout(f"{method} got no reply within {self.lease.timeout} s",
+                raise LeaseTimeout(f"{method} got no reply within {self.state.timeout} s",
                                    lease=self.id)
         if reply.error is not None:
             raise channel_error(reply.error.code, reply.error.text)
         if record:
-            self.lease.topology.record(op, method, args)
+            self.state.topology.record(op, method, args)
         return reply
 
     async def send_call(self, op: str, method: str, args: dict[str, Any]) -> Reply | None:
@@ -193,27 +194,27 @@ class AioLink:
             reason, self.unreported = self.unreported, None
             raise channel_error(reason.code, reason.text)
         if deadline is None:
-            deadline = self.loop.time() + self.lease.timeout
-        while self.state is not LinkState.READY:
-            if self.state is LinkState.CLOSED:
+            deadline = self.loop.time() + self.state.timeout
+        while self.phase is not Phase.READY:
+            if self.phase is Phase.CLOSED:
                 raise ChannelInvalidStateError("the channel is closed", lease=self.id)
-            if self.state is LinkState.FAILED:
+            if self.phase is Phase.FAILED:
                 assert self.failure is not None
                 raise self.failure
             remaining = deadline - self.loop.time()
             if remaining <= 0:
                 if self.failure is not None:
                     raise self.failure
-                raise LeaseTimeout(f"no channel within {self.lease.timeout} s", lease=self.id)
+                raise LeaseTimeout(f"no channel within {self.state.timeout} s", lease=self.id)
             await self._wait_change(remaining)
 
     async def wait_unblocked(self) -> None:
-        deadline = self.loop.time() + self.lease.timeout
-        while self.lease.blocked:
+        deadline = self.loop.time() + self.state.timeout
+        while self.state.blocked:
             await self.wait_ready(deadline)
             if self.loop.time() > deadline:
                 raise ConnectionBlockedTimeout(f"the broker {self.broker} blocked publishing"
-                                               f" for over {self.lease.timeout} s",
+                                               f" for over {self.state.timeout} s",
                                                broker=self.broker)
             await self._wait_change(deadline - self.loop.time())
 
@@ -235,13 +236,13 @@ class AioLink:
         confirms is in the book, and sent again on the next channel)."""
         current = self.current
         if current is not None and current.live:
-            current.write(data)
+            current.send(data)
 
     def settle(self, delivery_tag: int, flags: int) -> None:
         """Ack, nack or reject; a tag of a lost channel is dropped (the broker redelivers)."""
         current = self.current
         live = current is not None and current.live
-        tag = self.lease.tags.channel_tag(delivery_tag) if live else None
+        tag = self.state.tags.channel_tag(delivery_tag) if live else None
         if tag is None:
             log.debug("lease %s: dropping settle of tag %d from a lost channel", self.id,
                       delivery_tag)
@@ -251,8 +252,8 @@ class AioLink:
     # ----- losses and recovery --------------------------------------------------------------
 
     def _on_lost(self, reason: Reason, reported: bool, had_channel: bool) -> None:
-        """What an :class:`AioBound` says when its channel is gone (once)."""
-        confirms = self.lease.confirms
+        """What an :class:`Bound` says when its channel is gone (once)."""
+        confirms = self.state.confirms
         if reason.channel_error and confirms.pending:
             confirms.fail_all(ChannelClosedByBroker(reason.code, reason.text))
             reported = True  # caused by a publish: not re-sent
@@ -260,9 +261,9 @@ class AioLink:
             log.warning("lease %s: the broker closed the channel: %d %s", self.id, reason.code,
                         reason.text)
             self.unreported = reason
-        was_ready = self.state is LinkState.READY
-        if self.state is not LinkState.CLOSED and had_channel:
-            self.state = LinkState.LOST
+        was_ready = self.phase is Phase.READY
+        if self.phase is not Phase.CLOSED and had_channel:
+            self.phase = Phase.LOST
         if had_channel:
             log.info("lease %s lost its channel on %s: %s", self.id, self.broker, reason.text)
             self.owner.on_lost()
@@ -279,7 +280,7 @@ class AioLink:
         old = self.broker
         retry = Backoff(0.05, 2.0)
         recovery = self.recovery
-        while self.state is LinkState.LOST:
+        while self.phase is Phase.LOST:
             try:
                 if await recovery.replay(await recovery.acquire(), self.send_call):
                     break
@@ -293,9 +294,9 @@ class AioLink:
                 log.exception("lease %s: recovery failed", self.id)
                 self._failed(exc)
                 await asyncio.sleep(retry.next_delay())
-        if self.state is not LinkState.LOST:
+        if self.phase is not Phase.LOST:
             return  # closed meanwhile
-        self.state, self.failure = LinkState.READY, None
+        self.phase, self.failure = Phase.READY, None
         self.changed()
         why = POOL_RESTARTED if recovery.pool_wait.waited else reason.text
         recovery.pool_wait.waited = False
@@ -307,6 +308,6 @@ class AioLink:
         log.warning("lease %s: no channel yet: %s", self.id, exc)
         self.failure = exc
         if final:
-            self.state = LinkState.FAILED
-            self.lease.confirms.fail_all(exc)
+            self.phase = Phase.FAILED
+            self.state.confirms.fail_all(exc)
         self.changed()

@@ -8,7 +8,7 @@ format, ``on_close`` hears why, once; after :meth:`close` nothing more is read o
 
 :class:`AioBackend` is the seam through which sockets are opened (non-blocking, connected
 with ``loop.sock_connect``); :func:`call` is one request to the pool and its answer, the
-twin of :func:`kzpool.client.backend.call`.  Nothing here blocks the loop.
+twin of :func:`kzpool.client.pool.call`.  Nothing here blocks the loop.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..client.backend import not_running, read_answer
 from ..common import messages, wire
 from ..common.errors import KzpoolError
 from ..common.messages import Message, Reason
 from ..common.sockets import READ_SIZE
+from ..lease.asking import not_running, read_answer
 
 WORKER_GONE = Reason("ConnectionClosed", 0, "worker gone")
 WRITE_HIGH = 4 << 20  # bytes buffered before writers wait (drain)

@@ -1,11 +1,11 @@
-"""One socket of a lease to a worker, bound (or being bound) to a channel.
+"""One socket of a blocking lease to a worker, bound (or being bound) to a channel.
 
 A :class:`Bound` is made anew on every acquire and lives until its channel is lost or the
 lease closes: the socket, its frame reader, the call in flight and the replies read,
 whether the worker bound it (or refused), and the settles batched while read deliveries
 wait.  It reads (:meth:`pump`, :meth:`drain`) and hands each frame to :class:`~kzpool.
-client.frames.Frames`, which writes into the lease's lasting
-:class:`~kzpool.client.state.LeaseState` and tells the lease's :class:`Hooks`.  When it is
+lease.frames.Frames`, which writes into the lease's lasting
+:class:`~kzpool.lease.state.LeaseState` and tells the lease's :class:`Hooks`.  When it is
 lost it closes its socket and tells its ``on_lost`` once; after that it reads and sends
 nothing.
 
@@ -29,11 +29,9 @@ from pika.adapters.blocking_connection import ReturnedMessage
 from ..common import messages, props, wire
 from ..common.errors import KzpoolError
 from ..common.messages import Reason, Reply
-from ..common.sockets import READ_SIZE
-from .backend import Pool
-from .frames import Frames
-from .sockio import readable, receive
-from .state import LeaseState
+from ..common.sockets import READ_SIZE, readable, receive
+from ..lease.frames import Frames
+from ..lease.state import LeaseState
 
 log = logging.getLogger("kzpool.lease")
 
@@ -57,16 +55,16 @@ class Hooks:
 class Bound:
     """A socket to a worker and what is read and sent on it (see the module)."""
 
-    def __init__(self, sock: socket.socket, state: LeaseState, hooks: Hooks, pool: Pool,
+    def __init__(self, sock: socket.socket, state: LeaseState, hooks: Hooks,
                  on_lost: OnLost) -> None:
         self.sock: socket.socket | None = sock  # None once lost or closed
         self.state = state
         self.hooks = hooks
-        self.pool = pool
         self.on_lost = on_lost
         self.reader = wire.FrameReader(wire.MAX_DATA_FRAME)
         self.frames = Frames(self, state, log)
         self.has_channel = False  # the worker bound this socket to a channel
+        self.route: str | None = None  # that worker's own socket, once bound
         self.refusal: messages.Refused | None = None
         self.dead = False  # lost: nothing more is read or sent
         self.replies: dict[int, Reply] = {}
@@ -191,8 +189,8 @@ class Bound:
             self.replies[reply.id] = reply
 
     def leased(self, event: messages.Leased) -> None:
-        self.has_channel = True
-        self.state.bound(event, self.pool.routes)
+        self.has_channel, self.route = True, event.route
+        self.state.bound(event)
 
     def cancelled(self, consumer_tag: str) -> None:
         self.state.topology.record("call", "basic_cancel", {"consumer_tag": consumer_tag})

@@ -26,17 +26,18 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Unpack
 
 from pika import frame as pika_frame
 from pika import spec, validators
 
 from ..common.errors import ClientClosed, LeaseRequestError
+from ..common.options import LeaseOptions, OptionFields
 from ..common.settings import BY_NAME
-from .backend import Backend
+from ..lease.state import MoveEvent
 from .dispatch import Callback, Timer
-from .lease import Lease, MoveEvent
-from .pool import PoolClient
+from .lease import Lease
+from .pool import Backend, PoolClient
 
 OnBlocked = Callable[[Any, Any], None]
 
@@ -85,17 +86,20 @@ class Connection(PoolClient):
 
     # ----- channels ---------------------------------------------------------------------------
 
-    def channel(self, channel_number: int | None = None, *, kind: str = "float",
-                zone: str | None = None, broker: str | None = None, timeout: float = 10.0,
-                on_move: Callable[[MoveEvent], None] | None = None) -> Lease:
+    def channel(self, channel_number: int | None = None, *,
+                options: LeaseOptions | None = None,
+                on_move: Callable[[MoveEvent], None] | None = None,
+                **fields: Unpack[OptionFields]) -> Lease:
         """A lease (``float`` unless ``kind="sticky", broker=...``): pika's ``channel()``.
-        Blocks until a worker binds it (up to ``timeout``)."""
+        Its options are ``options`` (a :class:`~kzpool.common.options.LeaseOptions`) and
+        keywords over them (``kind``, ``zone``, ``broker``, ``timeout``, ...).  Blocks until
+        a worker binds it (up to its ``timeout``)."""
         self._check_open()
         if channel_number is not None:
             raise LeaseRequestError(f"channel({channel_number}): the pool picks a lease's"
                                     " channel number; call channel() without one")
         self._claim()
-        return self.lease(kind, zone=zone, broker=broker, timeout=timeout, on_move=on_move)
+        return self.lease(options, on_move=on_move, **fields)
 
     # ----- dispatching ------------------------------------------------------------------------
 

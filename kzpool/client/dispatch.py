@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..common.errors import ClientClosed
-from .sockio import readable
+from ..common.sockets import readable
 
 Callback = Callable[[], Any]
 

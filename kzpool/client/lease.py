@@ -28,44 +28,57 @@ import enum
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from pika import frame as pika_frame
 from pika import spec, validators
 
 from ..common import props, wire
-from ..common.errors import LeaseClosed, LeaseRequestError, LeaseTimeout, TransactionLost
+from ..common.errors import (
+    KzpoolError,
+    LeaseClosed,
+    LeaseRequestError,
+    LeaseTimeout,
+    TransactionLost,
+)
 from ..common.messages import Reply
+from ..common.options import LeaseOptions
 from ..common.wire import Flag
-from .backend import Pool
+from ..lease.confirms import Confirm, Unconfirmed
+from ..lease.state import MoveEvent
 from .bound import Delivery, Hooks
-from .confirms import Confirm, Unconfirmed
 from .consuming import Consumers, OnCancel, OnMessage, OnReturn
+from .dispatch import Dispatcher
 from .link import LeaseLink
-from .move import MoveEvent
-from .replies import method_of
+from .recovery import Sockets
 
 __all__ = ["Confirm", "Lease", "MoveEvent"]
 
 MAX_BODY = wire.MAX_DATA_FRAME - (1 << 20)  # room for the frame's other fields
 DRAIN_INTERVAL = 0.001  # seconds between two reads of confirms and events while publishing
+METHODS = {cls.NAME: cls for cls in spec.methods.values()}
+
+
+class Pool(Sockets, Protocol):
+    """What a lease needs of its client: sockets, the route cache, the dispatcher."""
+
+    dispatcher: Dispatcher
 
 
 class Lease:
     """A float or sticky channel lease.  Create with ``connection.channel()`` or
     :meth:`kzpool.PoolClient.lease`."""
 
-    def __init__(self, pool: Pool, kind: str, zone: str | None, broker: str | None,
-                 timeout: float, on_move: Callable[[MoveEvent], None] | None,
-                 federates: str | None = None, handed: socket.socket | None = None,
+    def __init__(self, pool: Pool, options: LeaseOptions,
+                 on_move: Callable[[MoveEvent], None] | None = None,
+                 handed: socket.socket | None = None,
                  abort: Callable[[], bool] | None = None) -> None:
         self._pool = pool
         self._next_drain = 0.0
         self._on_move = on_move
         self._tx = False  # in transaction mode
         self._tx_since: int | None = None  # the channel the open transaction began on
-        link = self._impl = LeaseLink(pool, kind, zone, broker, timeout, federates, handed,
-                                      abort)
+        link = self._impl = LeaseLink(pool, options, handed, abort)
         self._dispatcher = pool.dispatcher
         consumers = self._consumers = Consumers(link, self._dispatcher, self, self._requeue)
         link.open(Hooks(self._moved, consumers.on_delivery, consumers.on_cancelled,
@@ -79,8 +92,13 @@ class Lease:
         return self._impl.id
 
     @property
+    def options(self) -> LeaseOptions:
+        """What the lease asked for, whole (:class:`~kzpool.common.options.LeaseOptions`)."""
+        return self._impl.state.options
+
+    @property
     def kind(self) -> str:
-        return self._impl.state.kind
+        return self._impl.state.options.kind
 
     @property
     def broker(self) -> str | None:
@@ -390,3 +408,11 @@ class Lease:
     def _rpc(self, method: str, **args: Any) -> Any:
         reply: Reply = self._impl.call("call", method, args)
         return pika_frame.Method(self.channel_number, method_of(reply))
+
+
+def method_of(reply: Reply) -> Any:
+    """The ``pika.spec`` method instance a reply names, with its fields."""
+    cls = METHODS.get(str(reply.method))
+    if cls is None:
+        raise KzpoolError(f"unexpected reply {reply.method!r}")
+    return cls(**reply.fields)

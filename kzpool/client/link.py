@@ -1,13 +1,14 @@
-"""How a lease keeps a channel: its link to the worker that owns the channel.
+"""How a blocking lease keeps a channel: its link to the worker that owns the channel.
 
 A :class:`LeaseLink` holds what lasts across the lease's channels (its
-:class:`~kzpool.client.state.LeaseState`: id, broker, tags, confirms, topology; and what was
-lost, and why) and the :class:`~kzpool.client.bound.Bound` socket of its channel now, which
-reads frames, replies, deliveries, confirms, returns and the broker's cancels.  When the
-channel is lost (broker down, worker killed, moved back to the primary, the pool restarted)
-the next call gets a new one (:class:`~kzpool.client.acquire.Recovery`), replays the
-topology and re-sends unconfirmed publishes before it goes on.  Delivery tags stay unique
-across moves (:mod:`.tags`).
+:class:`~kzpool.lease.state.LeaseState`: options, id, broker, tags, confirms, topology; and
+what was lost, and why) and the :class:`~kzpool.client.bound.Bound` socket of its channel
+now, which reads frames, replies, deliveries, confirms, returns and the broker's cancels.
+When the channel is lost (broker down, worker killed, moved back to the primary, the pool
+restarted) the next call gets a new one (:class:`~kzpool.client.recovery.Recovery`),
+replays the topology and re-sends unconfirmed publishes before it goes on.  Delivery tags
+stay unique across moves.  The asyncio twin, :class:`kzpool.aio.link.LeaseLink`, recovers
+in a task of its own instead of in the next call.
 
 What the caller did wrong stays with the caller: a call the broker answers by closing the
 channel raises :class:`ChannelClosedByBroker`; one it answers by closing the whole
@@ -38,17 +39,17 @@ from ..common.errors import (
     ChannelClosedByBroker,
     ConnectionBlockedTimeout,
     ConnectionClosedByBroker,
+    DuplicateConsumerTag,
+    KzpoolError,
     LeaseClosed,
     LeaseTimeout,
 )
 from ..common.messages import Reason, Reply
+from ..common.options import LeaseOptions
 from ..common.wire import Kind
-from .acquire import Abort, Loss, Recovery
-from .backend import Pool
+from ..lease.state import POOL_RESTARTED, LeaseState
 from .bound import Bound, Delivery, Hooks
-from .move import POOL_RESTARTED
-from .replies import error_of
-from .state import LeaseState
+from .recovery import Abort, Loss, Recovery, Sockets
 
 log = logging.getLogger("kzpool.lease")
 
@@ -58,12 +59,11 @@ SETTLE_BATCH = 64  # acks sent together at most
 class LeaseLink:
     """A lease's link; :meth:`open` gets its first channel."""
 
-    def __init__(self, pool: Pool, kind: str, zone: str | None, broker: str | None,
-                 timeout: float, federates: str | None = None,
+    def __init__(self, pool: Sockets, options: LeaseOptions,
                  handed: socket.socket | None = None,
                  abort: Callable[[], bool] | None = None) -> None:
         self.pool = pool
-        self.state = LeaseState(kind, zone, broker, timeout, federates)
+        self.state = LeaseState(options)
         self.generation = 0  # channels held so far
         self.confirming = False
         self.owner = threading.get_ident()  # the thread that used it last
@@ -84,7 +84,7 @@ class LeaseLink:
         self.generation = 1
 
     def _bound(self, sock: socket.socket) -> Bound:
-        return Bound(sock, self.state, self.hooks, self.pool, self._on_lost)
+        return Bound(sock, self.state, self.hooks, self._on_lost)
 
     # ----- what the lease is ----------------------------------------------------------------
 
@@ -313,3 +313,18 @@ def _least(*timeouts: float | None) -> float | None:
     """The shortest of the timeouts that are set (``None``: none is)."""
     set_ = [t for t in timeouts if t is not None]
     return min(set_) if set_ else None
+
+
+def error_of(reason: Reason) -> Exception:
+    """The exception pika raises for a call that failed for ``reason``."""
+    if reason.kind == "ConnectionClosedByBroker":
+        return ConnectionClosedByBroker(reason.code, reason.text)
+    if reason.kind == "TypeError":
+        return TypeError(reason.text)
+    if reason.kind == "ValueError":
+        return ValueError(reason.text)
+    if reason.kind == "DuplicateConsumerTag":
+        return DuplicateConsumerTag(reason.text)
+    if reason.kind == "ChannelClosedByBroker" or reason.code:
+        return ChannelClosedByBroker(reason.code, reason.text)
+    return KzpoolError(f"{reason.kind}: {reason.text}", reason=reason.kind)

@@ -1,26 +1,50 @@
-"""The lease client: the pool's sockets, the route cache, and the leases it hands out.
+"""The blocking client of the pool: its sockets, its route cache, and the leases it hands out.
 
 Any Python process can use it; nothing in it runs in the background.  A :class:`PoolClient`
 may be shared by threads (it opens sockets; each thread's dispatchers run only that thread's
 leases, :mod:`.dispatch`); each :class:`~kzpool.client.lease.Lease` belongs to one thread at
 a time.  ``kzpool.connect()`` returns its pika-shaped subclass,
 :class:`~kzpool.client.connection.Connection`.
+
+Every socket it opens goes through its :class:`Backend`, the one seam to the OS: the pool's
+lease socket, or the socket of the worker that served the same kind of lease last (its
+*route*, by the lease options' ``route_key``).  :class:`UnixBackend` is the real one; a test
+gives a client a backend that returns one end of a socket pair, with a scripted worker at
+the other end.  The asyncio twin is :class:`kzpool.aio.pool.PoolClient`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, Unpack
 
-from ..common import messages
-from ..common.errors import ClientClosed, LeaseRequestError
-from .backend import Backend, RouteKey, UnixBackend, call, not_running
+from ..common import messages, wire
+from ..common.errors import ClientClosed
+from ..common.messages import Message
+from ..common.options import LeaseOptions, OptionFields
+from ..lease.asking import not_running, read_answer
+from ..lease.state import MoveEvent, RouteKey
 from .dispatch import Dispatcher
 from .lease import Lease
-from .move import MoveEvent
 
-KINDS = ("float", "sticky")
+
+class Backend(Protocol):
+    def connect(self, path: str) -> socket.socket:
+        """A connected stream socket to ``path``; :class:`OSError` if nothing answers."""
+        ...
+
+
+class UnixBackend:
+    def connect(self, path: str) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
 
 class PoolClient:
@@ -54,33 +78,56 @@ class PoolClient:
             return None
 
     def ping(self) -> dict[str, Any]:
-        return call(self.backend, self.socket_path, messages.Ping())
+        return self._call(messages.Ping())
 
     def status(self) -> dict[str, Any]:
-        return call(self.backend, self.socket_path, messages.StatusRequest())
+        return self._call(messages.StatusRequest())
 
     def brokers(self) -> dict[str, Any]:
         """``{"local_zone": ..., "brokers": [{"broker", "zone", "hidden", "available"}]}``,
         brokers in config order, URIs with their password masked (a sticky lease takes them)."""
-        return call(self.backend, self.socket_path, messages.BrokersRequest())
+        return self._call(messages.BrokersRequest())
 
-    def lease(self, kind: str = "float", *, zone: str | None = None, broker: str | None = None,
-              timeout: float = 10.0, on_move: Callable[[MoveEvent], None] | None = None,
-              federates: str | None = None, handed: socket.socket | None = None,
-              abort: Callable[[], bool] | None = None) -> Lease:
+    def lease(self, options: LeaseOptions | str | None = None, /, *,
+              on_move: Callable[[MoveEvent], None] | None = None,
+              handed: socket.socket | None = None, abort: Callable[[], bool] | None = None,
+              **fields: Unpack[OptionFields]) -> Lease:
         """A channel: ``float`` follows the zone's primary, ``sticky`` stays on ``broker``.
 
-        Blocks up to ``timeout`` seconds for a broker to serve it, then raises
+        ``options``: a :class:`~kzpool.common.options.LeaseOptions`, or a kind; keywords
+        (``kind``, ``zone``, ``broker``, ``timeout``, ...) set or override its fields.
+        Blocks up to the lease's ``timeout`` seconds for a broker to serve it, then raises
         :class:`~kzpool.common.errors.BrokerUnavailable` naming what it waited for.
-        ``federates`` names the listener queue a federator's lease feeds; ``kzpool status``
-        shows it.  ``handed``: a socket on which the master already asked for this lease (an
-        in-service consumer's, from a socket pair); the lease waits for its answer there.
-        ``abort``: asked every quarter second while the lease waits for a channel or a reply;
-        when it returns true the lease gives up and is closed
-        (:class:`~kzpool.common.errors.LeaseClosed`).
+        ``on_move(MoveEvent)`` hears of each move.  ``handed``: a socket on which the master
+        already asked for this lease (an in-service consumer's, from a socket pair); the
+        lease waits for its answer there.  ``abort``: asked every quarter second while the
+        lease waits for a channel or a reply; when it returns true the lease gives up and is
+        closed (:class:`~kzpool.common.errors.LeaseClosed`).
         """
         if self.dispatcher.closed:
             raise ClientClosed("the connection is closed")
-        if kind not in KINDS:
-            raise LeaseRequestError(f"unknown lease kind {kind!r} (float or sticky)")
-        return Lease(self, kind, zone, broker, timeout, on_move, federates, handed, abort)
+        return Lease(self, LeaseOptions.of(options, **fields), on_move, handed, abort)
+
+    def _call(self, request: Message, timeout: float = 5.0) -> dict[str, Any]:
+        return call(self.backend, self.socket_path, request, timeout)
+
+
+def call(backend: Backend, path: str, request: Message, timeout: float = 5.0) -> dict[str, Any]:
+    """One request to the pool at ``path`` and its answer, a document.
+
+    :class:`PoolNotRunning` if nothing answers; the error a refusal names if refused;
+    ``TimeoutError`` or ``ConnectionError`` if the pool does not answer in time.
+    """
+    try:
+        sock = backend.connect(path)
+    except OSError as exc:
+        raise not_running(path, exc) from exc
+    with sock:
+        sock.settimeout(timeout)
+        # the pool may have answered (a refusal) and hung up before reading: read on
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(messages.encode(request))
+        reader = wire.FrameReader()
+        while (answer := read_answer(reader, sock.recv(65536))) is None:
+            pass
+    return answer

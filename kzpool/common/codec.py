@@ -1,9 +1,11 @@
 """The JSON codec of kzpool's messages: dataclass fields to JSON keys and back, checked.
 
 Each field's type says what its JSON value must be (``str``, ``int``, ``float``, ``bool``,
-``X | None``, ``dict``, an ``Enum`` by value, a nested dataclass); a value of another type is
-a :class:`~kzpool.common.errors.ProtocolError` naming the field.  A field's metadata may
-name its JSON key (``{"wire": "class"}``).  The layout of each class is read once.
+``X | None``, ``dict``, an ``Enum`` by value, a ``Literal``, a nested dataclass); a value of
+another type is a :class:`~kzpool.common.errors.ProtocolError` naming the field.  A class
+that checks itself as it is made (``__post_init__``) is checked the same on decode.  A
+field's metadata may name its JSON key (``{"wire": "class"}``).  The layout of each class
+is read once.
 
 An object field (``dict``, ``Any``: a call's arguments, an AMQP table) is checked all the way
 down, without recursion: at most :data:`MAX_DEPTH` levels of objects and arrays, and whole
@@ -18,7 +20,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, fields, is_dataclass
-from typing import Any, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 from .errors import ProtocolError
 
@@ -97,6 +99,8 @@ def _checker(hint: Any) -> Check:
         return check_union
     if hint is Any:
         return _bounded
+    if origin is Literal:
+        return _one_of(typing.get_args(hint))
     if origin is dict or hint is dict:
         is_object = _of_type(dict, "an object")
         return lambda value, where: _bounded(is_object(value, where), where)
@@ -155,6 +159,15 @@ def _number(value: Any, where: str) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise ProtocolError(f"malformed {where}: not a number")
     return float(value)
+
+
+def _one_of(allowed: tuple[Any, ...]) -> Check:
+    def check(value: Any, where: str) -> Any:
+        if not isinstance(value, str | int) or isinstance(value, bool) or value not in allowed:
+            raise ProtocolError(f"malformed {where}: {str(value)[:40]!r} is not one of"
+                                f" {', '.join(map(str, allowed))}")
+        return value
+    return check
 
 
 def _enum(kind: type[enum.Enum]) -> Check:

@@ -7,8 +7,6 @@ so that they can cross a process boundary as data, never as a pickled exception.
 
 from __future__ import annotations
 
-import re
-
 import pika.exceptions as _pe
 
 
@@ -68,7 +66,8 @@ class ProtocolError(KzpoolError):
 
 class LimitExceeded(KzpoolError):
     """A request would pass one of the pool's limits; ``setting`` names the ``[pool]``
-    setting that sets it (``max_leases_per_process``, ``max_peers``, ...)."""
+    setting that sets it (``max_leases_per_process``, ``max_peers``, ...), or is empty
+    where no setting does (the process's file limit)."""
 
     code = "limit"
 
@@ -214,19 +213,18 @@ class TransactionLost(KzpoolError, _pe.AMQPChannelError):
     code = "tx_lost"
 
 
-def refusal_error(code: str, text: str) -> KzpoolError:
-    """The error a pool's refusal names, by its stable code."""
-    if code == "unavailable":
-        return BrokerUnavailable(text)
-    if code == "access":
-        return PoolAccessDenied(text)
-    if code in ("bad_kind", "bad_zone", "bad_request", "bad_uri"):
-        return LeaseRequestError(text, reason=code)
-    if code == LimitExceeded.code:
-        named = re.search(r"\[pool\] (\w+)", text)
-        return LimitExceeded(text, named.group(1) if named else "")
-    if code == LeaseNotYours.code:
-        return LeaseNotYours(text)
-    if code == ProtocolError.code:
-        return ProtocolError(text)
-    return KzpoolError(text, reason=code)
+# the errors a refusal of the pool may name, by their stable code: a refusal carries its code
+# (and the [pool] setting that set the limit) as fields, and becomes one of these in the client
+REFUSALS: dict[str, type[KzpoolError]] = {cls.code: cls for cls in (
+    BrokerUnavailable, PoolAccessDenied, LeaseRequestError, LimitExceeded, LeaseNotYours,
+    ProtocolError)}
+
+
+def refusal_error(code: str, text: str, setting: str | None = None) -> KzpoolError:
+    """The error a pool's refusal names, by its stable code (one of :data:`REFUSALS`)."""
+    cls = REFUSALS.get(code)
+    if cls is None:
+        return KzpoolError(text, reason=code)
+    if cls is LimitExceeded:
+        return LimitExceeded(text, setting or "")
+    return cls(text)

@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .codec import build, to_wire
-from .errors import ProtocolError
-from .wire import document, read_document
+from .errors import KzpoolError, ProtocolError, refusal_error
+from .options import LeaseOptions
+from .wire import document, lease_id, read_document
 
 
 class LeaseEvent(enum.Enum):
@@ -98,8 +99,7 @@ class Adopt(Message):
 
     OP = "adopt"
     lease: str
-    kind: str
-    zone: str
+    options: LeaseOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +134,8 @@ class LeaseNews(Message):
     event: LeaseEvent
     lease: str
     channel: int | None = None
-    kind: str | None = None
-    zone: str | None = None
+    options: LeaseOptions | None = None  # assigned: the lease's, whichever way it came
     client_pid: int = 0
-    federates: str | None = None
     client_uid: int = -1  # from the socket's peer credentials; -1: not known
 
 
@@ -148,13 +146,12 @@ class LeaseRequest(Message):
     """A new lease, or the resume of ``lease`` after its channel was lost."""
 
     OP = "lease"
-    kind: str = "float"
-    zone: str | None = None
-    broker: str | None = None  # a sticky lease's broker URI
-    broker_id: str | None = None  # that broker without credentials: a worker checks it
+    options: LeaseOptions = field(default_factory=LeaseOptions)
     lease: str | None = None
-    federates: str | None = None  # a federator's: the queue of the listener it feeds
-    timeout: float = 10.0
+    wait: float = 10.0  # seconds the client waits for the answer
+
+    def __post_init__(self) -> None:
+        lease_id(self.lease)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +306,15 @@ class Refused(Message):
     OP = "refused"
     code: str
     error: str
+    setting: str | None = None  # the [pool] setting whose limit was met, if one was
+
+    @classmethod
+    def of(cls, error: KzpoolError) -> Refused:
+        return cls(error.code, str(error), getattr(error, "setting", None))
+
+    def exception(self) -> KzpoolError:
+        """The error this refusal names, as the client raises it."""
+        return refusal_error(self.code, self.error, self.setting)
 
 
 # ----- which end accepts what -------------------------------------------------------------

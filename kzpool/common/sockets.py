@@ -1,17 +1,25 @@
 """Socket plumbing every process shares: reads that tell data from nothing-yet and EOF,
-writes that never block (:class:`Outbox`), an accept that survives the file limit
-(:class:`Acceptor`), and the process's file limit.
+a wait for readable sockets, writes that never block (:class:`Outbox`), an accept that
+survives the file limit (:class:`Acceptor`), and the process's file limit.
 
-Nothing here blocks: every socket it is given must be non-blocking (``Outbox``) or is only
-tried once (:func:`send_final`).  Not thread-safe; each object belongs to one loop.
+Nothing here blocks but :func:`readable`, which a blocking client waits in: every other
+socket it is given must be non-blocking (``Outbox``) or is only tried once
+(:func:`send_final`).  Not thread-safe; each object belongs to one loop.
+
+Waits use ``poll``, never ``select``: a process may hold sockets on descriptors above 1,024.
+An exception that the caller's own code raises while it waits or reads (a ``SIGALRM``
+handler's ``TimeoutError``, a ``KeyboardInterrupt``) is the caller's: it is raised on, never
+taken for the peer going away.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import resource
+import select
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -28,13 +36,28 @@ bytes; below it, a read of 64 KiB costs what one of 4 KiB does."""
 
 def receive(sock: socket.socket, size: int, flags: int = 0) -> bytes | None:
     """Up to ``size`` bytes; ``b""`` when the peer is gone (EOF, or any socket error, which
-    means the same to every caller here); ``None`` when nothing is there yet."""
+    means the same to every caller here); ``None`` when nothing is there yet.  A
+    ``TimeoutError`` is not the socket's (none here has a timeout): it is the caller's, and
+    raised on."""
     try:
         return sock.recv(size, flags)
     except (BlockingIOError, InterruptedError):
         return None
+    except TimeoutError:
+        raise
     except OSError:
         return b""
+
+
+def readable(fds: list[int], timeout: float | None) -> list[int]:
+    """The descriptors of ``fds`` with something to read (or hung up), waiting up to
+    ``timeout`` seconds (``None``: until one has).  Blocks; a signal handler's exception
+    goes through."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    millis = None if timeout is None else max(0, math.ceil(timeout * 1000))
+    return [fd for fd, _events in poller.poll(millis)]
 
 
 def send_final(sock: socket.socket, data: bytes) -> None:

@@ -50,7 +50,7 @@ import json
 import re
 import struct
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
 
 from .errors import ProtocolError
 
@@ -137,39 +137,6 @@ def lease_id(value: str | None, where: str = "lease.lease") -> str | None:
         raise ProtocolError(f"malformed {where}: {value[:40]!r} is not a lease id (at most"
                             f" {MAX_LEASE_ID} letters, digits, '-' or '_')")
     return value
-
-
-class LeaseFields(Protocol):
-    """The fields of a lease request (:class:`~kzpool.common.messages.LeaseRequest`) that
-    :func:`check_lease_request` bounds."""
-
-    @property
-    def kind(self) -> str: ...
-
-    @property
-    def zone(self) -> str | None: ...
-
-    @property
-    def broker(self) -> str | None: ...
-
-    @property
-    def broker_id(self) -> str | None: ...
-
-    @property
-    def lease(self) -> str | None: ...
-
-    @property
-    def federates(self) -> str | None: ...
-
-
-def check_lease_request(request: LeaseFields) -> None:
-    """A lease request's strings within their bounds; else a :class:`ProtocolError`."""
-    lease_id(request.lease)
-    for name, value, limit in (("kind", request.kind, MAX_NAME), ("zone", request.zone, MAX_NAME),
-                               ("federates", request.federates, MAX_NAME)):
-        text_field(value, f"lease.{name}", limit)
-    text_field(request.broker, "lease.broker", MAX_URI, show=False)
-    text_field(request.broker_id, "lease.broker_id", MAX_URI, show=False)
 
 
 def str8(text: str) -> bytes:

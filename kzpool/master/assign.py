@@ -15,13 +15,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..common.options import Kind, LeaseOptions
 from ..common.uri import BrokerURI
 from .slots import Slot, broker_key
-
-
-class LeaseKind(enum.Enum):
-    FLOAT = "float"  # the zone's primary; fails over, fails back
-    STICKY = "sticky"  # one broker; waits for it
 
 
 class RowState(enum.Enum):
@@ -38,9 +34,11 @@ class RowState(enum.Enum):
 
 @dataclass
 class Assignment:
+    """A lease as the master knows it: its client's options, whole, and where it is."""
+
     lease: str
-    kind: LeaseKind
-    zone: str
+    options: LeaseOptions
+    zone: str  # the zone it serves in: its own, else the pool's local zone
     client_pid: int
     broker: str | None = None  # sticky: the broker key it is pinned to
     state: RowState = RowState.WAITING
@@ -49,14 +47,22 @@ class Assignment:
     since: float = field(default_factory=time.time)
     moves: int = 0
     placed_once: bool = False
-    federates: str | None = None  # a federator: the queue of the listener it feeds
     client_uid: int = -1  # the client's uid (its peer credentials); -1: not known
+
+    @property
+    def kind(self) -> Kind:
+        return self.options.kind
+
+    @property
+    def federates(self) -> str | None:
+        """A federator's: the queue of the listener it feeds."""
+        return self.options.federates
 
     def row(self) -> dict[str, Any]:
         slot = self.slot if self.state.placed else None
         return {
             "lease": self.lease,
-            "kind": self.kind.value,
+            "kind": self.kind,
             "zone": self.zone,
             "state": self.state.value,
             "client_pid": self.client_pid,
@@ -104,7 +110,7 @@ def choose_slot(slots: Iterable[Slot], target: str | None,
 
 def target_of(assignment: Assignment, slots: Iterable[Slot]) -> str | None:
     """The broker an assignment should be on now."""
-    if assignment.kind is LeaseKind.STICKY:
+    if assignment.kind == "sticky":
         return assignment.broker
     return zone_primary(slots, assignment.zone)
 
@@ -114,7 +120,7 @@ def to_move(assignments: Iterable[Assignment], slots: list[Slot]) -> list[Assign
     primaries: dict[str, str | None] = {}
     moves = []
     for a in assignments:
-        if a.kind is not LeaseKind.FLOAT or a.state is not RowState.ASSIGNED or a.slot is None:
+        if a.kind != "float" or a.state is not RowState.ASSIGNED or a.slot is None:
             continue
         if a.zone not in primaries:
             primaries[a.zone] = zone_primary(slots, a.zone)

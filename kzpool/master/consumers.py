@@ -21,6 +21,7 @@ from ..common import exitcodes, proc
 from ..common.backoff import Backoff
 from ..common.config import Consumer
 from ..common.messages import LeaseRequest
+from ..common.options import LeaseOptions
 from ..common.settings import PoolSettings
 from ..common.states import ProcState
 from ..consumer.process import CONSUMER_LEASE_TIMEOUT, run_consumer
@@ -88,8 +89,9 @@ class ConsumerSet:
                 os._exit(code)
         theirs.close()
         s = slot.consumer.settings
-        self.request_lease(ours, LeaseRequest(kind=s.lease, broker=s.broker,
-                                              timeout=CONSUMER_LEASE_TIMEOUT), pid)
+        options = LeaseOptions.of(s.lease, broker=s.broker or None,
+                                  timeout=CONSUMER_LEASE_TIMEOUT)
+        self.request_lease(ours, LeaseRequest(options, wait=CONSUMER_LEASE_TIMEOUT), pid)
         slot.life.born(pid, self.system.process(pid), self.system.monotonic())
         slot.state, slot.since = ProcState.RUNNING, self.system.time()
         self.by_pid[pid] = slot

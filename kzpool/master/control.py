@@ -33,7 +33,13 @@ from typing import Any, Protocol
 
 from ..common import messages, wire
 from ..common.access import Access, peer
-from ..common.errors import KzpoolError, ProtocolError
+from ..common.errors import (
+    BrokerUnavailable,
+    KzpoolError,
+    LimitExceeded,
+    PoolAccessDenied,
+    ProtocolError,
+)
 from ..common.messages import LeaseRequest, Message
 from ..common.sockets import (
     READ_SIZE,
@@ -114,10 +120,10 @@ def fit_file_limit(max_peers: int, workers: int) -> None:
                     max_peers)
 
 
-def refuse(sock: socket.socket, code: str, text: str) -> None:
-    """Tell a peer why it is turned away, then close; never waits (see
-    :func:`~kzpool.common.sockets.send_final`)."""
-    send_final(sock, messages.encode(messages.Refused(code, text)))
+def refuse(sock: socket.socket, error: KzpoolError) -> None:
+    """Tell a peer why it is turned away (``error``'s code, text and setting), then close;
+    never waits (see :func:`~kzpool.common.sockets.send_final`)."""
+    send_final(sock, messages.encode(messages.Refused.of(error)))
 
 
 def _answers(path: str) -> bool:
@@ -138,10 +144,7 @@ def parse(reader: wire.FrameReader, data: bytes) -> list[Message]:
     for kind, _flags, payload in reader.feed(data):
         if kind != wire.Kind.JSON:
             raise ProtocolError(f"unexpected frame kind {kind}")
-        request = messages.decode(payload, messages.TO_MASTER_FROM_CLIENT)
-        if isinstance(request, LeaseRequest):
-            wire.check_lease_request(request)
-        requests.append(request)
+        requests.append(messages.decode(payload, messages.TO_MASTER_FROM_CLIENT))
     return requests
 
 
@@ -221,10 +224,11 @@ class LeaseSocket:
             self.paused_until = self.clock() + PAUSE
 
     def _at_file_limit(self, sock: socket.socket) -> None:
-        text = (f"the pool is at its limit of {file_limit()} open files; try again later"
-                f" ([pool] max_peers = {self.limits.max_peers}, systemd LimitNOFILE)")
-        self.throttle.warn("files", "turning a client away: %s", text)
-        self._refuse(sock, "limit", text)
+        error = LimitExceeded(f"the pool is at its limit of {file_limit()} open files; try"
+                              f" again later ([pool] max_peers = {self.limits.max_peers},"
+                              " systemd LimitNOFILE)", "max_peers")
+        self.throttle.warn("files", "turning a client away: %s", error)
+        self._refuse(sock, error)
 
     def _admit(self, sock: socket.socket) -> None:
         try:
@@ -235,14 +239,15 @@ class LeaseSocket:
         refusal = self.access.refusal_for(pid, uid, gid)
         if refusal is not None:
             self.throttle.warn("access", "%s", refusal)
-            self._refuse(sock, "access", refusal)
+            self._refuse(sock, PoolAccessDenied(refusal))
             return
         busy = len(self.peers) + self.held()
         if busy >= self.limits.max_peers:
-            text = (f"the pool serves {busy} client connections already ([pool] max_peers ="
-                    f" {self.limits.max_peers}); try again later")
-            self.throttle.warn("peers", "turning a client away (pid %d): %s", pid, text)
-            self._refuse(sock, "limit", text)
+            error = LimitExceeded(f"the pool serves {busy} client connections already ([pool]"
+                                  f" max_peers = {self.limits.max_peers}); try again later",
+                                  "max_peers")
+            self.throttle.warn("peers", "turning a client away (pid %d): %s", pid, error)
+            self._refuse(sock, error)
             return
         self.peers[sock.fileno()] = Peer(sock, pid, self.clock() + REQUEST_TIMEOUT)
         self.selector.register(sock, selectors.EVENT_READ, self._serve)
@@ -272,9 +277,9 @@ class LeaseSocket:
             return
         try:
             requests = parse(current.reader, data)
-        except ProtocolError as exc:
+        except KzpoolError as exc:  # malformed, or a lease's options that do not check
             self.throttle.warn("protocol", "dropping a client (pid %d): %s", current.pid, exc)
-            self._turn_away(fd, exc.code, str(exc))
+            self._turn_away(fd, exc)
             return
         if not requests:
             return
@@ -282,8 +287,9 @@ class LeaseSocket:
         if len(requests) + len(current.outbox) > limit:
             self.throttle.warn("pending", "dropping a client (pid %d): over %d requests"
                                " unanswered", current.pid, limit)
-            self._turn_away(fd, "limit", f"over {limit} requests unanswered ([pool]"
-                            f" max_pending_per_peer = {limit}): read the answers first")
+            self._turn_away(fd, LimitExceeded(
+                f"over {limit} requests unanswered ([pool] max_pending_per_peer = {limit}):"
+                " read the answers first", "max_pending_per_peer"))
             return
         current.deadline = self.clock() + REQUEST_TIMEOUT
         for request in requests:
@@ -296,10 +302,10 @@ class LeaseSocket:
 
     def _lease(self, fd: int, current: Peer, request: LeaseRequest) -> None:
         if not self.accepting_leases:
-            self._turn_away(fd, "unavailable", "the pool is stopping")
+            self._turn_away(fd, BrokerUnavailable("the pool is stopping"))
         elif current.outbox.pending:
-            self._turn_away(fd, "protocol", "a lease request came before the answers to"
-                            " earlier requests were read")
+            self._turn_away(fd, ProtocolError("a lease request came before the answers to"
+                                              " earlier requests were read"))
         else:
             self._drop(fd, close=False)
             self.on_lease(current.sock, request)
@@ -308,10 +314,10 @@ class LeaseSocket:
         try:
             reply = wire.document({"ok": True, **self.answer(request)})
         except KzpoolError as exc:
-            reply = messages.encode(messages.Refused(exc.code, str(exc)))
+            reply = messages.encode(messages.Refused.of(exc))
         if current.outbox.put(reply):
             return True
-        self._turn_away(fd, "limit", f"over {OUT_LIMIT} bytes of answers unread")
+        self._turn_away(fd, LimitExceeded(f"over {OUT_LIMIT} bytes of answers unread", ""))
         return False
 
     def _flush(self, fd: int, current: Peer) -> bool:
@@ -332,7 +338,7 @@ class LeaseSocket:
 
     # ----- dropping -------------------------------------------------------------------------
 
-    def _turn_away(self, fd: int, code: str, text: str) -> None:
+    def _turn_away(self, fd: int, error: KzpoolError) -> None:
         """Drop a peer, telling it why, unless an answer is half sent (then only close)."""
         current = self.peers.pop(fd)
         self.selector.unregister(current.sock)
@@ -340,11 +346,11 @@ class LeaseSocket:
             current.outbox.close()
             current.sock.close()
         else:
-            self._refuse(current.sock, code, text)
+            self._refuse(current.sock, error)
 
-    def _refuse(self, sock: socket.socket, code: str, text: str) -> None:
-        self.refused(code)
-        refuse(sock, code, text)
+    def _refuse(self, sock: socket.socket, error: KzpoolError) -> None:
+        self.refused(error.code)
+        refuse(sock, error)
 
     def _drop(self, fd: int, close: bool = True) -> None:
         current = self.peers.pop(fd)
@@ -359,8 +365,8 @@ class LeaseSocket:
             if now >= current.deadline:
                 self.throttle.warn("slow", "dropping a client (pid %d): nothing for %.0f s",
                                    current.pid, REQUEST_TIMEOUT)
-                self._turn_away(fd, "protocol", f"no whole request (or no answer read)"
-                                f" within {REQUEST_TIMEOUT:g} s")
+                self._turn_away(fd, ProtocolError(f"no whole request (or no answer read)"
+                                                  f" within {REQUEST_TIMEOUT:g} s"))
         if self.paused_until and now >= self.paused_until:
             self.paused_until = 0.0
             self.selector.register(self.listener, selectors.EVENT_READ, self._accept)

@@ -24,22 +24,20 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..common import access, messages, wire
+from ..common import access, messages
 from ..common.config import Broker, Config
-from ..common.errors import BrokerURIError, KzpoolError, LeaseRequestError
+from ..common.errors import BrokerUnavailable, KzpoolError, LeaseRequestError
 from ..common.messages import LeaseEvent, LeaseNews, LeaseRequest
+from ..common.options import MAX_TIMEOUT, LeaseOptions
 from ..common.uri import MASK, BrokerURI
 from . import control
 from .admission import UNKNOWN_UID, Holdings, check_owner, hidden_to_retire
-from .assign import Assignment, LeaseKind, RowState, choose_slot, new_lease_id, target_of, to_move
+from .assign import Assignment, RowState, choose_slot, new_lease_id, target_of, to_move
 from .metrics import Tally
 from .slots import Slot, broker_key
 from .system import System
 
 log = logging.getLogger("kzpool.leasebook")
-
-MAX_TIMEOUT = 3600.0
-
 
 @dataclass
 class Reservation:
@@ -103,7 +101,7 @@ class LeaseBook:
         try:
             assignment, timeout = self._admit(sock, request, client_pid)
         except KzpoolError as exc:
-            self._refuse(sock, exc.code, str(exc))
+            self._refuse(sock, exc)
             return
         except OSError:  # its peer credentials cannot be read: the client is gone
             sock.close()
@@ -135,18 +133,13 @@ class LeaseBook:
 
     def _admit(self, sock: socket.socket, request: LeaseRequest,
                client_pid: int | None) -> tuple[Assignment, float]:
-        try:
-            kind = LeaseKind(request.kind)
-        except ValueError:
-            raise LeaseRequestError(f"unknown lease kind {request.kind[:40]!r} (float or"
-                                    " sticky)") from None
-        timeout = _timeout(request.timeout)
+        options = request.options
+        timeout = _timeout(request.wait)
         config = self.workers.config
-        zone = request.zone or config.local_zone
+        zone = options.zone or config.local_zone
         if zone not in config.zones:
             raise LeaseRequestError(f"unknown zone {zone[:40]!r} (zones:"
                                     f" {', '.join(config.zones)})")
-        federates = _label(request.federates)
         pid, uid = (client_pid, os.getuid()) if client_pid else access.peer(sock)[:2]
         row = self.rows.get(request.lease) if request.lease else None
         if row is not None:
@@ -155,26 +148,21 @@ class LeaseBook:
         if refusal is not None:
             raise refusal
         if row is None:
-            broker = self._sticky_broker(kind, request.broker)
-            row = Assignment(request.lease or new_lease_id(), kind, zone, pid, broker,
-                             federates=federates, client_uid=uid)
+            broker = self._sticky_broker(options)
+            row = Assignment(request.lease or new_lease_id(), options, zone, pid, broker,
+                             client_uid=uid)
             self._add(row)
         # a resume: the client knows its channel is gone before its worker's report arrives
         row.state, row.slot = RowState.WAITING, None
         self._touch(row)
         return row, timeout
 
-    def _sticky_broker(self, kind: LeaseKind, text: str | None) -> str | None:
-        if kind is LeaseKind.FLOAT:
-            if text:
-                raise LeaseRequestError("a float lease takes no broker (use a sticky lease)")
+    def _sticky_broker(self, options: LeaseOptions) -> str | None:
+        """The key of the broker a sticky lease is pinned to (added as a hidden broker if
+        the config does not list it and ``hidden_brokers`` allows); ``None`` for a float."""
+        if options.kind == "float" or options.broker is None:
             return None
-        if not text:
-            raise LeaseRequestError("a sticky lease needs a broker URI")
-        try:
-            uri = BrokerURI.parse_client(text)  # a broker, never TLS files of its own
-        except BrokerURIError as exc:
-            raise LeaseRequestError(str(exc)) from exc
+        uri = BrokerURI.parse_client(options.broker)  # checked with the options already
         slot = self.workers.find(uri)
         if slot is not None:
             return broker_key(slot.spec.broker)
@@ -204,7 +192,7 @@ class LeaseBook:
                     self._watch(reservation)
                 return False
             self._unwatch(reservation)  # before the link owns (and closes) the socket
-            adopt = messages.Adopt(row.lease, row.kind.value, row.zone)
+            adopt = messages.Adopt(row.lease, row.options)
             if self.workers.pass_socket(slot, reservation.sock, adopt):
                 break
             slots.remove(slot)  # its link is broken: the worker is dying
@@ -239,7 +227,7 @@ class LeaseBook:
 
     def _expire(self, reservation: Reservation) -> None:
         row = reservation.assignment
-        if row.kind is LeaseKind.STICKY:
+        if row.kind == "sticky":
             slot = next((s for s in self.workers.live()
                          if broker_key(s.spec.broker) == row.broker), None)
             name = slot.spec.broker.uri.masked if slot else "?"
@@ -248,13 +236,13 @@ class LeaseBook:
         else:
             text = f"no broker of zone {row.zone!r} is available"
         self._unwatch(reservation)
-        self._refuse(reservation.sock, "unavailable", text)
+        self._refuse(reservation.sock, BrokerUnavailable(text))
         if not row.placed_once:
             self._drop(row.lease)
 
-    def _refuse(self, sock: socket.socket, code: str, text: str) -> None:
-        self.tally.inc("lease_requests_refused", reason=code)
-        control.refuse(sock, code, text)
+    def _refuse(self, sock: socket.socket, error: KzpoolError) -> None:
+        self.tally.inc("lease_requests_refused", reason=error.code)
+        control.refuse(sock, error)
 
     def next_deadline(self) -> float | None:
         return min((r.deadline for r in self.waiting), default=None)
@@ -278,12 +266,12 @@ class LeaseBook:
         """A worker bound a lease: placed by us, or asked for at the worker directly."""
         direct = row is None
         if row is None:
-            kind = LeaseKind.STICKY if news.kind == "sticky" else LeaseKind.FLOAT
-            broker = broker_key(slot.spec.broker) if kind is LeaseKind.STICKY else None
+            options = news.options or LeaseOptions()
+            broker = broker_key(slot.spec.broker) if options.kind == "sticky" else None
             uid = news.client_uid if news.client_uid >= 0 else (
                 access.uid_of(news.client_pid) if news.client_pid else None)
-            row = Assignment(news.lease, kind, news.zone or slot.spec.broker.zone,
-                             news.client_pid, broker, federates=news.federates or None,
+            row = Assignment(news.lease, options, options.zone or slot.spec.broker.zone,
+                             news.client_pid, broker,
                              client_uid=UNKNOWN_UID if uid is None else uid)  # checked by intake
             self._add(row)
         elif row.placed_once and row.state is not RowState.ASSIGNING:
@@ -292,7 +280,7 @@ class LeaseBook:
         row.placed_once = True
         row.state, row.slot, row.since = RowState.ASSIGNED, slot, self.system.time()
         row.channel = news.channel
-        self.check_moves = row.kind is LeaseKind.FLOAT or self.check_moves
+        self.check_moves = row.kind == "float" or self.check_moves
         self._touch(row)
         if direct:
             self._evict_if_over(slot, row)
@@ -369,16 +357,6 @@ def _hung_up(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True
-
-
-def _label(value: str | None) -> str | None:
-    """What a federator's lease request says it federates: a short string, or nothing."""
-    if value is None:
-        return None
-    if len(value) > wire.MAX_NAME:
-        raise LeaseRequestError(f"bad federates {str(value)[:40]!r}: a queue name of at most"
-                                f" {wire.MAX_NAME} characters")
-    return value
 
 
 def _timeout(timeout: float) -> float:

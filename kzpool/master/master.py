@@ -31,6 +31,7 @@ from ..common.config import Config
 from ..common.errors import ConfigError, KzpoolError, StartupError
 from ..common.messages import Message
 from ..common.states import PoolState
+from ..common.wakeup import SignalPipe
 from . import metrics
 from .assign import zone_primary
 from .consumers import ConsumerSet
@@ -40,9 +41,8 @@ from .leasebook import LeaseBook
 from .life import exit_reason
 from .notify import Notifier
 from .registry import Registry, Row
-from .signals import SignalQueue
 from .slots import Slot, broker_key, startup_hopeless, startup_settled
-from .system import OsSystem, System
+from .system import HANDLED, OsSystem, System
 from .workers import WorkerEvents, WorkerSet
 
 log = logging.getLogger("kzpool.master")
@@ -60,7 +60,7 @@ class Master:
         self.system = system or OsSystem()
         self.pid = os.getpid()
         self.state = PoolState.STARTING
-        self.signals = SignalQueue()
+        self.signals = SignalPipe(HANDLED)
         self.selector = selectors.DefaultSelector()
         self.tally = metrics.Tally()  # what the metrics count, by the modules that see it
         self.workers = WorkerSet(config, self.system, self.selector,
@@ -100,7 +100,8 @@ class Master:
                                                                reason=code))
         if self.settings.metrics_port:
             self._serve_metrics()
-        self.signals.install(self.selector)
+        self.selector.register(self.signals.install(), selectors.EVENT_READ,
+                               lambda _fd: self.signals.drain())
         self.registry.start()
         self.workers.start()
         self.deadline = self.system.monotonic() + self.settings.startup_timeout

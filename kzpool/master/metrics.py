@@ -140,7 +140,7 @@ class Collector:
                                    labels=["kind", "state"])
         by_kind: dict[tuple[str, str], int] = {}
         for row in self.leases():
-            key = (row.kind.value, row.state.value)
+            key = (row.kind, row.state.value)
             by_kind[key] = by_kind.get(key, 0) + 1
         for (kind, state), count in sorted(by_kind.items()):
             leases.add_metric([kind, state], float(count))

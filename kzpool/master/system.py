@@ -14,7 +14,10 @@ from typing import Protocol
 
 import psutil
 
-from .signals import HANDLED, child_defaults
+from ..common.wakeup import defaults
+
+# the master's signals: recorded by its loop (kzpool.common.wakeup), held around a fork
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
 
 
 class System(Protocol):
@@ -44,7 +47,7 @@ class OsSystem:
         try:
             pid = os.fork()
             if pid == 0:
-                child_defaults()
+                defaults(HANDLED)
             return pid
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..common.errors import LimitExceeded
-from ..common.messages import LeaseRequest
+from ..common.options import LeaseOptions
 from ..common.settings import PoolSettings
 from ..common.sockets import file_limit
 
@@ -27,7 +27,7 @@ class Waiting:
 
     lease: str
     sock: socket.socket
-    request: LeaseRequest
+    options: LeaseOptions
     pid: int
     uid: int
 

@@ -26,8 +26,9 @@ from pika.adapters.select_connection import IOLoop
 
 from ..common import messages, wire
 from ..common.access import Access, peer
-from ..common.errors import KzpoolError, ProtocolError
+from ..common.errors import KzpoolError, LimitExceeded, PoolAccessDenied, ProtocolError
 from ..common.messages import LeaseRequest, Message
+from ..common.options import LeaseOptions
 from ..common.sockets import Acceptor, file_limit, receive, send_final
 
 log = logging.getLogger("kzpool.intake")
@@ -44,7 +45,7 @@ class IntakeHost(Protocol):
 
     def serves(self, request: LeaseRequest) -> bool: ...
 
-    def admit(self, lease: str, sock: socket.socket, request: LeaseRequest,
+    def admit(self, lease: str, sock: socket.socket, options: LeaseOptions,
               ids: tuple[int, int] | None = None) -> None:
         """``ids``: the client's (pid, uid), when they were read already."""
 
@@ -100,9 +101,10 @@ class Intake:
             self.host.ioloop.add_handler(self.listener.fileno(), self._on_accept, IOLoop.READ)
 
     def _at_file_limit(self, sock: socket.socket) -> None:
-        text = f"the worker is at its limit of {file_limit()} open files; try again later"
-        log.warning("turning a client away: %s", text)
-        answer(sock, messages.Refused("limit", text))
+        error = LimitExceeded(f"the worker is at its limit of {file_limit()} open files; try"
+                              " again later", "max_peers")
+        log.warning("turning a client away: %s", error)
+        answer(sock, messages.Refused.of(error))
 
     def _admit(self, sock: socket.socket) -> None:
         try:
@@ -113,12 +115,12 @@ class Intake:
         refusal = self.access.refusal_for(pid, uid, gid)
         if refusal is not None:
             log.warning("%s", refusal)
-            answer(sock, messages.Refused("access", refusal))
+            answer(sock, messages.Refused.of(PoolAccessDenied(refusal)))
             return
         full = self.host.room()
         if full is not None:
             log.warning("turning a client away (pid %d): %s", pid, full)
-            answer(sock, messages.Refused(full.code, str(full)))
+            answer(sock, messages.Refused.of(full))
             return
         fd = sock.fileno()
         client = self.pending[fd] = Pending(sock, pid, uid)
@@ -148,9 +150,9 @@ class Intake:
         self._forget(fd)
         try:
             request = first_request(frames)
-        except ProtocolError as exc:
+        except KzpoolError as exc:  # malformed, or options that do not check
             log.warning("dropping a client (pid %d): %s", client.pid, exc)
-            answer(client.sock, messages.Refused(exc.code, str(exc)))
+            answer(client.sock, messages.Refused.of(exc))
             return
         self._decide(client, request)
 
@@ -161,9 +163,10 @@ class Intake:
         limit = self.host.refusal(client.pid, client.uid)
         if limit is not None:
             log.warning("refusing a lease to pid %d: %s", client.pid, limit)
-            answer(client.sock, messages.Refused(limit.code, str(limit)))
+            answer(client.sock, messages.Refused.of(limit))
             return
-        self.host.admit(uuid.uuid4().hex[:12], client.sock, request, (client.pid, client.uid))
+        self.host.admit(uuid.uuid4().hex[:12], client.sock, request.options,
+                        (client.pid, client.uid))
 
     def drop(self, fd: int, exc: Exception) -> bool:
         """Drop a client that has not asked yet, telling it why; ``False``: not one of ours."""
@@ -172,7 +175,8 @@ class Intake:
             return False
         log.warning("dropping a client (pid %d): %s", client.pid, exc)
         self._forget(fd)
-        answer(client.sock, messages.Refused(ProtocolError.code, str(exc)))
+        answer(client.sock, messages.Refused.of(
+            exc if isinstance(exc, KzpoolError) else ProtocolError(str(exc))))
         return True
 
     def _forget(self, fd: int) -> None:
@@ -198,7 +202,6 @@ def first_request(frames: list[wire.Frame] | None) -> LeaseRequest:
         raise ProtocolError(f"expected a lease request, got a frame of kind {kind}")
     request = messages.decode(payload, messages.TO_WORKER_FROM_CLIENT)
     assert isinstance(request, LeaseRequest)
-    wire.check_lease_request(request)
     return request
 
 

@@ -11,11 +11,11 @@ on up, as before).  Not thread-safe, like the loop itself.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from collections.abc import Callable, Iterable
 
 from pika.adapters.select_connection import IOLoop
+
+from ..common.wakeup import SignalPipe
 
 log = logging.getLogger("kzpool.worker")
 
@@ -38,16 +38,12 @@ class GuardedLoop(IOLoop):  # type: ignore[misc]
         super().add_handler(fd, guarded, events)
 
     def watch_signals(self, signals: Iterable[int], on_signal: Callable[[int], None]) -> None:
-        """Signal handlers that only record (``signal.set_wakeup_fd``): ``on_signal(signum)``
-        is called from the loop."""
-        read_end, write_end = os.pipe()
-        os.set_blocking(read_end, False)
-        os.set_blocking(write_end, False)
-        signal.set_wakeup_fd(write_end)
-        for sig in signals:
-            signal.signal(sig, lambda *_: None)  # the wakeup fd carries it
+        """Signal handlers that only record (:class:`~kzpool.common.wakeup.SignalPipe`):
+        ``on_signal(signum)`` is called from the loop."""
+        pipe = SignalPipe(signals)
 
-        def drain(fd: int, _events: int) -> None:
-            for signum in os.read(fd, 64):
+        def woken(_fd: int, _events: int) -> None:
+            pipe.drain()
+            while (signum := pipe.take()) is not None:
                 on_signal(signum)
-        self.add_handler(read_end, drain, self.READ)
+        self.add_handler(pipe.install(), woken, self.READ)

@@ -29,6 +29,7 @@ from pika.adapters.select_connection import IOLoop
 from ..common import messages, props, wire
 from ..common.errors import ProtocolError
 from ..common.messages import LeaseEvent, Message, Reason
+from ..common.options import LeaseOptions
 from ..common.sockets import READ_SIZE, receive
 from ..common.wire import Flag, Kind
 from . import amqp
@@ -82,13 +83,15 @@ class SessionHost(Protocol):
 class Session:
     """One lease on this worker.  Not thread-safe: the worker's loop only."""
 
-    def __init__(self, host: SessionHost, sock: socket.socket, lease: str, channel: Any) -> None:
+    def __init__(self, host: SessionHost, sock: socket.socket, lease: str, channel: Any,
+                 options: LeaseOptions) -> None:
         self.host = host
         self.ioloop = host.ioloop
         self.sock = sock
         self.fd = sock.fileno()
         self.lease = lease
         self.channel = channel
+        self.options = options  # the client's, whole: what this session honours
         self.reader = wire.FrameReader(wire.MAX_DATA_FRAME)
         self.out = bytearray()
         self.flush_pending = False
@@ -109,6 +112,7 @@ class Session:
         self.connection.add_sink(self.number, self)
         sock.setblocking(False)
         self.ioloop.add_handler(self.fd, self._on_io, IOLoop.READ)
+        log.debug("lease %s on channel %d: %s", lease, self.number, options)
 
     @property
     def done(self) -> bool:

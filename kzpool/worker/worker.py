@@ -39,6 +39,7 @@ from ..common.access import Access, peer
 from ..common.backoff import Backoff
 from ..common.errors import KzpoolError, TLSError
 from ..common.messages import LeaseEvent, LeaseNews, LeaseRequest, Message, Reason
+from ..common.options import LeaseOptions
 from ..common.states import ConnState
 from .clients import Clients, Waiting, full
 from .connection import BatchedConnection, parameters
@@ -259,15 +260,15 @@ class ConnectionWorker:
     def serves(self, request: LeaseRequest) -> bool:
         """A lease asked for at this worker directly: is this worker what it wants?  A
         resume (the request names a lease) never is: the master checks whose lease it is."""
-        broker = self.spec.broker
+        broker, options = self.spec.broker, request.options
         if request.lease is not None:
             return False
         if self.state is not ConnState.CONNECTED or self.prechannels.exhausted:
             return False  # the master knows which other connection has room
-        if request.kind == "float":
-            in_zone = broker.local if request.zone is None else request.zone == broker.zone
+        if options.kind == "float":
+            in_zone = broker.local if options.zone is None else options.zone == broker.zone
             return self.primary and in_zone and not broker.hidden
-        return request.kind == "sticky" and request.broker_id == broker.uri.short
+        return options.broker_id == broker.uri.short
 
     def refusal(self, pid: int, uid: int) -> KzpoolError | None:
         """A limit that process ``pid`` of ``uid`` meets here if it asks for one more."""
@@ -278,7 +279,7 @@ class ConnectionWorker:
         return full(len(self.sessions) + len(self.waiting) + len(self.intake.pending),
                     self.spec.settings)
 
-    def admit(self, lease: str, sock: socket.socket, request: LeaseRequest,
+    def admit(self, lease: str, sock: socket.socket, options: LeaseOptions,
               ids: tuple[int, int] | None = None) -> None:
         """Bind ``sock`` to a channel for ``lease`` (now, or when the next one opens);
         ``ids``: the client's (pid, uid), when the intake read them already."""
@@ -296,7 +297,7 @@ class ConnectionWorker:
         if full(len(self.sessions) + len(self.waiting), self.spec.settings) is not None:
             self._turn_away(lease, sock, FULL)  # the master learns from the report
             return
-        client = Waiting(lease, sock, request, pid, uid)
+        client = Waiting(lease, sock, options, pid, uid)
         channel = self.prechannels.take()
         if channel is not None:
             self._bind(client, channel)
@@ -311,12 +312,12 @@ class ConnectionWorker:
         self.uplink.news(LeaseNews(LeaseEvent.LOST, lease))
 
     def _bind(self, client: Waiting, channel: Any) -> None:
-        broker, lease, request = self.spec.broker, client.lease, client.request
+        broker, lease, options = self.spec.broker, client.lease, client.options
         old = self.sessions.get(lease)
         if old is not None:  # placed here again before its old session ended
             old.end(LeaseEvent.LOST, "placed again")
         self.clients.hold(lease, client.pid, client.uid)
-        session = Session(self, client.sock, lease, channel)
+        session = Session(self, client.sock, lease, channel, options)
         self.sessions[lease] = session
         self.bound[channel.channel_number] = session
         session.event(messages.Leased(lease, broker.uri.masked, broker.zone,
@@ -325,9 +326,8 @@ class ConnectionWorker:
         session.flush()  # the client waits for this: before anything else
         if session.done:  # it hung up at once: its release is told already
             return
-        self.uplink.news(LeaseNews(
-            LeaseEvent.ASSIGNED, lease, channel.channel_number, request.kind,
-            request.zone or broker.zone, client.pid, request.federates, client.uid))
+        self.uplink.news(LeaseNews(LeaseEvent.ASSIGNED, lease, channel.channel_number, options,
+                                   client.pid, client.uid))
         self.uplink.report_soon()
 
     def _client_fault(self, fd: int, exc: Exception) -> bool:
@@ -367,8 +367,7 @@ class ConnectionWorker:
             case messages.ReportNow():
                 self.uplink.report_now()
             case messages.Adopt() if sock is not None:
-                self.admit(message.lease, sock, LeaseRequest(kind=message.kind,
-                                                             zone=message.zone))
+                self.admit(message.lease, sock, message.options)
             case messages.Adopt():  # its socket did not come along
                 self.uplink.news(LeaseNews(LeaseEvent.LOST, message.lease))
             case messages.MoveLease(lease=lease) if lease in self.sessions:

@@ -1,12 +1,12 @@
 """How an asyncio lease gets a channel, and what it sends again on a new one.
 
-As the blocking lease does (:class:`kzpool.client.acquire.Recovery`): ask first at the
+As the blocking lease does (:class:`kzpool.client.recovery.Recovery`): ask first at the
 worker that served this kind of lease last (one round trip), else at the master, which may
 hold the request until a broker can serve it.  Each stream it opens becomes a new
-:class:`~kzpool.aio.bound.AioBound` (made by the link).  On a new channel the topology is
+:class:`~kzpool.aio.bound.Bound` (made by the link).  On a new channel the topology is
 replayed in order (exchanges, queues, bindings, QoS, consumers with their tags, confirm
 mode) and the publishes not yet confirmed are sent again, renumbered; only then do calls
-go through.  It works on the lease's lasting :class:`~kzpool.client.state.LeaseState`; the
+go through.  It works on the lease's lasting :class:`~kzpool.lease.state.LeaseState`; the
 link (:mod:`.link`) runs it, in a task of its own after a loss.
 
 A pool restart is a move too: while the pool's socket is gone, a lease that had a channel
@@ -22,31 +22,31 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..client.asking import REPLY_GRACE, Next, PoolWait, answered
-from ..client.state import LeaseState
 from ..common import messages
 from ..common.backoff import Backoff
 from ..common.errors import PoolNotRunning
 from ..common.messages import Reason, Reply
-from .bound import AioBound
-from .client import AioPoolClient
+from ..lease.asking import REPLY_GRACE, Next, PoolWait, answered
+from ..lease.state import LeaseState
+from .bound import Bound
 from .errors import channel_error
+from .pool import PoolClient
 
 SendCall = Callable[[str, str, dict[str, Any]], Awaitable[Reply | None]]
 
 
-class AioRecovery:
+class Recovery:
     """Getting a channel for the lease whose ``state`` it is; ``attach`` turns a socket
-    into the lease's :class:`AioBound`, reading."""
+    into the lease's :class:`Bound`, reading."""
 
-    def __init__(self, pool: AioPoolClient, state: LeaseState,
-                 attach: Callable[[socket.socket], Awaitable[AioBound]]) -> None:
+    def __init__(self, pool: PoolClient, state: LeaseState,
+                 attach: Callable[[socket.socket], Awaitable[Bound]]) -> None:
         self.pool = pool
         self.state = state
         self.attach = attach
         self.pool_wait = PoolWait(state)
 
-    async def acquire(self) -> AioBound:
+    async def acquire(self) -> Bound:
         """A stream bound to a channel (new or resumed); raises why there is none."""
         state = self.state
         loop = asyncio.get_running_loop()
@@ -59,7 +59,7 @@ class AioRecovery:
                 route = None
                 sock = await self._open_pool(deadline)
             bound = await self.attach(sock)
-            bound.write(messages.encode(state.request(deadline - loop.time())))
+            bound.send(messages.encode(state.request(deadline - loop.time())))
             refusal = await _wait_bound(bound, deadline)
             step = answered(bound, refusal, route, state, self.pool.routes,
                             loop.time() > deadline)
@@ -68,7 +68,7 @@ class AioRecovery:
             if step is Next.RETRY:
                 await asyncio.sleep(retry.next_delay())
 
-    async def replay(self, bound: AioBound, send_call: SendCall) -> bool:
+    async def replay(self, bound: Bound, send_call: SendCall) -> bool:
         """Rebuild the topology on ``bound``'s new channel, then re-send unconfirmed
         publishes; ``False`` if that channel was lost too.  Queues keep their names:
         kzpool.aio names server-named queues itself, as aio-pika's robust channel does."""
@@ -79,7 +79,7 @@ class AioRecovery:
                 return False
             topology.replayed(step, reply, {}, channel_error)
         for data in self.state.confirms.renumber():
-            bound.write(data)
+            bound.send(data)
         return bound.live
 
     async def _open_pool(self, deadline: float) -> socket.socket:
@@ -94,7 +94,7 @@ class AioRecovery:
             await asyncio.sleep(delay)
 
 
-async def _wait_bound(bound: AioBound, deadline: float) -> messages.Refused | None:
+async def _wait_bound(bound: Bound, deadline: float) -> messages.Refused | None:
     """Until the worker binds the stream, or it is lost or refused; the refusal."""
     loop = asyncio.get_running_loop()
     try:

@@ -1,4 +1,4 @@
-"""How a lease gets a channel, and gets one again after it lost one.
+"""How a blocking lease gets a channel, and gets one again after it lost one.
 
 :class:`Recovery` asks for a channel: first at the worker that served this kind of lease
 last (the client's route cache: one round trip), else at the master, which may keep the
@@ -6,7 +6,8 @@ request waiting until a broker can serve it.  Each socket it opens becomes a new
 :class:`~kzpool.client.bound.Bound` (made by the link, which it tells of losses), bound
 once the worker says so.  On a new channel :meth:`Recovery.replay` rebuilds the lease's
 topology and re-sends its unconfirmed publishes, renumbered.  It works on the lease's
-lasting :class:`~kzpool.client.state.LeaseState`; the link decides when to recover.
+lasting :class:`~kzpool.lease.state.LeaseState`; the link decides when to recover.  The
+asyncio twin is :class:`kzpool.aio.recovery.Recovery`.
 
 A pool restart is a move too: when the pool's socket is gone (its master killed, or
 restarted by systemd), a lease that had a channel waits for the pool to come back, up to
@@ -25,19 +26,16 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..common import messages
 from ..common.backoff import Backoff
-from ..common.errors import (
-    LeaseClosed,
-    PoolNotRunning,
-)
+from ..common.errors import LeaseClosed, PoolNotRunning
 from ..common.messages import Reason
-from .asking import REPLY_GRACE, Next, PoolWait, answered, gave_up
-from .backend import Pool
+from ..lease.asking import REPLY_GRACE, Next, PoolWait, answered, gave_up
+from ..lease.state import LeaseState, RouteKey
+from ..lease.topology import Send
 from .bound import Bound
-from .state import LeaseState
-from .topology import Send
 
 ABORT_POLL = 0.25  # seconds between two looks at a lease's abort callable while it waits
 
@@ -71,13 +69,23 @@ class Abort:
         return ABORT_POLL
 
 
+class Sockets(Protocol):
+    """What getting a channel needs of the client: its sockets and its route cache."""
+
+    routes: dict[RouteKey, str]
+
+    def open_pool(self) -> socket.socket: ...
+
+    def open_route(self, path: str) -> socket.socket | None: ...
+
+
 class Recovery:
     """Getting a channel for the lease whose ``state`` it is; ``make`` turns a socket into
     the lease's :class:`Bound`.  ``handed``: a socket on which the master asked for this
     lease already (an in-service consumer's first), whose answer is only waited for; such a
     lease goes with its master, and does not wait for the next one."""
 
-    def __init__(self, pool: Pool, state: LeaseState, make: Callable[[socket.socket], Bound],
+    def __init__(self, pool: Sockets, state: LeaseState, make: Callable[[socket.socket], Bound],
                  abort: Abort, handed: socket.socket | None = None) -> None:
         self.pool = pool
         self.state = state

@@ -1,7 +1,7 @@
-"""What a worker's frames mean to a lease, for both links: the dispatch that does no I/O.
+"""What a worker's frames mean to a lease, for every client: the dispatch that does no I/O.
 
 :class:`Frames` turns each frame read on a lease's socket into what it is for: a delivery
-(its tag made unique across channels, :mod:`.tags`) or a ``basic.get``'s message, a
+(its tag made unique across channels, :class:`~.state.TagMap`) or a ``basic.get``'s message, a
 confirm (:mod:`.confirms`), a returned message (matched to the publish it fails), or one of
 the worker's JSON events (a reply, the lease bound, cancelled by the broker, lost, moved,
 blocked, refused).  What each becomes for the caller is the :class:`FrameSink`'s: the

@@ -10,12 +10,13 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from ..client.backend import RouteKey, not_running
 from ..common import messages
+from ..lease.asking import not_running
+from ..lease.state import RouteKey
 from .stream import AioBackend, UnixBackend, call
 
 
-class AioPoolClient:
+class PoolClient:
     """A handle on the pool at ``socket_path``; the channels of one connection share it."""
 
     def __init__(self, socket_path: str, backend: AioBackend | None = None) -> None:
@@ -25,7 +26,7 @@ class AioPoolClient:
         self.routes: dict[RouteKey, str] = {}
 
     def __repr__(self) -> str:
-        return f"<AioPoolClient {self.socket_path}>"
+        return f"<PoolClient {self.socket_path}>"
 
     async def open_pool(self) -> socket.socket:
         """A new connection to the pool's lease socket; a clear error if no pool answers."""
