@@ -86,4 +86,52 @@ def test_no_module_is_too_big() -> None:
 
 def test_one_folder_per_process() -> None:
     folders = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
-    assert folders >= {"common", "master", "worker", "client", "consumer"}
+    assert folders >= {"common", "master", "worker", "lease", "client", "aio", "consumer"}
+
+
+# ----- the blocking and asyncio twins ------------------------------------------------------------
+
+# Operations one twin has and the other has not, and why: each twin module holds the same
+# classes with the same names, over the shared core in kzpool/lease/.
+ONLY_BLOCKING = {
+    "PoolClient": {"lease": "the blocking client makes leases; kzpool.aio's Connection makes"
+                            " channels (aio-pika's shape)"},
+    "LeaseLink": dict.fromkeys(
+        ("pump", "drain", "flush", "wait", "wait_confirm", "sock"),
+        "nothing reads a blocking lease's socket in the background: its owner reads in calls")
+    | dict.fromkeys(("lost", "failed"), "a blocking lease recovers in its next call, so it"
+                                        " keeps its loss until then")
+    | {"publish": "a publish without confirms is sent again if the worker went before reading"
+                  " it (the next call recovers first)",
+       "aborted": "federators give up a blocking lease through an abort callable"},
+    "Bound": dict.fromkeys(("pump", "drain", "flush"), "read by its owner, not by a loop"),
+}
+ONLY_ASYNCIO = {
+    "LeaseLink": dict.fromkeys(("recover", "changed", "send_call"),
+                               "recovery runs in a task of its own; waiters wake on changes")
+    | dict.fromkeys(("paused", "writable", "wait_unblocked"),
+                    "asyncio's write buffer and flow control are awaited"),
+    "Bound": dict.fromkeys(("attach", "call", "take_get", "live"),
+                           "a stream attached to the loop resolves each call's future"),
+}
+TWINS = ("pool", "link", "recovery", "bound")
+
+
+def operations(cls: type) -> set[str]:
+    return {name for name in dir(cls) if not name.startswith("_")}
+
+
+def test_the_blocking_and_asyncio_twins_offer_the_same_operations() -> None:
+    import importlib
+
+    for name in TWINS:
+        blocking = importlib.import_module(f"kzpool.client.{name}")
+        asyncio_ = importlib.import_module(f"kzpool.aio.{name}")
+        classes = {n for n, v in vars(blocking).items()
+                   if isinstance(v, type) and v.__module__ == blocking.__name__
+                   and not n.startswith("_") and n in vars(asyncio_)}
+        assert classes, f"kzpool.client.{name} and kzpool.aio.{name} share no class name"
+        for cls in classes:
+            ours, theirs = operations(getattr(blocking, cls)), operations(getattr(asyncio_, cls))
+            assert ours - theirs == set(ONLY_BLOCKING.get(cls, {})), (name, cls)
+            assert theirs - ours == set(ONLY_ASYNCIO.get(cls, {})), (name, cls)

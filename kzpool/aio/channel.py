@@ -109,7 +109,7 @@ class Channel:
 
     @property
     def number(self) -> int | None:
-        return self._core.link.channel_number if self._core else self._requested_number
+        return self._core.link.state.channel_number if self._core else self._requested_number
 
     @property
     def return_callbacks(self) -> CallbackCollection:

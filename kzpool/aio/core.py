@@ -159,7 +159,7 @@ class ChannelCore:
     async def consume(self, queue: str, consumer: Consumer, exclusive: bool,
                       arguments: dict[str, Any] | None, consumer_tag: str | None,
                       timeout: float | None, record: bool) -> str:
-        tag = consumer_tag or f"ctag{self.link.channel_number}.{uuid.uuid4().hex}"
+        tag = consumer_tag or f"ctag{self.link.state.channel_number}.{uuid.uuid4().hex}"
         if tag in self.consumers and not isinstance(self.consumers[tag], _Cancelled):
             raise DuplicateConsumerTag(f"consumer tag {tag!r} is already used on this channel")
         self.consumers[tag] = consumer  # before the call: deliveries may come with its reply
@@ -197,11 +197,13 @@ class ChannelCore:
     async def publish(self, exchange: str, routing_key: str, message: Any, mandatory: bool,
                       timeout: float | None) -> Any:
         link = self.link
-        while not link.ready or link.blocked or link.unreported is not None or link.paused:
-            await link.wait_ready()
-            if link.blocked:
+        state = link.state
+        while link.phase is not Phase.READY or state.blocked or link.unreported is not None \
+                or link.paused:
+            await link.ready()
+            if state.blocked:
                 await link.wait_unblocked()
-            await link.drain()
+            await link.writable()
         body = body_of(message)
         if len(body) > MAX_BODY:
             raise LeaseRequestError(f"message of {len(body):,} bytes is over the {MAX_BODY:,}"
@@ -212,8 +214,8 @@ class ChannelCore:
             link.send(data)
             return None
         future: asyncio.Future[Any] = link.loop.create_future()
-        confirm = _Confirm(self, future, link.confirms.seq + 1)
-        link.confirms.add(Unconfirmed(confirm, data, exchange, routing_key, None, body))
+        confirm = _Confirm(self, future, state.confirms.seq + 1)
+        state.confirms.add(Unconfirmed(confirm, data, exchange, routing_key, None, body))
         link.send(data)
         if timeout is None:
             return await future

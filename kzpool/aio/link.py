@@ -10,7 +10,7 @@ its future, a reply wakes its call.
 
 When the channel is lost the link says so at once (pending calls are tried again on the new
 channel; a call the broker refused gets that error) and recovers in a task of its own
-(:mod:`.moves`: acquire, replay, re-send), so consumers come back without anyone calling.
+(:mod:`.recovery`: acquire, replay, re-send), so consumers come back without anyone calling.
 It tries until it succeeds or the lease is closed, backing off between tries; calls made
 meanwhile wait up to the lease's ``timeout`` and then raise why the last try failed (a
 sticky lease's :class:`~kzpool.BrokerUnavailable` names its broker; a pool that is gone,
@@ -41,7 +41,6 @@ from ..common.errors import (
 from ..common.messages import Reason, Reply
 from ..common.options import LeaseOptions
 from ..common.wire import Kind
-from ..lease.confirms import ConfirmBook
 from ..lease.state import POOL_RESTARTED, LeaseState
 from .bound import Bound, Got, LinkOwner
 from .errors import ChannelClosed, ChannelInvalidStateError, channel_error
@@ -94,33 +93,21 @@ class LeaseLink:
     def broker(self) -> str | None:
         return self.state.broker
 
-    @property
-    def channel_number(self) -> int:
-        return self.state.channel_number
 
-    @property
-    def blocked(self) -> bool:
-        return self.state.blocked
 
-    @property
-    def confirms(self) -> ConfirmBook:
-        return self.state.confirms
 
     @property
     def closed(self) -> bool:
         return self.phase is Phase.CLOSED
 
     @property
-    def ready(self) -> bool:
-        return self.phase is Phase.READY
-
-    @property
     def paused(self) -> bool:
-        """The stream's buffer is over its high mark: writers wait (:meth:`drain`)."""
+        """The stream's buffer is over its high mark: writers wait (:meth:`writable`)."""
         current = self.current
         return current is not None and current.stream is not None and current.stream.paused
 
-    async def drain(self) -> None:
+    async def writable(self) -> None:
+        """Until the stream's buffer is below its low mark again."""
         current = self.current
         if current is not None and current.stream is not None:
             await current.stream.drain()
@@ -160,7 +147,7 @@ class LeaseLink:
         replay.  A call the broker refuses raises aiormq's error for its code."""
         deadline = self.loop.time() + self.state.timeout
         while True:
-            await self.wait_ready(deadline)
+            await self.ready(deadline)
             reply = await self.send_call(op, method, args)
             if reply is not None:
                 break
@@ -187,7 +174,7 @@ class LeaseLink:
         current = self.current
         return None if current is None else current.take_get(reply)
 
-    async def wait_ready(self, deadline: float | None = None) -> None:
+    async def ready(self, deadline: float | None = None) -> None:
         """Until the link has a channel (replayed); a channel error no call raised yet is
         raised here, once.  After ``deadline``: why the last try failed, or LeaseTimeout."""
         if self.unreported is not None:
@@ -211,7 +198,7 @@ class LeaseLink:
     async def wait_unblocked(self) -> None:
         deadline = self.loop.time() + self.state.timeout
         while self.state.blocked:
-            await self.wait_ready(deadline)
+            await self.ready(deadline)
             if self.loop.time() > deadline:
                 raise ConnectionBlockedTimeout(f"the broker {self.broker} blocked publishing"
                                                f" for over {self.state.timeout} s",

@@ -316,7 +316,7 @@ class Consumers:
 
     @property
     def owner(self) -> int:
-        return self.link.owner
+        return self.link.thread
 
     @property
     def blocked(self) -> bool:

@@ -66,7 +66,7 @@ class LeaseLink:
         self.state = LeaseState(options)
         self.generation = 0  # channels held so far
         self.confirming = False
-        self.owner = threading.get_ident()  # the thread that used it last
+        self.thread = threading.get_ident()  # the thread that used it last
         self.loss: Loss | None = None
         self.hooks: Hooks
         self.bound: Bound  # the socket of the channel now (or of the one lost last)
@@ -122,7 +122,7 @@ class LeaseLink:
 
     def ready(self) -> None:
         """Make sure the lease has a channel: raise a loss's error once, else recover."""
-        self.owner = threading.get_ident()
+        self.thread = threading.get_ident()
         if self.closed:
             raise LeaseClosed("the lease is closed", lease=self.id)
         lost = self.loss

@@ -165,8 +165,9 @@ class Intake:
             log.warning("refusing a lease to pid %d: %s", client.pid, limit)
             answer(client.sock, messages.Refused.of(limit))
             return
-        self.host.admit(uuid.uuid4().hex[:12], client.sock, request.options,
-                        (client.pid, client.uid))
+        lease = uuid.uuid4().hex[:12]
+        log.debug("lease %s asked for here (pid %d)", lease, client.pid)
+        self.host.admit(lease, client.sock, request.options, (client.pid, client.uid))
 
     def drop(self, fd: int, exc: Exception) -> bool:
         """Drop a client that has not asked yet, telling it why; ``False``: not one of ours."""

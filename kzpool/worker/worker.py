@@ -367,6 +367,7 @@ class ConnectionWorker:
             case messages.ReportNow():
                 self.uplink.report_now()
             case messages.Adopt() if sock is not None:
+                log.debug("lease %s placed here by the master", message.lease)
                 self.admit(message.lease, sock, message.options)
             case messages.Adopt():  # its socket did not come along
                 self.uplink.news(LeaseNews(LeaseEvent.LOST, message.lease))
