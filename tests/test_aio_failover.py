@@ -17,12 +17,12 @@ from aio_pika import DeliveryMode, ExchangeType, Message
 
 import kzpool
 import kzpool.aio
-from kzpool.testing import DEFAULT_URI, Pool, drain, queue_counts
+from kzpool.testing import DEFAULT_MASKED, DEFAULT_URI, Pool, drain, queue_counts
 
 from .conftest import brokers
 
 PoolMaker = Callable[..., Pool]
-SECONDARY = "amqp://guest:***@127.0.0.1:5672/%2F"
+SECONDARY = DEFAULT_MASKED
 
 
 async def until(predicate: Callable[[], Any], what: str, timeout: float = 20) -> None:

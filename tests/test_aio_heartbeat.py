@@ -59,7 +59,7 @@ def test_a_coroutine_that_holds_the_loop_keeps_its_channel(pools: Callable[..., 
             channel.basic_publish("", queue, b"heavy work")
     connects: dict[str, Callable[[], Awaitable[Any]]] = {
         "aio_pika": lambda: aio_pika.connect(
-            f"amqp://guest:guest@127.0.0.1:5672/?heartbeat={HEARTBEAT}"),
+            f"{DEFAULT_URI}?heartbeat={HEARTBEAT}"),
         "kzpool": lambda: kzpool.aio.connect(pool.socket)}
     context = multiprocessing.get_context("fork")
     results = {name: context.SimpleQueue() for name in queues}

@@ -25,7 +25,7 @@ from aio_pika import DeliveryMode, ExchangeType, Message
 from aiormq.exceptions import DeliveryError
 
 import kzpool.aio
-from kzpool.testing import Pool, consumer_count
+from kzpool.testing import Pool, consumer_count, default_uri
 
 from .conftest import brokers_run
 
@@ -44,7 +44,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     vhost = f"kzt-aio-{uuid.uuid4().hex[:8]}"
     brokers_run(["add_vhost", vhost])
     brokers_run(["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"])
-    uri = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    uri = default_uri(vhost)
     pool = Pool(tmp_path_factory.mktemp("aio-tutorials"), [uri]).start()
     try:
         pool.wait_ready()

@@ -14,6 +14,7 @@ import pytest
 
 import kzpool
 from kzpool.testing import (
+    DEFAULT_MASKED,
     DEFAULT_URI,
     Pool,
     consumer_count,
@@ -208,7 +209,7 @@ def test_a_listener_in_any_process(pools: PoolMaker, names: dict[str, str]) -> N
 
     @listener.responder("audit.#")
     def audit(message: kzpool.Message) -> None:
-        assert message.broker == "amqp://guest:***@127.0.0.1:5672/%2F"
+        assert message.broker == DEFAULT_MASKED
         seen.append(("audit", message.body))
         raise RuntimeError("audit handler fails: the message is dropped, not requeued")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +10,15 @@ import pika
 import pytest
 
 import kzpool
-from kzpool.testing import DEFAULT_URI, Forwarder, Pool, drain, wait_for
+from kzpool.testing import (
+    DEFAULT_MASKED,
+    DEFAULT_PORT,
+    DEFAULT_URI,
+    Forwarder,
+    Pool,
+    drain,
+    wait_for,
+)
 
 from .conftest import brokers
 
@@ -25,7 +32,7 @@ def test_float_lease_fails_over_and_back(pools: PoolMaker, faulty_node: Any) -> 
     queue = f"kzt-{uuid.uuid4().hex[:10]}"
     moves: list[kzpool.MoveEvent] = []
     lease = kzpool.connect(pool.socket).lease("float", on_move=moves.append, timeout=15)
-    primary, secondary = lease.broker, "amqp://guest:***@127.0.0.1:5672/%2F"
+    primary, secondary = lease.broker, DEFAULT_MASKED
     assert primary == faulty_node.url.replace("guest:guest", "guest:***")
     lease.queue_declare(queue, durable=True)  # survives the broker's stop_app
     lease.confirm_delivery()
@@ -79,15 +86,14 @@ def test_flow_control_holds_publishes_and_says_so(pools: PoolMaker, faulty_node:
     queue = f"kzt-{uuid.uuid4().hex[:10]}"
     lease = kzpool.connect(pool.socket).lease("float", timeout=2)
     lease.queue_declare(queue)
-    watermark = ["rabbitmqctl", "-q", "-n", faulty_node.name, "set_vm_memory_high_watermark"]
-    subprocess.run([*watermark, "0.000001"], check=True, capture_output=True, timeout=60)
+    brokers._ctl(faulty_node.name, "-q", "set_vm_memory_high_watermark", "0.000001")
     try:
         lease.basic_publish("", queue, b"while blocked")  # the broker blocks on a publish
         pool.wait_rows(lambda rs: rs[0]["blocked"], 10, "status to show the block")
         with pytest.raises(kzpool.ConnectionBlockedTimeout, match="blocked"):
             lease.basic_publish("", queue, b"waits, then raises")
     finally:
-        subprocess.run([*watermark, "0.4"], check=True, capture_output=True, timeout=60)
+        brokers._ctl(faulty_node.name, "-q", "set_vm_memory_high_watermark", "0.4")
     pool.wait_rows(lambda rs: not rs[0]["blocked"], 10, "the block to lift")
     lease.basic_publish("", queue, b"after")
     lease.close()
@@ -106,12 +112,10 @@ def test_flow_control_fails_confirm_waits_and_calls_after_the_lease_timeout(
     lease = connection.channel(timeout=2)
     lease.queue_declare(queue)
     lease.confirm_delivery()
-    watermark = ["rabbitmqctl", "-q", "-n", faulty_node.name, "set_vm_memory_high_watermark"]
-    subprocess.run([*watermark, "0.0000001"], check=True, capture_output=True, timeout=60)
-    alarms = ["rabbitmqctl", "-q", "-n", faulty_node.name, "eval", "rabbit_alarm:get_alarms()."]
+    brokers._ctl(faulty_node.name, "-q", "set_vm_memory_high_watermark", "0.0000001")
     try:
-        wait_for(lambda: "memory" in subprocess.run(alarms, capture_output=True, text=True,
-                                                    timeout=60).stdout, 30,
+        wait_for(lambda: "memory" in brokers._ctl(faulty_node.name, "-q", "eval",
+                                                  "rabbit_alarm:get_alarms().").stdout, 30,
                  "the broker's memory alarm")  # it is raised a moment after the watermark
         with pytest.raises(kzpool.ConnectionBlockedTimeout, match="blocked the connection"):
             lease.basic_publish("", queue, b"held")  # the broker confirms nothing now
@@ -126,7 +130,7 @@ def test_flow_control_fails_confirm_waits_and_calls_after_the_lease_timeout(
         connection.process_data_events(0)
         assert [type(f.method) for f in notices] == [pika.spec.Connection.Blocked]
     finally:
-        subprocess.run([*watermark, "0.4"], check=True, capture_output=True, timeout=60)
+        brokers._ctl(faulty_node.name, "-q", "set_vm_memory_high_watermark", "0.4")
     pool.wait_rows(lambda rs: not rs[0]["blocked"], 10, "the block to lift")
     lease.basic_publish("", queue, b"after")
     lease.wait_for_confirms(10)  # "held" too, once the broker reads again
@@ -138,7 +142,7 @@ def test_flow_control_fails_confirm_waits_and_calls_after_the_lease_timeout(
 
 
 def test_a_silent_primary_is_left_on_missed_heartbeats(pools: PoolMaker, vhost: str) -> None:
-    forwarder = Forwarder(("127.0.0.1", 5672))
+    forwarder = Forwarder(("127.0.0.1", DEFAULT_PORT))
     try:
         silent_uri = f"amqp://guest:guest@127.0.0.1:{forwarder.port}/%2F"
         pool = pools([silent_uri, vhost], heartbeat=1, reconnect_backoff_max=0.5,
@@ -167,9 +171,12 @@ def test_a_silent_primary_is_left_on_missed_heartbeats(pools: PoolMaker, vhost: 
 
 def test_a_message_over_the_brokers_max_size_fails_that_publish_only(
         pools: PoolMaker, faulty_node: Any) -> None:
-    limit = ["rabbitmqctl", "-q", "-n", faulty_node.name, "eval"]
-    subprocess.run([*limit, "application:set_env(rabbit, max_message_size, 65536)."],
-                   check=True, capture_output=True, timeout=60)  # read by channels as they open
+    # 3.10's channels read the setting as they open; 4.x reads it at boot, into a
+    # persistent term that its channels read
+    limit = ("Old = application:get_env(rabbit, max_message_size, 134217728), "
+             "application:set_env(rabbit, max_message_size, {size}), "
+             "persistent_term:put(max_message_size, {size}), Old.")
+    old = brokers._ctl(faulty_node.name, "-q", "eval", limit.format(size=65536)).stdout.strip()
     try:
         pool = pools([faulty_node.url]).start()
         pool.wait_ready()
@@ -186,6 +193,5 @@ def test_a_message_over_the_brokers_max_size_fails_that_publish_only(
         lease.basic_publish("", queue, b"still fine")
         lease.close()
     finally:
-        subprocess.run([*limit, "application:set_env(rabbit, max_message_size, 134217728)."],
-                       check=True, capture_output=True, timeout=60)
+        brokers._ctl(faulty_node.name, "-q", "eval", limit.format(size=int(old)))
     assert drain(faulty_node.url, queue) == [b"small", b"still fine"]

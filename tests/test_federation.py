@@ -21,6 +21,8 @@ import pytest
 import kzpool
 from kzpool.common.status import render
 from kzpool.testing import (
+    DEFAULT_HOSTPORT,
+    DEFAULT_PORT,
     DEFAULT_URI,
     Forwarder,
     Pool,
@@ -112,8 +114,8 @@ def test_stop_is_bounded_with_a_silent_federated_broker_and_a_stuck_handler(
         pools: PoolMaker, tmp_path: Path, names: dict[str, str]) -> None:
     """Kazoo's design note asked for this test and never got it."""
     remote = names["remote"]
-    forwarder = Forwarder(("127.0.0.1", 5672))
-    silent = remote.replace("127.0.0.1:5672", f"127.0.0.1:{forwarder.port}")
+    forwarder = Forwarder(("127.0.0.1", DEFAULT_PORT))
+    silent = remote.replace(DEFAULT_HOSTPORT, f"127.0.0.1:{forwarder.port}")
     federated = f"{names['queue']}-east"
     try:
         pool, trace = consumer_pool(
@@ -187,8 +189,8 @@ def test_federators_stop_together_when_their_brokers_are_silent(
     """Handlers that return, two remote brokers that say nothing: the consumer process stops
     by itself (its federators do not wait for their brokers, nor for one another)."""
     remote = names["remote"]
-    forwarders = [Forwarder(("127.0.0.1", 5672)) for _ in range(2)]
-    silent = [remote.replace("127.0.0.1:5672", f"127.0.0.1:{f.port}") for f in forwarders]
+    forwarders = [Forwarder(("127.0.0.1", DEFAULT_PORT)) for _ in range(2)]
+    silent = [remote.replace(DEFAULT_HOSTPORT, f"127.0.0.1:{f.port}") for f in forwarders]
     try:
         pool, _trace = consumer_pool(
             pools, tmp_path, names, "record",

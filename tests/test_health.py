@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 
 from kzpool.common.status import Health, health
-from kzpool.testing import DEFAULT_URI, Forwarder, Pool, wait_for
+from kzpool.testing import DEFAULT_MASKED, DEFAULT_PORT, DEFAULT_URI, Forwarder, Pool, wait_for
 
 PoolMaker = Callable[..., Pool]
-DEFAULT_MASKED = "amqp://guest:***@127.0.0.1:5672/%2F"
 
 
 def free_port() -> int:
@@ -56,7 +55,7 @@ def test_healthy_when_the_local_zone_has_a_primary(pools: PoolMaker) -> None:
 
 
 def test_unhealthy_with_the_reason_when_the_primary_is_gone(pools: PoolMaker) -> None:
-    forwarder = Forwarder(("127.0.0.1", 5672))
+    forwarder = Forwarder(("127.0.0.1", DEFAULT_PORT))
     port = free_port()
     broker = f"amqp://guest:guest@127.0.0.1:{forwarder.port}/%2F"
     try:

@@ -15,7 +15,7 @@ import pytest
 import kzpool
 from kzpool.common.status import Health
 from kzpool.master import metrics
-from kzpool.testing import DEFAULT_URI, Pool, wait_for
+from kzpool.testing import DEFAULT_MASKED, DEFAULT_URI, Pool, wait_for
 
 
 def free_port() -> int:
@@ -52,7 +52,7 @@ def test_metrics_follow_the_traffic(pools: Callable[..., Pool]) -> None:
         held = wait_for(lambda: (m := scrape(port)).get(
             'kzpool_leases{kind="float",state="assigned"}') == 1 and m, 5, "the lease's row")
         assert held['kzpool_leases{kind="float",state="assigned"}'] == 1
-    conn = 'broker="amqp://guest:***@127.0.0.1:5672/%2F",connection="c1"'
+    conn = f'broker="{DEFAULT_MASKED}",connection="c1"'
     metrics = wait_for(lambda: (m := scrape(port)).get(f"kzpool_acks_total{{{conn}}}") == 5
                        and m, 5, "the worker's counters in a scrape")
     assert metrics[f"kzpool_publishes_total{{{conn}}}"] == 5
@@ -205,7 +205,7 @@ def test_a_lease_that_left_nothing_on_its_channel_hands_it_to_the_next(
     for _ in range(20):
         with client.lease("float") as lease:
             lease.queue_declare(queue, passive=True)
-    conn = 'broker="amqp://guest:***@127.0.0.1:5672/%2F",connection="c1"'
+    conn = f'broker="{DEFAULT_MASKED}",connection="c1"'
     reused = wait_for(lambda: scrape(port).get(f"kzpool_channels_reused_total{{{conn}}}"), 5,
                       "a reused channel counted")
     assert 1 <= reused <= 20

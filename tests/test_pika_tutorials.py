@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kzpool.testing import Pool
+from kzpool.testing import Pool, default_uri
 
 from .conftest import brokers_run
 
@@ -32,7 +32,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     brokers_run(["add_vhost", vhost])
     brokers_run(["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"])
     served = Pool(Path(tmp_path_factory.mktemp("tutorials")),
-                  [f"amqp://guest:guest@127.0.0.1:5672/{vhost}"], prechannels=4)
+                  [default_uri(vhost)], prechannels=4)
     try:
         served.start().wait_ready()
         yield served

@@ -99,3 +99,22 @@ def test_a_channel_handed_back_goes_to_a_waiting_client_first() -> None:
     waiting.append("client")
     pre.hand_back(channel, settled_first=False)
     assert offered == [channel] and len(pre) == 0 and pre.reused == 1
+
+
+def test_a_channel_opened_for_a_client_served_meanwhile_is_not_kept_above_the_target() -> None:
+    """A waiting client gets one more channel opened for it; when a handed-back channel
+    serves that client first, the extra one is closed as it opens, not kept ready."""
+    pre, connection, _loop, waiting, offered = ready_pool(2)
+    first, _second = pre.take(), pre.take()
+    assert len(connection.opened) == 2  # none left: both replaced at once
+    waiting.append("client")
+    pre.fill()  # the worker, as the client starts waiting
+    assert len(connection.opened) == 3  # one more, for the client
+    pre.hand_back(first, settled_first=False)  # it serves the client first
+    assert offered == [first]
+    waiting.clear()
+    extras = [Channel(10 + n) for n in range(3)]
+    for opened, channel in zip(connection.opened, extras, strict=True):
+        opened(channel)
+    assert len(pre) == 2 and pre.ready == extras[:2]
+    assert not extras[2].is_open

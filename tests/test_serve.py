@@ -13,7 +13,15 @@ from collections.abc import Callable
 import psutil
 
 from kzpool.master.registry import read as read_registry
-from kzpool.testing import DEFAULT_URI, Pool, titles, wait_for
+from kzpool.testing import (
+    DEFAULT_HOSTPORT,
+    DEFAULT_MASKED,
+    DEFAULT_URI,
+    Pool,
+    default_uri,
+    titles,
+    wait_for,
+)
 
 PoolMaker = Callable[..., Pool]
 
@@ -23,7 +31,7 @@ def test_start_status_and_graceful_stop(pools: PoolMaker, vhost: str) -> None:
     status = pool.wait_ready()
     rows = pool.wait_rows(lambda rs: all(r["prechannels"] == 4 for r in rs), 10,
                           "prechannels to fill")
-    assert [r["broker"] for r in rows] == ["amqp://guest:***@127.0.0.1:5672/%2F",
+    assert [r["broker"] for r in rows] == [DEFAULT_MASKED,
                                            vhost.replace("guest:guest", "guest:***")]
     assert [r["primary"] for r in rows] == [True, False]
     for row in rows:
@@ -47,7 +55,7 @@ def test_titles_show_roles_and_no_password(pools: PoolMaker, vhost: str) -> None
     pool = pools([DEFAULT_URI, vhost]).start()
     pool.wait_ready()
     expected = {"kzpool: master", "kzpool: registry",
-                "kzpool: connection amqp://127.0.0.1:5672/%2F [local, primary]",
+                f"kzpool: connection amqp://{DEFAULT_HOSTPORT}/%2F [local, primary]",
                 f"kzpool: connection {vhost.replace('guest:guest@', '')} [local]"}
     wait_for(lambda: set(titles(pool).values()) >= expected, 5, "process titles")
     assert not any("guest:guest" in t for t in titles(pool).values())
@@ -60,7 +68,7 @@ def test_status_cli_human_and_json(pools: PoolMaker) -> None:
     cli = [sys.executable, "-m", "kzpool", "status", "-c", str(pool.config)]
     human = subprocess.run(cli, capture_output=True, text=True, timeout=30)
     assert human.returncode == 0, human.stderr
-    assert "amqp://guest:***@127.0.0.1:5672/%2F" in human.stdout
+    assert DEFAULT_MASKED in human.stdout
     assert "connected" in human.stdout and "guest:guest" not in human.stdout
     as_json = subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=30)
     data = json.loads(as_json.stdout)
@@ -111,7 +119,7 @@ def test_unreachable_broker_at_startup_fails_in_time(pools: PoolMaker) -> None:
 
 
 def test_wrong_password_is_not_respawned_in_a_loop(pools: PoolMaker, vhost: str) -> None:
-    bad = "amqp://guest:wrong@127.0.0.1:5672/%2F"
+    bad = default_uri(password="wrong")
     pool = pools([vhost, bad]).start()
     pool.wait_ready()
     # the worker says it failed, then exits: the row ends failed, with no process
@@ -128,7 +136,7 @@ def test_wrong_password_is_not_respawned_in_a_loop(pools: PoolMaker, vhost: str)
 
 
 def test_unknown_vhost_fails_with_its_reason(pools: PoolMaker) -> None:
-    pool = pools([DEFAULT_URI, "amqp://guest:guest@127.0.0.1:5672/kzt-no-such-vhost"]).start()
+    pool = pools([DEFAULT_URI, default_uri("kzt-no-such-vhost")]).start()
     pool.wait_ready()
     rows = pool.wait_rows(lambda rs: rs[1]["state"] == "failed", 10, "the vhost to fail")
     assert "vhost" in rows[1]["error"] and "not found" in rows[1]["error"]

@@ -92,9 +92,8 @@ def test_a_lease_publishes_and_consumes_over_tls_with_a_client_certificate(
     assert broker == f"amqps://guest:***@127.0.0.1:{node.tls_port}/%2F"
     assert got == [b"%d" % i for i in range(20)]
     # the broker's side: the pool's connection is TLS, with the client certificate
-    listed = subprocess.run(["rabbitmqctl", "-q", "-n", node.name, "list_connections", "ssl",
-                             "peer_cert_subject", "--formatter", "json"], check=True,
-                            capture_output=True, text=True, timeout=60).stdout
+    listed = brokers._ctl(node.name, "-q", "list_connections", "ssl", "peer_cert_subject",
+                          "--formatter", "json").stdout
     assert {"ssl": True, "peer_cert_subject": "CN=kzpool test client"} in json.loads(listed)
     # the key's password is shown nowhere: status, the log, process titles, check
     shown = [kzpool_cli("status", "-c", str(pool.config)).stdout,

@@ -4,7 +4,8 @@
 lease is bound without a broker round trip.  A channel taken is replaced at once when fewer
 than half are left, else a moment later (:data:`FILL_DELAY`): a lease released within that
 moment hands its channel back instead (when it left nothing on it), and the broker opens and
-closes nothing for it.  A channel handed back beyond the target is closed.
+closes nothing for it.  A channel handed back beyond the target is closed, and so is one
+that opens beyond it (it was opened for a client that a handed-back channel served first).
 
 What a ready channel is for is the worker's: ``offer`` binds it to a waiting client
 (``True``) or leaves it here (``False``).  Pure bookkeeping on the worker's loop: nothing
@@ -118,9 +119,17 @@ class Prechannels:
         self.opening = 0
 
     def _opened(self, channel: Any) -> None:
+        """A channel opened: to a waiting client, else ready; one opened for a client that
+        a handed-back channel served meanwhile is closed if the target is met without it."""
         self.opening -= 1
         self.on_open(channel)
-        self._give(channel)
+        if self.offer(channel):
+            self.changed()
+        elif len(self.ready) >= self.target:
+            channel.close()
+        else:
+            self.ready.append(channel)
+            self.changed()
 
     def _give(self, channel: Any) -> None:
         if not self.offer(channel):
