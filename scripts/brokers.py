@@ -8,6 +8,7 @@ Importable (stdlib only, no side effects at import) and a CLI:
     python3 scripts/brokers.py down             stop every extra node recorded (3.10 and 4.x)
     python3 scripts/brokers.py status
     python3 scripts/brokers.py start NAME PORT [--tls-port P --certs DIR] [--rabbitmq 4]
+                                [--conf 'KEY = VALUE' ...] [--deny-deprecated]
     python3 scripts/brokers.py stop NAME | kill NAME | stop-app NAME | start-app NAME
     python3 scripts/brokers.py ctl NAME ARGS... rabbitmqctl of the install that runs NAME
     python3 scripts/brokers.py ensure-default
@@ -60,6 +61,10 @@ RMQ4_SUITE = "sid"
 RMQ4_MIRROR = "http://deb.debian.org/debian"  # when the machine's sources name none
 RMQ4_DEFAULT_NODE = "kz4@localhost"  # `up --rabbitmq 4`: a default-like 4.x node
 RMQ4_DEFAULT_PORT = 5720
+# rabbitmq.conf lines that deny what RabbitMQ 4.x deprecates (4.3 denies these by default;
+# naming them makes a 3.12+ or 4.0-4.2 node deny them too)
+DENY_DEPRECATED = ("deprecated_features.permit.global_qos = false",
+                   "deprecated_features.permit.transient_nonexcl_queues = false")
 NODES_IN_CHROOT = "var/lib/kzpool-nodes"  # 4.x nodes' directories, inside the chroot
 CHROOT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -675,8 +680,11 @@ def _rmq4_status() -> None:
 
 def start_node(name: str, port: int, base: Path | None = None, timeout: float = 90,
                tls_port: int | None = None, certs: Certs | None = None,
-               rabbitmq: int | None = None) -> Node:
+               rabbitmq: int | None = None, conf: Sequence[str] = ()) -> Node:
     """Start (or find already running) an independent node listening on `port`.
+
+    `conf`: more lines of its rabbitmq.conf (`consumer_timeout = 5000`; DENY_DEPRECATED),
+    for a node started here (one found running keeps the config it has).
 
     With `tls_port` and `certs`, the node also listens for TLS there (its certificate is
     `certs.server_cert`; it verifies clients against `certs.ca` and refuses a client that
@@ -731,10 +739,11 @@ def start_node(name: str, port: int, base: Path | None = None, timeout: float = 
         version = f"RabbitMQ {install_version(root)}"
         _say(f"starting {name} ({version}) on port {port} in {node.base}")
         node.base.mkdir(parents=True, exist_ok=True)
-        conf = f"listeners.tcp.local = {HOST}:{port}\nloopback_users = none\n"
+        text = f"listeners.tcp.local = {HOST}:{port}\nloopback_users = none\n"
         if tls_port is not None and certs is not None:
-            conf += _tls_listener(node, tls_port, certs)
-        (node.base / "rabbitmq.conf").write_text(conf)
+            text += _tls_listener(node, tls_port, certs)
+        text += "".join(f"{line.strip()}\n" for line in conf)
+        (node.base / "rabbitmq.conf").write_text(text)
         node.pid_file.unlink(missing_ok=True)  # a stale one would fool `wait`
         _save(node)
         _chown_rabbitmq(node.base, root)
@@ -1056,6 +1065,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     start.add_argument("port", type=int)
     start.add_argument("--tls-port", type=int, help="also listen for TLS on this port")
     start.add_argument("--certs", type=Path, help="a directory made by `certs` (with --tls-port)")
+    start.add_argument("--conf", action="append", default=[], metavar="'KEY = VALUE'",
+                       help="one more line of the node's rabbitmq.conf (repeatable), e.g."
+                            " 'consumer_timeout = 5000'")
+    start.add_argument("--deny-deprecated", action="store_true",
+                       help="deny global_qos and transient non-exclusive queues, as RabbitMQ"
+                            " 4.3 does by default")
     certs = sub.add_parser("certs", help="make a CA, a server and a client certificate in DIR")
     certs.add_argument("dir", type=Path)
     cluster = sub.add_parser("cluster", help="start nodes and join them to the first")
@@ -1094,8 +1109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ensure_default()
         elif args.cmd == "start":
             tls = Certs(args.certs) if args.certs else None
+            conf = [*args.conf, *(DENY_DEPRECATED if args.deny_deprecated else ())]
             node = start_node(args.name, args.port, tls_port=args.tls_port, certs=tls,
-                              rabbitmq=args.rabbitmq)
+                              rabbitmq=args.rabbitmq, conf=conf)
             print(node.url if node.tls_port is None else f"{node.url}\n{node.tls_url}")
         elif args.cmd == "certs":
             made = make_certs(args.dir)

@@ -35,6 +35,7 @@ DEFAULT_NODE = LAYOUT.default  # name, port; the machine's own node unless RABBI
 EXTRA_NODE = LAYOUT.extra
 TLS_NODE = LAYOUT.tls  # name, AMQP port, TLS port: this suite's own
 CLUSTER = list(LAYOUT.cluster)
+TIMEOUT_NODE = LAYOUT.timeouts  # consumer_timeout 5 s (and 4.x's deprecated features denied)
 T = TypeVar("T")
 
 # Modules whose tests need no broker and no pool (fakes, pure logic): every other test is
@@ -214,6 +215,26 @@ def tls_node() -> Iterator[Any]:
 
     with shared(short(TLS_NODE[0]), start, stop) as node:
         yield node, certs
+
+
+@pytest.fixture(scope="session")
+def timeout_node() -> Iterator[Any]:
+    """A node whose ``consumer_timeout`` is 5 s (kzct on 5733; kz4ct on 5731 for RabbitMQ
+    4, which also denies what 4.x deprecates: global QoS, transient non-exclusive queues),
+    shared by the xdist workers like kzp1.  RabbitMQ 3.x checks the timeout once a channel
+    tick, a minute by default: once a second here."""
+    with shared(short(TIMEOUT_NODE[0]), _start_timeouts, brokers.stop_node) as node:
+        yield node
+
+
+def _start_timeouts() -> Any:
+    denied = brokers.DENY_DEPRECATED if RABBITMQ == brokers.RMQ4 else ()
+    node = brokers.start_node(*TIMEOUT_NODE, rabbitmq=RABBITMQ,
+                              conf=["consumer_timeout = 5000", *denied])
+    if RABBITMQ != brokers.RMQ4:  # read by each channel as it opens
+        brokers._ctl(node.name, "-q", "eval",
+                     "application:set_env(rabbit, channel_tick_interval, 1000).")
+    return node
 
 
 @pytest.fixture

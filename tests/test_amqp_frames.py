@@ -44,6 +44,11 @@ def test_settles_are_pikas() -> None:
         amqp.settle(2, amqp.PUBLISH, 1, False, False)
 
 
+def test_a_no_wait_cancel_is_pikas() -> None:
+    assert amqp.cancel(5, "ctag1.x") == frame.Method(
+        5, spec.Basic.Cancel("ctag1.x", nowait=True)).marshal()
+
+
 def test_deliveries_and_confirms_read_as_pika_wrote_them() -> None:
     method = frame.Method(5, spec.Basic.Deliver("ctag", 99, True, "ex", "rk")).marshal()
     assert amqp.method_id(method[7:-1]) == (amqp.BASIC, amqp.DELIVER)

@@ -110,7 +110,9 @@ ONLY_ASYNCIO = {
     "LeaseLink": dict.fromkeys(("recover", "changed", "send_call"),
                                "recovery runs in a task of its own; waiters wake on changes")
     | dict.fromkeys(("paused", "writable", "wait_unblocked"),
-                    "asyncio's write buffer and flow control are awaited"),
+                    "asyncio's write buffer and flow control are awaited")
+    | {"read_up": "a settle lets the loop read what came while a coroutine held it (a"
+                  " blocking settle reads the socket itself)"},
     "Bound": dict.fromkeys(("attach", "call", "take_get", "live"),
                            "a stream attached to the loop resolves each call's future"),
 }

@@ -367,10 +367,10 @@ def test_basic_cancel_returns_what_an_auto_ack_consumer_had_not_dispatched(
     assert [body for _m, _p, body in lease.basic_cancel(noack)] == [b"a", b"b"]
     ackable = lease.basic_consume("q", lambda *_: None, consumer_tag="ctag-1")
     deliver(worker, 3, b"c")
-    assert lease.basic_cancel(ackable) == []  # rejected, requeued
-    wait(lambda: frames(worker, Kind.SETTLE), "the reject")
+    assert lease.basic_cancel(ackable) == []  # nacked, requeued (a nack: see _requeue)
+    wait(lambda: frames(worker, Kind.SETTLE), "the nack")
     (_kind, flags, payload), = frames(worker, Kind.SETTLE)
-    assert wire.read_tag(payload) == 3 and flags == Flag.SETTLE_REJECT | Flag.REQUEUE
+    assert wire.read_tag(payload) == 3 and flags == Flag.SETTLE_NACK | Flag.REQUEUE
     assert lease.basic_cancel("nobody") == []
     lease.close(404, "gone fishing")
     wait(lambda: isinstance(worker.received[-1], messages.Close), "the close")

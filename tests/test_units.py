@@ -27,7 +27,7 @@ def test_public_api() -> None:
         "Binding", "BrokerURI", "BrokerURIError", "BrokerUnavailable", "ChannelClosedByBroker",
         "ClientClosed", "Config",
         "ConfigError", "Confirm", "Connection", "ConnectionBlockedTimeout",
-        "ConnectionClosedByBroker", "KzpoolError", "Lease",
+        "ConnectionClosedByBroker", "DeliveryTakenBack", "KzpoolError", "Lease",
         "LeaseClosed", "LeaseNotYours", "LeaseOptions", "LeaseRequestError", "LeaseTimeout",
         "LimitExceeded",
         "Listener", "Message", "MoveEvent",

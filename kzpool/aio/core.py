@@ -225,6 +225,9 @@ class ChannelCore:
     def settle(self, delivery_tag: int, flags: int) -> None:
         self.link.settle(delivery_tag, flags)
 
+    async def read_up(self) -> None:
+        await self.link.read_up()
+
     # ----- what the link tells ----------------------------------------------------------------
 
     def on_delivery(self, tag: int, redelivered: bool, consumer_tag: str, exchange: str,

@@ -153,6 +153,21 @@ class ChannelInvalidStateError(_ChannelInvalidStateError, KzpoolError):
         KzpoolError.__init__(self, message, **fields)
 
 
+class DeliveryTakenBack(ChannelPreconditionFailed, ChannelInvalidStateError):
+    """An ack, nack or reject of a message the broker no longer holds: it took it back (its
+    consumer cancelled by a consumer timeout or its queue's deletion, or its channel closed)
+    and delivers it again; the settle did nothing.  aiormq's ``ChannelPreconditionFailed``
+    (406, as the broker's own close for a consumer timeout) and aio-pika's
+    ``ChannelInvalidStateError`` (what acking a message of a closed channel raises), so
+    either ``except`` catches it; fields ``delivery_tag`` and ``consumer_tag``."""
+
+    code = "taken_back"
+
+    def __init__(self, reply_text: str, **fields: object) -> None:
+        ChannelClosed.__init__(self, reply_text)
+        self.fields.update(fields)
+
+
 class DeliveryError(_DeliveryError, KzpoolError):
     """The broker nacked a publish: ``message`` is ``None``, ``frame`` the ``Basic.Nack``."""
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from ..common import props
 from ..common.wire import Flag
 from .compat import DeliveryMode
-from .errors import ChannelInvalidStateError, MessageProcessError
+from .errors import ChannelInvalidStateError, DeliveryTakenBack, MessageProcessError
 from .message import Message
 
 try:
@@ -49,6 +49,8 @@ class Settler(Protocol):
     def public(self) -> Any: ...
 
     def settle(self, delivery_tag: int, flags: int) -> None: ...
+
+    async def read_up(self) -> None: ...
 
 
 class IncomingMessage(Message):
@@ -126,13 +128,18 @@ class IncomingMessage(Message):
         return info
 
     async def ack(self, multiple: bool = False) -> None:
+        """:class:`DeliveryTakenBack` if the broker took the message back (and so for
+        ``reject`` and ``nack``)."""
+        await self._channel.read_up()
         self._settle("ack", Flag.MULTIPLE if multiple else 0)
 
     async def reject(self, requeue: bool = False) -> None:
         """Note aio-pika's default: not requeued (dropped, or dead-lettered)."""
+        await self._channel.read_up()
         self._settle("reject", Flag.SETTLE_REJECT | (Flag.REQUEUE if requeue else 0))
 
     async def nack(self, multiple: bool = False, requeue: bool = True) -> None:
+        await self._channel.read_up()
         self._settle("nack", Flag.SETTLE_NACK | (Flag.MULTIPLE if multiple else 0)
                      | (Flag.REQUEUE if requeue else 0))
 
@@ -144,7 +151,11 @@ class IncomingMessage(Message):
         if self.delivery_tag is not None:
             if self._channel.is_closed:
                 raise ChannelInvalidStateError("the message's channel is closed")
-            self._channel.settle(self.delivery_tag, flags)
+            try:
+                self._channel.settle(self.delivery_tag, flags)
+            except DeliveryTakenBack:
+                self._processed = self._locked = True  # the broker has it: nothing to settle
+                raise
         self._processed = True
         self._locked = True
 

@@ -26,6 +26,7 @@ import contextlib
 import enum
 import logging
 import socket
+import time
 from typing import Any
 
 from ..common import messages, wire
@@ -40,16 +41,18 @@ from ..common.errors import (
 )
 from ..common.messages import Reason, Reply
 from ..common.options import LeaseOptions
-from ..common.wire import Kind
+from ..common.wire import Flag, Kind
 from ..lease.state import POOL_RESTARTED, LeaseState
+from ..lease.takeback import Why
 from .bound import Bound, Got, LinkOwner
-from .errors import ChannelClosed, ChannelInvalidStateError, channel_error
+from .errors import ChannelClosed, ChannelInvalidStateError, DeliveryTakenBack, channel_error
 from .pool import PoolClient
 from .recovery import Recovery
 
 log = logging.getLogger("kzpool.aio")
 
 FATAL = (LeaseRequestError, PoolAccessDenied)  # a retry would be refused the same way
+STALE = 1.0  # seconds unread after which a settle lets the loop read first
 
 
 class Phase(enum.Enum):
@@ -225,16 +228,38 @@ class LeaseLink:
         if current is not None and current.live:
             current.send(data)
 
+    async def read_up(self) -> None:
+        """Before a settle: if a coroutine held the loop (nothing read for :data:`STALE`
+        seconds), let the loop read what the worker sent meanwhile (a cancel, a loss), so
+        the settle knows what the broker took back.  Two passes of the loop: one polls the
+        socket, the next has read it."""
+        if time.monotonic() - self.state.read_at > STALE:
+            for _ in range(2):
+                await asyncio.sleep(0)
+
     def settle(self, delivery_tag: int, flags: int) -> None:
-        """Ack, nack or reject; a tag of a lost channel is dropped (the broker redelivers)."""
+        """Ack, nack or reject; a tag of a lost channel is dropped (the broker redelivers);
+        :class:`DeliveryTakenBack` if the broker took the delivery back."""
+        taken = self.state.taken_back.check(delivery_tag, bool(flags & Flag.MULTIPLE))
         current = self.current
         live = current is not None and current.live
         tag = self.state.tags.channel_tag(delivery_tag) if live else None
-        if tag is None:
+        if tag is not None:
+            self.send(wire.tagged(Kind.SETTLE, tag, flags))
+        elif taken is None:
             log.debug("lease %s: dropping settle of tag %d from a lost channel", self.id,
                       delivery_tag)
-            return
-        self.send(wire.tagged(Kind.SETTLE, tag, flags))
+        if taken is not None:
+            raise self._taken_back(*taken)
+
+    def _taken_back(self, tag: int, why: Why) -> DeliveryTakenBack:
+        """The error of a settle of ``tag``, which the broker took back; a channel error it
+        came with (RabbitMQ 3.x's close) is told by it, not again by the next call."""
+        if self.unreported is not None and self.unreported.code == why.code:
+            self.unreported = None
+        log.warning("lease %s: settle of delivery %d, which the broker took back", self.id, tag)
+        return DeliveryTakenBack(why.describe(tag), delivery_tag=tag,
+                                 consumer_tag=why.consumer_tag, lease=self.id)
 
     # ----- losses and recovery --------------------------------------------------------------
 

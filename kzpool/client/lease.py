@@ -403,7 +403,9 @@ class Lease:
         self._impl.settle(delivery_tag, flags, self._consumers.more_waiting)
 
     def _requeue(self, delivery_tag: int) -> None:
-        self.basic_reject(delivery_tag, requeue=True)
+        """A nack, not a reject: RabbitMQ 4.3 counts a reject toward a quorum queue's
+        delivery limit, not a nack."""
+        self.basic_nack(delivery_tag, requeue=True)
 
     def _rpc(self, method: str, **args: Any) -> Any:
         reply: Reply = self._impl.call("call", method, args)

@@ -39,6 +39,7 @@ from ..common.errors import (
     ChannelClosedByBroker,
     ConnectionBlockedTimeout,
     ConnectionClosedByBroker,
+    DeliveryTakenBack,
     DuplicateConsumerTag,
     KzpoolError,
     LeaseClosed,
@@ -46,14 +47,16 @@ from ..common.errors import (
 )
 from ..common.messages import Reason, Reply
 from ..common.options import LeaseOptions
-from ..common.wire import Kind
+from ..common.wire import Flag, Kind
 from ..lease.state import POOL_RESTARTED, LeaseState
+from ..lease.takeback import Why
 from .bound import Bound, Delivery, Hooks
 from .recovery import Abort, Loss, Recovery, Sockets
 
 log = logging.getLogger("kzpool.lease")
 
 SETTLE_BATCH = 64  # acks sent together at most
+STALE = 1.0  # seconds unread after which a settle reads what the worker sent first
 
 
 class LeaseLink:
@@ -194,18 +197,37 @@ class LeaseLink:
         return got
 
     def settle(self, delivery_tag: int, flags: int, more_coming: bool) -> None:
-        """Ack, nack or reject; ``more_coming``: read deliveries wait, so batch it."""
+        """Ack, nack or reject; ``more_coming``: read deliveries wait, so batch it.
+        :class:`DeliveryTakenBack` if the broker took the delivery back (after a long
+        callback, what the worker said meanwhile is read first)."""
         if self.closed:
             raise LeaseClosed("the lease is closed", lease=self.id)
-        tag = None if self.loss is not None else self.state.tags.channel_tag(delivery_tag)
-        if tag is None:
+        state = self.state
+        if time.monotonic() - state.read_at > STALE:
+            self.drain()
+        taken = state.taken_back.check(delivery_tag, bool(flags & Flag.MULTIPLE))
+        tag = None if self.loss is not None else state.tags.channel_tag(delivery_tag)
+        if tag is not None:
+            settles = self.bound.settles
+            settles.append(wire.tagged(Kind.SETTLE, tag, flags))
+            if len(settles) >= SETTLE_BATCH or not more_coming:
+                self.bound.send(b"")  # sends the settles; while deliveries wait, they batch
+        elif taken is None:
             log.debug("lease %s: dropping settle of tag %d from a lost channel", self.id,
                       delivery_tag)
-            return
-        settles = self.bound.settles
-        settles.append(wire.tagged(Kind.SETTLE, tag, flags))
-        if len(settles) >= SETTLE_BATCH or not more_coming:
-            self.bound.send(b"")  # sends the settles; while read deliveries wait, they batch
+        if taken is not None:
+            raise self._taken_back(*taken)
+
+    def _taken_back(self, tag: int, why: Why) -> DeliveryTakenBack:
+        """The error of a settle of ``tag``, which the broker took back; the loss it came
+        with (RabbitMQ 3.x's channel close) is told by it, not again by the next call."""
+        loss = self.loss
+        if loss is not None and isinstance(loss.error, ChannelClosedByBroker) and \
+                loss.error.reply_code == why.code:
+            loss.error = None
+        log.warning("lease %s: settle of delivery %d, which the broker took back", self.id, tag)
+        return DeliveryTakenBack(why.code, why.describe(tag), delivery_tag=tag,
+                                 consumer_tag=why.consumer_tag, lease=self.id)
 
     def send(self, data: bytes) -> None:
         """Send ``data`` on the channel now, after any batched settles."""

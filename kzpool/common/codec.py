@@ -1,11 +1,11 @@
 """The JSON codec of kzpool's messages: dataclass fields to JSON keys and back, checked.
 
 Each field's type says what its JSON value must be (``str``, ``int``, ``float``, ``bool``,
-``X | None``, ``dict``, an ``Enum`` by value, a ``Literal``, a nested dataclass); a value of
-another type is a :class:`~kzpool.common.errors.ProtocolError` naming the field.  A class
-that checks itself as it is made (``__post_init__``) is checked the same on decode.  A
-field's metadata may name its JSON key (``{"wire": "class"}``).  The layout of each class
-is read once.
+``X | None``, ``tuple[X, ...]`` (an array), ``dict``, an ``Enum`` by value, a ``Literal``, a
+nested dataclass); a value of another type is a
+:class:`~kzpool.common.errors.ProtocolError` naming the field.  A class that checks itself
+as it is made (``__post_init__``) is checked the same on decode.  A field's metadata may
+name its JSON key (``{"wire": "class"}``).  The layout of each class is read once.
 
 An object field (``dict``, ``Any``: a call's arguments, an AMQP table) is checked all the way
 down, without recursion: at most :data:`MAX_DEPTH` levels of objects and arrays, and whole
@@ -101,6 +101,11 @@ def _checker(hint: Any) -> Check:
         return _bounded
     if origin is Literal:
         return _one_of(typing.get_args(hint))
+    if origin is tuple:
+        items = _checker(typing.get_args(hint)[0])  # tuple[X, ...]: a JSON array of X
+        is_array = _of_type(list, "an array")
+        return lambda value, where: tuple(items(v, f"{where}[]") for v in is_array(value,
+                                                                                   where))
     if origin is dict or hint is dict:
         is_object = _of_type(dict, "an object")
         return lambda value, where: _bounded(is_object(value, where), where)

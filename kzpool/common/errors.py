@@ -136,6 +136,16 @@ class ChannelClosedByBroker(KzpoolError, _pe.ChannelClosedByBroker):
         return self.message
 
 
+class DeliveryTakenBack(ChannelClosedByBroker):
+    """An ack, nack or reject of a delivery the broker no longer holds: it took it back
+    (its consumer cancelled: a consumer timeout elapsed, or its queue was deleted; or its
+    channel closed: RabbitMQ 3.x answers a consumer timeout so), and gives it again.  The
+    settle did nothing.  ``reply_code`` is 406 (PRECONDITION_FAILED), as the broker's own
+    close for a consumer timeout; fields ``delivery_tag`` and ``consumer_tag``."""
+
+    code = "taken_back"
+
+
 class _Undelivered(KzpoolError):
     """Publishes the broker did not take; ``messages`` as pika gives them."""
 

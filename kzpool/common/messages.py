@@ -250,8 +250,12 @@ class Redirect(Message):
 
 @dataclass(frozen=True, slots=True)
 class Lost(Message):
+    """The lease's channel is gone; ``taken_back``: the delivery tags of that channel the
+    broker took back with it when it closed the channel (unsettled, to be delivered again)."""
+
     OP = "lost"
     reason: Reason
+    taken_back: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,11 +285,14 @@ class Error(Message):
 
 @dataclass(frozen=True, slots=True)
 class Cancelled(Message):
-    """The broker cancelled consumer ``consumer_tag`` (its queue was deleted, say); it comes
-    after every delivery the consumer got before."""
+    """The broker cancelled consumer ``consumer_tag`` (its queue was deleted, or a consumer
+    timeout elapsed); it comes after every delivery the consumer got before.
+    ``taken_back``: the delivery tags of that consumer the broker took back with it
+    (unsettled, to be delivered again)."""
 
     OP = "cancelled"
     consumer_tag: str
+    taken_back: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from .wire import MAX_NAME, MAX_URI, text_field
 Kind = Literal["float", "sticky"]
 KINDS: tuple[Kind, ...] = ("float", "sticky")
 MAX_TIMEOUT = 3600.0
+MAX_CONSUMER_TIMEOUT = 24 * 86400.0  # seconds: x-consumer-timeout is a 32-bit count of ms
 
 
 class OptionFields(TypedDict, total=False):
@@ -38,6 +39,7 @@ class OptionFields(TypedDict, total=False):
     broker: str | None
     timeout: float
     federates: str | None
+    consumer_timeout: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,10 @@ class LeaseOptions:
     broker: str | None = None  # a sticky lease's broker URI (a client's URI: no options)
     timeout: float = 10.0  # seconds the lease waits for a channel, a reply, a blocked broker
     federates: str | None = None  # a federator's: the queue of the listener it feeds
+    # seconds a delivery may stay unacked before the broker takes it back: the
+    # x-consumer-timeout the worker adds to each consume that names none (RabbitMQ 3.12
+    # and later); None: [pool] consumer_timeout; 0: add none (the broker's or queue's own)
+    consumer_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -60,6 +66,7 @@ class LeaseOptions:
                 not 0 <= self.timeout <= MAX_TIMEOUT:
             raise LeaseRequestError(f"timeout {self.timeout!r} is not between 0 and"
                                     f" {MAX_TIMEOUT:g} s", option="timeout")
+        check_consumer_timeout(self.consumer_timeout)
         if self.kind == "float" and self.broker:
             raise LeaseRequestError("a float lease takes no broker (use a sticky lease)",
                                     option="broker")
@@ -94,6 +101,17 @@ class LeaseOptions:
         elif base is not None:
             return dataclasses.replace(base, **fields)  # type: ignore[arg-type]
         return cls(**fields)  # type: ignore[arg-type]
+
+
+def check_consumer_timeout(value: object) -> None:
+    """``consumer_timeout``: ``None``, or seconds from 0 to :data:`MAX_CONSUMER_TIMEOUT`."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            not 0 <= value <= MAX_CONSUMER_TIMEOUT:
+        raise LeaseRequestError(f"consumer_timeout {value!r} is not between 0 and"
+                                f" {MAX_CONSUMER_TIMEOUT:g} s (0: none added)",
+                                option="consumer_timeout")
 
 
 @functools.lru_cache(maxsize=256)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .access import to_gids, to_uids
+from .options import MAX_CONSUMER_TIMEOUT
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -117,6 +118,14 @@ def above(minimum: float) -> Callable[[Any], None]:
     return check
 
 
+def between(low: float, high: float) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low:g} and {high:g}")
+
+    return check
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting: how its text converts and checks, its default text, its help."""
@@ -203,6 +212,18 @@ class PoolSettings:
         to_int, "1000",
         "Prefetch a lease's consumers get when the lease set no basic_qos: it bounds what"
         " a worker buffers for a client that stops reading; 0: unlimited.", at_least(0))
+    consumer_timeout: float = setting(
+        to_seconds, "86400",
+        "Seconds a lease's consumer may keep a delivery unacked before the broker takes it"
+        " back: the x-consumer-timeout the workers add to every consume that names none, on"
+        " RabbitMQ 3.12 and later (a lease's consumer_timeout option overrides it); 0: add"
+        " none, the broker's consumer_timeout (30 minutes by default) or the queue's applies.",
+        between(0, MAX_CONSUMER_TIMEOUT))
+    move_grace: float = setting(
+        to_seconds, "30",
+        "Seconds a lease the pool moves (fail-back to the primary) keeps its channel to"
+        " settle the deliveries it holds, its consumers cancelled; what is still unsettled"
+        " then goes back to its queue.", at_least(0))
     allow_users: frozenset[int] = setting(
         to_uids, "",
         "Users (names or uids) whose processes may use the lease socket; empty: the"

@@ -4,20 +4,23 @@
 (its tag made unique across channels, :class:`~.state.TagMap`) or a ``basic.get``'s message, a
 confirm (:mod:`.confirms`), a returned message (matched to the publish it fails), or one of
 the worker's JSON events (a reply, the lease bound, cancelled by the broker, lost, moved,
-blocked, refused).  What each becomes for the caller is the :class:`FrameSink`'s: the
-blocking link makes pika's objects, the asyncio one aio-pika's.  Pure: no I/O (a move asked
-for is answered through the sink's ``send``), not thread-safe.
+blocked, refused), with the deliveries the broker took back (:mod:`.takeback`).  What each
+becomes for the caller is the :class:`FrameSink`'s: the blocking link makes pika's objects,
+the asyncio one aio-pika's.  Pure: no I/O (a move asked for is answered through the sink's
+``send``), not thread-safe.
 """
 
 from __future__ import annotations
 
 import logging
+from time import monotonic as _monotonic
 from typing import Any, Protocol
 
 from ..common import messages, wire
 from ..common.messages import Reason, Reply
 from ..common.wire import Flag, Kind
 from .state import LeaseState
+from .takeback import Why
 
 _DELIVER, _CONFIRM, _RETURN, _JSON = map(int, (Kind.DELIVER, Kind.CONFIRM, Kind.RETURN,
                                                Kind.JSON))
@@ -76,6 +79,7 @@ class Frames:
         self.tags, self.confirms = state.tags, state.confirms
 
     def process(self, kind: int, flags: int, payload: bytes) -> None:
+        self.state.read_at = _monotonic()
         if kind == _DELIVER:
             self._deliver(flags, payload)
         elif kind == _CONFIRM:
@@ -107,11 +111,16 @@ class Frames:
                 sink.replied(event)
             case messages.Leased():
                 sink.leased(event)
-            case messages.Cancelled(consumer_tag=tag):
+            case messages.Cancelled(consumer_tag=tag, taken_back=taken):
+                if taken:
+                    self.state.taken_back.add(taken, self.tags.base, Why(tag))
                 sink.cancelled(tag)
             case messages.Redirect():
                 sink.lost(REDIRECTED)
-            case messages.Lost(reason=reason):
+            case messages.Lost(reason=reason, taken_back=taken):
+                if taken:
+                    self.state.taken_back.add(taken, self.tags.base,
+                                              Why("", reason.code, reason.text))
                 sink.lost(reason)
             case messages.Move():
                 sink.send(messages.encode(messages.Bye()))

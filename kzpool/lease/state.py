@@ -3,10 +3,11 @@
 A :class:`LeaseState` is what the lease asks for (its
 :class:`~kzpool.common.options.LeaseOptions`, whole), who serves it now (lease id, broker,
 channel number, flow control), and the pure bookkeeping that outlives every channel:
-delivery tags (:class:`TagMap`), unconfirmed publishes (:mod:`.confirms`) and what to
-replay (:mod:`.topology`).  A client's link holds it; the short-lived object of each bound
-socket writes into it what its worker says.  :class:`MoveEvent` is what a lease's
-``on_move`` callback gets.  Pure: no I/O, not thread-safe.
+delivery tags (:class:`TagMap`), unconfirmed publishes (:mod:`.confirms`), what to
+replay (:mod:`.topology`) and the deliveries the broker took back (:mod:`.takeback`).  A
+client's link holds it; the short-lived object of each bound socket writes into it what its
+worker says.  :class:`MoveEvent` is what a lease's ``on_move`` callback gets.  Pure: no
+I/O, not thread-safe.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from ..common import messages
 from ..common.options import LeaseOptions
 from .confirms import ConfirmBook
+from .takeback import TakenBack
 from .topology import Topology
 
 POOL_RESTARTED = "pool restarted"  # a move's reason when the pool's own socket went away
@@ -81,6 +83,8 @@ class LeaseState:
     topology: Topology = field(default_factory=Topology)
     confirms: ConfirmBook = field(default_factory=ConfirmBook)
     tags: TagMap = field(default_factory=TagMap)
+    taken_back: TakenBack = field(default_factory=TakenBack)  # settles of these raise
+    read_at: float = 0.0  # monotonic: when the lease last read a frame of its worker's
 
     @property
     def timeout(self) -> float:

@@ -35,7 +35,7 @@ from .slots import Slot
 log = logging.getLogger("kzpool.metrics")
 
 WORKER_COUNTERS = ("publishes", "deliveries", "redeliveries", "acks", "channels_reused",
-                   "blocked_seconds")
+                   "blocked_seconds", "consumers_cancelled", "deliveries_taken_back")
 PEER_DEADLINE = 5.0  # seconds a client has to send its request and read the answer
 MAX_PEERS = 8
 MAX_REQUEST = 8192  # bytes of request line and headers

@@ -29,15 +29,20 @@ class Layout:
     extra: tuple[str, int]  # the failover tests' node (stopped, killed, silenced)
     tls: tuple[str, int, int]  # name, AMQP port, TLS port (a client certificate required)
     cluster: tuple[tuple[str, int], ...]  # three nodes joined to the first
+    # a node whose consumer_timeout is 5 s (and, on 4.x, that denies the deprecated
+    # features: global QoS, transient non-exclusive queues)
+    timeouts: tuple[str, int]
 
 
 LAYOUTS = {
     3: Layout(3, ("rabbit@localhost", 5672), True, ("kzp1@localhost", 5701),
               ("kztls1@localhost", 5741, 5742),
-              (("kzcl1@localhost", 5751), ("kzcl2@localhost", 5752), ("kzcl3@localhost", 5753))),
+              (("kzcl1@localhost", 5751), ("kzcl2@localhost", 5752), ("kzcl3@localhost", 5753)),
+              ("kzct@localhost", 5733)),
     4: Layout(4, ("kz4@localhost", 5720), False, ("kz4p1@localhost", 5721),
               ("kz4tls1@localhost", 5743, 5744),
-              (("kz4cl1@localhost", 5754), ("kz4cl2@localhost", 5755), ("kz4cl3@localhost", 5756))),
+              (("kz4cl1@localhost", 5754), ("kz4cl2@localhost", 5755), ("kz4cl3@localhost", 5756)),
+              ("kz4ct@localhost", 5731)),
 }
 
 

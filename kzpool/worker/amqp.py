@@ -29,7 +29,7 @@ FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT = 1, 2, 3, 8
 FRAME_END = b"\xce"
 FRAME_HEAD = struct.Struct(">BHI")
 BASIC = 60
-PUBLISH, RETURN, DELIVER, GET_OK, ACK, REJECT, NACK = 40, 50, 60, 71, 80, 90, 120
+CANCEL, PUBLISH, RETURN, DELIVER, GET_OK, ACK, REJECT, NACK = 30, 40, 50, 60, 71, 80, 90, 120
 NO_PROPERTIES = b"\x00\x00"  # property flags, none set
 
 _METHOD_ID = struct.Struct(">HH")
@@ -77,6 +77,13 @@ def settle(channel: int, method: int, tag: int, multiple: bool, requeue: bool) -
     else:
         raise ValueError(f"method {method} is not a settle")
     return frame(FRAME_METHOD, channel, _METHOD_ID.pack(BASIC, method) + _TAG_BITS.pack(tag, bits))
+
+
+def cancel(channel: int, consumer_tag: str) -> bytes:
+    """Basic.Cancel of ``consumer_tag``, no-wait: for a consumer pika no longer knows (the
+    broker cancelled it), which pika would not cancel."""
+    return frame(FRAME_METHOD, channel,
+                 _METHOD_ID.pack(BASIC, CANCEL) + shortstr(consumer_tag) + b"\x01")
 
 
 def method_id(payload: bytes) -> tuple[int, int]:

@@ -11,7 +11,9 @@ consumer's last delivery).
 
 A session ends when the client goes away (``released``), when its channel or connection is
 lost (``lost``: the client comes back and replays its topology), or when the master moves
-it to another broker (``moved``, after the client says ``bye``).
+it to another broker (``moved``, after the client says ``bye``).  What the broker holds for
+the lease, and takes back, is :mod:`.holding`'s; the consumer timeout its consumes get is
+:mod:`.timeouts`'.
 """
 
 from __future__ import annotations
@@ -28,43 +30,27 @@ from pika.adapters.select_connection import IOLoop
 
 from ..common import messages, props, wire
 from ..common.errors import ProtocolError
-from ..common.messages import LeaseEvent, Message, Reason
+from ..common.messages import LeaseEvent, Message
 from ..common.options import LeaseOptions
 from ..common.sockets import READ_SIZE, receive
 from ..common.wire import Flag, Kind
 from . import amqp
+from .calls import (
+    CHANNEL_CLOSED,
+    CHANNEL_STATE,
+    RPC_METHODS,
+    CancelOk,
+    check_args,
+    fields_of,
+    reason_of,
+)
+from .handover import Handover
+from .holding import Holding
+from .timeouts import ConsumeTimeout
 
 log = logging.getLogger("kzpool.session")
 
 _PUBLISH, _SETTLE, _JSON = int(Kind.PUBLISH), int(Kind.SETTLE), int(Kind.JSON)
-
-MOVE_GRACE = 5.0  # seconds a moved client may take to say bye
-
-# JSON calls a client may make, with the arguments pika's Channel method takes
-RPC_METHODS: dict[str, tuple[str, ...]] = {
-    "exchange_declare": ("exchange", "exchange_type", "passive", "durable", "auto_delete",
-                         "internal", "arguments"),
-    "exchange_delete": ("exchange", "if_unused"),
-    "exchange_bind": ("destination", "source", "routing_key", "arguments"),
-    "exchange_unbind": ("destination", "source", "routing_key", "arguments"),
-    "queue_declare": ("queue", "passive", "durable", "exclusive", "auto_delete", "arguments"),
-    "queue_bind": ("queue", "exchange", "routing_key", "arguments"),
-    "queue_unbind": ("queue", "exchange", "routing_key", "arguments"),
-    "queue_purge": ("queue",),
-    "queue_delete": ("queue", "if_unused", "if_empty"),
-    "basic_qos": ("prefetch_size", "prefetch_count", "global_qos"),
-    "basic_cancel": ("consumer_tag",),
-    "basic_recover": ("requeue",),
-    "tx_select": (),
-    "tx_commit": (),
-    "tx_rollback": (),
-}
-
-CHANNEL_CLOSED = Reason("ChannelWrongStateError", 0, "Channel is closed.")
-
-# calls that leave state on the channel itself, not on the broker
-CHANNEL_STATE = frozenset({"basic_qos", "basic_recover", "basic_cancel", "tx_select", "flow"})
-
 
 class SessionHost(Protocol):
     """What a session needs of its worker."""
@@ -74,6 +60,11 @@ class SessionHost(Protocol):
 
     @property
     def default_prefetch(self) -> int: ...
+
+    @property
+    def move_grace(self) -> float: ...
+
+    def consumer_timeout(self, options: LeaseOptions) -> float: ...
 
     def recycle(self, channel: Any, settled_first: bool) -> None: ...
 
@@ -97,8 +88,9 @@ class Session:
         self.flush_pending = False
         self.writing = False
         self.ended: LeaseEvent | None = None
-        self.gets: deque[int] = deque()  # ids of basic.get calls in flight
-        self.moving = False
+        self.gets: deque[tuple[int, bool]] = deque()  # basic.gets in flight: id, auto_ack
+        self.handover: Handover | None = None  # moved by the master: settling first
+        self.moving = False  # told to move: waiting for its bye
         self.qos_set = False
         self.watching_cancels = False
         self.close_code, self.close_text = 0, "Normal shutdown"  # the client's, at close
@@ -107,6 +99,8 @@ class Session:
         self.unsure = False  # published or settled: the broker may still close the channel
         self.counters = host.counters
         self.consumers: set[str] = set()  # tags of its consumers, while they consume
+        self.holding = Holding()  # the deliveries the broker holds for it
+        self.timeout = ConsumeTimeout(host.consumer_timeout(options))
         self.number = channel.channel_number
         self.connection = channel.connection  # a BatchedConnection: frames past pika
         self.connection.add_sink(self.number, self)
@@ -200,6 +194,7 @@ class Session:
             return
         self.unsure = True  # an unknown tag closes the channel, later
         multiple, requeue = bool(flags & Flag.MULTIPLE), bool(flags & Flag.REQUEUE)
+        self.holding.settled(tag, multiple)
         if flags & Flag.SETTLE_REJECT:
             method = amqp.REJECT
         elif flags & Flag.SETTLE_NACK:
@@ -208,6 +203,8 @@ class Session:
             method = amqp.ACK
             self.counters["acks"] += 1
         self.connection.send_raw(amqp.settle(self.number, method, tag, multiple, requeue))
+        if self.handover is not None:
+            self.handover.check()
 
     def _request(self, request: Message) -> None:
         match request:
@@ -235,7 +232,7 @@ class Session:
         check_args(args)  # pika would fail to encode them after it began, and end the connection
         match request:
             case messages.Call(method="basic_cancel") if not self._consuming(args):
-                reply(_CancelOk(str(args.get("consumer_tag", ""))))  # pika would not answer
+                reply(CancelOk(str(args.get("consumer_tag", ""))))  # pika would not answer
             case messages.Call(method="flow"):
                 self.channel.flow(bool(args.get("active")), callback=lambda active: self.event(
                     messages.Reply(request.id, "Channel.FlowOk", {"active": active})))
@@ -243,6 +240,10 @@ class Session:
                 self.qos_set = self.qos_set or method == "basic_qos"
                 if method == "basic_cancel":  # what is still on its way goes to pika now
                     self.consumers.discard(str(args.get("consumer_tag", "")))
+                elif method == "queue_declare":
+                    self.timeout.declared(args)
+                elif method == "basic_recover":  # what it held comes again, tagged anew
+                    self.holding.take_all()
                 kwargs = {k: args[k] for k in RPC_METHODS[method] if k in args}
                 getattr(self.channel, method)(callback=reply, **kwargs)
             case messages.Consume():
@@ -250,15 +251,16 @@ class Session:
                 if not self.watching_cancels:  # the channel is never handed on after this
                     self.watching_cancels = True
                     self.channel.add_on_cancel_callback(self._on_cancelled)
+                queue, auto_ack = str(args.get("queue", "")), bool(args.get("auto_ack"))
                 self.channel.basic_consume(
-                    str(args.get("queue", "")), self._on_message,
-                    auto_ack=bool(args.get("auto_ack")), exclusive=bool(args.get("exclusive")),
-                    consumer_tag=args.get("consumer_tag"), arguments=args.get("arguments"),
-                    callback=self._consumed(reply))
+                    queue, self._on_message, auto_ack=auto_ack,
+                    exclusive=bool(args.get("exclusive")), consumer_tag=args.get("consumer_tag"),
+                    arguments=self.timeout.arguments(queue, args.get("arguments")),
+                    callback=self._consumed(reply, auto_ack))
             case messages.ConfirmSelect():
                 self.channel.confirm_delivery(self._on_confirm, callback=reply)
             case messages.Get():
-                self.gets.append(request.id)
+                self.gets.append((request.id, bool(args.get("auto_ack"))))
                 self.channel.basic_get(str(args.get("queue", "")), self._on_get_ok,
                                        auto_ack=bool(args.get("auto_ack")))
             case _:
@@ -278,10 +280,12 @@ class Session:
             self.channel.basic_qos(prefetch_count=prefetch)
             self.qos_set = True
 
-    def _consumed(self, reply: Callable[[Any], None]) -> Callable[[Any], None]:
+    def _consumed(self, reply: Callable[[Any], None], auto_ack: bool) -> Callable[[Any], None]:
         """A consume's reply: from then on its deliveries come by the fast path."""
         def consumed(frame: Any) -> None:
-            self.consumers.add(str(frame.method.consumer_tag))
+            tag = str(frame.method.consumer_tag)
+            self.consumers.add(tag)
+            self.holding.consuming(tag, auto_ack)
             reply(frame)
         return consumed
 
@@ -291,7 +295,7 @@ class Session:
         def reply(frame: Any) -> None:
             self.unanswered -= 1
             method = frame.method
-            self.event(messages.Reply(rid, method.NAME, _fields(method)))
+            self.event(messages.Reply(rid, method.NAME, fields_of(method)))
         return reply
 
     # ----- broker events ----------------------------------------------------------------------
@@ -305,12 +309,16 @@ class Session:
     # the fast path's sink (kzpool.worker.fastpath): deliveries and confirms as bytes
 
     def claims(self, consumer_tag: str) -> bool:
-        return consumer_tag in self.consumers
+        return consumer_tag in self.consumers or consumer_tag in self.holding.cancelled
 
     def deliver(self, consumer_tag: str, tag: int, redelivered: bool, names: bytes,
                 properties: bytes, body: bytes) -> None:
         if self.ended is not None:
             return
+        if consumer_tag in self.holding.cancelled:  # late, after the broker cancelled it
+            self.connection.send_raw(amqp.settle(self.number, amqp.NACK, tag, False, True))
+            return
+        self.holding.delivered(tag, consumer_tag)
         self.counters["deliveries"] += 1
         if redelivered:
             self.counters["redeliveries"] += 1
@@ -322,11 +330,27 @@ class Session:
                               | (Flag.NACK if nack else 0)))
 
     def _on_cancelled(self, frame: Any) -> None:
-        self.consumers.discard(str(frame.method.consumer_tag))
-        self.event(messages.Cancelled(str(frame.method.consumer_tag)))
+        """The broker cancelled a consumer, taking back what it held (see :mod:`.holding`)."""
+        tag = str(frame.method.consumer_tag)
+        self.consumers.discard(tag)
+        taken = self.holding.cancel(tag)
+        self.connection.send_raw(amqp.cancel(self.number, tag))
+        self.counters["consumers_cancelled"] += 1
+        self._taken_back(taken, f"the broker cancelled consumer {tag}")
+        self.event(messages.Cancelled(tag, taken))
+        if self.handover is not None:
+            self.handover.check()
+
+    def _taken_back(self, tags: tuple[int, ...], why: str) -> None:
+        if tags:
+            self.counters["deliveries_taken_back"] += len(tags)
+            log.warning("lease %s: %s and took back %d unsettled deliveries (they go back to"
+                        " their queue)", self.lease, why, len(tags))
 
     def _on_get_ok(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        rid = self.gets.popleft() if self.gets else 0
+        rid, auto_ack = self.gets.popleft() if self.gets else (0, True)
+        if not auto_ack:
+            self.holding.delivered(method.delivery_tag, "")
         flags = Flag.GET | (Flag.REDELIVERED if method.redelivered else 0)
         self.send(wire.deliver(method.delivery_tag, method.message_count, "",
                                wire.names(method.exchange, method.routing_key),
@@ -334,7 +358,7 @@ class Session:
         self.event(messages.Reply(rid, "Basic.GetOk"))
 
     def on_get_empty(self) -> None:
-        rid = self.gets.popleft() if self.gets else 0
+        rid = self.gets.popleft()[0] if self.gets else 0
         self.event(messages.Reply(rid, "Basic.GetEmpty"))
 
     def _on_confirm(self, frame: Any) -> None:
@@ -348,21 +372,20 @@ class Session:
 
     def on_channel_closed(self, reason: BaseException) -> None:
         if self.ended is None:
-            self.event(messages.Lost(reason_of(reason)))
+            taken: tuple[int, ...] = ()
+            if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+                taken = self.holding.take_all()
+                self._taken_back(taken, f"the broker closed the channel ({reason})")
+            self.event(messages.Lost(reason_of(reason), taken))
             self.end(LeaseEvent.LOST, str(reason))
 
     # ----- ending -----------------------------------------------------------------------------
 
     def move(self) -> None:
-        """The master moves this lease: tell the client, stop deliveries, wait for its bye."""
-        if self.moving or self.ended is not None:
-            return
-        self.moving = True
-        self.event(messages.Move())
-        self.consumers.clear()
-        for tag in list(getattr(self.channel, "consumer_tags", [])):
-            self.channel.basic_cancel(tag)
-        self.ioloop.call_later(MOVE_GRACE, lambda: self.end(LeaseEvent.MOVED, "no bye in time"))
+        """The master moves this lease: handed over once it settled what it holds
+        (:mod:`.handover`)."""
+        if self.handover is None and self.ended is None:
+            self.handover = Handover(self, self.host.move_grace)
 
     def end(self, how: LeaseEvent, why: str) -> None:
         """Close the channel and the client socket; tell the worker."""
@@ -379,39 +402,3 @@ class Session:
         self.ioloop.remove_handler(self.fd)
         self.sock.close()
         self.host.session_ended(self, how, why)
-
-
-class _CancelOk:
-    """A ``Basic.CancelOk`` frame for a consumer that was gone already."""
-
-    def __init__(self, consumer_tag: str) -> None:
-        self.method = spec.Basic.CancelOk(consumer_tag)
-
-
-SHORT_STRINGS = ("queue", "exchange", "routing_key", "consumer_tag", "exchange_type",
-                 "destination", "source")
-RANGES = {"prefetch_count": 0xFFFF, "prefetch_size": 0xFFFFFFFF}
-
-
-def check_args(args: dict[str, Any]) -> None:
-    """A call's arguments as AMQP can carry them: a :class:`ValueError` (answered to that
-    caller alone) names the one that cannot be."""
-    for name in SHORT_STRINGS:
-        value = args.get(name)
-        if isinstance(value, str) and len(value.encode()) > 255:
-            raise ValueError(f"{name} {value[:40]!r}... is over AMQP's 255 bytes")
-    for name, top in RANGES.items():
-        value = args.get(name)
-        if isinstance(value, int) and not 0 <= value <= top:
-            raise ValueError(f"{name} = {value} is not between 0 and {top}")
-
-
-def _fields(method: Any) -> dict[str, Any]:
-    return {k: v for k, v in vars(method).items() if isinstance(v, str | int | bool | None)}
-
-
-def reason_of(exc: BaseException) -> Reason:
-    """Why a call failed or a channel closed, as the client reads it."""
-    if isinstance(exc, pika.exceptions.ChannelClosed | pika.exceptions.ConnectionClosed):
-        return Reason(type(exc).__name__, exc.reply_code, exc.reply_text)
-    return Reason(type(exc).__name__, 0, str(exc))

@@ -41,6 +41,7 @@ from ..common.errors import KzpoolError, TLSError
 from ..common.messages import LeaseEvent, LeaseNews, LeaseRequest, Message, Reason
 from ..common.options import LeaseOptions
 from ..common.states import ConnState
+from . import timeouts
 from .clients import Clients, Waiting, full
 from .connection import BatchedConnection, parameters
 from .faults import classify, connection_lost
@@ -68,7 +69,8 @@ class ConnectionWorker:
         self.error: str | None = None
         self.since = time.time()
         self.blocked = False
-        self.counters = dict.fromkeys(("publishes", "deliveries", "redeliveries", "acks"), 0)
+        self.counters = dict.fromkeys(("publishes", "deliveries", "redeliveries", "acks",
+                                       "consumers_cancelled", "deliveries_taken_back"), 0)
         self.blocked_since = 0.0
         self.blocked_seconds = 0.0
         self.primary = False
@@ -93,6 +95,15 @@ class ConnectionWorker:
     @property
     def default_prefetch(self) -> int:
         return self.spec.settings.default_prefetch
+
+    @property
+    def move_grace(self) -> float:
+        return self.spec.settings.move_grace
+
+    def consumer_timeout(self, options: LeaseOptions) -> float:
+        connection = self.connection
+        properties = connection.server_properties if connection is not None else None
+        return timeouts.seconds(options, self.spec.settings, properties or {})
 
     # ----- life cycle -------------------------------------------------------------------
 

@@ -1,0 +1,68 @@
+"""The deliveries the broker holds for one lease's channel, and those it took back.
+
+A delivery of a consumer that acks (or a ``basic.get`` without ``auto_ack``) is *held*
+until the lease settles it.  The broker takes held deliveries back, to deliver them again,
+when it cancels their consumer (RabbitMQ 4.x: a consumer timeout on a quorum queue, or the
+queue deleted) or closes their channel (RabbitMQ 3.x: ``406 PRECONDITION_FAILED - delivery
+acknowledgement ... timed out``).  The session tells the lease which ones (in its
+``cancelled`` and ``lost`` events), so that the lease's ack, nack or reject of one of them
+raises in its caller instead of doing nothing.
+
+A consumer the broker cancelled is cancelled again by the session: RabbitMQ 4.3 gives a
+quorum queue's consumer that timed out its deliveries again if its channel settles one of
+the taken-back ones, under the cancelled consumer tag.  Such a late delivery is nacked
+back to its queue (a nack, not a reject: RabbitMQ 4.3 counts a reject toward a quorum
+queue's delivery limit, not a nack).  Pure bookkeeping on the worker's loop.
+"""
+
+from __future__ import annotations
+
+
+class Holding:
+    """One channel's held deliveries, by delivery tag (see the module)."""
+
+    __slots__ = ("cancelled", "held", "no_ack")
+
+    def __init__(self) -> None:
+        self.held: dict[int, str] = {}  # delivery tag -> consumer tag ("" for a basic.get)
+        self.no_ack: set[str] = set()  # consumers whose deliveries need no settle
+        self.cancelled: set[str] = set()  # consumers the broker cancelled
+
+    def consuming(self, consumer_tag: str, auto_ack: bool) -> None:
+        """A consumer began (a tag the broker cancelled may be used again)."""
+        self.cancelled.discard(consumer_tag)
+        if auto_ack:
+            self.no_ack.add(consumer_tag)
+        else:
+            self.no_ack.discard(consumer_tag)
+
+    def delivered(self, tag: int, consumer_tag: str) -> None:
+        if consumer_tag not in self.no_ack:
+            self.held[tag] = consumer_tag
+
+    def settled(self, tag: int, multiple: bool) -> None:
+        """An ack, nack or reject the lease sent (``multiple``: every tag up to ``tag``;
+        with tag 0, every one)."""
+        held = self.held
+        if not multiple:
+            held.pop(tag, None)
+        elif not tag:
+            held.clear()
+        else:
+            for done in [t for t in held if t <= tag]:
+                del held[done]
+
+    def cancel(self, consumer_tag: str) -> tuple[int, ...]:
+        """The broker cancelled ``consumer_tag``: the tags it took back with it."""
+        self.cancelled.add(consumer_tag)
+        self.no_ack.discard(consumer_tag)
+        taken = tuple(tag for tag, ctag in self.held.items() if ctag == consumer_tag)
+        for tag in taken:
+            del self.held[tag]
+        return taken
+
+    def take_all(self) -> tuple[int, ...]:
+        """Every held tag, held no more (the channel is gone, or they were nacked)."""
+        taken = tuple(self.held)
+        self.held.clear()
+        return taken

@@ -1,0 +1,76 @@
+"""The consumer timeout a worker adds to a lease's consumes.
+
+RabbitMQ takes a delivery back when its consumer keeps it unacked longer than a timeout:
+the broker's ``consumer_timeout`` (30 minutes by default), a queue's (its
+``x-consumer-timeout`` argument, or a policy), or a consumer's own (the
+``x-consumer-timeout`` argument of ``basic.consume``, which wins over both; RabbitMQ 3.12
+and later, earlier versions ignore it).  A kzpool consumer keeps its heartbeats however
+long its callback computes, so the pool gives every consume that names no timeout its own,
+long one (:class:`ConsumeTimeout`): the lease's ``consumer_timeout`` option, else
+``[pool] consumer_timeout``.  A consume that passes ``x-consumer-timeout`` keeps it, and so
+does one of a queue that the lease declared with that argument.  Pure logic.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ..common.options import LeaseOptions
+from ..common.settings import PoolSettings
+
+ARGUMENT = "x-consumer-timeout"
+SINCE = (3, 12)  # the first RabbitMQ that honours the argument on a consume
+_VERSION = re.compile(rb"^(\d+)\.(\d+)")
+
+
+def broker_version(server_properties: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(major, minor) of the broker's ``version`` server property (``"4.3.6"``); ``None``
+    if it does not say."""
+    version = server_properties.get("version")
+    if isinstance(version, str):
+        version = version.encode()
+    found = _VERSION.match(version) if isinstance(version, bytes) else None
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def supported(server_properties: Mapping[str, Any]) -> bool:
+    """Whether the broker honours ``x-consumer-timeout`` on a consume."""
+    version = broker_version(server_properties)
+    return version is not None and version >= SINCE
+
+
+def seconds(options: LeaseOptions, settings: PoolSettings,
+            server_properties: Mapping[str, Any]) -> float:
+    """The timeout a lease's consumes get on a broker (0: none, the broker ignores it)."""
+    if not supported(server_properties):
+        return 0.0
+    chosen = options.consumer_timeout
+    return settings.consumer_timeout if chosen is None else chosen
+
+
+class ConsumeTimeout:
+    """What one session adds to its consumes: ``seconds`` (0: nothing)."""
+
+    __slots__ = ("milliseconds", "queues")
+
+    def __init__(self, seconds: float) -> None:
+        self.milliseconds = round(seconds * 1000)
+        self.queues: set[str] = set()  # declared by the lease with a timeout of their own
+
+    def declared(self, args: Mapping[str, Any]) -> None:
+        """A ``queue_declare`` of the lease: one with ``x-consumer-timeout`` keeps its own."""
+        arguments = args.get("arguments")
+        if isinstance(arguments, Mapping) and ARGUMENT in arguments:
+            self.queues.add(str(args.get("queue", "")))
+
+    def arguments(self, queue: str, arguments: Any) -> Any:
+        """A consume's arguments, with the pool's timeout added if it names none."""
+        if not self.milliseconds or queue in self.queues:
+            return arguments
+        if arguments is None:
+            return {ARGUMENT: self.milliseconds}
+        if not isinstance(arguments, Mapping) or ARGUMENT in arguments:
+            return arguments  # its own timeout (or what pika will refuse), as it is
+        return {**arguments, ARGUMENT: self.milliseconds}
