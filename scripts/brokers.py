@@ -10,6 +10,7 @@ Importable (stdlib only, no side effects at import) and a CLI:
     python3 scripts/brokers.py start NAME PORT [--tls-port P --certs DIR] [--rabbitmq 4]
                                 [--conf 'KEY = VALUE' ...] [--deny-deprecated]
     python3 scripts/brokers.py stop NAME | kill NAME | stop-app NAME | start-app NAME
+    python3 scripts/brokers.py drain NAME | revive NAME   maintenance mode (rabbitmq-upgrade)
     python3 scripts/brokers.py ctl NAME ARGS... rabbitmqctl of the install that runs NAME
     python3 scripts/brokers.py ensure-default
     python3 scripts/brokers.py certs DIR        a CA, a server and a client certificate
@@ -215,6 +216,26 @@ def _ctl(
         out = [ln.strip() for ln in lines if ln.strip()][:2]  # the diagnostics trail on
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {res.returncode}): " + " | ".join(out))
     return res
+
+
+def upgrade(name: str, *args: str, timeout: float = CTL_TIMEOUT) -> None:
+    """rabbitmq-upgrade ARGS against node `name` (an extra node), by the install that runs
+    it: `drain` puts it in maintenance (it closes every client connection and refuses new
+    ones), `revive` puts it back in service."""
+    name = full_name(name)
+    _refuse_default(name)
+    root = _root_of(name)
+    flags = ["-n", name, "--timeout", str(max(int(timeout), 1)), *args]
+    if root is None:
+        cmd, env = [_need_tool("rabbitmq-upgrade"), *flags], _clean_env()
+    else:
+        cmd, env = _chroot_cmd(root, "/usr/sbin/rabbitmq-upgrade", *flags), _chroot_env(root)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30,
+                         stdin=subprocess.DEVNULL, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {res.returncode}): "
+                           f"{(res.stderr.strip() or res.stdout.strip())[:300]}")
+    _say(f"{name}: rabbitmq-upgrade {' '.join(args)}")
 
 
 def is_running(name: str, root: Path | None = _RECORDED) -> bool:
@@ -1075,7 +1096,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     certs.add_argument("dir", type=Path)
     cluster = sub.add_parser("cluster", help="start nodes and join them to the first")
     cluster.add_argument("nodes", nargs="+", metavar="NAME:PORT")
-    for cmd in ("stop", "stop-app", "start-app", "kill"):
+    for cmd in ("stop", "stop-app", "start-app", "kill", "drain", "revive"):
         sub.add_parser(cmd).add_argument("name")
     for cmd_parser in (up, start, cluster):
         cmd_parser.add_argument(
@@ -1129,6 +1150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             start_app(args.name)
         elif args.cmd == "kill":
             kill_node(args.name)
+        elif args.cmd in ("drain", "revive"):
+            upgrade(args.name, args.cmd)
         elif args.cmd == "ctl":
             name = full_name(args.name)
             res = _ctl(None if name == DEFAULT_NODE else name, *args.args, check=False)

@@ -130,6 +130,15 @@ def _innermost(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def in_maintenance(exc: BaseException | str) -> bool:
+    """The broker closed the connection because its node was put into maintenance
+    (``rabbitmq-upgrade drain``: 320 ``CONNECTION_FORCED - Node was put into maintenance
+    mode``); it refuses connections until it is revived or restarted.  RabbitMQ gives no
+    code of its own for it: its text says so."""
+    return isinstance(exc, pe.ConnectionClosedByBroker) and exc.reply_code == 320 and \
+        "maintenance" in str(exc.reply_text).lower()
+
+
 def connection_lost(exc: BaseException) -> Reason:
     """What a lease hears when the connection goes: the broker's reply code and text if it
     closed the connection (a call of that lease may be why), else that it was lost."""

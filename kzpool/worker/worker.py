@@ -44,7 +44,7 @@ from ..common.states import ConnState
 from . import timeouts
 from .clients import Clients, Waiting, full
 from .connection import BatchedConnection, parameters
-from .faults import classify, connection_lost
+from .faults import classify, connection_lost, in_maintenance
 from .intake import Intake, answer
 from .loop import GuardedLoop
 from .prechannels import Prechannels
@@ -74,6 +74,7 @@ class ConnectionWorker:
         self.blocked_since = 0.0
         self.blocked_seconds = 0.0
         self.primary = False
+        self.maintenance: str | None = None  # the broker said it went into maintenance
         self.connection: SelectConnection | None = None
         self.prechannels = Prechannels(spec.settings.prechannels, self.ioloop,
                                        spec.broker.uri.masked, self._offer,
@@ -163,7 +164,7 @@ class ConnectionWorker:
     def _on_open(self, connection: SelectConnection) -> None:
         log.info("connected to %s", self.spec.broker.uri.masked)
         self.backoff.reset()
-        self.error = None
+        self.error = self.maintenance = None  # in service: its listeners accept again
         self.blocked = False
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
@@ -196,7 +197,9 @@ class ConnectionWorker:
             self.ioloop.stop()
             return
         fatal, reason = classify(exc)
-        self.error = reason
+        self.maintenance = reason if in_maintenance(exc) else self.maintenance  # till back
+        self.error = reason if self.maintenance in (None, reason) else \
+            f"in maintenance ({self.maintenance}): {reason}"
         if fatal:
             log.error("%s: %s; not retrying", self.spec.broker.uri.masked, reason)
             self._set_state(ConnState.FAILED)

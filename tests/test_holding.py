@@ -1,0 +1,105 @@
+"""What the broker holds for a lease, what it takes back, and the consumer timeout a worker
+adds to a consume (pure logic)."""
+
+from __future__ import annotations
+
+import pytest
+
+import kzpool
+from kzpool.common.options import LeaseOptions
+from kzpool.common.config import loads
+from kzpool.lease.takeback import TakenBack, Why
+from kzpool.worker import timeouts
+from kzpool.worker.holding import Holding
+from kzpool.worker.timeouts import ConsumeTimeout
+
+# ----- the worker's side: held, taken back ---------------------------------------------------
+
+
+def test_held_deliveries_are_settled_one_by_one_many_at_once_or_all() -> None:
+    holding = Holding()
+    holding.consuming("c1", auto_ack=False)
+    holding.consuming("quick", auto_ack=True)
+    for tag, ctag in [(1, "c1"), (2, "quick"), (3, "c1"), (4, "c1"), (5, "")]:
+        holding.delivered(tag, ctag)
+    assert list(holding.held) == [1, 3, 4, 5]  # an auto-ack consumer's need no settle
+    holding.settled(3, multiple=False)
+    holding.settled(4, multiple=True)
+    assert list(holding.held) == [5]
+    holding.settled(0, multiple=True)
+    assert not holding.held
+
+
+def test_a_consumer_the_broker_cancelled_takes_its_deliveries_back_and_may_consume_again() -> None:
+    holding = Holding()
+    for ctag in ("c1", "c2"):
+        holding.consuming(ctag, auto_ack=False)
+    for tag, ctag in [(1, "c1"), (2, "c2"), (3, "c1")]:
+        holding.delivered(tag, ctag)
+    assert holding.cancel("c1") == (1, 3)
+    assert "c1" in holding.cancelled and list(holding.held) == [2]
+    holding.consuming("c1", auto_ack=False)  # the same tag, consuming again
+    assert "c1" not in holding.cancelled
+    assert holding.take_all() == (2,) and not holding.held
+
+
+# ----- the lease's side: a settle of what was taken back ---------------------------------------
+
+
+def test_a_settle_of_a_delivery_taken_back_is_found_once() -> None:
+    taken = TakenBack()
+    taken.add((1, 2), base=10, why=Why("ctag"))  # tags 11 and 12 as the lease shows them
+    assert taken.check(13, multiple=False) is None
+    assert taken.check(11, multiple=False) == (11, Why("ctag"))
+    assert taken.check(11, multiple=False) is None  # told once
+    assert taken.check(20, multiple=True) == (12, Why("ctag"))
+    assert not taken.tags
+
+
+def test_why_names_the_cause_and_what_to_do() -> None:
+    cancelled = Why("ctag1.x").describe(7)
+    assert cancelled.startswith("PRECONDITION_FAILED - delivery 7 is no longer held")
+    assert "cancelled its consumer 'ctag1.x'" in cancelled and "consumer_timeout" in cancelled
+    closed = Why("", 406, "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed"
+                          " out").describe(7)
+    assert "the broker closed its channel: 406 PRECONDITION_FAILED - delivery ack" in closed
+    error = kzpool.DeliveryTakenBack(406, closed, delivery_tag=7)
+    assert error.reply_code == 406 and isinstance(error, kzpool.ChannelClosedByBroker)
+
+
+# ----- the consumer timeout a consume gets ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("version", "supported"), [
+    ("3.10.8", False), ("3.11.28", False), ("3.12.0", True), ("4.3.6", True),
+    (b"4.0.5", True), ("", False), (None, False)])
+def test_the_timeout_is_added_from_rabbitmq_3_12(version: object, supported: bool) -> None:
+    assert timeouts.supported({"version": version}) is supported
+
+
+def test_the_pools_default_or_the_leases_own_is_added_where_the_broker_takes_it() -> None:
+    settings = loads("[pool]\nconsumer_timeout = 7200\n[amqp]\nuri = amqp://h/\n").settings
+    new = {"version": "4.3.6"}
+    assert timeouts.seconds(LeaseOptions(), settings, new) == 7200.0
+    assert timeouts.seconds(LeaseOptions(consumer_timeout=60), settings, new) == 60
+    assert timeouts.seconds(LeaseOptions(consumer_timeout=0), settings, new) == 0
+    assert timeouts.seconds(LeaseOptions(), settings, {"version": "3.10.8"}) == 0
+
+
+def test_a_consume_that_names_a_timeout_or_a_queue_declared_with_one_keeps_it() -> None:
+    added = ConsumeTimeout(86400)
+    assert added.arguments("q", None) == {"x-consumer-timeout": 86_400_000}
+    assert added.arguments("q", {"x-priority": 5}) == {"x-priority": 5,
+                                                       "x-consumer-timeout": 86_400_000}
+    own = {"x-consumer-timeout": 2000}
+    assert added.arguments("q", own) is own
+    added.declared({"queue": "own", "arguments": {"x-consumer-timeout": 60_000}})
+    assert added.arguments("own", None) is None
+    assert ConsumeTimeout(0).arguments("q", None) is None
+
+
+def test_a_bad_consumer_timeout_is_named_where_the_lease_is_asked_for() -> None:
+    for bad in (-1, True, "1h", 30 * 86400.0):
+        with pytest.raises(kzpool.LeaseRequestError, match="consumer_timeout") as caught:
+            LeaseOptions(consumer_timeout=bad)  # type: ignore[arg-type]
+        assert caught.value.fields["option"] == "consumer_timeout"
