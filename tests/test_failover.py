@@ -67,14 +67,15 @@ def test_sticky_lease_waits_for_its_broker_and_says_which(pools: PoolMaker,
     pool.wait_rows(lambda rs: rs[1]["available"], 10, "the second broker")
     queue = f"kzt-{uuid.uuid4().hex[:10]}"
     lease = kzpool.connect(pool.socket).lease("sticky", broker=faulty_node.url, timeout=2)
-    lease.queue_declare(queue)
-    brokers.stop_app(faulty_node.name)
+    lease.queue_declare(queue, durable=True)
+    lease.confirm_delivery()  # a publish right after the broker returns may meet its
+    brokers.stop_app(faulty_node.name)  # connection closed again: confirmed, it is sent again
     wait_for(lambda: not pool.connections()[1]["available"], 10, "the broker to be seen down")
     with pytest.raises(kzpool.BrokerUnavailable, match=str(faulty_node.port)):
         lease.queue_declare(queue)
     brokers.start_app(faulty_node.name)
     pool.wait_rows(lambda rs: rs[1]["available"], 15, "the broker back")
-    lease.basic_publish("", queue, b"back")  # the lease is restored, on the same broker
+    lease.basic_publish("", queue, b"back")  # restored, on the same broker; confirmed
     assert lease.broker == faulty_node.url.replace("guest:guest", "guest:***")
     lease.close()
     assert drain(faulty_node.url, queue) == [b"back"]

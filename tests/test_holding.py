@@ -98,6 +98,17 @@ def test_a_consume_that_names_a_timeout_or_a_queue_declared_with_one_keeps_it() 
     assert ConsumeTimeout(0).arguments("q", None) is None
 
 
+def test_where_only_quorum_queues_take_it_it_goes_to_those_the_lease_declared() -> None:
+    assert not timeouts.quorum_only({"version": "4.2.1"})
+    assert timeouts.quorum_only({"version": "4.3.6"})
+    added = ConsumeTimeout(60, quorum_only=True)
+    added.declared({"queue": "qq", "arguments": {"x-queue-type": "quorum"}})
+    added.declared({"queue": "classic", "arguments": None})
+    assert added.arguments("qq", None) == {"x-consumer-timeout": 60_000}
+    assert added.arguments("classic", None) is None  # 4.3 would refuse it there
+    assert added.arguments("elsewhere", None) is None  # of a type it cannot know
+
+
 def test_a_bad_consumer_timeout_is_named_where_the_lease_is_asked_for() -> None:
     for bad in (-1, True, "1h", 30 * 86400.0):
         with pytest.raises(kzpool.LeaseRequestError, match="consumer_timeout") as caught:

@@ -13,13 +13,15 @@ STARTUP = 3  # no local primary broker within startup_timeout
 NO_POOL = 4  # kzpool status: nothing listens on the socket
 WORKER_FATAL = 10  # worker: a restart will not fix this (credentials, vhost)
 WORKER_PARENT_GONE = 11  # worker: the master died
-CONSUMER_BOOT = 12  # consumer: its handler cannot be loaded; a restart will not fix it
+CONSUMER_BOOT = 12  # consumer: its handler cannot be loaded, or the broker denies its queue as
+# configured (a transient one, where RabbitMQ 4's deprecated features are denied); a restart
+# will not fix it
 
 MEANINGS = {
     OK: "exited cleanly",
     ERROR: "failed",
     WORKER_FATAL: "failed for a reason a restart will not fix",
-    CONSUMER_BOOT: "could not load its handler",
+    CONSUMER_BOOT: "could not load its handler or declare its queue",
     WORKER_PARENT_GONE: "exited because the master is gone",
 }
 

@@ -30,13 +30,14 @@ from pika import spec
 
 from ..client.lease import Lease
 from ..client.pool import PoolClient
-from ..common.errors import LeaseRequestError
+from ..common.errors import ConfigError, ConnectionClosedByBroker, LeaseRequestError
 from .federator import Federator
 
 log = logging.getLogger("kzpool.listener")
 
 Handler = Callable[["Message"], Any]
 STOP_POLL = 0.1  # seconds: how soon a federator waiting to retry sees stop()
+DENIED_TRANSIENT = "transient_nonexcl_queues"  # named in the broker's 541 close, when denied
 
 
 @dataclass
@@ -179,12 +180,24 @@ class Listener:
         return lease
 
     def declare(self, lease: Lease, queue: str, keys: list[str]) -> str:
-        """Exchange, queue, ``keys`` bound, QoS and confirms on ``lease``; the queue's name."""
+        """Exchange, queue, ``keys`` bound, QoS and confirms on ``lease``; the queue's name.
+
+        A server-named queue that is not durable is exclusive (and auto-deleted): the
+        listener's alone, and never a transient non-exclusive queue, which RabbitMQ 4.x
+        deprecates and a broker may deny.  A named one is declared as configured; a broker
+        that denies it gets a :class:`ConfigError` saying to make it durable."""
         if self.exchange:
             lease.exchange_declare(self.exchange, self.exchange_type, durable=self.durable)
-        declared = lease.queue_declare(queue, durable=self.durable,
-                                       auto_delete=not queue and not self.durable,
-                                       arguments=self.queue_arguments)
+        private = not queue and not self.durable
+        try:
+            declared = lease.queue_declare(queue, durable=self.durable, exclusive=private,
+                                           auto_delete=private, arguments=self.queue_arguments)
+        except ConnectionClosedByBroker as exc:
+            if DENIED_TRANSIENT not in exc.reply_text:
+                raise
+            raise ConfigError([f"queue {queue!r}: the broker denies transient non-exclusive"
+                               f" queues (RabbitMQ's deprecated feature {DENIED_TRANSIENT}):"
+                               " declare it durable (durable = true)"]) from exc
         name = str(declared.method.queue)
         for key in keys:
             lease.queue_bind(name, self.exchange, key)

@@ -27,6 +27,7 @@ import psutil
 from ..client.pool import PoolClient
 from ..common import exitcodes, proc
 from ..common.config import Consumer
+from ..common.errors import ConfigError
 from .listener import Listener
 
 log = logging.getLogger("kzpool.consumer")
@@ -87,7 +88,11 @@ def _serve(listener: Listener, consumer: Consumer, pool: PoolClient, master_pid:
     limit, rss_limit = consumer.settings.max_messages, consumer.settings.max_rss
     me = psutil.Process()
     try:
-        listener.start(pool, handed)
+        try:
+            listener.start(pool, handed)
+        except ConfigError as exc:  # what the broker will not take: a restart will not fix it
+            log.error("consumer %s: %s", consumer.name, exc)
+            return exitcodes.CONSUMER_BOOT
         while not listener.stopping and os.getppid() == master_pid:
             batch = min(RSS_CHECK_EVERY, limit - listener.handled) if limit else RSS_CHECK_EVERY
             before = listener.handled

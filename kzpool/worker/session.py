@@ -64,7 +64,9 @@ class SessionHost(Protocol):
     @property
     def move_grace(self) -> float: ...
 
-    def consumer_timeout(self, options: LeaseOptions) -> float: ...
+    def consumer_timeout(self, options: LeaseOptions) -> tuple[float, bool]:
+        """Seconds of ``x-consumer-timeout`` its consumes get, and whether only those of
+        quorum queues it declared (:mod:`.timeouts`)."""
 
     def recycle(self, channel: Any, settled_first: bool) -> None: ...
 
@@ -100,7 +102,7 @@ class Session:
         self.counters = host.counters
         self.consumers: set[str] = set()  # tags of its consumers, while they consume
         self.holding = Holding()  # the deliveries the broker holds for it
-        self.timeout = ConsumeTimeout(host.consumer_timeout(options))
+        self.timeout = ConsumeTimeout(*host.consumer_timeout(options))
         self.number = channel.channel_number
         self.connection = channel.connection  # a BatchedConnection: frames past pika
         self.connection.add_sink(self.number, self)

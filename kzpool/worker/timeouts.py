@@ -5,10 +5,17 @@ the broker's ``consumer_timeout`` (30 minutes by default), a queue's (its
 ``x-consumer-timeout`` argument, or a policy), or a consumer's own (the
 ``x-consumer-timeout`` argument of ``basic.consume``, which wins over both; RabbitMQ 3.12
 and later, earlier versions ignore it).  A kzpool consumer keeps its heartbeats however
-long its callback computes, so the pool gives every consume that names no timeout its own,
+long its callback computes, so the pool gives a consume that names no timeout its own,
 long one (:class:`ConsumeTimeout`): the lease's ``consumer_timeout`` option, else
 ``[pool] consumer_timeout``.  A consume that passes ``x-consumer-timeout`` keeps it, and so
-does one of a queue that the lease declared with that argument.  Pure logic.
+does one of a queue that the lease declared with that argument.
+
+From RabbitMQ :data:`QUORUM_ONLY` on, consumer timeouts apply to quorum queues only, and
+the broker refuses the argument on a consume of any other queue (``406 PRECONDITION_FAILED
+- invalid arg 'x-consumer-timeout' ... of queue type rabbit_classic_queue``, closing the
+channel).  A worker cannot ask a queue's type, so there it adds the argument only to
+consumes of the quorum queues the lease declared itself (``x-queue-type: quorum``); a
+consumer of a quorum queue declared elsewhere passes its own.  Pure logic.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from ..common.settings import PoolSettings
 
 ARGUMENT = "x-consumer-timeout"
 SINCE = (3, 12)  # the first RabbitMQ that honours the argument on a consume
+QUORUM_ONLY = (4, 3)  # the first that takes it on a quorum queue's consume only
 _VERSION = re.compile(rb"^(\d+)\.(\d+)")
 
 
@@ -50,24 +58,38 @@ def seconds(options: LeaseOptions, settings: PoolSettings,
     return settings.consumer_timeout if chosen is None else chosen
 
 
+def quorum_only(server_properties: Mapping[str, Any]) -> bool:
+    """Whether the broker takes the argument on a quorum queue's consume only."""
+    version = broker_version(server_properties)
+    return version is not None and version >= QUORUM_ONLY
+
+
 class ConsumeTimeout:
-    """What one session adds to its consumes: ``seconds`` (0: nothing)."""
+    """What one session adds to its consumes: ``seconds`` (0: nothing); ``quorum_only``:
+    only to consumes of the quorum queues the lease declared."""
 
-    __slots__ = ("milliseconds", "queues")
+    __slots__ = ("milliseconds", "own", "quorum", "quorum_only")
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, quorum_only: bool = False) -> None:
         self.milliseconds = round(seconds * 1000)
-        self.queues: set[str] = set()  # declared by the lease with a timeout of their own
+        self.quorum_only = quorum_only
+        self.own: set[str] = set()  # declared by the lease with a timeout of their own
+        self.quorum: set[str] = set()  # declared by the lease as quorum queues
 
     def declared(self, args: Mapping[str, Any]) -> None:
         """A ``queue_declare`` of the lease: one with ``x-consumer-timeout`` keeps its own."""
         arguments = args.get("arguments")
-        if isinstance(arguments, Mapping) and ARGUMENT in arguments:
-            self.queues.add(str(args.get("queue", "")))
+        if isinstance(arguments, Mapping):
+            queue = str(args.get("queue", ""))
+            if ARGUMENT in arguments:
+                self.own.add(queue)
+            if arguments.get("x-queue-type") == "quorum":
+                self.quorum.add(queue)
 
     def arguments(self, queue: str, arguments: Any) -> Any:
         """A consume's arguments, with the pool's timeout added if it names none."""
-        if not self.milliseconds or queue in self.queues:
+        if not self.milliseconds or queue in self.own or (
+                self.quorum_only and queue not in self.quorum):
             return arguments
         if arguments is None:
             return {ARGUMENT: self.milliseconds}

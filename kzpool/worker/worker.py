@@ -101,10 +101,11 @@ class ConnectionWorker:
     def move_grace(self) -> float:
         return self.spec.settings.move_grace
 
-    def consumer_timeout(self, options: LeaseOptions) -> float:
+    def consumer_timeout(self, options: LeaseOptions) -> tuple[float, bool]:
         connection = self.connection
-        properties = connection.server_properties if connection is not None else None
-        return timeouts.seconds(options, self.spec.settings, properties or {})
+        properties = (connection.server_properties if connection is not None else None) or {}
+        return (timeouts.seconds(options, self.spec.settings, properties),
+                timeouts.quorum_only(properties))
 
     # ----- life cycle -------------------------------------------------------------------
 
