@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 import kzpool
-from kzpool.common.options import LeaseOptions
 from kzpool.common.config import loads
+from kzpool.common.options import LeaseOptions
 from kzpool.lease.takeback import TakenBack, Why
 from kzpool.worker import timeouts
 from kzpool.worker.holding import Holding
@@ -99,7 +99,7 @@ def test_a_consume_that_names_a_timeout_or_a_queue_declared_with_one_keeps_it() 
 
 
 def test_where_only_quorum_queues_take_it_it_goes_to_those_the_lease_declared() -> None:
-    assert not timeouts.quorum_only({"version": "4.2.1"})
+    assert not timeouts.quorum_only({"version": "4.0.5"})
     assert timeouts.quorum_only({"version": "4.3.6"})
     added = ConsumeTimeout(60, quorum_only=True)
     added.declared({"queue": "qq", "arguments": {"x-queue-type": "quorum"}})

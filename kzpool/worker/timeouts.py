@@ -3,19 +3,21 @@
 RabbitMQ takes a delivery back when its consumer keeps it unacked longer than a timeout:
 the broker's ``consumer_timeout`` (30 minutes by default), a queue's (its
 ``x-consumer-timeout`` argument, or a policy), or a consumer's own (the
-``x-consumer-timeout`` argument of ``basic.consume``, which wins over both; RabbitMQ 3.12
-and later, earlier versions ignore it).  A kzpool consumer keeps its heartbeats however
-long its callback computes, so the pool gives a consume that names no timeout its own,
-long one (:class:`ConsumeTimeout`): the lease's ``consumer_timeout`` option, else
-``[pool] consumer_timeout``.  A consume that passes ``x-consumer-timeout`` keeps it, and so
+``x-consumer-timeout`` argument of ``basic.consume``, which wins over both where the
+broker honours it: RabbitMQ 4.3 does; 3.10 and 4.0.5 ignore it, measured).  A kzpool
+consumer keeps its heartbeats however long its callback computes, so the pool gives a
+consume that names no timeout its own, long one (:class:`ConsumeTimeout`): the lease's
+``consumer_timeout`` option, else ``[pool] consumer_timeout``; from RabbitMQ 3.12 (the
+first said to honour it) on.  A consume that passes ``x-consumer-timeout`` keeps it, and so
 does one of a queue that the lease declared with that argument.
 
-From RabbitMQ :data:`QUORUM_ONLY` on, consumer timeouts apply to quorum queues only, and
-the broker refuses the argument on a consume of any other queue (``406 PRECONDITION_FAILED
-- invalid arg 'x-consumer-timeout' ... of queue type rabbit_classic_queue``, closing the
-channel).  A worker cannot ask a queue's type, so there it adds the argument only to
-consumes of the quorum queues the lease declared itself (``x-queue-type: quorum``); a
-consumer of a quorum queue declared elsewhere passes its own.  Pure logic.
+From RabbitMQ 4.3 (here: from :data:`QUORUM_ONLY`), consumer timeouts apply to quorum
+queues only, and the broker refuses the argument on a consume of any other queue (``406
+PRECONDITION_FAILED - invalid arg 'x-consumer-timeout' ... of queue type
+rabbit_classic_queue``, closing the channel).  A worker cannot ask a queue's type, so there
+it adds the argument only to consumes of the quorum queues the lease declared itself
+(``x-queue-type: quorum``); a consumer of a quorum queue declared elsewhere passes its own.
+Pure logic.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from ..common.settings import PoolSettings
 
 ARGUMENT = "x-consumer-timeout"
 SINCE = (3, 12)  # the first RabbitMQ that honours the argument on a consume
-QUORUM_ONLY = (4, 3)  # the first that takes it on a quorum queue's consume only
+# taken on a quorum queue's consume only: measured on 4.3.6 (4.0.5 takes it anywhere, and
+# ignores it); 4.1 and 4.2, not measured, are treated as 4.3: a refusal closes the channel
+QUORUM_ONLY = (4, 1)
 _VERSION = re.compile(rb"^(\d+)\.(\d+)")
 
 
