@@ -4,7 +4,9 @@
 
 Needs root (it starts, stops and kills an extra RabbitMQ node, kzp1 on 5701, through
 scripts/brokers.py; never the default node).  A pool runs with kzp1 as primary and the
-default node as secondary.  Each round:
+default node as secondary.  With ``KZPOOL_TEST_RABBITMQ=4`` both are RabbitMQ 4 nodes of
+their own (kz4p1 on 5721 and kz4 on 5720, kzpool/testing/nodes.py), started and stopped
+here.  Each round:
 
 1. a float lease publishes with confirms (persistent, durable queue) without pause; kzp1's
    app is stopped: time from ``stop_app`` returning to the first confirmed publish on the
@@ -35,10 +37,11 @@ import pika
 from nodes import load_brokers
 
 import kzpool
-from kzpool.testing import drain
+from kzpool.testing import DEFAULT_URI, LAYOUT, drain
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT = "amqp://guest:guest@127.0.0.1:5672/%2F"
+DEFAULT = DEFAULT_URI
+EXTRA = LAYOUT.extra[0]  # or --node's
 
 
 brokers = load_brokers()
@@ -109,15 +112,18 @@ class Publisher(threading.Thread):
         raise TimeoutError(f"no confirmed publish on {broker}")
 
 
-def failover_round(pool: Pool, primary: str, secondary: str, queue: str) -> tuple[float, float]:
+def failover_round(pool: Pool, primary: str, secondary: str,
+                   queue: str) -> tuple[float, float, float, float]:
+    """(stop_app -> first confirm on the secondary, start_app -> first on the primary, and
+    the publisher's gaps: its last confirm on the one broker -> its first on the other)."""
     publisher = Publisher(pool, queue)
     publisher.start()
     time.sleep(0.5)
     stopping = time.monotonic()  # from the moment stop_app is issued
-    brokers.stop_app("kzp1")
+    brokers.stop_app(EXTRA)
     over = publisher.first_on(secondary, stopping)
     time.sleep(0.5)
-    brokers.start_app("kzp1")  # returns once the node accepts connections again
+    brokers.start_app(EXTRA)  # returns once the node accepts connections again
     started = time.monotonic()
     back = publisher.first_on(primary, started)
     time.sleep(0.3)
@@ -125,7 +131,13 @@ def failover_round(pool: Pool, primary: str, secondary: str, queue: str) -> tupl
     publisher.join(30)
     publisher.lease.close()
     sent.extend(body for _w, _b, body in publisher.sent)
-    return over, back
+    return over, back, gap(publisher, primary, stopping + over), gap(publisher, secondary,
+                                                                       started + back)
+
+
+def gap(publisher: Publisher, before: str, first: float) -> float:
+    """From the publisher's last confirm on ``before`` to ``first``, its first elsewhere."""
+    return first - max(w for w, b, _ in publisher.sent if b == before and w <= first)
 
 
 def kill_round(pool: Pool, primary: str, queue: str) -> float:
@@ -165,20 +177,34 @@ sent: list[bytes] = []
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--node", metavar="NAME:PORT",
+                        help=f"the primary node to start, stop and kill (default"
+                             f" {LAYOUT.extra[0]}:{LAYOUT.extra[1]})")
     args = parser.parse_args()
-    print(f"$ python bench/failover.py --rounds {args.rounds}")
-    node = brokers.start_node("kzp1", 5701)
+    global EXTRA
+    spec = (args.node.rpartition(":")[0], int(args.node.rpartition(":")[2])) if args.node \
+        else LAYOUT.extra
+    EXTRA = brokers.full_name(spec[0])
+    print(f"$ python bench/failover.py --rounds {args.rounds}"
+          + (f" --node {args.node}" if args.node else ""))
+    default = None if LAYOUT.default_is_machines else brokers.start_node(
+        *LAYOUT.default, rabbitmq=LAYOUT.rabbitmq)
+    node = brokers.start_node(*spec, rabbitmq=LAYOUT.rabbitmq)
+    print(f"RabbitMQ {brokers.install_version(node.root)}: {node.name} primary, "
+          f"{LAYOUT.default[0]} secondary")
     pool = Pool([node.url, DEFAULT])
     primary = node.url.replace("guest:guest", "guest:***")
     secondary = DEFAULT.replace("guest:guest", "guest:***")
-    overs, backs, kills, queues = [], [], [], []
+    overs, backs, kills, queues, gaps_over, gaps_back = [], [], [], [], [], []
     try:
         for _ in range(args.rounds):
             queue = f"kzpool-failover-{uuid.uuid4().hex[:6]}"
             queues.append(queue)
-            over, back = failover_round(pool, primary, secondary, queue)
+            over, back, gap_over, gap_back = failover_round(pool, primary, secondary, queue)
             overs.append(over)
             backs.append(back)
+            gaps_over.append(gap_over)
+            gaps_back.append(gap_back)
             kills.append(kill_round(pool, primary, f"{queue}-kill"))
         got = [b for q in queues for uri in (node.url, DEFAULT) for b in drain(uri, q)]
         for q in queues:
@@ -187,6 +213,8 @@ def main() -> None:
     finally:
         pool.stop()
         brokers.stop_node(node)
+        if default is not None:
+            brokers.stop_node(default)
     lost = set(sent) - set(got)
 
     def fmt(xs: list[float]) -> str:
@@ -195,6 +223,8 @@ def main() -> None:
           "   (target <= 1000 ms)")
     print(f"fail-back: start_app -> confirmed publish on the primary   {fmt(backs)}"
           "   (target <= 2000 ms)")
+    print(f"failover: last confirm on the primary -> first on the secondary {fmt(gaps_over)}")
+    print(f"fail-back: last confirm on the secondary -> first on the primary {fmt(gaps_back)}")
     print(f"worker kill -9 -> consuming again                          {fmt(kills)}"
           "   (target <= 1000 ms)")
     print(f"confirmed publishes {len(sent)}, found on the brokers {len(got)}, lost {len(lost)},"
