@@ -118,6 +118,13 @@ class Dispatcher:
             return list(self.members.values())
 
     @property
+    def wake_fd(self) -> int | None:
+        """The read end of the wake pipe (``None`` unless wakeable): readable once another
+        thread has added a callback (:meth:`add_threadsafe`), until a dispatch of the home
+        thread reads it."""
+        return None if self._wake is None else self._wake[0]
+
+    @property
     def dispatching(self) -> bool:
         """A dispatcher of this thread is running a callback now."""
         return bool(getattr(self._local, "depth", 0))
