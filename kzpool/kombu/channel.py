@@ -233,7 +233,11 @@ class Channel(base.StdChannel):
 
     @translating
     def basic_cancel(self, consumer_tag: str, nowait: bool = False) -> None:
-        self._live()
+        """Cancel a consumer; on a closed channel (or the parent's, after a fork) nothing
+        is left to cancel, as with py-amqp's."""
+        conn = self.connection
+        if conn is None or not conn.connected:
+            return
         self.no_ack_consumers.discard(consumer_tag)
         self._on_cancel.pop(consumer_tag, None)
         self.lease.basic_cancel(consumer_tag)
