@@ -406,6 +406,31 @@ def test_the_event_loop_dispatches_acks_from_another_thread(
     hub.close()
 
 
+def test_the_event_loop_runs_what_a_dispatch_asked_of_it_before_it_waits(
+        conn: kombu.Connection, names: Names) -> None:
+    """As Celery's worker starts: a first drain from a callback of the loop (not from a
+    readable descriptor), acks through ``call_soon``, and a timer far away, so the loop's
+    poll would wait 10 s for a broker that waits for those acks."""
+    from kombu.asynchronous import Hub
+
+    hub = Hub()
+    hub.timer.max_interval = 600  # the poll waits for the timer (up to the hub's 10 s)
+    conn.register_with_event_loop(hub)
+    hub.call_later(600, lambda: None)
+    queue = Queue(names("q"))
+    for n in range(6):
+        Producer(conn).publish(n, routing_key=queue.name, declare=[queue])
+    acked: list[Any] = []
+
+    def on_message(message: kombu.Message) -> None:
+        hub.call_soon(lambda: (message.ack(), acked.append(message.payload)))
+
+    with Consumer(conn, [queue], on_message=on_message, prefetch_count=2):
+        hub.call_soon(lambda: drain_all(conn, 0))
+        wait_for(lambda: hub.run_once() or len(acked) == 6, 8, "six acks, without waits")
+    hub.close()
+
+
 def test_an_ack_from_a_thread_that_does_not_drain_is_sent_by_the_one_that_does(
         conn: kombu.Connection, names: Names) -> None:
     queue = Queue(names("q"))

@@ -46,9 +46,10 @@ class Readiness:
     def closed(self) -> bool:
         return self._poll.closed
 
-    def refresh(self) -> None:
+    def refresh(self, more: bool = False) -> None:
         """Watch the sockets the calling thread's leases have now, and stay readable while
-        any of them has events waiting to be dispatched."""
+        any of them has events waiting to be dispatched, or while ``more`` (the caller
+        expects more: its last dispatch ran something)."""
         if self._poll.closed:
             return
         me = threading.get_ident()
@@ -61,7 +62,7 @@ class Readiness:
             with contextlib.suppress(FileExistsError):
                 self._poll.register(fd, select.EPOLLIN)
         self._watched = fds
-        self._raise(any(m.has_events() for m in members))
+        self._raise(more or any(m.has_events() for m in members))
 
     def _raise(self, pending: bool) -> None:
         if pending and not self._raised:

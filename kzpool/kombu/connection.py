@@ -60,6 +60,7 @@ class Connection:
         self.dispatched = 0  # deliveries, broker cancels and returns handed to kombu so far
         self.closed = False
         self._readiness: Readiness | None = None
+        self._more = False  # a drain dispatched something since the loop last polled
         self._loop: Any = None  # the event loop it is registered with
 
     def __repr__(self) -> str:
@@ -124,8 +125,10 @@ class Connection:
         except kz.KzpoolError as exc:
             raise amqp_error(exc) from exc
         finally:
+            if self.dispatched != before and self._loop is not None:
+                self._more = True
             if self._readiness is not None and self.connected:
-                self._readiness.refresh()
+                self._readiness.refresh(self._more)
 
     def fileno(self) -> int:
         """A descriptor readable while the draining thread has something to drain."""
@@ -157,8 +160,14 @@ class Connection:
                 loop.remove_reader(self._readiness.fileno())
 
     def _tick(self) -> None:
+        """Before each of the loop's polls.  After a drain that dispatched something, the
+        poll does not wait, once: what the callbacks asked of the loop meanwhile (Celery's
+        acks, through ``call_soon``) runs first, though kombu's hub only wakes for another
+        thread's ``call_soon``; else every delivery the broker allows could be waiting on
+        its ack while the poll waits for the broker."""
         if self.connected and self._readiness is not None:
-            self._readiness.refresh()
+            self._readiness.refresh(self._more)
+            self._more = False
         else:
             self.unregister()
 
