@@ -10,8 +10,9 @@ connection):
 * ``run``: one ``celery worker`` (``--pool``, Celery's defaults otherwise) started on those
   N queued tasks; tasks a second from the first task's start to the last's (each task
   appends the time to a file: ``bench/celery_app.py``);
-* ``connections``: ``--workers`` worker processes up and idle; the broker connections and
-  channels of the vhost (``rabbitmqctl list_connections`` / ``list_channels``).
+* ``connections``: ``--workers`` worker processes up and idle; the broker connections (and
+  their channels) that they hold, or for kzpool:// that the pool holds for them (found by
+  their ports: ``rabbitmqctl list_connections peer_port`` and ``psutil``).
 
 The transports run interleaved, ``--runs`` times; prints the medians and the ratios
 kzpool / amqp.  Not a test: the machine is shared and noisy.
@@ -40,6 +41,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(ROOT))
 
 import pika  # noqa: E402
+import pika.exceptions  # noqa: E402
+import psutil  # noqa: E402
 from celery import Celery  # noqa: E402
 
 import kzpool.kombu  # noqa: E402, F401  (the kzpool:// scheme)
@@ -63,9 +66,20 @@ def vhost_uri(transport: str) -> str:
     return f"amqp://guest:guest@127.0.0.1:5672/{name}"
 
 
-def count_in(vhost: str, what: str) -> int:
-    rows = rabbitmqctl(f"list_{what}", "vhost", "--no-table-headers").split("\n")
-    return sum(1 for row in rows if row.strip() == vhost)
+def held_by(pids: list[int], vhost: str) -> tuple[int, int]:
+    """The broker connections of ``vhost`` that the processes ``pids`` (and their children)
+    hold, and the channels on them."""
+    ports = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            parent = psutil.Process(pid)
+            for proc in (parent, *parent.children(recursive=True)):
+                ports |= {c.laddr.port for c in proc.net_connections("tcp")
+                          if c.raddr and c.raddr.port == 5672}
+    rows = [row.split("\t") for row in rabbitmqctl(
+        "list_connections", "peer_port", "vhost", "channels", "--no-table-headers").splitlines()]
+    mine = [row for row in rows if len(row) == 3 and row[1] == vhost and int(row[0]) in ports]
+    return len(mine), sum(int(row[2]) for row in mine)
 
 
 class Worker:
@@ -121,9 +135,13 @@ class Side:
         return Celery("kzb", broker=self.broker, set_as_current=False,
                       config_source={"task_default_queue": self.queue})
 
-    def purge(self) -> None:
-        with pika.BlockingConnection(pika.URLParameters(self.uri)) as conn:
-            conn.channel().queue_delete(self.queue)
+    def purge(self, delete: bool = False) -> None:
+        """Empty the queue (Celery's producers remember declaring it: it stays), or delete
+        it at the end."""
+        with pika.BlockingConnection(pika.URLParameters(self.uri)) as conn, \
+                contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
+            channel = conn.channel()
+            channel.queue_delete(self.queue) if delete else channel.queue_purge(self.queue)
 
     def publish(self, count: int) -> float:
         """Publish one task, then ``count`` timed: ``count + 1`` are queued after."""
@@ -155,7 +173,8 @@ class Side:
                    for n in range(workers)]
         try:
             wait(lambda: all(" ready." in self._log_of(w) for w in started), 120, "workers up")
-            return count_in(self.vhost, "connections"), count_in(self.vhost, "channels")
+            holders = [self.pool.proc.pid] if self.pool else [w.proc.pid for w in started]
+            return held_by(holders, self.vhost)
         finally:
             for worker in started:
                 worker.stop()
@@ -189,7 +208,7 @@ def main() -> None:
         held = {t: side.connections(args.workers) for t, side in sides.items()}
     finally:
         for side in sides.values():
-            side.purge()
+            side.purge(delete=True)
             side.close()
     report(args, rates, held)
 

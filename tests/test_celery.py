@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pika
 import pytest
 
 from kzpool.testing import DEFAULT_URI, Pool, wait_for
@@ -193,3 +194,29 @@ def test_a_worker_fails_over_and_back_mid_task_and_loses_no_task(
     for tag in ("b", "c", "d"):
         assert kz.deliveries(tag) == ["first"] and kz.count("done", tag) == 1, tag
     assert LOST not in kz.text()
+
+
+def test_the_example_app_runs_as_its_docstring_says(pools: PoolMaker, tmp_path: Path) -> None:
+    pool = pools([DEFAULT_URI]).start()
+    pool.wait_ready()
+    example = ROOT / "examples" / "celery"
+    env = {**os.environ, "KZPOOL_SOCKET": pool.socket}
+    log = tmp_path / "worker.log"
+    with open(log, "ab") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=solo", "-l",
+             "INFO", "-n", f"kzt-{uuid.uuid4().hex[:8]}@localhost"], cwd=example, env=env,
+            stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        sent = subprocess.run([sys.executable, "send.py", "3"], cwd=example, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert sent.stdout == "sent crunch(3.0) and crunch(0.1)\n", sent.stderr
+        wait_for(lambda: "crunched for 0.1 s" in log.read_text(), 60, "both tasks")
+        text = log.read_text()
+        assert text.count("crunched for 3.0 s") == 1 and LOST not in text
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+        print(log.read_text())
+    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as broker:
+        broker.channel().queue_delete("celery")  # the example's: Celery's default queue

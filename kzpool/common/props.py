@@ -25,6 +25,7 @@ from typing import Any
 
 from pika import data as amqp_data
 from pika import spec
+from pika.exceptions import UnsupportedAMQPFieldException
 
 from .errors import ProtocolError
 
@@ -49,10 +50,10 @@ _EMPTY = dict.fromkeys(name for name, _kind in _FIELDS)
 def encode(properties: spec.BasicProperties | None) -> bytes:
     if properties is None:
         return b""
-    headers = properties.headers
-    if headers and _has_float(headers):
-        return _with_table(properties, headers)
-    data = b"".join(properties.encode())
+    try:
+        data = b"".join(properties.encode())
+    except UnsupportedAMQPFieldException:  # a float, say: pika has no double
+        return _with_table(properties, properties.headers)
     return b"" if data == _NONE else data
 
 
@@ -69,16 +70,6 @@ def _with_table(properties: spec.BasicProperties, headers: dict[str, Any]) -> by
     pieces: list[bytes] = []
     encode_table(pieces, headers)
     return _U16.pack(flags | BITS[2][2]) + data[2:pos] + b"".join(pieces) + data[pos:]
-
-
-def _has_float(value: Any) -> bool:
-    if isinstance(value, float):
-        return True
-    if isinstance(value, dict):
-        return any(_has_float(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_float(v) for v in value)
-    return False
 
 
 def encode_table(pieces: list[bytes], table: dict[str, Any]) -> int:
