@@ -156,7 +156,7 @@ class Connection:
             return
         getattr(loop, "on_tick", set()).discard(self._tick)
         if self._readiness is not None and not self._readiness.closed:
-            with contextlib.suppress(Exception):  # the loop may have been reset already
+            with contextlib.suppress(KeyError, OSError, ValueError):  # a loop reset since
                 loop.remove_reader(self._readiness.fileno())
 
     def _tick(self) -> None:
