@@ -299,6 +299,25 @@ def test_another_client_is_refused_as_the_broker_refuses_another_connection(
     wait_gone(named, served.uri)
 
 
+def test_a_queue_the_broker_deleted_is_free_for_another_client(served: Served) -> None:
+    """An exclusive, auto-delete queue goes when its last consumer is cancelled, while its
+    connection lives on: its name is another connection's to take, as on the broker."""
+    owner, other = kzpool.connect(served.pool.socket), kzpool.connect(served.pool.socket)
+    mine, theirs = owner.channel(), other.channel()
+    queue = f"kzt-ex-{uuid.uuid4().hex[:10]}"
+    mine.queue_declare(queue, exclusive=True, auto_delete=True)
+    mine.basic_cancel(mine.basic_consume(queue, lambda *_: None))
+    wait_gone(queue, served.uri)  # the broker's doing
+    theirs.queue_declare(queue, exclusive=True)
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
+        mine.basic_get(queue)  # the other one's now
+    assert info.value.reply_code == 405
+    owner.close()
+    assert queue_exists(queue, served.uri)
+    other.close()
+    wait_gone(queue, served.uri)
+
+
 def test_a_user_cannot_reach_another_users_queue_even_naming_its_connection(
         pools: PoolMaker) -> None:
     """allow_users names two users; nobody's process claims root's connection id (as a

@@ -61,6 +61,6 @@ def queue_exists(queue: str, uri: str = DEFAULT_URI) -> bool:
             conn.channel().queue_declare(queue, passive=True)
             return True
     except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code in (404, 405):
-            return exc.reply_code == 405
-        raise
+        if exc.reply_code not in (404, 405):
+            raise
+        return bool(exc.reply_code == 405)

@@ -61,6 +61,7 @@ LOCKED_TEXT = ("RESOURCE_LOCKED - cannot obtain exclusive access to locked queue
 QUEUE_CALLS = frozenset({"queue_declare", "queue_bind", "queue_unbind", "queue_purge",
                          "queue_delete"})
 REPLAYED_NAME = "_name"  # a replayed server-named declare: the name it had (lease.topology)
+MAX_LOST = 64  # leases of one owner kept for, lost to a channel error and not back yet
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ class Exclusives:
 
     def channel_closed(self, channel: Any) -> None:
         """A lease's channel closed: a named declare it had in flight was not answered."""
-        self.claims = {q: c for q, c in self.claims.items() if c[1] is not channel}
+        if self.claims:
+            self.claims = {q: c for q, c in self.claims.items() if c[1] is not channel}
 
     # ----- leases ---------------------------------------------------------------------------
 
@@ -129,8 +131,9 @@ class Exclusives:
         self.owners[session] = (owner, pid)
         holding = self.holdings.setdefault(owner, Holding())
         holding.sessions.add(session)
-        if holding.lost.pop(session.lease, None) is not None:
-            self._prune(pid)
+        lost = holding.lost.pop(session.lease, None)
+        if lost is not None:
+            self._prune(lost)
 
     def detach(self, session: Session, how: LeaseEvent) -> None:
         """``session`` ended (``how``); its owner's queues go if it has no lease here now."""
@@ -139,8 +142,11 @@ class Exclusives:
         if owner is None or holding is None:
             return
         holding.sessions.discard(session)
-        if how is LeaseEvent.LOST and self.janitor.connection is not None and self._watch(pid):
+        if how is LeaseEvent.LOST and holding.queues and self.janitor.connection is not None \
+                and self._watch(pid):
             holding.lost[session.lease] = pid  # its lease comes back on its next call
+            while len(holding.lost) > MAX_LOST:  # the oldest were given up, most likely
+                self._prune(holding.lost.pop(next(iter(holding.lost))))
         self._settle(owner)
 
     def _settle(self, owner: Owner) -> None:
