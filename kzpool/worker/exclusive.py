@@ -228,7 +228,8 @@ class Exclusives:
             session.forward(request)
         elif queue:
             self.claims[queue] = (owner, session.channel)
-            session.forward(request, lambda frame: self._declared(owner, frame))
+            if not session.forward(request, lambda frame: self._declared(owner, frame)):
+                self.claims.pop(queue, None)
         elif self.queues.get(old := str(args.get(REPLAYED_NAME) or "")) == owner:
             self.janitor.check(old, lambda there: self._replay(session, request, old, there))
         else:

@@ -223,12 +223,15 @@ class Session:
                 self.host.exclusives.call(self, request)
 
     def forward(self, request: messages.Request,
-                seen: Callable[[Any], None] | None = None) -> None:
-        """Make a client's call on the channel; ``seen`` gets the broker's answer first."""
+                seen: Callable[[Any], None] | None = None) -> bool:
+        """Make a client's call on the channel; ``seen`` gets the broker's answer first.
+        ``False``: it could not be made (the client is told why)."""
         try:
             self._channel_call(request, seen)
         except (TypeError, ValueError, pika.exceptions.AMQPError) as exc:
             self.event(messages.Reply(request.id, error=reason_of(exc)))
+            return False
+        return True
 
     def _channel_call(self, request: messages.Request,
                       seen: Callable[[Any], None] | None) -> None:
