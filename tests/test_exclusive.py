@@ -10,11 +10,12 @@ routes nothing afterwards (plain pika's mandatory publishes all come back)."""
 from __future__ import annotations
 
 import os
-import select
+import queue as queues
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,10 +28,10 @@ import pika.exceptions
 import pytest
 
 import kzpool
-from kzpool.testing import DEFAULT_URI, Pool, wait_for
+from kzpool.testing import DEFAULT_URI, Pool, default_uri, wait_for
 from kzpool.testing.amqp import queue_exists
 
-from .conftest import brokers, brokers_run
+from .conftest import brokers, brokers_run, default_ctl
 from .hostile import as_nobody, open_up
 
 PoolMaker = Callable[..., Pool]
@@ -75,7 +76,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     vhost = f"kzt-ex-{uuid.uuid4().hex[:8]}"
     brokers_run(["add_vhost", vhost])
     brokers_run(["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"])
-    uri = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    uri = default_uri(vhost)
     pool = Pool(tmp_path_factory.mktemp("exclusive"), [uri], prechannels=4)
     try:
         pool.start().wait_ready()
@@ -98,15 +99,23 @@ class Client:
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, text=True,
                                      env={**os.environ, "KZPOOL_SOCKET": socket})
+        self.lines: queues.Queue[str] = queues.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
         self.queue = self.line()
 
-    def line(self, timeout: float = 20) -> str:
+    def _read(self) -> None:
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        assert ready, f"no line from the client within {timeout} s"
-        line = self.proc.stdout.readline()
-        assert line and not line.startswith("Traceback"), line + self.proc.stdout.read()
-        return line.strip()
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put("(exited)")
+
+    def line(self, timeout: float = 20) -> str:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queues.Empty:
+            raise AssertionError(f"no line from the client within {timeout} s") from None
+        assert line != "(exited)" and not line.startswith("Traceback"), line
+        return line
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -195,9 +204,7 @@ def test_tutorial_3s_subscriber_killed_then_100_logs_collects_nothing(served: Se
 def bound_to(exchange: str, uri: str) -> str | None:
     """The queue bound to ``exchange`` on ``uri``'s vhost (rabbitmqctl), if there is one."""
     vhost = uri.rsplit("/", 1)[1]
-    listed = subprocess.run(["rabbitmqctl", "-q", "list_bindings", "-p", vhost,
-                             "source_name", "destination_name"],
-                            capture_output=True, text=True, timeout=60, check=True)
+    listed = default_ctl("list_bindings", "-p", vhost, "source_name", "destination_name")
     for line in listed.stdout.splitlines():
         source, _, destination = line.partition("\t")
         if source == exchange:
@@ -211,7 +218,8 @@ def test_a_queue_outlives_the_lease_that_declared_it_not_its_connection(served: 
     connection = kzpool.connect(served.pool.socket)
     declaring, other = connection.channel(), connection.channel()
     queue = declaring.queue_declare("", exclusive=True).method.queue
-    declaring.basic_publish("", queue, b"kept")
+    declaring.confirm_delivery()
+    declaring.basic_publish("", queue, b"kept")  # confirmed: on the queue
     declaring.close()
     assert other.basic_get(queue, auto_ack=True)[2] == b"kept"
     assert queue_exists(queue, served.uri)
