@@ -36,6 +36,7 @@ Runs on the worker's loop; nothing blocks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -158,9 +159,14 @@ class Exclusives:
         if gone:
             log.info("a client connection of uid %d left: deleting its exclusive queues %s",
                      owner.uid, ", ".join(gone))
-        for queue in gone:
+        for queue in gone:  # locked until deleted: the janitor checks after it deletes
+            self.janitor.delete(queue, functools.partial(self._deleted, queue, owner))
+
+    def _deleted(self, queue: str, owner: Owner, _gone: bool) -> None:
+        """The janitor deleted ``owner``'s queue: it is nobody's now."""
+        holding = self.holdings.get(owner)
+        if self.queues.get(queue) == owner and (holding is None or queue not in holding.queues):
             del self.queues[queue]
-            self.janitor.delete(queue)
 
     # ----- processes whose lease will come back ---------------------------------------------
 
@@ -243,7 +249,8 @@ class Exclusives:
             del self.claims[queue]
         holding = self.holdings.get(owner)
         if holding is None:  # its owner left before the answer came
-            self.janitor.delete(queue)
+            self.queues[queue] = owner
+            self.janitor.delete(queue, functools.partial(self._deleted, queue, owner))
             return
         self.queues[queue] = owner
         holding.queues.add(queue)
@@ -278,7 +285,7 @@ class Exclusives:
         def checked(there: bool) -> None:
             if session.done:
                 return
-            if there and queue in self.queues:
+            if there:  # (if its owner just left, it is being deleted: still locked)
                 self._refuse(session, queue)
                 return
             self._forget(queue)  # auto-deleted, expired, deleted by an operator

@@ -28,7 +28,8 @@ NOT_FOUND = 404
 @dataclass(frozen=True)
 class Job:
     queue: str
-    then: Callable[[bool], None] | None  # a check, told whether the queue is there; None: delete
+    delete: bool  # else a check
+    then: Callable[[bool], None] | None  # told whether it is there (a check) or gone (delete)
 
 
 class Janitor:
@@ -56,12 +57,13 @@ class Janitor:
 
     def check(self, queue: str, then: Callable[[bool], None]) -> None:
         """Tell ``then`` whether ``queue`` is on the broker (a passive declare)."""
-        self.jobs.append(Job(queue, then))
+        self.jobs.append(Job(queue, False, then))
         self._next()
 
-    def delete(self, queue: str) -> None:
-        """Delete ``queue`` (the broker cancels its consumers); one already gone is fine."""
-        self.jobs.append(Job(queue, None))
+    def delete(self, queue: str, then: Callable[[bool], None] | None = None) -> None:
+        """Delete ``queue`` (the broker cancels its consumers; one already gone is fine),
+        then tell ``then`` whether it is gone."""
+        self.jobs.append(Job(queue, True, then))
         self._next()
 
     def _next(self) -> None:
@@ -72,7 +74,7 @@ class Janitor:
             self._open()
             return
         job = self.busy = self.jobs.popleft()
-        if job.then is None:
+        if job.delete:
             channel.queue_delete(job.queue, callback=self._done)
         else:
             channel.queue_declare(job.queue, passive=True, callback=self._done)
@@ -99,10 +101,10 @@ class Janitor:
 
     def _done(self, _frame: Any) -> None:
         job, self.busy = self.busy, None
+        if job is not None and job.delete:
+            self.deleted += 1
         if job is not None and job.then is not None:
             job.then(True)
-        elif job is not None:
-            self.deleted += 1
         self._next()
 
     def _closed(self, channel: Any, reason: BaseException) -> None:
@@ -111,8 +113,8 @@ class Janitor:
         self.channel = None
         job, self.busy = self.busy, None
         code = getattr(reason, "reply_code", 0)
+        if job is not None and job.delete:
+            log.warning("could not delete queue %s: %s", job.queue, reason)
         if job is not None and job.then is not None:
-            job.then(code != NOT_FOUND)
-        elif job is not None:
-            log.warning("could not delete exclusive queue %s: %s", job.queue, reason)
+            job.then(code != NOT_FOUND if not job.delete else False)
         self._next()
