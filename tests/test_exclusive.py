@@ -254,6 +254,24 @@ def test_a_channel_error_leaves_the_connections_queue_as_it_was(served: Served, 
     wait_gone(client.queue, served.uri)
 
 
+def test_a_queue_auto_deleted_by_a_channel_error_comes_back_renamed(served: Served) -> None:
+    """An exclusive, auto-delete queue whose only consumer went with the channel (a channel
+    error) is deleted by the broker: the lease's replay makes a new one, as a move does."""
+    moves: list[kzpool.MoveEvent] = []
+    connection = kzpool.connect(served.pool.socket)
+    lease = connection.channel(on_move=moves.append)
+    queue = lease.queue_declare("", exclusive=True, auto_delete=True).method.queue
+    lease.basic_consume(queue, lambda *_: None)
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="NOT_FOUND"):
+        lease.queue_declare(f"kzt-ex-{uuid.uuid4().hex[:10]}", passive=True)
+    wait_gone(queue, served.uri)  # the broker's doing
+    lease.queue_declare(queue, passive=True)  # the next call replays: a new queue
+    renamed = moves[0].renamed[queue]
+    assert renamed != queue and queue_exists(renamed, served.uri)
+    connection.close()
+    wait_gone(renamed, served.uri)
+
+
 # ----- locked for the others --------------------------------------------------------------------
 
 TOUCH: dict[str, Callable[[Any, str], object]] = {
