@@ -50,7 +50,6 @@ _PUBLISH, _SETTLE, _JSON = int(Kind.PUBLISH), int(Kind.SETTLE), int(Kind.JSON)
 MOVE_GRACE = 5.0  # seconds a moved client may take to say bye
 
 
-
 class SessionHost(Protocol):
     """What a session needs of its worker."""
 
