@@ -115,7 +115,7 @@ def test_a_solo_worker_runs_a_long_task_once_where_amqp_loses_its_connection(
     pool = pools([DEFAULT_URI]).start()
     pool.wait_ready()
     kz = workers(tmp_path / "kzpool", f"kzpool://{pool.socket}", f"kzt-{uuid.uuid4().hex}")
-    plain = workers(tmp_path / "amqp", "amqp://guest:guest@127.0.0.1:5672//",
+    plain = workers(tmp_path / "amqp", DEFAULT_URI,
                     f"kzt-{uuid.uuid4().hex}")
     for worker in (kz, plain):
         worker.start()

@@ -8,6 +8,7 @@ against a real pool and the real broker; each test uses names of its own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -155,6 +156,7 @@ def test_no_pool_is_a_recoverable_connection_error_kombu_retries(tmp_path: Path)
     ("kzpool://", {"kind": "floaty"}, "transport_options: unknown lease kind 'floaty'"),
     ("kzpool://", {"kind": "sticky"}, "transport_options: a sticky lease needs a broker"),
     ("kzpool://", {"timeout": -1}, "transport_options: timeout -1"),
+    ("kzpool://", {"connection_id": "mine"}, "connection_id is set by the connection"),
 ])
 def test_a_bad_url_or_lease_option_is_named_and_not_retried(
         target: str, options: dict[str, Any], error: str) -> None:
@@ -171,7 +173,8 @@ def test_lease_options_travel_in_transport_options(pool: Pool, names: Names) -> 
         "kind": "sticky", "broker": broker, "timeout": 3.5, "max_retries": 1})
     lease = conn.default_channel.lease
     assert (lease.kind, lease.timeout) == ("sticky", 3.5)
-    assert lease.options == kzpool.LeaseOptions(kind="sticky", broker=broker, timeout=3.5)
+    assert dataclasses.replace(lease.options, connection_id=None) == kzpool.LeaseOptions(
+        kind="sticky", broker=broker, timeout=3.5)
     conn.close()
 
 

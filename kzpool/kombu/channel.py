@@ -28,22 +28,41 @@ import functools
 import threading
 from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import amqp.exceptions
 from amqp.protocol import queue_declare_ok_t
 from kombu.transport import base
 
+from ..client.connection import Connection as PoolConnection
 from ..client.lease import Lease
 from ..common import errors as kz
 from . import message
 from .errors import MessageNacked, amqp_error, returned_error, translating
 from .message import Outgoing, Raw
 
-if TYPE_CHECKING:
-    from .connection import Connection
-
 OnCancel = Callable[[str], Any]
+
+
+class Connection(Protocol):
+    """What a channel needs of the connection it belongs to
+    (:class:`kzpool.kombu.connection.Connection`)."""
+
+    client: Any  # the kombu.Connection
+    pool: PoolConnection
+    confirm_publish: bool
+    home: int  # the thread that drains
+    dispatched: int  # deliveries, cancels and returns handed to kombu so far
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def owned(self) -> bool: ...
+
+    def check_usable(self) -> None: ...
+
+    def forget(self, channel: Channel) -> None: ...
 
 
 class Channel(base.StdChannel):
