@@ -9,7 +9,10 @@ or, without the import, ``kombu.Connection(transport="kzpool.kombu:Transport")``
 
 from __future__ import annotations
 
-from kombu import transport as _kombu_transport
+try:
+    from kombu import transport as _kombu_transport
+except ImportError as exc:  # the extra is not installed
+    raise ImportError("kzpool.kombu needs kombu: pip install 'kzpool[celery]'") from exc
 
 from .channel import Channel
 from .connection import Connection
