@@ -225,6 +225,32 @@ def test_calls_made_while_a_robust_channel_recovers_wait_for_it(socket: str, nam
     run(main())
 
 
+def test_close_callbacks_that_raise_or_never_return_hold_recovery_up_to_the_timeout(
+        socket: str, name: str) -> None:
+    async def main() -> None:
+        async with await kzpool.aio.connect_robust(socket) as connection:
+            channel = await connection.channel(timeout=1.0)
+            reopened = asyncio.Event()
+            hanging = asyncio.Event()
+
+            def raising(*_: Any) -> None:
+                raise RuntimeError("a close callback's own fault")
+
+            async def hang(*_: Any) -> None:
+                hanging.set()
+                await asyncio.Event().wait()
+            channel.close_callbacks.add(raising)
+            channel.close_callbacks.add(hang)
+            channel.reopen_callbacks.add(lambda *_: reopened.set())
+            with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+                await channel.get_queue(f"{name}-missing")
+            await asyncio.wait_for(hanging.wait(), 5)
+            await asyncio.wait_for(reopened.wait(), 10)  # recovered all the same
+            assert not channel.is_closed
+            await channel.declare_queue(name, auto_delete=True)
+    run(main())
+
+
 def test_a_publish_the_broker_refuses_closes_the_channel_too(
         socket: str, name: str, connect: Connect) -> None:
     async def main() -> None:

@@ -326,16 +326,24 @@ class ChannelCore:
 
     async def recovering(self, reason: Reason) -> None:
         """Before the link gets a channel again: a channel error's close callbacks, all of
-        them awaited.  A plain channel keeps nothing for its next channel but confirm
-        mode; a robust one takes calls again (they wait for the replay)."""
+        them awaited (up to the lease's timeout).  A plain channel keeps nothing for its
+        next channel but confirm mode; a robust one takes calls again (they wait for the
+        replay)."""
         error = self.error
         if error is None:
             return
         if not self.robust:
             self.cut()
-        await self.side._closed_by_broker(error)
+        started = self.side._closed_by_broker(error)  # the callbacks are called here
         if self.robust and self.error is error:
             self.refusing = False
+        if not isinstance(started, asyncio.Future):
+            return  # no coroutine to wait for
+        try:  # a callback that never returns holds the channel up to its timeout, no more
+            await asyncio.wait_for(asyncio.shield(started), self.link.state.timeout)
+        except TimeoutError:
+            log.warning("lease %s: close callbacks still running after %s s; recovering all"
+                        " the same", self.link.id, self.link.state.timeout)
 
     def cut(self) -> None:
         """A plain channel the broker closed: its consumers end, and nothing it declared is
