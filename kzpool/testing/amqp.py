@@ -5,7 +5,7 @@ from __future__ import annotations
 import pika
 import pika.exceptions
 
-DEFAULT_URI = "amqp://guest:guest@127.0.0.1:5672/%2F"
+from .nodes import DEFAULT_URI  # the default broker: the machine's, or a 4.x node (nodes.py)
 
 
 def publish(uri: str, exchange: str, key: str, body: bytes,
