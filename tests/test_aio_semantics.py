@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -23,7 +21,7 @@ from aio_pika import Message
 
 import kzpool
 import kzpool.aio
-from kzpool.testing import DEFAULT_URI, Pool, drain, queue_counts, wait_for
+from kzpool.testing import DEFAULT_URI, Pool, drain, queue_counts
 
 Connect = Callable[..., Awaitable[kzpool.aio.Connection]]
 KINDS = {"plain": kzpool.aio.connect, "robust": kzpool.aio.connect_robust}
@@ -164,7 +162,7 @@ def test_a_channel_error_closes_a_plain_channel_until_it_is_reopened(
                 await channel.set_qos(10)  # at once: closed
             await asyncio.wait_for(channel.closed(), 5)
             await until(lambda: events.seen, "the close callbacks")
-            [(what, sender, exc)] = events.seen
+            [(_what, sender, exc)] = events.seen
             assert sender is channel and isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity)
             assert events.closed_inside == [True] and channel.is_closed
             with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):

@@ -23,10 +23,11 @@ import kzpool
 import kzpool.aio
 from kzpool.client.lease import Lease
 from kzpool.instrumentation import KzpoolInstrumentor
-from kzpool.testing import DEFAULT_URI, Pool, wait_for
+from kzpool.testing import DEFAULT_MASKED, DEFAULT_PORT, DEFAULT_URI, Pool, wait_for
 
-BROKER = {"server.address": "127.0.0.1", "server.port": 5672, "net.peer.name": "127.0.0.1",
-          "net.peer.port": 5672, "kzpool.broker": "amqp://guest:***@127.0.0.1:5672/%2F"}
+BROKER = {"server.address": "127.0.0.1", "server.port": DEFAULT_PORT,
+          "net.peer.name": "127.0.0.1", "net.peer.port": DEFAULT_PORT,
+          "kzpool.broker": DEFAULT_MASKED}  # the broker the lease is on
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,12 @@
 Every kzpool channel survives its broker (it moves, and replays what it declared); a robust
 one also survives a channel error, as aio-pika's does: the call that caused it raises, calls
 made before its close callbacks are called raise :class:`ChannelInvalidStateError`, the
-close callbacks hear the error (all awaited, up to the channel's timeout), then the lease's new channel gets the topology
-again, :meth:`RobustChannel.ready` returns, and the reopen callbacks run.  ``reopen()``
-after ``close()`` leases a channel again and declares, binds and consumes (callback
-consumers) what the channel had.  ``get_queue`` and ``get_exchange`` (and passive declares)
-of a name declared on this channel give the object declared.  Not thread-safe: the loop's
-thread only.
+close callbacks hear the error (all awaited, up to the channel's timeout), then the lease's
+new channel gets the topology again, :meth:`RobustChannel.ready` returns, and the reopen
+callbacks run.  ``reopen()`` after ``close()`` leases a channel again and declares, binds
+and consumes (callback consumers) what the channel had.  ``get_queue`` and ``get_exchange``
+(and passive declares) of a name declared on this channel give the object declared.  Not
+thread-safe: the loop's thread only.
 """
 
 from __future__ import annotations
