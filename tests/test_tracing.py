@@ -205,3 +205,32 @@ def test_asyncio_iterators_and_get_and_instrumenting_off_and_on(
     KzpoolInstrumentor().instrument(tracer_provider=trace.get_tracer_provider())
     assert wrapped(Lease, "basic_publish")
     lease.close()
+
+
+def test_garbage_trace_headers_start_a_trace_of_their_own(
+        socket: str, name: str, spans: InMemorySpanExporter) -> None:
+    """A message whose trace headers are garbage (not UTF-8, a wrong format, a number) is
+    received all the same, in a span of a trace of its own, on either client."""
+    garbage = [{"traceparent": b"\xff\xfe\x00 not text"}, {"traceparent": "00-zz-yy-01"},
+               {"traceparent": 7, "tracestate": b"\x80" * 5000, "baggage": "=;=,"}]
+    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as direct:
+        channel = direct.channel()
+        channel.queue_declare(name)
+        for headers in garbage * 2:
+            channel.basic_publish("", name, b"g", pika.BasicProperties(headers=headers))
+    lease = kzpool.connect(socket).lease("float")
+    got = [wait_for(lambda: (lambda m: m if m[0] is not None else None)(
+        lease.basic_get(name, auto_ack=True)), 10, "a message")[2] for _ in garbage]
+    lease.close()
+
+    async def main() -> list[bytes]:
+        async with await kzpool.aio.connect(socket) as connection:
+            queue = await (await connection.channel()).declare_queue(name)
+            bodies = [(await queue.get(no_ack=True)).body for _ in garbage]
+            await queue.delete()
+            return bodies
+    got += asyncio.run(main())
+    assert got == [b"g"] * 6
+    receives = by_kind(finished(spans, 6), SpanKind.CONSUMER)
+    assert len(receives) == 6 and all(s.parent is None for s in receives)
+    assert len({s.context.trace_id for s in receives}) == 6
