@@ -6,6 +6,8 @@ a real pool on the default broker."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -234,3 +236,28 @@ def test_garbage_trace_headers_start_a_trace_of_their_own(
     receives = by_kind(finished(spans, 6), SpanKind.CONSUMER)
     assert len(receives) == 6 and all(s.parent is None for s in receives)
     assert len({s.context.trace_id for s in receives}) == 6
+
+
+WITHOUT_OPENTELEMETRY = """
+import sys
+
+class NoOpenTelemetry:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "opentelemetry":
+            raise ImportError(f"no {name} here")
+
+sys.meta_path.insert(0, NoOpenTelemetry())
+import kzpool, kzpool.aio
+try:
+    import kzpool.instrumentation
+except ImportError as exc:
+    print(exc)
+"""
+
+
+def test_without_opentelemetry_the_clients_work_and_the_instrumentation_says_what_to_install(
+        ) -> None:
+    done = subprocess.run([sys.executable, "-c", WITHOUT_OPENTELEMETRY], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'kzpool[otel]'" in done.stdout

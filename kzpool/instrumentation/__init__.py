@@ -19,10 +19,14 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from opentelemetry import trace
-from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-defined]
-    BaseInstrumentor,
-)
+try:
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-defined]
+        BaseInstrumentor,
+    )
+except ImportError as exc:  # the optional extra is not installed
+    raise ImportError(f"kzpool.instrumentation needs OpenTelemetry: pip install"
+                      f" 'kzpool[otel]' ({exc})") from exc
 
 from .. import __version__
 from . import aio, blocking
