@@ -52,6 +52,8 @@ class Settler(Protocol):
 
     async def read_up(self) -> None: ...
 
+    def taken_back(self, delivery_tag: int, flags: int) -> BaseException | None: ...
+
 
 class IncomingMessage(Message):
     """A message from ``consume``, ``iterator()``, ``get`` or a return."""
@@ -149,9 +151,10 @@ class IncomingMessage(Message):
         if self._processed:
             raise MessageProcessError("Message already processed", self)
         if self.delivery_tag is not None:
-            if self._channel.is_closed:
-                raise ChannelInvalidStateError("the message's channel is closed")
             try:
+                if self._channel.is_closed:  # by the broker, if it took this one back
+                    raise self._channel.taken_back(self.delivery_tag, flags) or \
+                        ChannelInvalidStateError("the message's channel is closed")
                 self._channel.settle(self.delivery_tag, flags)
             except DeliveryTakenBack:
                 self._processed = self._locked = True  # the broker has it: nothing to settle

@@ -10,7 +10,8 @@ its future, a reply wakes its call.
 
 When the channel is lost the link says so at once (pending calls are tried again on the new
 channel; a call the broker refused gets that error) and recovers in a task of its own
-(:mod:`.recovery`: acquire, replay, re-send), so consumers come back without anyone calling.
+(:mod:`.recovery`: acquire, replay, re-send), so consumers come back without anyone calling;
+the owner is heard first (:meth:`LinkOwner.recovering`: a channel error's close callbacks).
 It tries until it succeeds or the lease is closed, backing off between tries; calls made
 meanwhile wait up to the lease's ``timeout`` and then raise why the last try failed (a
 sticky lease's :class:`~kzpool.BrokerUnavailable` names its broker; a pool that is gone,
@@ -43,7 +44,6 @@ from ..common.messages import Reason, Reply
 from ..common.options import LeaseOptions
 from ..common.wire import Flag, Kind
 from ..lease.state import POOL_RESTARTED, LeaseState
-from ..lease.takeback import Why
 from .bound import Bound, Got, LinkOwner
 from .errors import ChannelClosed, ChannelInvalidStateError, DeliveryTakenBack, channel_error
 from .pool import PoolClient
@@ -74,7 +74,7 @@ class LeaseLink:
         self.phase = Phase.OPENING
         self.current: Bound | None = None  # the stream of the channel now
         self.failure: BaseException | None = None  # why the last recovery try failed
-        self.unreported: Reason | None = None  # a channel error no call has raised yet
+        self.generation = 0  # channels held so far
         self._changed: asyncio.Future[None] | None = None  # resolved on each state change
         self._rid = 0
         self._recovery: asyncio.Task[None] | None = None
@@ -95,9 +95,6 @@ class LeaseLink:
     @property
     def broker(self) -> str | None:
         return self.state.broker
-
-
-
 
     @property
     def closed(self) -> bool:
@@ -121,6 +118,7 @@ class LeaseLink:
         """The first channel: errors (no pool, refused, no broker in time) raise here."""
         await self.recovery.acquire()
         self.phase = Phase.READY
+        self.generation = 1
         self.changed()
 
     async def close(self) -> None:
@@ -178,11 +176,8 @@ class LeaseLink:
         return None if current is None else current.take_get(reply)
 
     async def ready(self, deadline: float | None = None) -> None:
-        """Until the link has a channel (replayed); a channel error no call raised yet is
-        raised here, once.  After ``deadline``: why the last try failed, or LeaseTimeout."""
-        if self.unreported is not None:
-            reason, self.unreported = self.unreported, None
-            raise channel_error(reason.code, reason.text)
+        """Until the link has a channel (replayed).  After ``deadline``: why the last try
+        failed, or LeaseTimeout."""
         if deadline is None:
             deadline = self.loop.time() + self.state.timeout
         while self.phase is not Phase.READY:
@@ -240,7 +235,7 @@ class LeaseLink:
     def settle(self, delivery_tag: int, flags: int) -> None:
         """Ack, nack or reject; a tag of a lost channel is dropped (the broker redelivers);
         :class:`DeliveryTakenBack` if the broker took the delivery back."""
-        taken = self.state.taken_back.check(delivery_tag, bool(flags & Flag.MULTIPLE))
+        taken = self.taken_back(delivery_tag, flags)
         current = self.current
         live = current is not None and current.live
         tag = self.state.tags.channel_tag(delivery_tag) if live else None
@@ -250,13 +245,15 @@ class LeaseLink:
             log.debug("lease %s: dropping settle of tag %d from a lost channel", self.id,
                       delivery_tag)
         if taken is not None:
-            raise self._taken_back(*taken)
+            raise taken
 
-    def _taken_back(self, tag: int, why: Why) -> DeliveryTakenBack:
-        """The error of a settle of ``tag``, which the broker took back; a channel error it
-        came with (RabbitMQ 3.x's close) is told by it, not again by the next call."""
-        if self.unreported is not None and self.unreported.code == why.code:
-            self.unreported = None
+    def taken_back(self, delivery_tag: int, flags: int) -> DeliveryTakenBack | None:
+        """The error of a settle of ``delivery_tag`` (``flags``: multiple or not) if it
+        covers a delivery the broker took back; told once."""
+        found = self.state.taken_back.check(delivery_tag, bool(flags & Flag.MULTIPLE))
+        if found is None:
+            return None
+        tag, why = found
         log.warning("lease %s: settle of delivery %d, which the broker took back", self.id, tag)
         return DeliveryTakenBack(why.describe(tag), delivery_tag=tag,
                                  consumer_tag=why.consumer_tag, lease=self.id)
@@ -272,13 +269,12 @@ class LeaseLink:
         if reason.channel_error and not reported and had_channel:
             log.warning("lease %s: the broker closed the channel: %d %s", self.id, reason.code,
                         reason.text)
-            self.unreported = reason
         was_ready = self.phase is Phase.READY
         if self.phase is not Phase.CLOSED and had_channel:
             self.phase = Phase.LOST
         if had_channel:
             log.info("lease %s lost its channel on %s: %s", self.id, self.broker, reason.text)
-            self.owner.on_lost()
+            self.owner.on_lost(reason)
         if was_ready:
             self.recover(reason)
 
@@ -292,6 +288,7 @@ class LeaseLink:
         old = self.broker
         retry = Backoff(0.05, 2.0)
         recovery = self.recovery
+        await self.owner.recovering(reason)
         while self.phase is Phase.LOST:
             try:
                 if await recovery.replay(await recovery.acquire(), self.send_call):
@@ -309,6 +306,7 @@ class LeaseLink:
         if self.phase is not Phase.LOST:
             return  # closed meanwhile
         self.phase, self.failure = Phase.READY, None
+        self.generation += 1
         self.changed()
         why = POOL_RESTARTED if recovery.pool_wait.waited else reason.text
         recovery.pool_wait.waited = False

@@ -11,6 +11,7 @@ import socket
 from typing import Any
 
 from ..common import messages
+from ..common.options import ConnectionId
 from ..lease.asking import not_running
 from ..lease.state import RouteKey
 from .stream import AioBackend, UnixBackend, call
@@ -24,6 +25,7 @@ class PoolClient:
         self.backend: AioBackend = backend or UnixBackend()
         # (kind, zone or broker) -> the lease socket of the worker that served it last
         self.routes: dict[RouteKey, str] = {}
+        self.identity = ConnectionId()  # its leases' connection_id: their exclusive queues'
 
     def __repr__(self) -> str:
         return f"<PoolClient {self.socket_path}>"

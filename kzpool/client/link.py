@@ -49,7 +49,6 @@ from ..common.messages import Reason, Reply
 from ..common.options import LeaseOptions
 from ..common.wire import Flag, Kind
 from ..lease.state import POOL_RESTARTED, LeaseState
-from ..lease.takeback import Why
 from .bound import Bound, Delivery, Hooks
 from .recovery import Abort, Loss, Recovery, Sockets
 
@@ -205,7 +204,7 @@ class LeaseLink:
         state = self.state
         if time.monotonic() - state.read_at > STALE:
             self.drain()
-        taken = state.taken_back.check(delivery_tag, bool(flags & Flag.MULTIPLE))
+        taken = self.taken_back(delivery_tag, flags)
         tag = None if self.loss is not None else state.tags.channel_tag(delivery_tag)
         if tag is not None:
             settles = self.bound.settles
@@ -216,11 +215,16 @@ class LeaseLink:
             log.debug("lease %s: dropping settle of tag %d from a lost channel", self.id,
                       delivery_tag)
         if taken is not None:
-            raise self._taken_back(*taken)
+            raise taken
 
-    def _taken_back(self, tag: int, why: Why) -> DeliveryTakenBack:
-        """The error of a settle of ``tag``, which the broker took back; the loss it came
-        with (RabbitMQ 3.x's channel close) is told by it, not again by the next call."""
+    def taken_back(self, delivery_tag: int, flags: int) -> DeliveryTakenBack | None:
+        """The error of a settle of ``delivery_tag`` (``flags``: multiple or not) if it
+        covers a delivery the broker took back; told once.  The loss it came with (RabbitMQ
+        3.x's channel close) is told by it, not again by the next call."""
+        found = self.state.taken_back.check(delivery_tag, bool(flags & Flag.MULTIPLE))
+        if found is None:
+            return None
+        tag, why = found
         loss = self.loss
         if loss is not None and isinstance(loss.error, ChannelClosedByBroker) and \
                 loss.error.reply_code == why.code:

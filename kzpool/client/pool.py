@@ -23,7 +23,7 @@ from typing import Any, Protocol, Unpack
 from ..common import messages, wire
 from ..common.errors import ClientClosed
 from ..common.messages import Message
-from ..common.options import LeaseOptions, OptionFields
+from ..common.options import ConnectionId, LeaseOptions, OptionFields
 from ..lease.asking import not_running, read_answer
 from ..lease.state import MoveEvent, RouteKey
 from .dispatch import Dispatcher
@@ -56,6 +56,7 @@ class PoolClient:
         self.backend: Backend = backend or UnixBackend()
         # (kind, zone or broker) -> the lease socket of the worker that served it last
         self.routes: dict[RouteKey, str] = {}
+        self.identity = ConnectionId()  # its leases' connection_id: their exclusive queues'
         self.dispatcher = Dispatcher(wakeable)
 
     def __repr__(self) -> str:
@@ -106,7 +107,8 @@ class PoolClient:
         """
         if self.dispatcher.closed:
             raise ClientClosed("the connection is closed")
-        return Lease(self, LeaseOptions.of(options, **fields), on_move, handed, abort)
+        options = LeaseOptions.of(options, **fields).for_connection(self.identity.value)
+        return Lease(self, options, on_move, handed, abort)
 
     def _call(self, request: Message, timeout: float = 5.0) -> dict[str, Any]:
         return call(self.backend, self.socket_path, request, timeout)

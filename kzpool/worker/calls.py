@@ -1,6 +1,8 @@
-"""A lease's calls as its worker passes them to pika: which calls a client may make, with
-which arguments, checked as AMQP can carry them, and what the client hears back (a reply's
-fields, why a call failed or a channel closed).  Pure."""
+"""The calls a client makes on its channel: which there are, what they leave on the channel,
+their arguments checked as AMQP can carry them, and how a failure reads to the client.
+
+What a worker's sessions (:mod:`.session`) check and answer with.  Pure: no I/O.
+"""
 
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ def check_args(args: dict[str, Any]) -> None:
             raise ValueError(f"{name} = {value} is not between 0 and {top}")
 
 
-def fields_of(method: Any) -> dict[str, Any]:
+def fields(method: Any) -> dict[str, Any]:
     return {k: v for k, v in vars(method).items() if isinstance(v, str | int | bool | None)}
 
 

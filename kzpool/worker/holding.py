@@ -17,6 +17,10 @@ queue's delivery limit, not a nack).  Pure bookkeeping on the worker's loop.
 
 from __future__ import annotations
 
+import logging
+
+log = logging.getLogger("kzpool.session")
+
 
 class Holding:
     """One channel's held deliveries, by delivery tag (see the module)."""
@@ -66,3 +70,11 @@ class Holding:
         taken = tuple(self.held)
         self.held.clear()
         return taken
+
+
+def taken_back(counters: dict[str, int], lease: str, tags: tuple[int, ...], why: str) -> None:
+    """Count and log the deliveries the broker took back from ``lease`` (``why``)."""
+    if tags:
+        counters["deliveries_taken_back"] += len(tags)
+        log.warning("lease %s: %s and took back %d unsettled deliveries (they go back to"
+                    " their queue)", lease, why, len(tags))

@@ -11,9 +11,8 @@ consumer's last delivery).
 
 A session ends when the client goes away (``released``), when its channel or connection is
 lost (``lost``: the client comes back and replays its topology), or when the master moves
-it to another broker (``moved``, after the client says ``bye``).  What the broker holds for
-the lease, and takes back, is :mod:`.holding`'s; the consumer timeout its consumes get is
-:mod:`.timeouts`'.
+it to another broker (``moved``, after the client says ``bye``).  See also :mod:`.holding`,
+:mod:`.timeouts` and :mod:`.handover`.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from ..common import messages, props, wire
 from ..common.errors import ProtocolError
 from ..common.messages import LeaseEvent, Message
 from ..common.options import LeaseOptions
+from ..common.settings import PoolSettings
 from ..common.sockets import READ_SIZE, receive
 from ..common.wire import Flag, Kind
 from . import amqp
@@ -41,16 +41,17 @@ from .calls import (
     RPC_METHODS,
     CancelOk,
     check_args,
-    fields_of,
+    fields,
     reason_of,
 )
 from .handover import Handover
-from .holding import Holding
+from .holding import Holding, taken_back
 from .timeouts import ConsumeTimeout
 
 log = logging.getLogger("kzpool.session")
 
 _PUBLISH, _SETTLE, _JSON = int(Kind.PUBLISH), int(Kind.SETTLE), int(Kind.JSON)
+
 
 class SessionHost(Protocol):
     """What a session needs of its worker."""
@@ -62,15 +63,21 @@ class SessionHost(Protocol):
     def default_prefetch(self) -> int: ...
 
     @property
-    def move_grace(self) -> float: ...
-
-    def consumer_timeout(self, options: LeaseOptions) -> tuple[float, bool]:
-        """Seconds of ``x-consumer-timeout`` its consumes get, and whether only those of
-        quorum queues it declared (:mod:`.timeouts`)."""
+    def settings(self) -> PoolSettings: ...
 
     def recycle(self, channel: Any, settled_first: bool) -> None: ...
 
     def session_ended(self, session: Session, how: LeaseEvent, why: str) -> None: ...
+
+    @property
+    def exclusives(self) -> CallGuard: ...  # a client's calls go through it
+
+
+class CallGuard(Protocol):
+    """What a client's call goes through first: its exclusive queues' owners
+    (:mod:`kzpool.worker.exclusive`), which pass it on with :meth:`Session.forward`."""
+
+    def call(self, session: Session, request: messages.Request) -> None: ...
 
 
 class Session:
@@ -102,9 +109,9 @@ class Session:
         self.counters = host.counters
         self.consumers: set[str] = set()  # tags of its consumers, while they consume
         self.holding = Holding()  # the deliveries the broker holds for it
-        self.timeout = ConsumeTimeout(*host.consumer_timeout(options))
         self.number = channel.channel_number
         self.connection = channel.connection  # a BatchedConnection: frames past pika
+        self.timeout = ConsumeTimeout.of(options, host.settings, self.connection)
         self.connection.add_sink(self.number, self)
         sock.setblocking(False)
         self.ioloop.add_handler(self.fd, self._on_io, IOLoop.READ)
@@ -224,13 +231,22 @@ class Session:
                 self.end(LeaseEvent.RELEASED, "closed by the client")
             case messages.Call() | messages.Consume() | messages.ConfirmSelect() | \
                     messages.Get():
-                try:
-                    self._channel_call(request)
-                except (TypeError, ValueError, pika.exceptions.AMQPError) as exc:
-                    self.event(messages.Reply(request.id, error=reason_of(exc)))
+                self.host.exclusives.call(self, request)
 
-    def _channel_call(self, request: messages.Request) -> None:
-        args, reply = request.args, self._replier(request.id)
+    def forward(self, request: messages.Request,
+                seen: Callable[[Any], None] | None = None) -> bool:
+        """Make a client's call on the channel; ``seen`` gets the broker's answer first.
+        ``False``: it could not be made (the client is told why)."""
+        try:
+            self._channel_call(request, seen)
+        except (TypeError, ValueError, pika.exceptions.AMQPError) as exc:
+            self.event(messages.Reply(request.id, error=reason_of(exc)))
+            return False
+        return True
+
+    def _channel_call(self, request: messages.Request,
+                      seen: Callable[[Any], None] | None) -> None:
+        args, reply = request.args, self._replier(request.id, seen)
         check_args(args)  # pika would fail to encode them after it began, and end the connection
         match request:
             case messages.Call(method="basic_cancel") if not self._consuming(args):
@@ -291,13 +307,15 @@ class Session:
             reply(frame)
         return consumed
 
-    def _replier(self, rid: int) -> Callable[[Any], None]:
+    def _replier(self, rid: int, seen: Callable[[Any], None] | None) -> Callable[[Any], None]:
         self.unanswered += 1
 
         def reply(frame: Any) -> None:
             self.unanswered -= 1
+            if seen is not None:
+                seen(frame)
             method = frame.method
-            self.event(messages.Reply(rid, method.NAME, fields_of(method)))
+            self.event(messages.Reply(rid, method.NAME, fields(method)))
         return reply
 
     # ----- broker events ----------------------------------------------------------------------
@@ -338,16 +356,10 @@ class Session:
         taken = self.holding.cancel(tag)
         self.connection.send_raw(amqp.cancel(self.number, tag))
         self.counters["consumers_cancelled"] += 1
-        self._taken_back(taken, f"the broker cancelled consumer {tag}")
+        taken_back(self.counters, self.lease, taken, f"the broker cancelled consumer {tag}")
         self.event(messages.Cancelled(tag, taken))
         if self.handover is not None:
             self.handover.check()
-
-    def _taken_back(self, tags: tuple[int, ...], why: str) -> None:
-        if tags:
-            self.counters["deliveries_taken_back"] += len(tags)
-            log.warning("lease %s: %s and took back %d unsettled deliveries (they go back to"
-                        " their queue)", self.lease, why, len(tags))
 
     def _on_get_ok(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
         rid, auto_ack = self.gets.popleft() if self.gets else (0, True)
@@ -377,7 +389,8 @@ class Session:
             taken: tuple[int, ...] = ()
             if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
                 taken = self.holding.take_all()
-                self._taken_back(taken, f"the broker closed the channel ({reason})")
+                taken_back(self.counters, self.lease, taken,
+                           f"the broker closed the channel ({reason})")
             self.event(messages.Lost(reason_of(reason), taken))
             self.end(LeaseEvent.LOST, str(reason))
 
@@ -387,7 +400,7 @@ class Session:
         """The master moves this lease: handed over once it settled what it holds
         (:mod:`.handover`)."""
         if self.handover is None and self.ended is None:
-            self.handover = Handover(self, self.host.move_grace)
+            self.handover = Handover(self, self.host.settings.move_grace)
 
     def end(self, how: LeaseEvent, why: str) -> None:
         """Close the channel and the client socket; tell the worker."""

@@ -74,6 +74,12 @@ class ConsumeTimeout:
 
     __slots__ = ("milliseconds", "own", "quorum", "quorum_only")
 
+    @classmethod
+    def of(cls, options: LeaseOptions, settings: PoolSettings, connection: Any) -> ConsumeTimeout:
+        """What a lease's consumes get on ``connection`` (its broker's server properties)."""
+        properties = getattr(connection, "server_properties", None) or {}
+        return cls(seconds(options, settings, properties), quorum_only(properties))
+
     def __init__(self, seconds: float, quorum_only: bool = False) -> None:
         self.milliseconds = round(seconds * 1000)
         self.quorum_only = quorum_only

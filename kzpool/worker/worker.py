@@ -40,10 +40,11 @@ from ..common.backoff import Backoff
 from ..common.errors import KzpoolError, TLSError
 from ..common.messages import LeaseEvent, LeaseNews, LeaseRequest, Message, Reason
 from ..common.options import LeaseOptions
+from ..common.settings import PoolSettings
 from ..common.states import ConnState
-from . import timeouts
 from .clients import Clients, Waiting, full
 from .connection import BatchedConnection, parameters
+from .exclusive import Exclusives
 from .faults import classify, connection_lost, in_maintenance
 from .intake import Intake, answer
 from .loop import GuardedLoop
@@ -84,6 +85,7 @@ class ConnectionWorker:
         self.bound: dict[int, Session] = {}  # by channel number
         self.waiting: list[Waiting] = []  # clients waiting for a channel
         self.clients = Clients()  # the client process of each lease bound or waiting
+        self.exclusives = Exclusives(self.ioloop, spec.broker.uri.vhost)  # their owners
         self.uplink = Uplink(link, self.ioloop, master_pid, self._report, self._on_master,
                              self._master_gone)
         settings = spec.settings
@@ -98,14 +100,8 @@ class ConnectionWorker:
         return self.spec.settings.default_prefetch
 
     @property
-    def move_grace(self) -> float:
-        return self.spec.settings.move_grace
-
-    def consumer_timeout(self, options: LeaseOptions) -> tuple[float, bool]:
-        connection = self.connection
-        properties = (connection.server_properties if connection is not None else None) or {}
-        return (timeouts.seconds(options, self.spec.settings, properties),
-                timeouts.quorum_only(properties))
+    def settings(self) -> PoolSettings:
+        return self.spec.settings
 
     # ----- life cycle -------------------------------------------------------------------
 
@@ -172,6 +168,7 @@ class ConnectionWorker:
         self._set_state(ConnState.CONNECTED)
         self.prechannels.connection = connection
         self.prechannels.fill()
+        self.exclusives.start(connection)
 
     def _on_open_error(self, _connection: SelectConnection, exc: BaseException | str) -> None:
         self.connection = None
@@ -179,6 +176,7 @@ class ConnectionWorker:
 
     def _on_closed(self, _connection: SelectConnection, exc: BaseException) -> None:
         self.connection = None
+        self.exclusives.reset()  # the broker deleted the connection's exclusive queues
         self.prechannels.clear()
         self.bound.clear()
         lost = messages.Lost(connection_lost(exc))
@@ -254,6 +252,7 @@ class ConnectionWorker:
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
         session = self.bound.pop(channel.channel_number, None)
         self.prechannels.closed(channel)
+        self.exclusives.channel_closed(channel)
         if session is not None:
             session.on_channel_closed(reason)
 
@@ -334,6 +333,7 @@ class ConnectionWorker:
         self.clients.hold(lease, client.pid, client.uid)
         session = Session(self, client.sock, lease, channel, options)
         self.sessions[lease] = session
+        self.exclusives.attach(session, client.pid, client.uid)
         self.bound[channel.channel_number] = session
         session.event(messages.Leased(lease, broker.uri.masked, broker.zone,
                                       channel.channel_number, os.getpid(), self.blocked,
@@ -364,6 +364,7 @@ class ConnectionWorker:
         return True
 
     def session_ended(self, session: Session, how: LeaseEvent, why: str) -> None:
+        self.exclusives.detach(session, how)
         if self.sessions.get(session.lease) is session:
             del self.sessions[session.lease]
             self.clients.drop(session.lease)
