@@ -150,7 +150,8 @@ def test_an_asyncio_ack_of_a_message_the_broker_took_back_raises_in_its_caller(
     redelivered: list[bool] = []
 
     async def main() -> None:
-        async with await kzpool.aio.connect(pool.socket) as connection:
+        # robust: after RabbitMQ 3.x's channel close the channel goes on, as aio-pika's does
+        async with await kzpool.aio.connect_robust(pool.socket) as connection:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=1)
             queue = await channel.declare_queue(name, durable=True, arguments=QUORUM)
