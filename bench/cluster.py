@@ -4,12 +4,14 @@
 
 Needs root (it starts a cluster of three extra nodes, kzcl1..3 on 5751..5753, through
 scripts/brokers.py, and stops it again unless it was running before; never the default
-node).  A pool lists every node, kzcl1 first.  A float lease publishes persistent messages
-with confirms, one by one, without pause, to a quorum queue.  Each round stops the app of the
-node the lease is on: time from ``stop_app`` issued to the first confirmed publish on another
-node; then starts it again: time from ``start_app`` returning to the first confirmed publish
-back on it (fail-back).  At the end the queue is drained: confirmed publishes lost (must be 0)
-and duplicates (re-sent across a move whose confirm was lost with the connection).
+node).  With ``KZPOOL_TEST_RABBITMQ=4`` they are RabbitMQ 4 nodes, kz4cl1..3 on 5754..5756
+(kzpool/testing/nodes.py).  A pool lists every node, the first one first.  A float lease
+publishes persistent messages with confirms, one by one, without pause, to a quorum queue.
+Each round stops the app of the node the lease is on: time from ``stop_app`` issued to the
+first confirmed publish on another node; then starts it again: time from ``start_app``
+returning to the first confirmed publish back on it (fail-back).  At the end the queue is
+drained: confirmed publishes lost (must be 0) and duplicates (re-sent across a move whose
+confirm was lost with the connection).
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ import pika.exceptions
 from failover import Pool
 from nodes import load_brokers
 
-from kzpool.testing import drain
+from kzpool.testing import LAYOUT, drain
 
 brokers = load_brokers()
-CLUSTER = [("kzcl1", 5751), ("kzcl2", 5752), ("kzcl3", 5753)]
+CLUSTER = list(LAYOUT.cluster)
 
 
 class Publisher(threading.Thread):
@@ -96,7 +98,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"$ python bench/cluster.py --rounds {args.rounds}")
     running = all(brokers.port_open(port) for _name, port in CLUSTER)
-    nodes = brokers.start_cluster(CLUSTER)
+    nodes = brokers.start_cluster(CLUSTER, rabbitmq=LAYOUT.rabbitmq)
+    print(f"RabbitMQ {brokers.install_version(nodes[0].root)}: {', '.join(n.name for n in nodes)}")
     names = {n.url.replace("guest:guest", "guest:***"): n.name for n in nodes}
     pool = Pool([n.url for n in nodes])
     queue = f"kzpool-cluster-{uuid.uuid4().hex[:6]}"
