@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from ..common import messages
 from ..common.messages import Reason, Reply
-from ..lease.frames import Frames
+from ..lease.frames import Frames, ends_close
 from ..lease.state import LeaseState
 from .stream import FrameStream, attach
 
@@ -110,17 +110,42 @@ class Bound:
         self._got_for.clear()
         self.on_lost(reason, reported, had_channel)
 
-    def close(self, last: bytes, error: BaseException) -> None:
-        """Closed by the lease's owner: send ``last``; calls in flight raise ``error``."""
+    async def close(self, last: bytes, error: BaseException, wait: float = 0.0) -> None:
+        """Closed by the lease's owner: calls in flight raise ``error``; send ``last`` and,
+        with ``wait``, wait until the worker answers it (:func:`~kzpool.lease.frames.
+        ends_close`), hangs up, or ``wait`` seconds pass, dropping what else comes
+        (deliveries of a closing lease go back to their queues); then close the stream."""
         self.dead = True
         self.has_channel = False
-        if self.stream is not None:
-            self.stream.close(last)
         replies, self.replies = self.replies, {}
         for future in replies.values():
             if not future.done():
                 future.set_exception(error)
         self._resolve_binding()
+        stream = self.stream
+        if stream is None or stream.closed:
+            return
+        if wait <= 0:
+            stream.close(last)
+            return
+        answered: asyncio.Future[None] = self.loop.create_future()
+
+        def answer(*_args: object) -> None:
+            if not answered.done():
+                answered.set_result(None)
+
+        def on_frame(kind: int, _flags: int, payload: bytes) -> None:
+            if ends_close(kind, payload):
+                answer()
+        stream.on_frame, stream.on_close = on_frame, answer  # a hang-up: as good as closed
+        stream.write(last)
+        try:
+            async with asyncio.timeout(wait):
+                await answered
+        except TimeoutError:
+            pass
+        finally:
+            stream.close()
 
     def _fail_calls(self, reason: Reason) -> bool:
         """Calls in flight: the broker's error if it closed the channel, else tried again;

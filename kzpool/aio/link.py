@@ -122,7 +122,8 @@ class LeaseLink:
 
     async def close(self) -> None:
         """Give the channel back (the worker cancels its consumers, unacked messages go back
-        to their queues); publishes still unconfirmed fail."""
+        to their queues) and wait, up to the lease's timeout, until the worker says the
+        broker closed it, or handed it on; publishes still unconfirmed fail."""
         if self.phase is Phase.CLOSED:
             return
         self.phase = Phase.CLOSED
@@ -135,7 +136,7 @@ class LeaseLink:
         current, self.current = self.current, None
         error = ChannelInvalidStateError("the channel was closed", lease=self.id)
         if current is not None:
-            current.close(messages.encode(messages.Close()), error)
+            await current.close(messages.encode(messages.Close()), error, self.state.timeout)
         self.state.confirms.fail_all(ChannelInvalidStateError("the channel was closed",
                                                               lease=self.id))
 

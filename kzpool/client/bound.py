@@ -16,9 +16,9 @@ the caller's signal handler while it sends cuts the frame stream: the channel is
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +30,7 @@ from ..common import messages, props, wire
 from ..common.errors import KzpoolError
 from ..common.messages import Reason, Reply
 from ..common.sockets import READ_SIZE, readable, receive
-from ..lease.frames import Frames
+from ..lease.frames import Frames, ends_close
 from ..lease.state import LeaseState
 
 log = logging.getLogger("kzpool.lease")
@@ -98,13 +98,38 @@ class Bound:
         if self.settles and self.sock is not None:
             self.send(b"")
 
-    def close(self, last: bytes) -> None:
-        """Send the batched settles and ``last``, then close (errors ignored)."""
+    def close(self, last: bytes, wait: float = 0.0) -> None:
+        """Send the batched settles and ``last``; with ``wait``, read until the worker
+        answers it (:func:`~kzpool.lease.frames.ends_close`), hangs up, or ``wait`` seconds
+        pass, dropping what else comes (deliveries of a closing lease go back to their
+        queues); then close.  A worker that is gone counts as closed."""
         sock, self.sock = self.sock, None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.sendall(b"".join(self.settles) + last)
+        if sock is None:
+            return
+        try:
+            sock.sendall(b"".join(self.settles) + last)
+            if wait > 0:
+                self._await_answer(sock, time.monotonic() + wait)
+        except OSError:
+            pass
+        finally:
             sock.close()
+
+    def _await_answer(self, sock: socket.socket, deadline: float) -> None:
+        reader = self.reader  # frames already half read on this socket come first
+        while (left := deadline - time.monotonic()) > 0:
+            if not readable([sock.fileno()], left):
+                continue
+            data = receive(sock, READ_SIZE)
+            if not data:
+                if data is None:
+                    continue
+                return
+            try:
+                if any(ends_close(kind, payload) for kind, _flags, payload in reader.feed(data)):
+                    return
+            except KzpoolError:
+                return
 
     # ----- reading --------------------------------------------------------------------------
 

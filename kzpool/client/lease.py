@@ -383,7 +383,8 @@ class Lease:
         self._settle(delivery_tag, Flag.SETTLE_REJECT | (Flag.REQUEUE if requeue else 0))
 
     def close(self, reply_code: int = 0, reply_text: str = "Normal shutdown") -> None:
-        """Give the channel back: consumers are cancelled, unacked messages requeued.  A
+        """Give the channel back: consumers cancelled, unacked messages requeued; returns
+        once the broker confirmed it (within the lease's ``timeout``), as pika's does.  A
         second close raises :class:`LeaseClosed` (pika's ``ChannelWrongStateError``)."""
         link = self._impl
         if link.closed and not link.aborted:

@@ -219,10 +219,13 @@ class LeaseLink:
             self.bound.send(data)
 
     def close(self, reply_code: int = 0, reply_text: str = "Normal shutdown") -> None:
+        """Give the channel back and wait, up to the lease's timeout, until the worker says
+        the broker closed it (unacked deliveries back in their queues) or handed it on."""
         if self.closed:
             return
         self._closed = True
-        self.bound.close(messages.encode(messages.Close(reply_code, reply_text)))
+        self.bound.close(messages.encode(messages.Close(reply_code, reply_text)),
+                         wait=self.state.timeout)
 
     # ----- flow control ---------------------------------------------------------------------
 

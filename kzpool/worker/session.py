@@ -33,6 +33,7 @@ from ..common.options import LeaseOptions
 from ..common.sockets import READ_SIZE, receive
 from ..common.wire import Flag, Kind
 from . import amqp
+from .linger import Linger
 
 log = logging.getLogger("kzpool.session")
 
@@ -102,6 +103,7 @@ class Session:
         self.qos_set = False
         self.watching_cancels = False
         self.close_code, self.close_text = 0, "Normal shutdown"  # the client's, at close
+        self.linger: Linger | None = None  # closed by the client, until it has the answer
         self.clean = True  # nothing of this lease stays on the channel: it may serve another
         self.unanswered = 0  # calls sent to the broker, not answered yet
         self.unsure = False  # published or settled: the broker may still close the channel
@@ -149,6 +151,9 @@ class Session:
     # ----- input ------------------------------------------------------------------------------
 
     def _on_io(self, _fd: int, events: int) -> None:
+        if self.linger is not None:
+            self.linger.on_io(events)
+            return
         if events & IOLoop.WRITE:
             self.flush()
         if not events & IOLoop.READ or self.ended is not None:
@@ -222,7 +227,7 @@ class Session:
                 self.end(LeaseEvent.MOVED, "moved")
             case messages.Close():
                 self.close_code, self.close_text = request.reply_code, request.reply_text
-                self.end(LeaseEvent.RELEASED, "closed by the client")
+                self.end(LeaseEvent.RELEASED, "closed by the client", answer=True)
             case messages.Call() | messages.Consume() | messages.ConfirmSelect() | \
                     messages.Get():
                 try:
@@ -232,7 +237,7 @@ class Session:
 
     def _channel_call(self, request: messages.Request) -> None:
         args, reply = request.args, self._replier(request.id)
-        check_args(args)  # pika would fail to encode them after it began, and end the connection
+        amqp.check_args(args)  # pika would fail to encode them half way, ending the connection
         match request:
             case messages.Call(method="basic_cancel") if not self._consuming(args):
                 reply(_CancelOk(str(args.get("consumer_tag", ""))))  # pika would not answer
@@ -350,6 +355,8 @@ class Session:
         if self.ended is None:
             self.event(messages.Lost(reason_of(reason)))
             self.end(LeaseEvent.LOST, str(reason))
+        elif self.linger is not None:  # the broker's CloseOk (or the connection gone)
+            self.linger.answer()
 
     # ----- ending -----------------------------------------------------------------------------
 
@@ -364,8 +371,9 @@ class Session:
             self.channel.basic_cancel(tag)
         self.ioloop.call_later(MOVE_GRACE, lambda: self.end(LeaseEvent.MOVED, "no bye in time"))
 
-    def end(self, how: LeaseEvent, why: str) -> None:
-        """Close the channel and the client socket; tell the worker."""
+    def end(self, how: LeaseEvent, why: str, answer: bool = False) -> None:
+        """Close the channel and the client socket (``answer``: once the client has the
+        answer to its close, :mod:`.linger`); tell the worker."""
         if self.ended is not None:
             return
         self.ended = how
@@ -375,9 +383,12 @@ class Session:
             self.host.recycle(self.channel, settled_first=self.unsure)
         elif self.channel.is_open:
             self.channel.close(self.close_code, self.close_text)
-        self.flush()
-        self.ioloop.remove_handler(self.fd)
-        self.sock.close()
+        if answer:
+            self.linger = Linger(self)
+        else:
+            self.flush()
+            self.ioloop.remove_handler(self.fd)
+            self.sock.close()
         self.host.session_ended(self, how, why)
 
 
@@ -386,24 +397,6 @@ class _CancelOk:
 
     def __init__(self, consumer_tag: str) -> None:
         self.method = spec.Basic.CancelOk(consumer_tag)
-
-
-SHORT_STRINGS = ("queue", "exchange", "routing_key", "consumer_tag", "exchange_type",
-                 "destination", "source")
-RANGES = {"prefetch_count": 0xFFFF, "prefetch_size": 0xFFFFFFFF}
-
-
-def check_args(args: dict[str, Any]) -> None:
-    """A call's arguments as AMQP can carry them: a :class:`ValueError` (answered to that
-    caller alone) names the one that cannot be."""
-    for name in SHORT_STRINGS:
-        value = args.get(name)
-        if isinstance(value, str) and len(value.encode()) > 255:
-            raise ValueError(f"{name} {value[:40]!r}... is over AMQP's 255 bytes")
-    for name, top in RANGES.items():
-        value = args.get(name)
-        if isinstance(value, int) and not 0 <= value <= top:
-            raise ValueError(f"{name} = {value} is not between 0 and {top}")
 
 
 def _fields(method: Any) -> dict[str, Any]:

@@ -4,8 +4,8 @@ The master forks a worker per broker URI (times ``connections_per_broker``).  Ev
 worker does runs in one pika ``IOLoop``: the AMQP connection (:mod:`.connection`, heartbeats
 included), the link to the master (:mod:`.uplink`), the worker's own lease socket
 (:mod:`.intake`), its ready channels (:mod:`.prechannels`), one :mod:`.session` per lease,
-and a signal pipe.  No callback blocks, so
-heartbeats are answered even while clients are busy elsewhere.
+and a signal pipe.  No callback blocks, so heartbeats are answered even while clients are
+busy elsewhere.
 
 Hazards:
 
@@ -40,6 +40,7 @@ from ..common.backoff import Backoff
 from ..common.errors import KzpoolError, TLSError
 from ..common.messages import LeaseEvent, LeaseNews, LeaseRequest, Message, Reason
 from ..common.options import LeaseOptions
+from ..common.sockets import out_of_files
 from ..common.states import ConnState
 from .clients import Clients, Waiting, full
 from .connection import BatchedConnection, parameters
@@ -63,7 +64,8 @@ class ConnectionWorker:
     def __init__(self, spec: WorkerSpec, link: socket.socket, listener: socket.socket | None,
                  master_pid: int) -> None:
         self.spec = spec
-        self.ioloop = GuardedLoop(self._client_fault)
+        self.ioloop = GuardedLoop(self._client_fault,
+                                  lambda exc: self._on_open_error(self.connection, exc))
         self.state = ConnState.STARTING
         self.error: str | None = None
         self.since = time.time()
@@ -135,11 +137,12 @@ class ConnectionWorker:
     def _connect(self) -> None:
         if self.state is ConnState.STOPPING:
             return
-        self._set_state(ConnState.CONNECTING)
+        if self.state is not ConnState.RECONNECTING:  # that one stays primary meanwhile
+            self._set_state(ConnState.CONNECTING)
         try:
             params = parameters(self.spec)
-        except TLSError as exc:  # a TLS file gone or changed since the config was checked
-            self._lost(exc)
+        except (OSError, TLSError) as exc:  # a TLS file gone or changed, or the file limit
+            self._lost(f"at the file limit: {exc}" if out_of_files() else exc)
             return
         self.connection = BatchedConnection(
             params,
@@ -160,15 +163,26 @@ class ConnectionWorker:
         self.prechannels.connection = connection
         self.prechannels.fill()
 
-    def _on_open_error(self, _connection: SelectConnection, exc: BaseException | str) -> None:
+    def _on_open_error(self, connection: Any, exc: BaseException | str) -> None:
+        """A connect failed (also when pika could not make its socket: the file limit)."""
+        current = self.connection
+        if current is None or connection is not current or current.is_open:
+            return  # an attempt given up already
         self.connection = None
         self._lost(exc)
 
-    def _on_closed(self, _connection: SelectConnection, exc: BaseException) -> None:
+    def _on_closed(self, connection: SelectConnection, exc: BaseException) -> None:
+        if connection is not self.connection:
+            return
         self.connection = None
         self.prechannels.clear()
         self.bound.clear()
-        lost = messages.Lost(connection_lost(exc))
+        reason = connection_lost(exc)
+        again = reason.connection_error and self.state is not ConnState.STOPPING
+        if again:  # said before the leases hear of it: the master keeps this one primary
+            self.error = f"closed by broker: {reason.code} {reason.text}"
+            self._set_state(ConnState.RECONNECTING)
+        lost = messages.Lost(reason)
         for session in list(self.sessions.values()):
             session.event(lost)
             session.end(LeaseEvent.LOST, "connection lost")
@@ -177,8 +191,12 @@ class ConnectionWorker:
             self._turn_away(entry.lease, entry.sock)
         if self.state is ConnState.STOPPING:
             self.ioloop.stop()
-            return
-        self._lost(exc)
+        elif again:
+            log.warning("%s closed the connection for a client's call (%d %s); connecting"
+                        " again at once", self.spec.broker.uri.masked, reason.code, reason.text)
+            self.ioloop.call_later(0, self._connect)
+        else:
+            self._lost(exc)
 
     def _lost(self, exc: BaseException | str) -> None:
         if self.state is ConnState.STOPPING:
