@@ -79,6 +79,7 @@ class Ending:
     def __init__(self, sender: Any) -> None:
         self.callbacks = CallbackCollection(sender)
         self.closed = False
+        self.finished = False  # its close has completed
         self._future: asyncio.Future[bool] | None = None
 
     def begin(self) -> bool:
@@ -89,14 +90,15 @@ class Ending:
         return True
 
     def finish(self, exc: BaseException | None) -> None:
+        self.finished = True
         self.callbacks(exc)
         if self._future is not None and not self._future.done():
             self._future.set_result(True)
 
     def future(self) -> asyncio.Future[bool]:
-        """Completes when it has closed (at once if it has)."""
+        """Completes when its close has completed (at once if it has)."""
         if self._future is None:
             self._future = asyncio.get_running_loop().create_future()
-            if self.closed:
+            if self.finished:
                 self._future.set_result(True)
         return self._future

@@ -88,12 +88,18 @@ class Channel:
         await self.close()
 
     async def close(self, exc: BaseException | None = None) -> None:
-        """Give the lease back: its consumers are cancelled, unacked messages requeued."""
+        """Give the lease back: its consumers are cancelled, unacked messages requeued.
+        Returns once the broker has confirmed it (within the lease's timeout); a close
+        called while another is under way returns when that one does."""
         if not self._ending.begin():
+            if self._core is not None:
+                await asyncio.shield(self._ending.future())
             return
-        if self._core is not None:
-            await self._core.close()
-        self._ending.finish(exc)
+        try:
+            if self._core is not None:
+                await self._core.close()
+        finally:
+            self._ending.finish(exc)
 
     def closed(self) -> asyncio.Future[bool]:
         """A future that completes when the channel is closed."""
