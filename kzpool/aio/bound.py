@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -95,6 +96,21 @@ class Bound:
         return self._got_for.pop(reply.id, None)
 
     # ----- ending ---------------------------------------------------------------------------
+
+    def after_fork(self) -> None:
+        """In a child of ``fork()``: the socket is the parent's conversation, and the event
+        loop's selector is shared with the parent's (an unregister here would unregister it
+        there).  So the child's descriptor is pointed at ``/dev/null`` rather than closed:
+        the parent's socket is out of reach, nothing is said on it, no call reaches the
+        loop, and the number stays taken until the transport closes it."""
+        self.dead, self.has_channel = True, False
+        stream = self.stream
+        sock = None if stream is None or stream.transport is None else (
+            stream.transport.get_extra_info("socket"))
+        if sock is not None and sock.fileno() >= 0:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            os.dup2(null, sock.fileno())
+            os.close(null)
 
     def lose(self, reason: Reason) -> None:
         """The channel (or the stream to its worker) is gone: close, tell ``on_lost`` once."""

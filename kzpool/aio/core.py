@@ -144,6 +144,8 @@ class ChannelCore:
 
     async def close(self) -> None:
         await self.link.close()
+        if self.link.forked is not None:
+            return  # the consumers are the parent's, on the parent's loop
         for consumer in list(self.consumers.values()):
             if not isinstance(consumer, _Cancelled):
                 consumer.closed()

@@ -30,6 +30,7 @@ from ..common import messages, props, wire
 from ..common.errors import KzpoolError
 from ..common.messages import Reason, Reply
 from ..common.sockets import READ_SIZE, readable, receive
+from ..lease.forks import FORKED_REASON
 from ..lease.frames import Frames, ends_close
 from ..lease.state import LeaseState
 
@@ -169,6 +170,12 @@ class Bound:
             self.lose(Reason("ProtocolError", 0, str(exc)))
 
     # ----- losing ---------------------------------------------------------------------------
+
+    def after_fork(self) -> None:
+        """In a child of ``fork()``: the socket is the parent's conversation; the child's
+        copy is closed without a word on it (the parent's stays open), and the channel is
+        lost here (:data:`~kzpool.lease.forks.FORKED`)."""
+        self.lose(FORKED_REASON)
 
     def lose(self, reason: Reason) -> None:
         """The channel is gone (or was never had): close, and tell ``on_lost`` once."""

@@ -47,6 +47,7 @@ from ..common.errors import (
 from ..common.messages import Reason, Reply
 from ..common.options import LeaseOptions
 from ..common.wire import Kind
+from ..lease.forks import FORKED_REASON
 from ..lease.state import POOL_RESTARTED, LeaseState
 from .bound import Bound, Delivery, Hooks
 from .recovery import Abort, Loss, Recovery, Sockets
@@ -117,6 +118,17 @@ class LeaseLink:
     @property
     def sock(self) -> socket.socket | None:
         return self.bound.sock
+
+    def after_fork(self, parent: int) -> None:
+        """In a child of ``fork()``: the lease is the child's own from its next use on: a new
+        channel (a new lease id), its topology replayed (``on_move`` hears
+        :data:`~kzpool.lease.forks.FORKED`); the parent's socket is left to the parent, its
+        unconfirmed publishes too (they fail here), its unacked deliveries too (dropped)."""
+        self.thread = threading.get_ident()
+        self.bound.after_fork()
+        self.loss = Loss(FORKED_REASON)  # whatever the parent had still to raise is its own
+        self.state.forked(parent)
+        self.recovery.handed = None
 
     # ----- recovering -----------------------------------------------------------------------
 

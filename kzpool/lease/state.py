@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from ..common import messages
 from ..common.options import LeaseOptions
 from .confirms import ConfirmBook
+from .forks import forked_error
 from .topology import Topology
 
 POOL_RESTARTED = "pool restarted"  # a move's reason when the pool's own socket went away
@@ -99,6 +100,14 @@ class LeaseState:
         self.id, self.broker, self.broker_zone = event.lease, event.broker, event.zone
         self.channel_number = event.channel
         self.set_blocked(event.blocked)
+
+    def forked(self, parent: int) -> None:
+        """In a child of ``fork()``: the lease is a new one here (the id is the parent's);
+        the publishes not confirmed yet are the parent's, whose worker confirms them to it
+        alone: they fail here, and are never sent again."""
+        self.id, self.blocked = None, False
+        self.confirms.fail_all(forked_error(
+            "this publish", parent, "its confirm goes to that process"))
 
     def set_blocked(self, blocked: bool) -> None:
         if blocked and not self.blocked:
