@@ -45,11 +45,13 @@ class Lingering(Protocol):
 class Linger:
     """The end of a session its client closed (see the module)."""
 
-    def __init__(self, session: Lingering) -> None:
+    def __init__(self, session: Lingering, at_once: bool) -> None:
+        """``at_once``: the channel was handed back clean (the worker may still close it,
+        with nothing of the lease's on it, but that close is no longer the session's)."""
         self.session = session
         self.answered = False
         session.ioloop.call_later(session.options.timeout + GRACE, self.hang_up)
-        if not session.channel.is_closing:
+        if at_once or not session.channel.is_closing:
             self.answer()
 
     def answer(self) -> None:

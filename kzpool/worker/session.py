@@ -378,13 +378,14 @@ class Session:
             return
         self.ended = how
         self.connection.remove_sink(self.number)
-        if self.channel.is_open and how is LeaseEvent.RELEASED and self.clean and \
-                not self.unanswered:
+        handed_on = self.channel.is_open and how is LeaseEvent.RELEASED and self.clean and \
+            not self.unanswered
+        if handed_on:
             self.host.recycle(self.channel, settled_first=self.unsure)
         elif self.channel.is_open:
             self.channel.close(self.close_code, self.close_text)
         if answer:
-            self.linger = Linger(self)
+            self.linger = Linger(self, at_once=handed_on)
         else:
             self.flush()
             self.ioloop.remove_handler(self.fd)
