@@ -1,4 +1,12 @@
-"""Fixtures: real pools, a real extra RabbitMQ node shared by the xdist workers."""
+"""Fixtures: real pools, real extra RabbitMQ nodes shared by the xdist workers, and the
+``broker`` marker.
+
+``KZPOOL_TEST_RABBITMQ=4`` runs the suite against RabbitMQ 4.x (kzpool/testing/nodes.py
+says which nodes): the default broker is then a 4.x node of its own, started by the first
+test (of any xdist worker) that needs a broker and stopped by the last, like the extra
+nodes.  Every test outside ``BROKER_FREE``'s modules is marked ``broker``; ``-m "not
+broker"`` runs the others, which need no broker at all.
+"""
 
 from __future__ import annotations
 
@@ -18,14 +26,31 @@ import pytest
 from filelock import FileLock
 
 import kzpool
-from kzpool.testing import Pool
+from kzpool.testing import LAYOUT, Pool, default_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = Path(os.environ.get("KZPOOL_BROKERS_DIR", "/tmp/kzpool-brokers"))
-EXTRA_NODE = ("kzp1@localhost", 5701)
-TLS_NODE = ("kztls1@localhost", 5741, 5742)  # name, AMQP port, TLS port: this suite's own
-CLUSTER = [("kzcl1@localhost", 5751), ("kzcl2@localhost", 5752), ("kzcl3@localhost", 5753)]
+RABBITMQ = LAYOUT.rabbitmq  # 3: the machine's RabbitMQ; 4: the 4.x chroot's
+DEFAULT_NODE = LAYOUT.default  # name, port; the machine's own node unless RABBITMQ is 4
+EXTRA_NODE = LAYOUT.extra
+TLS_NODE = LAYOUT.tls  # name, AMQP port, TLS port: this suite's own
+CLUSTER = list(LAYOUT.cluster)
 T = TypeVar("T")
+
+# Modules whose tests need no broker and no pool (fakes, pure logic): every other test is
+# marked ``broker``.
+BROKER_FREE = frozenset({
+    "test_aio_link", "test_amqp_frames", "test_config", "test_layout", "test_lease_link",
+    "test_master_decisions", "test_prechannels", "test_units",
+})
+
+
+def short(name: str) -> str:
+    """kzp1@localhost -> kzp1: the name of its lock and user count under STATE."""
+    return name.partition("@")[0]
+
+
+CLUSTER_NAME = short(CLUSTER[0][0]).rstrip("0123456789")  # kzcl, kz4cl
 
 
 def _load_brokers() -> ModuleType:
@@ -59,6 +84,62 @@ def pools(tmp_path: Path) -> Iterator[Callable[..., Pool]]:
         print(f"--- log of the pool at {pool.socket}:\n{pool.logs()}")  # shown on failure
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "broker: needs a real RabbitMQ node or a real pool (set by conftest on every "
+                   "test outside its BROKER_FREE modules); -m 'not broker' runs without a broker")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem not in BROKER_FREE:
+            item.add_marker(pytest.mark.broker)
+
+
+_held = contextlib.ExitStack()  # what this process holds for its broker tests, till it ends
+_held_state: dict[str, str] = {}  # "held": the default broker is held; "failed": why not
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """RabbitMQ 4's chroot, built once per machine (minutes) if a selected test needs a
+    broker: here, not in a test, whose timeout would cut the build short."""
+    if RABBITMQ == brokers.RMQ4 and any(i.get_closest_marker("broker") for i in session.items):
+        try:
+            brokers.ensure_rmq4()
+        except (RuntimeError, OSError) as e:
+            _held_state["failed"] = f"no RabbitMQ 4 to run the broker tests on: {e}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before a broker test's first fixture (a module's own pool too): the default broker
+    (a 4.x node, started by the first user of all the xdist workers) and the clean-up of the
+    queues tests leave on it, held till this process ends."""
+    if item.get_closest_marker("broker") is None or "held" in _held_state:
+        return
+    if "failed" in _held_state:
+        pytest.fail(_held_state["failed"], pytrace=False)
+    try:
+        if not LAYOUT.default_is_machines:
+            _held.enter_context(shared(short(DEFAULT_NODE[0]), _start_default, brokers.stop_node))
+        leftovers = ("leftovers" if LAYOUT.default_is_machines
+                     else f"{short(DEFAULT_NODE[0])}.leftovers")
+        _held.enter_context(shared(leftovers, lambda: None, lambda _: _delete_idle_test_queues()))
+    except Exception as e:
+        _held_state["failed"] = f"the default broker {DEFAULT_NODE[0]} is not available: {e}"
+        raise
+    _held_state["held"] = "yes"
+
+
+def pytest_sessionfinish() -> None:
+    _held.close()
+
+
+def _start_default() -> Any:
+    return brokers.start_node(*DEFAULT_NODE, rabbitmq=RABBITMQ)
+
+
 @contextlib.contextmanager
 def shared(name: str, start: Callable[[], T], stop: Callable[[T], None]) -> Iterator[T]:
     """Something the test runs on this machine share (a broker node): the first user starts
@@ -80,28 +161,22 @@ def shared(name: str, start: Callable[[], T], stop: Callable[[T], None]) -> Iter
                 users.unlink()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def leftovers() -> Iterator[None]:
+def _delete_idle_test_queues() -> None:
     """Queues a test left on the default broker (a failed test, a queue declared
     ``auto_delete`` but never consumed) are deleted when the last test run of this machine
     ends: every idle queue named ``kzt-...``."""
-    with shared("leftovers", lambda: None, lambda _: _delete_idle_test_queues()):
-        yield
-
-
-def _delete_idle_test_queues() -> None:
-    import subprocess
-
     import pika
 
-    listed = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "consumers"],
-                            capture_output=True, text=True, timeout=60)
-    idle = [line.split("\t")[0] for line in listed.stdout.splitlines()[1:]
-            if line.startswith("kzt-") and line.rstrip().endswith("\t0")]
+    listed = default_ctl("list_queues", "name", "consumers", "--formatter", "json", check=False)
+    try:
+        rows = json.loads(listed.stdout) if listed.returncode == 0 else []
+    except ValueError:
+        rows = []
+    idle = [row["name"] for row in rows
+            if str(row.get("name", "")).startswith("kzt-") and row.get("consumers") == 0]
     if not idle:
         return
-    with pika.BlockingConnection(pika.URLParameters("amqp://guest:guest@127.0.0.1:5672/%2F")
-                                 ) as conn:
+    with pika.BlockingConnection(pika.URLParameters(default_uri())) as conn:
         channel = conn.channel()
         for name in idle:
             channel.queue_delete(name)
@@ -109,9 +184,14 @@ def _delete_idle_test_queues() -> None:
 
 @pytest.fixture(scope="session")
 def extra_node() -> Iterator[Any]:
-    """The extra node kzp1 on 5701, started once and stopped by the last xdist worker."""
-    with shared("kzp1", lambda: brokers.start_node(*EXTRA_NODE), brokers.stop_node) as node:
+    """The extra node (kzp1 on 5701; kz4p1 on 5721 for RabbitMQ 4), started once and stopped
+    by the last xdist worker."""
+    with shared(short(EXTRA_NODE[0]), _start_extra, brokers.stop_node) as node:
         yield node
+
+
+def _start_extra() -> Any:
+    return brokers.start_node(*EXTRA_NODE, rabbitmq=RABBITMQ)
 
 
 @pytest.fixture(scope="session")
@@ -119,19 +199,20 @@ def tls_node() -> Iterator[Any]:
     """A node with a TLS listener that wants a client certificate (``fail_if_no_peer_cert``),
     and the CA, server and client certificates made for it: ``(node, certs)``.  Shared by the
     xdist workers like kzp1; its certificates live beside it, made by the first user."""
-    certs = brokers.Certs(STATE / "kztls1.certs")
+    certs = brokers.Certs(STATE / f"{short(TLS_NODE[0])}.certs")
 
     def start() -> Any:
         if not certs.client_key.exists():
             brokers.stop_node(TLS_NODE[0])  # one left running trusts certificates now gone
             brokers.make_certs(certs.dir)
-        return brokers.start_node(*TLS_NODE[:2], tls_port=TLS_NODE[2], certs=certs)
+        return brokers.start_node(*TLS_NODE[:2], tls_port=TLS_NODE[2], certs=certs,
+                                  rabbitmq=RABBITMQ)
 
     def stop(node: Any) -> None:
         brokers.stop_node(node)
         shutil.rmtree(certs.dir, ignore_errors=True)
 
-    with shared("kztls1", start, stop) as node:
+    with shared(short(TLS_NODE[0]), start, stop) as node:
         yield node, certs
 
 
@@ -147,7 +228,8 @@ def connection(pool: Pool) -> Iterator[kzpool.Connection]:
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[list[Any]]:
     """Three nodes joined in one cluster, shared by the xdist workers."""
-    with shared("kzcl", lambda: brokers.start_cluster(CLUSTER), brokers.stop_cluster) as nodes:
+    with shared(CLUSTER_NAME, lambda: brokers.start_cluster(CLUSTER, rabbitmq=RABBITMQ),
+                brokers.stop_cluster) as nodes:
         yield nodes
 
 
@@ -155,7 +237,7 @@ def cluster() -> Iterator[list[Any]]:
 def faulty_cluster(cluster: list[Any]) -> Iterator[list[Any]]:
     """The cluster, held exclusively: this test may stop its nodes' apps (started again
     after)."""
-    with FileLock(str(STATE / "kzcl.fault.lock")):
+    with FileLock(str(STATE / f"{CLUSTER_NAME}.fault.lock")):
         yield cluster
         for node in cluster:
             if not brokers.port_open(node.port):
@@ -165,10 +247,10 @@ def faulty_cluster(cluster: list[Any]) -> Iterator[list[Any]]:
 @pytest.fixture
 def faulty_node(extra_node: Any) -> Iterator[Any]:
     """The extra node, held exclusively: this test may stop, kill or silence it."""
-    with FileLock(str(STATE / "kzp1.fault.lock")):
-        brokers.start_node(*EXTRA_NODE)  # a test before may have killed it
+    with FileLock(str(STATE / f"{short(EXTRA_NODE[0])}.fault.lock")):
+        _start_extra()  # a test before may have killed it
         yield extra_node
-        brokers.start_node(*EXTRA_NODE)
+        _start_extra()
 
 
 @pytest.fixture
@@ -177,11 +259,17 @@ def vhost() -> Iterator[str]:
     name = f"kzt-{uuid.uuid4().hex[:8]}"
     brokers_run(["add_vhost", name])
     brokers_run(["set_permissions", "-p", name, "guest", ".*", ".*", ".*"])
-    yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
+    yield default_uri(name)
     brokers_run(["delete_vhost", name])
 
 
-def brokers_run(args: list[str]) -> None:
-    import subprocess
+def default_ctl(*args: str, check: bool = True) -> Any:
+    """rabbitmqctl ARGS against the default broker, by the install that runs it (the
+    machine's, or the 4.x chroot's); its CompletedProcess."""
+    name = None if LAYOUT.default_is_machines else DEFAULT_NODE[0]
+    return brokers._ctl(name, "-q", *args, check=check)
 
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+def brokers_run(args: list[str]) -> None:
+    """rabbitmqctl ARGS against the default broker; fails the test if it fails."""
+    default_ctl(*args)

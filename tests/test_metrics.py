@@ -197,6 +197,7 @@ def test_a_lease_that_left_nothing_on_its_channel_hands_it_to_the_next(
     pool = pools([DEFAULT_URI], metrics_port=port, prechannels=2).start()
     pool.wait_ready()
     client = kzpool.connect(pool.socket)
+    keeper = client.lease("float")  # its exclusive queue lives while the connection has one
     with client.lease("float") as used:
         used.confirm_delivery()
         used.basic_qos(prefetch_count=3)
@@ -214,4 +215,5 @@ def test_a_lease_that_left_nothing_on_its_channel_hands_it_to_the_next(
             lease.tx_select()
             lease.basic_publish("", queue, b"in a transaction")
             lease.tx_commit()
+    keeper.close()
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import kzpool
+import kzpool.aio
 from kzpool.common import codec, errors, messages
 from kzpool.common.options import LeaseOptions, OptionFields
 from kzpool.testing import DEFAULT_URI, wait_for
@@ -24,7 +25,35 @@ from kzpool.testing import DEFAULT_URI, wait_for
 
 
 def test_every_option_is_a_keyword_of_channel() -> None:
-    assert set(OptionFields.__annotations__) == {f.name for f in dataclasses.fields(LeaseOptions)}
+    """But those the connection sets (its metadata says so): a caller naming one is told."""
+    fields = dataclasses.fields(LeaseOptions)
+    assert set(OptionFields.__annotations__) == {f.name for f in fields if not f.metadata}
+    assert {f.name for f in fields if f.metadata} == {"connection_id"}
+    with pytest.raises(kzpool.LeaseRequestError, match="set by the connection") as caught:
+        LeaseOptions.of(connection_id="mine")
+    assert caught.value.fields["option"] == "connection_id"
+    with pytest.raises(kzpool.LeaseRequestError, match="'no way' is not 1 to 64"):
+        LeaseOptions(connection_id="no way")
+
+
+def test_each_connection_object_gives_its_leases_its_own_id() -> None:
+    """The id a worker scopes exclusive queues to: one per connection object, and another
+    in a child process after a fork."""
+    first, second = kzpool.PoolClient("/x"), kzpool.PoolClient("/x")
+    third = kzpool.aio.pool.PoolClient("/x")
+    ids = first.identity.value, second.identity.value, third.identity.value
+    assert len(set(ids)) == 3 and first.identity.value == ids[0]
+    given = LeaseOptions(zone="z", connection_id=ids[1])  # options copied from another's lease
+    assert given.for_connection(ids[0]) == LeaseOptions(zone="z", connection_id=ids[0])
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, first.identity.value.encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 64).decode() not in ("", ids[0])
+    os.close(read)
+    os.close(write)
 
 
 @pytest.mark.parametrize(("fields", "option", "text"), [

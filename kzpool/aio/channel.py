@@ -39,7 +39,7 @@ class Channel:
                  **fields: Unpack[OptionFields]) -> None:
         if on_return_raises and not publisher_confirms:
             raise RuntimeError("on_return_raises must be passed with publisher_confirms")
-        self.options = LeaseOptions.of(options, **fields)
+        self.options = LeaseOptions.of(options, **fields).for_connection(pool.identity.value)
         self._pool = pool
         self._requested_number = channel_number
         self.publisher_confirms = publisher_confirms

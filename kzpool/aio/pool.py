@@ -12,6 +12,7 @@ import socket
 from typing import Any
 
 from ..common import messages
+from ..common.options import ConnectionId
 from ..lease import forks
 from ..lease.asking import not_running
 from ..lease.state import RouteKey
@@ -26,6 +27,7 @@ class PoolClient:
         self.backend: AioBackend = backend or UnixBackend()
         # (kind, zone or broker) -> the lease socket of the worker that served it last
         self.routes: dict[RouteKey, str] = {}
+        self.identity = ConnectionId()  # its leases' connection_id: their exclusive queues'
         self.pid = os.getpid()  # the process it was made in (a child of fork() has a copy)
         forks.watch(self)
 

@@ -56,7 +56,7 @@ class Member(Protocol):
 
     def prepare_wait(self) -> None: ...
 
-    def after_fork(self, parent: int) -> None: ...
+    def after_fork(self, parent: int, connection_id: str) -> None: ...
 
     def read_now(self) -> None: ...
 
@@ -156,7 +156,7 @@ class Dispatcher:
             self._wake = None
             self._close_wake()
 
-    def after_fork(self, parent: int) -> None:
+    def after_fork(self, parent: int, connection_id: str) -> None:
         """In a child of ``fork()``: locks and the wake pipe of its own (another thread may
         have held a lock at the fork, and the pipe is shared with the parent: a wake of the
         child's would wake the parent); then each lease (:meth:`Member.after_fork`)."""
@@ -171,7 +171,7 @@ class Dispatcher:
             self._wake = (read_end, write_end)
             self._close_wake = weakref.finalize(self, _close_fds, read_end, write_end)
         for member in list(self.members.values()):
-            member.after_fork(parent)
+            member.after_fork(parent, connection_id)
 
     # ----- dispatching ----------------------------------------------------------------------
 

@@ -119,7 +119,7 @@ class LeaseLink:
     def sock(self) -> socket.socket | None:
         return self.bound.sock
 
-    def after_fork(self, parent: int) -> None:
+    def after_fork(self, parent: int, connection_id: str) -> None:
         """In a child of ``fork()``: the lease is the child's own from its next use on: a new
         channel (a new lease id), its topology replayed (``on_move`` hears
         :data:`~kzpool.lease.forks.FORKED`); the parent's socket is left to the parent, its
@@ -127,7 +127,7 @@ class LeaseLink:
         self.thread = threading.get_ident()
         self.bound.after_fork()
         self.loss = Loss(FORKED_REASON)  # whatever the parent had still to raise is its own
-        self.state.forked(parent)
+        self.state.forked(parent, connection_id)
         self.recovery.handed = None
 
     # ----- recovering -----------------------------------------------------------------------

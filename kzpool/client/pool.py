@@ -24,7 +24,7 @@ from typing import Any, Protocol, Unpack
 from ..common import messages, wire
 from ..common.errors import ClientClosed
 from ..common.messages import Message
-from ..common.options import LeaseOptions, OptionFields
+from ..common.options import ConnectionId, LeaseOptions, OptionFields
 from ..lease import forks
 from ..lease.asking import not_running, read_answer
 from ..lease.state import MoveEvent, RouteKey
@@ -58,6 +58,7 @@ class PoolClient:
         self.backend: Backend = backend or UnixBackend()
         # (kind, zone or broker) -> the lease socket of the worker that served it last
         self.routes: dict[RouteKey, str] = {}
+        self.identity = ConnectionId()  # its leases' connection_id: their exclusive queues'
         self.dispatcher = Dispatcher(wakeable)
         self.pid = os.getpid()  # the process it was made in (a child of fork() has a copy)
         forks.watch(self)
@@ -70,7 +71,7 @@ class PoolClient:
         are closed here without a word on them, and each lease gets a channel of its own on
         its next use, replaying its topology; the parent's leases stay the parent's."""
         parent, self.pid = self.pid, os.getpid()
-        self.dispatcher.after_fork(parent)
+        self.dispatcher.after_fork(parent, self.identity.value)  # the child's own identity
 
     def open_pool(self) -> socket.socket:
         """A new connection to the pool's lease socket; a clear error if no pool answers."""
@@ -117,7 +118,8 @@ class PoolClient:
         """
         if self.dispatcher.closed:
             raise ClientClosed("the connection is closed")
-        return Lease(self, LeaseOptions.of(options, **fields), on_move, handed, abort)
+        options = LeaseOptions.of(options, **fields).for_connection(self.identity.value)
+        return Lease(self, options, on_move, handed, abort)
 
     def _call(self, request: Message, timeout: float = 5.0) -> dict[str, Any]:
         return call(self.backend, self.socket_path, request, timeout)

@@ -12,22 +12,31 @@ sends is checked where it enters the pool.
 
 To add an option: add its field here (with its check in :meth:`LeaseOptions.__post_init__`
 and its keyword in :class:`OptionFields`), then read it where it is honoured.
+
+One field is not the caller's: ``connection_id`` names the client connection object the
+lease belongs to (``kzpool.connect()``'s ``Connection``, a ``PoolClient``, kzpool.aio's
+``Connection``).  The connection sets it on every lease it makes (:meth:`LeaseOptions.of`
+refuses it as a keyword); a worker scopes exclusive queues to it, as RabbitMQ scopes them to
+the AMQP connection that declared them (:mod:`kzpool.worker.exclusive`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
+import os
+import secrets
+from dataclasses import dataclass, field
 from typing import Literal, TypedDict
 
 from .errors import BrokerURIError, LeaseRequestError
 from .uri import BrokerURI
-from .wire import MAX_NAME, MAX_URI, text_field
+from .wire import LEASE_ID, MAX_LEASE_ID, MAX_NAME, MAX_URI, text_field
 
 Kind = Literal["float", "sticky"]
 KINDS: tuple[Kind, ...] = ("float", "sticky")
 MAX_TIMEOUT = 3600.0
+BY_CONNECTION = {"set_by": "connection"}  # a field's metadata: the connection sets it
 
 
 class OptionFields(TypedDict, total=False):
@@ -49,6 +58,8 @@ class LeaseOptions:
     broker: str | None = None  # a sticky lease's broker URI (a client's URI: no options)
     timeout: float = 10.0  # seconds the lease waits for a channel, a reply, a blocked broker
     federates: str | None = None  # a federator's: the queue of the listener it feeds
+    # the client connection object the lease belongs to (set by it; None: the lease alone)
+    connection_id: str | None = field(default=None, repr=False, metadata=BY_CONNECTION)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -60,6 +71,10 @@ class LeaseOptions:
                 not 0 <= self.timeout <= MAX_TIMEOUT:
             raise LeaseRequestError(f"timeout {self.timeout!r} is not between 0 and"
                                     f" {MAX_TIMEOUT:g} s", option="timeout")
+        if self.connection_id is not None and not LEASE_ID.fullmatch(self.connection_id):
+            raise LeaseRequestError(f"connection_id {self.connection_id[:40]!r} is not 1 to"
+                                    f" {MAX_LEASE_ID} letters, digits, '-' or '_'",
+                                    option="connection_id")
         if self.kind == "float" and self.broker:
             raise LeaseRequestError("a float lease takes no broker (use a sticky lease)",
                                     option="broker")
@@ -84,8 +99,11 @@ class LeaseOptions:
            **fields: object) -> LeaseOptions:
         """Options from what a caller gave: ``base`` (options, or a kind) with ``fields``
         over it; an unknown keyword is a :class:`LeaseRequestError` naming it."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls) if not f.metadata}
         unknown = sorted(set(fields) - names)
+        if unknown and unknown[0] == "connection_id":
+            raise LeaseRequestError("connection_id is set by the connection a lease is asked"
+                                    " of, not by its caller", option="connection_id")
         if unknown:
             raise LeaseRequestError(f"unknown lease option {unknown[0]!r} (options:"
                                     f" {', '.join(sorted(names))})", option=unknown[0])
@@ -94,6 +112,29 @@ class LeaseOptions:
         elif base is not None:
             return dataclasses.replace(base, **fields)  # type: ignore[arg-type]
         return cls(**fields)  # type: ignore[arg-type]
+
+
+    def for_connection(self, connection_id: str) -> LeaseOptions:
+        """These options, on a lease of the client connection ``connection_id``."""
+        if self.connection_id == connection_id:
+            return self
+        return dataclasses.replace(self, connection_id=connection_id)
+
+
+class ConnectionId:
+    """A client connection object's identity: drawn when it is made, and drawn again in a
+    child process after a fork (a connection is one process's, as a pika connection is)."""
+
+    __slots__ = ("_pid", "_value")
+
+    def __init__(self) -> None:
+        self._pid, self._value = os.getpid(), secrets.token_hex(16)
+
+    @property
+    def value(self) -> str:
+        if os.getpid() != self._pid:
+            self._pid, self._value = os.getpid(), secrets.token_hex(16)
+        return self._value
 
 
 @functools.lru_cache(maxsize=256)

@@ -110,11 +110,15 @@ class LeaseState:
         self.channel_number = event.channel
         self.set_blocked(event.blocked)
 
-    def forked(self, parent: int) -> None:
+    def forked(self, parent: int, connection_id: str) -> None:
         """In a child of ``fork()``: the lease is a new one here from its next channel on
-        (the id, until then, is the parent's); the publishes not confirmed yet are the
-        parent's, whose worker confirms them to it alone: they fail here, never sent again."""
+        (the id, until then, is the parent's), of the child's copy of its connection
+        (``connection_id``: the parent's exclusive queues are not the child's); the
+        publishes not confirmed yet are the parent's, whose worker confirms them to it
+        alone: they fail here, never sent again."""
         self.fresh, self.blocked = True, False
+        if self.options.connection_id is not None:
+            self.options = self.options.for_connection(connection_id)
         self.confirms.fail_all(forked_error(
             "this publish", parent, "its confirm goes to that process"))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pika
 import pika.exceptions
 
-DEFAULT_URI = "amqp://guest:guest@127.0.0.1:5672/%2F"
+from .nodes import DEFAULT_URI  # the default broker: the machine's, or a 4.x node (nodes.py)
 
 
 def publish(uri: str, exchange: str, key: str, body: bytes,
@@ -51,3 +51,16 @@ def drain(uri: str, queue: str) -> list[bytes]:
                 channel.queue_delete(queue)
                 return bodies
             bodies.append(body)
+
+
+def queue_exists(queue: str, uri: str = DEFAULT_URI) -> bool:
+    """Whether ``queue`` is on the broker: declared, or exclusive to another connection (a
+    passive declare from here gets 405 ``RESOURCE_LOCKED`` then, and tells no counts)."""
+    try:
+        with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
+            conn.channel().queue_declare(queue, passive=True)
+            return True
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code not in (404, 405):
+            raise
+        return bool(exc.reply_code == 405)

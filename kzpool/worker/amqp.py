@@ -14,15 +14,12 @@ stays pika's.
     header:  class u16 (60) | weight u16 (0) | body size u64 | property flags and list
     body:    the message body, cut at frame_max - 8
 
-Pure functions over bytes; a frame that does not parse is a :class:`ValueError`.  So is a
-call's argument that AMQP cannot carry (:func:`check_args`), which pika would find only half
-way through encoding it, ending the whole connection.
+Pure functions over bytes; a frame that does not parse is a :class:`ValueError`.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 from pika import data as amqp_data
 
@@ -160,21 +157,3 @@ def _skip(properties: bytes, pos: int, kind: str) -> int:
     except Exception as exc:  # pika raises assorted errors on a bad table
         raise ValueError(f"bad message headers: {exc}") from None
     return int(end)
-
-
-SHORT_STRINGS = ("queue", "exchange", "routing_key", "consumer_tag", "exchange_type",
-                 "destination", "source")
-RANGES = {"prefetch_count": 0xFFFF, "prefetch_size": 0xFFFFFFFF}
-
-
-def check_args(args: dict[str, Any]) -> None:
-    """A call's arguments as AMQP can carry them: a :class:`ValueError` (answered to that
-    caller alone) names the one that cannot be."""
-    for name in SHORT_STRINGS:
-        value = args.get(name)
-        if isinstance(value, str) and len(value.encode()) > 255:
-            raise ValueError(f"{name} {value[:40]!r}... is over AMQP's 255 bytes")
-    for name, top in RANGES.items():
-        value = args.get(name)
-        if isinstance(value, int) and not 0 <= value <= top:
-            raise ValueError(f"{name} = {value} is not between 0 and {top}")

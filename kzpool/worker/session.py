@@ -28,11 +28,20 @@ from pika.adapters.select_connection import IOLoop
 
 from ..common import messages, props, wire
 from ..common.errors import ProtocolError
-from ..common.messages import LeaseEvent, Message, Reason
+from ..common.messages import LeaseEvent, Message
 from ..common.options import LeaseOptions
 from ..common.sockets import READ_SIZE, receive
 from ..common.wire import Flag, Kind
 from . import amqp
+from .calls import (
+    CHANNEL_CLOSED,
+    CHANNEL_STATE,
+    RPC_METHODS,
+    CancelOk,
+    check_args,
+    fields,
+    reason_of,
+)
 from .linger import Linger
 
 log = logging.getLogger("kzpool.session")
@@ -40,31 +49,6 @@ log = logging.getLogger("kzpool.session")
 _PUBLISH, _SETTLE, _JSON = int(Kind.PUBLISH), int(Kind.SETTLE), int(Kind.JSON)
 
 MOVE_GRACE = 5.0  # seconds a moved client may take to say bye
-
-# JSON calls a client may make, with the arguments pika's Channel method takes
-RPC_METHODS: dict[str, tuple[str, ...]] = {
-    "exchange_declare": ("exchange", "exchange_type", "passive", "durable", "auto_delete",
-                         "internal", "arguments"),
-    "exchange_delete": ("exchange", "if_unused"),
-    "exchange_bind": ("destination", "source", "routing_key", "arguments"),
-    "exchange_unbind": ("destination", "source", "routing_key", "arguments"),
-    "queue_declare": ("queue", "passive", "durable", "exclusive", "auto_delete", "arguments"),
-    "queue_bind": ("queue", "exchange", "routing_key", "arguments"),
-    "queue_unbind": ("queue", "exchange", "routing_key", "arguments"),
-    "queue_purge": ("queue",),
-    "queue_delete": ("queue", "if_unused", "if_empty"),
-    "basic_qos": ("prefetch_size", "prefetch_count", "global_qos"),
-    "basic_cancel": ("consumer_tag",),
-    "basic_recover": ("requeue",),
-    "tx_select": (),
-    "tx_commit": (),
-    "tx_rollback": (),
-}
-
-CHANNEL_CLOSED = Reason("ChannelWrongStateError", 0, "Channel is closed.")
-
-# calls that leave state on the channel itself, not on the broker
-CHANNEL_STATE = frozenset({"basic_qos", "basic_recover", "basic_cancel", "tx_select", "flow"})
 
 
 class SessionHost(Protocol):
@@ -79,6 +63,16 @@ class SessionHost(Protocol):
     def recycle(self, channel: Any, settled_first: bool) -> None: ...
 
     def session_ended(self, session: Session, how: LeaseEvent, why: str) -> None: ...
+
+    @property
+    def exclusives(self) -> CallGuard: ...  # a client's calls go through it
+
+
+class CallGuard(Protocol):
+    """What a client's call goes through first: its exclusive queues' owners
+    (:mod:`kzpool.worker.exclusive`), which pass it on with :meth:`Session.forward`."""
+
+    def call(self, session: Session, request: messages.Request) -> None: ...
 
 
 class Session:
@@ -230,17 +224,26 @@ class Session:
                 self.end(LeaseEvent.RELEASED, "closed by the client", answer=True)
             case messages.Call() | messages.Consume() | messages.ConfirmSelect() | \
                     messages.Get():
-                try:
-                    self._channel_call(request)
-                except (TypeError, ValueError, pika.exceptions.AMQPError) as exc:
-                    self.event(messages.Reply(request.id, error=reason_of(exc)))
+                self.host.exclusives.call(self, request)
 
-    def _channel_call(self, request: messages.Request) -> None:
-        args, reply = request.args, self._replier(request.id)
-        amqp.check_args(args)  # pika would fail to encode them half way, ending the connection
+    def forward(self, request: messages.Request,
+                seen: Callable[[Any], None] | None = None) -> bool:
+        """Make a client's call on the channel; ``seen`` gets the broker's answer first.
+        ``False``: it could not be made (the client is told why)."""
+        try:
+            self._channel_call(request, seen)
+        except (TypeError, ValueError, pika.exceptions.AMQPError) as exc:
+            self.event(messages.Reply(request.id, error=reason_of(exc)))
+            return False
+        return True
+
+    def _channel_call(self, request: messages.Request,
+                      seen: Callable[[Any], None] | None) -> None:
+        args, reply = request.args, self._replier(request.id, seen)
+        check_args(args)  # pika would fail to encode them after it began, and end the connection
         match request:
             case messages.Call(method="basic_cancel") if not self._consuming(args):
-                reply(_CancelOk(str(args.get("consumer_tag", ""))))  # pika would not answer
+                reply(CancelOk(str(args.get("consumer_tag", ""))))  # pika would not answer
             case messages.Call(method="flow"):
                 self.channel.flow(bool(args.get("active")), callback=lambda active: self.event(
                     messages.Reply(request.id, "Channel.FlowOk", {"active": active})))
@@ -290,13 +293,15 @@ class Session:
             reply(frame)
         return consumed
 
-    def _replier(self, rid: int) -> Callable[[Any], None]:
+    def _replier(self, rid: int, seen: Callable[[Any], None] | None) -> Callable[[Any], None]:
         self.unanswered += 1
 
         def reply(frame: Any) -> None:
             self.unanswered -= 1
+            if seen is not None:
+                seen(frame)
             method = frame.method
-            self.event(messages.Reply(rid, method.NAME, _fields(method)))
+            self.event(messages.Reply(rid, method.NAME, fields(method)))
         return reply
 
     # ----- broker events ----------------------------------------------------------------------
@@ -391,21 +396,3 @@ class Session:
             self.ioloop.remove_handler(self.fd)
             self.sock.close()
         self.host.session_ended(self, how, why)
-
-
-class _CancelOk:
-    """A ``Basic.CancelOk`` frame for a consumer that was gone already."""
-
-    def __init__(self, consumer_tag: str) -> None:
-        self.method = spec.Basic.CancelOk(consumer_tag)
-
-
-def _fields(method: Any) -> dict[str, Any]:
-    return {k: v for k, v in vars(method).items() if isinstance(v, str | int | bool | None)}
-
-
-def reason_of(exc: BaseException) -> Reason:
-    """Why a call failed or a channel closed, as the client reads it."""
-    if isinstance(exc, pika.exceptions.ChannelClosed | pika.exceptions.ConnectionClosed):
-        return Reason(type(exc).__name__, exc.reply_code, exc.reply_text)
-    return Reason(type(exc).__name__, 0, str(exc))

@@ -44,6 +44,7 @@ from ..common.sockets import out_of_files
 from ..common.states import ConnState
 from .clients import Clients, Waiting, full
 from .connection import BatchedConnection, parameters
+from .exclusive import Exclusives
 from .faults import classify, connection_lost
 from .intake import Intake, answer
 from .loop import GuardedLoop
@@ -64,8 +65,7 @@ class ConnectionWorker:
     def __init__(self, spec: WorkerSpec, link: socket.socket, listener: socket.socket | None,
                  master_pid: int) -> None:
         self.spec = spec
-        self.ioloop = GuardedLoop(self._client_fault,
-                                  lambda exc: self._on_open_error(self.connection, exc))
+        self.ioloop = GuardedLoop(self._client_fault, lambda e: self._on_open_error(None, e))
         self.state = ConnState.STARTING
         self.error: str | None = None
         self.since = time.time()
@@ -83,6 +83,7 @@ class ConnectionWorker:
         self.bound: dict[int, Session] = {}  # by channel number
         self.waiting: list[Waiting] = []  # clients waiting for a channel
         self.clients = Clients()  # the client process of each lease bound or waiting
+        self.exclusives = Exclusives(self.ioloop, spec.broker.uri.vhost)  # their owners
         self.uplink = Uplink(link, self.ioloop, master_pid, self._report, self._on_master,
                              self._master_gone)
         settings = spec.settings
@@ -162,27 +163,26 @@ class ConnectionWorker:
         self._set_state(ConnState.CONNECTED)
         self.prechannels.connection = connection
         self.prechannels.fill()
+        self.exclusives.start(connection)
 
     def _on_open_error(self, connection: Any, exc: BaseException | str) -> None:
-        """A connect failed (also when pika could not make its socket: the file limit)."""
+        """A connect failed (``None``: pika could not make its socket, at the file limit)."""
         current = self.connection
-        if current is None or connection is not current or current.is_open:
+        if current is None or connection not in (None, current) or current.is_open:
             return  # an attempt given up already
         self.connection = None
         self._lost(exc)
 
-    def _on_closed(self, connection: SelectConnection, exc: BaseException) -> None:
-        if connection is not self.connection:
-            return
+    def _on_closed(self, _connection: SelectConnection, exc: BaseException) -> None:
         self.connection = None
+        self.exclusives.reset()  # the broker deleted the connection's exclusive queues
         self.prechannels.clear()
         self.bound.clear()
-        reason = connection_lost(exc)
-        again = reason.connection_error and self.state is not ConnState.STOPPING
+        lost = messages.Lost(connection_lost(exc))
+        again = lost.reason.connection_error and self.state is not ConnState.STOPPING
         if again:  # said before the leases hear of it: the master keeps this one primary
-            self.error = f"closed by broker: {reason.code} {reason.text}"
+            self.error = f"closed by broker: {lost.reason.code} {lost.reason.text}"
             self._set_state(ConnState.RECONNECTING)
-        lost = messages.Lost(reason)
         for session in list(self.sessions.values()):
             session.event(lost)
             session.end(LeaseEvent.LOST, "connection lost")
@@ -192,8 +192,7 @@ class ConnectionWorker:
         if self.state is ConnState.STOPPING:
             self.ioloop.stop()
         elif again:
-            log.warning("%s closed the connection for a client's call (%d %s); connecting"
-                        " again at once", self.spec.broker.uri.masked, reason.code, reason.text)
+            log.warning("%s: %s; connecting again at once", self.spec.broker.uri.masked, self.error)
             self.ioloop.call_later(0, self._connect)
         else:
             self._lost(exc)
@@ -257,6 +256,7 @@ class ConnectionWorker:
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
         session = self.bound.pop(channel.channel_number, None)
         self.prechannels.closed(channel)
+        self.exclusives.channel_closed(channel)
         if session is not None:
             session.on_channel_closed(reason)
 
@@ -337,6 +337,7 @@ class ConnectionWorker:
         self.clients.hold(lease, client.pid, client.uid)
         session = Session(self, client.sock, lease, channel, options)
         self.sessions[lease] = session
+        self.exclusives.attach(session, client.pid, client.uid)
         self.bound[channel.channel_number] = session
         session.event(messages.Leased(lease, broker.uri.masked, broker.zone,
                                       channel.channel_number, os.getpid(), self.blocked,
@@ -367,6 +368,7 @@ class ConnectionWorker:
         return True
 
     def session_ended(self, session: Session, how: LeaseEvent, why: str) -> None:
+        self.exclusives.detach(session, how)
         if self.sessions.get(session.lease) is session:
             del self.sessions[session.lease]
             self.clients.drop(session.lease)
