@@ -13,8 +13,8 @@ refuse to be used (:func:`forked_error`: an event loop does not survive a fork).
 changes for the parent.
 
 The objects are held weakly: a client that is gone is not kept for a fork that may never
-come.  This set is the one piece of state the package keeps per process, as ``logging``
-keeps its handlers' locks for its own fork hook.
+come.  The set is module state on purpose: a fork hook is the process's, registered once,
+as ``logging`` keeps a weak set of its handlers for its own.
 """
 
 from __future__ import annotations

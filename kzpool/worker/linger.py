@@ -50,7 +50,7 @@ class Linger:
         with nothing of the lease's on it, but that close is no longer the session's)."""
         self.session = session
         self.answered = False
-        session.ioloop.call_later(session.options.timeout + GRACE, self.hang_up)
+        self.timer = session.ioloop.call_later(session.options.timeout + GRACE, self.hang_up)
         if at_once or not session.channel.is_closing:
             self.answer()
 
@@ -76,5 +76,6 @@ class Linger:
     def hang_up(self) -> None:
         session = self.session
         if session.sock.fileno() >= 0:
+            session.ioloop.remove_timeout(self.timer)  # the session goes with it
             session.ioloop.remove_handler(session.fd)
             session.sock.close()
