@@ -38,6 +38,7 @@ log = logging.getLogger("kzpool.lease")
 
 WORKER_GONE = Reason("ConnectionClosed", 0, "worker gone")
 INTERRUPTED = Reason("Interrupted", 0, "interrupted while sending")
+STOP_POLL = 0.25  # seconds between two looks at a closing lease's stop callable
 Delivery = tuple[Any, Any, bytes]
 OnLost = Callable[[Reason, bool, bool], None]  # (reason, a call was in flight, was bound)
 
@@ -99,27 +100,32 @@ class Bound:
         if self.settles and self.sock is not None:
             self.send(b"")
 
-    def close(self, last: bytes, wait: float = 0.0) -> None:
+    def close(self, last: bytes, wait: float = 0.0,
+              stop: Callable[[], bool] | None = None) -> None:
         """Send the batched settles and ``last``; with ``wait``, read until the worker
-        answers it (:func:`~kzpool.lease.frames.ends_close`), hangs up, or ``wait`` seconds
-        pass, dropping what else comes (deliveries of a closing lease go back to their
-        queues); then close.  A worker that is gone counts as closed."""
+        answers it (:func:`~kzpool.lease.frames.ends_close`), hangs up, ``wait`` seconds
+        pass or ``stop()`` (asked every :data:`STOP_POLL` s) says its owner is stopping,
+        dropping what else comes (deliveries of a closing lease go back to their queues);
+        then close.  A worker that is gone counts as closed."""
         sock, self.sock = self.sock, None
         if sock is None:
             return
         try:
             sock.sendall(b"".join(self.settles) + last)
             if wait > 0:
-                self._await_answer(sock, time.monotonic() + wait)
+                self._await_answer(sock, time.monotonic() + wait, stop)
         except OSError:
             pass
         finally:
             sock.close()
 
-    def _await_answer(self, sock: socket.socket, deadline: float) -> None:
+    def _await_answer(self, sock: socket.socket, deadline: float,
+                      stop: Callable[[], bool] | None) -> None:
         reader = self.reader  # frames already half read on this socket come first
         while (left := deadline - time.monotonic()) > 0:
-            if not readable([sock.fileno()], left):
+            if stop is not None and stop():
+                return  # a stopping owner does not wait for a broker that may be silent
+            if not readable([sock.fileno()], left if stop is None else min(left, STOP_POLL)):
                 continue
             data = receive(sock, READ_SIZE)
             if not data:

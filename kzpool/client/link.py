@@ -237,7 +237,7 @@ class LeaseLink:
             return
         self._closed = True
         self.bound.close(messages.encode(messages.Close(reply_code, reply_text)),
-                         wait=self.state.timeout)
+                         wait=self.state.timeout, stop=self._abort.abort)
 
     # ----- flow control ---------------------------------------------------------------------
 
