@@ -110,7 +110,7 @@ def test_a_killed_subscribers_queue_goes_and_collects_nothing(socket: str, excha
 
 def test_another_connection_gets_channel_locked_resource(socket: str) -> None:
     async def main() -> None:
-        owner, other = await kzpool.aio.connect(socket), await kzpool.aio.connect(socket)
+        owner, other = await kzpool.aio.connect(socket), await kzpool.aio.connect_robust(socket)
         mine = await owner.channel()
         queue = await mine.declare_queue(exclusive=True)
         await mine.default_exchange.publish(Message(b"the owner's"), routing_key=queue.name)
@@ -130,10 +130,12 @@ def test_another_connection_gets_channel_locked_resource(socket: str) -> None:
             "delete": lambda: theirs.queue_delete(queue.name),
         }
         for what, touch in touches.items():
+            await theirs.ready()  # a robust channel, back after the last touch's error
             with pytest.raises(aiormq.exceptions.ChannelLockedResource) as info:
                 await touch()
             assert info.value.reply_code == 405, what
             assert f"locked queue '{queue.name}' in vhost '/'" in info.value.reply_text, what
+        await theirs.ready()
         await theirs.default_exchange.publish(Message(b"a reply"), routing_key=queue.name)
         got = [await queue.get(no_ack=True, timeout=5) for _ in range(2)]
         assert [m.body for m in got] == [b"the owner's", b"a reply"]
@@ -145,13 +147,14 @@ def test_another_connection_gets_channel_locked_resource(socket: str) -> None:
 
 def test_a_channel_error_leaves_the_queue_as_it_was(socket: str, exchange: str) -> None:
     async def main() -> None:
-        async with await kzpool.aio.connect(socket) as connection:
+        async with await kzpool.aio.connect_robust(socket) as connection:
             channel = await connection.channel()
             logs = await channel.declare_exchange(exchange, ExchangeType.FANOUT)
             queue = await channel.declare_queue(exclusive=True)
             await queue.bind(logs)
             with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
                 await channel.get_queue(f"{exchange}-missing")
+            await channel.ready()  # a robust channel recovers from the error
             assert await asyncio.to_thread(unroutable, DEFAULT_URI, exchange, 2) == 0
             got = [await queue.get(no_ack=True, timeout=5) for _ in range(2)]
             assert [m.body for m in got] == [b"log 0", b"log 1"]

@@ -35,8 +35,10 @@ def script(item: Any, worker: FakeWorker) -> None:
         case messages.Call(method="queue_bind", args={"exchange": "missing"}):
             pass  # the broker will close the channel instead
         case messages.Call(method=method):
-            worker.send(messages.Reply(item.id, {"basic_qos": "Basic.QosOk"}.get(
-                method, "Queue.BindOk")))
+            worker.send(messages.Reply(item.id, {
+                "basic_qos": "Basic.QosOk", "tx_select": "Tx.SelectOk",
+                "tx_commit": "Tx.CommitOk", "tx_rollback": "Tx.RollbackOk"}.get(
+                    method, "Queue.BindOk")))
         case messages.Consume():
             worker.send(messages.Reply(item.id, "Basic.ConsumeOk", {
                 "consumer_tag": item.args["consumer_tag"]}))
@@ -56,9 +58,11 @@ class AsyncBackend:
         return sock
 
 
-async def open_channel(fake: FakeBackend, **kwargs: Any) -> kzpool.aio.Channel:
+async def open_channel(fake: FakeBackend, robust: bool = True,
+                       **kwargs: Any) -> kzpool.aio.Channel:
     client = kzpool.aio.pool.PoolClient("/fake/kz.sock", AsyncBackend(fake))
-    channel = kzpool.aio.Channel(client, **kwargs)
+    cls = kzpool.aio.RobustChannel if robust else kzpool.aio.Channel
+    channel = cls(client, **kwargs)
     await channel.initialize()
     return channel
 
@@ -199,6 +203,27 @@ def test_a_channel_error_fails_its_call_and_the_channel_replays_alone(
         assert channel.is_closed
         with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
             await channel.set_qos(prefetch_count=1)
+    run(main())
+
+
+def test_a_transaction_cut_by_a_move_is_lost_at_commit(fake: FakeBackend) -> None:
+    async def main() -> None:
+        channel = await open_channel(fake, publisher_confirms=False)
+        tx = channel.transaction()
+        await tx.select()
+        await channel.default_exchange.publish(kzpool.aio.Message(b"m"), "q")
+        await until(lambda: received(fake.workers[0], Kind.PUBLISH), "the publish")
+        lose(fake.workers[0])
+        await until(lambda: len(fake.workers) == 2, "a new channel")
+        await channel.ready()
+        with pytest.raises(kzpool.TransactionLost):
+            await tx.commit()  # after the move: rolled back on the new channel, then raised
+        calls = [m.method for m in fake.workers[1].received if isinstance(m, messages.Call)]
+        assert calls == ["tx_select", "tx_rollback"]  # transaction mode replayed
+        await channel.default_exchange.publish(kzpool.aio.Message(b"again"), "q")
+        await tx.commit()
+        assert fake.workers[1].received[-1].method == "tx_commit"
+        await channel.close()
     run(main())
 
 

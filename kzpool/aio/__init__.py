@@ -8,9 +8,11 @@
 
 Each channel is a pool lease: its broker connection and heartbeats live in the pool's
 connection worker, so a coroutine may hold the event loop for minutes; it fails over to the
-next broker of its zone and back to the primary, replaying its topology.  aio-pika's own
-``Message`` and ``ExchangeType`` are taken where aio-pika is installed (``kzpool[aio]``);
-without it, kzpool.aio's own work the same.
+next broker of its zone and back to the primary, replaying its topology.  ``connect()``
+gives aio-pika's plain channels, ``connect_robust()`` its robust ones (they differ on a
+channel error).  aio-pika's own ``Message`` and ``ExchangeType`` are taken where aio-pika is
+installed (``kzpool[aio]``), and kzpool.aio's classes pass ``isinstance`` against aio-pika's;
+without it, kzpool.aio's own work the same and nothing of aio-pika is loaded.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from __future__ import annotations
 from ..lease.state import MoveEvent
 from . import compat, errors
 from .channel import Channel
-from .compat import DeliveryMode, ExchangeType
-from .connection import Connection, connect, connect_robust
+from .compat import DeliveryMode, ExchangeType, TransactionState
+from .connection import Connection, RobustConnection, connect, connect_robust
 from .errors import (
     ChannelClosed,
     ChannelInvalidStateError,
@@ -28,19 +30,25 @@ from .errors import (
     PublishError,
     QueueEmpty,
 )
-from .exchange import Exchange
+from .exchange import Exchange, RobustExchange
 from .incoming import IncomingMessage, ProcessContext, ReturnedMessage
 from .iterator import QueueIterator
 from .message import Message
-from .queue import Queue
+from .queue import Queue, RobustQueue
+from .robust import RobustChannel
+from .transaction import Transaction
 
 exceptions = errors  # aio_pika.exceptions's place
 
-compat.register_abcs({"AbstractConnection": Connection, "AbstractRobustConnection": Connection,
-                      "AbstractChannel": Channel, "AbstractRobustChannel": Channel,
-                      "AbstractExchange": Exchange, "AbstractQueueIterator": QueueIterator,
-                      "AbstractMessage": Message, "AbstractIncomingMessage": IncomingMessage,
-                      "AbstractProcessContext": ProcessContext})
+compat.register({
+    "aio_pika.Connection": Connection, "aio_pika.RobustConnection": RobustConnection,
+    "aio_pika.Channel": Channel, "aio_pika.RobustChannel": RobustChannel,
+    "aio_pika.Exchange": Exchange, "aio_pika.RobustExchange": RobustExchange,
+    "aio_pika.queue.QueueIterator": QueueIterator, "aio_pika.Message": Message,
+    "aio_pika.message.IncomingMessage": IncomingMessage,
+    "aio_pika.message.ReturnedMessage": ReturnedMessage,
+    "aio_pika.message.ProcessContext": ProcessContext,
+})
 
 __all__ = [
     "Channel",
@@ -61,6 +69,12 @@ __all__ = [
     "QueueEmpty",
     "QueueIterator",
     "ReturnedMessage",
+    "RobustChannel",
+    "RobustConnection",
+    "RobustExchange",
+    "RobustQueue",
+    "Transaction",
+    "TransactionState",
     "connect",
     "connect_robust",
     "exceptions",

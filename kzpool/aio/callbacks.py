@@ -2,7 +2,9 @@
 
 Each callback is called with the sender (the channel or connection) first, then the event's
 arguments; a coroutine function's result runs as a task.  What a callback raises is logged,
-never passed on.  Not thread-safe: the loop's thread only.
+never passed on.  Calling a collection returns an awaitable that completes when every
+coroutine it started has (as aio-pika's does), so a caller may wait for them.  Not
+thread-safe: the loop's thread only.
 """
 
 from __future__ import annotations
@@ -10,12 +12,21 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from typing import Any
 
 log = logging.getLogger("kzpool.aio")
 
 Callback = Callable[..., Any]
+
+
+class _Done:
+    """An awaitable that is done at once: what calling a collection gives when no callback
+    started a coroutine."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield
 
 
 class CallbackCollection:
@@ -54,7 +65,8 @@ class CallbackCollection:
     def __bool__(self) -> bool:
         return True
 
-    def __call__(self, *args: Any) -> None:
+    def __call__(self, *args: Any) -> Awaitable[Any]:
+        started: list[asyncio.Future[Any]] = []
         for callback in list(self._callbacks):
             try:
                 result = callback(self.sender, *args)
@@ -65,6 +77,10 @@ class CallbackCollection:
                 task = asyncio.ensure_future(result)
                 self._tasks.add(task)
                 task.add_done_callback(self._finished)
+                started.append(task)
+        if not started:
+            return _Done()
+        return asyncio.gather(*started, return_exceptions=True)
 
     def _finished(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
@@ -73,8 +89,9 @@ class CallbackCollection:
 
 
 class Ending:
-    """How a channel or a connection ends, once: ``closed`` as soon as its close begins;
-    then its ``callbacks`` hear why, and the future :meth:`future` gave completes."""
+    """How a channel or a connection ends: ``closed`` as soon as its close begins; then its
+    ``callbacks`` hear why, and the future :meth:`future` gave completes.  A channel that is
+    reopened (:meth:`reopen`) may end again."""
 
     def __init__(self, sender: Any) -> None:
         self.callbacks = CallbackCollection(sender)
@@ -89,11 +106,23 @@ class Ending:
         self.closed = True
         return True
 
-    def finish(self, exc: BaseException | None) -> None:
+    def finish(self, exc: BaseException | None) -> Awaitable[Any]:
+        """Tell the callbacks, complete the future; what the callbacks started."""
+        started = self.callbacks(exc)
+        self.resolve()
+        return started
+
+    def resolve(self) -> None:
+        """Complete the future :meth:`future` gave (the channel is closed, for now)."""
         self.finished = True
-        self.callbacks(exc)
         if self._future is not None and not self._future.done():
             self._future.set_result(True)
+
+    def reopen(self) -> None:
+        """Open again: no longer closed, and a new future for the next close."""
+        self.closed = self.finished = False
+        if self._future is not None and self._future.done():
+            self._future = None
 
     def future(self) -> asyncio.Future[bool]:
         """Completes when its close has completed (at once if it has)."""

@@ -1,28 +1,40 @@
 """What kzpool.aio takes from aio-pika where it is installed, and its stand-ins where not.
 
-* Enums: :class:`ExchangeType` and :class:`DeliveryMode` are kzpool's own, equal in value
-  to aio-pika's; every call takes either (or a plain ``str`` / ``int``).
+* Enums: :class:`ExchangeType`, :class:`DeliveryMode` and :class:`TransactionState` are
+  kzpool's own, equal in value to aio-pika's; every call takes either (or a plain ``str`` /
+  ``int``).
 * Frames: replies (``Queue.DeclareOk``, ``Basic.QosOk``, ...) and confirms
   (``Basic.Ack``, ``Basic.Nack``, ``Basic.Return``) are pamqp's classes where pamqp is
   installed (aio-pika's own tutorials test ``isinstance(result, pamqp.commands.Basic.Ack)``),
   else :class:`Frame` objects with the same ``name`` and fields.
-* ``register_abcs``: kzpool.aio's classes are registered as virtual subclasses of
-  ``aio_pika.abc``'s, so ``isinstance(channel, aio_pika.abc.AbstractChannel)`` holds.
+* A returned publish is aiormq's ``DeliveredMessage`` where aiormq is installed, else a
+  :class:`DeliveredMessage` with the same fields (:func:`delivered`).
+* ``register`` makes kzpool.aio's classes virtual subclasses of aio-pika's ABCs (its
+  ``Channel``, ``IncomingMessage``, ... and ``aio_pika.abc``'s); :func:`base` gives the
+  classes kzpool.aio subclasses where aio-pika's are plain classes (``Queue``,
+  ``Transaction``), ``object`` without aio-pika.  Nothing of aio-pika is imported where it
+  is not installed.
 
 Pure: nothing here does I/O.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
 import importlib
 import logging
+import struct
 from types import ModuleType
 from typing import Any
+
+from ..common import props
 
 log = logging.getLogger("kzpool.aio")
 
 
+@functools.cache
 def optional_module(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(name)
@@ -43,6 +55,15 @@ class ExchangeType(enum.StrEnum):
 class DeliveryMode(enum.IntEnum):
     NOT_PERSISTENT = 1
     PERSISTENT = 2
+
+
+class TransactionState(enum.StrEnum):
+    """A transaction's state, as aio-pika's (its spelling of "commited" included)."""
+
+    CREATED = "created"
+    COMMITED = "commited"
+    ROLLED_BACK = "rolled back"
+    STARTED = "started"
 
 
 def exchange_type(value: Any) -> str:
@@ -113,14 +134,70 @@ def returned(reply_code: int, reply_text: str, exchange: str, routing_key: str) 
                                   "exchange": exchange, "routing_key": routing_key})
 
 
-def register_abcs(pairs: dict[str, type]) -> None:
-    """Register each class as a virtual subclass of ``aio_pika.abc.<name>`` (if installed;
-    aio-pika's ``AbstractQueue`` is no ABC, so a Queue cannot be registered)."""
-    abc = optional_module("aio_pika.abc")
-    if abc is None:
-        return
-    for name, cls in pairs.items():
-        base = getattr(abc, name, None)
-        register = getattr(base, "register", None)
-        if register is not None:
-            register(cls)
+def register(pairs: dict[str, type]) -> None:
+    """Register each class as a virtual subclass of the aio-pika class its dotted name
+    names (``"aio_pika.abc.AbstractChannel"``, ``"aio_pika.Channel"``), where aio-pika is
+    installed and that class is an ABC."""
+    for dotted, cls in pairs.items():
+        module, _, name = dotted.rpartition(".")
+        found = optional_module(module)
+        register_as = getattr(getattr(found, name, None), "register", None)
+        if register_as is not None:
+            register_as(cls)
+
+
+def base(module: str, name: str) -> type:
+    """aio-pika's class ``module.name`` to subclass where it is installed, else ``object``."""
+    found = optional_module(module)
+    cls = getattr(found, name, None)
+    return cls if isinstance(cls, type) else object
+
+
+@dataclasses.dataclass(frozen=True)
+class DeliveredMessage:
+    """aiormq's ``DeliveredMessage`` where aiormq is not installed: the same fields."""
+
+    delivery: Any
+    header: Any
+    body: bytes
+    channel: Any
+
+    @property
+    def routing_key(self) -> str | None:
+        return getattr(self.delivery, "routing_key", None)
+
+    @property
+    def exchange(self) -> str | None:
+        return getattr(self.delivery, "exchange", None)
+
+    @property
+    def delivery_tag(self) -> int | None:
+        return getattr(self.delivery, "delivery_tag", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContentHeader:
+    """pamqp's ``ContentHeader`` where pamqp is not installed: properties (pika's) and size."""
+
+    properties: Any
+    body_size: int
+
+
+_HEADER = struct.Struct(">HHQ")
+
+
+def content_header(encoded: bytes, body_size: int) -> Any:
+    """The content header of a message whose properties are ``encoded`` (the wire's)."""
+    header_cls = getattr(optional_module("pamqp.header"), "ContentHeader", None)
+    if header_cls is None:
+        return ContentHeader(props.decode(encoded), body_size)
+    header = header_cls()
+    header.unmarshal(_HEADER.pack(60, 0, body_size) + encoded)
+    return header
+
+
+def delivered(delivery: Any, encoded: bytes, body: bytes, channel: Any) -> Any:
+    """A returned (or got) message as aiormq gives it: its ``DeliveredMessage``."""
+    cls = getattr(optional_module("aiormq.abc"), "DeliveredMessage", DeliveredMessage)
+    return cls(delivery=delivery, header=content_header(encoded, len(body)), body=body,
+               channel=channel)

@@ -93,7 +93,9 @@ _QueueEmpty: Any = _base(_AIO, "QueueEmpty")
 
 
 class ChannelClosed(_ChannelClosed, KzpoolError):
-    """The broker closed the channel because of a call; the channel recovers after."""
+    """The broker closed the channel because of a call (a robust channel recovers after, a
+    plain one stays closed until ``reopen()``); ``ChannelClosed(None, None)``, as aiormq's,
+    is what close callbacks hear when the channel's owner closed it."""
 
     code = "channel_closed"
     REPLY_CODE = 0
@@ -101,10 +103,11 @@ class ChannelClosed(_ChannelClosed, KzpoolError):
     def __init__(self, *args: Any) -> None:
         Exception.__init__(self, *args)
         if len(args) >= 2:
-            self.reply_code, self.reply_text = int(args[0]), str(args[1])
+            self.reply_code, self.reply_text = int(args[0] or 0), str(args[1] or "")
         else:
             self.reply_code, self.reply_text = self.REPLY_CODE, str(args[0] if args else "")
-        self.message = f"{self.reply_code} {self.reply_text}"
+        self.message = (f"{self.reply_code} {self.reply_text}" if self.reply_code
+                        else self.reply_text or "the channel was closed")
         self.fields = {"reply_code": self.reply_code}
 
     def __str__(self) -> str:

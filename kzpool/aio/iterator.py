@@ -26,8 +26,8 @@ log = logging.getLogger("kzpool.aio")
 
 
 class QueueIterator:
-    def __init__(self, core: ChannelCore, queue: Any, **kwargs: Any) -> None:
-        self._core = core
+    def __init__(self, queue: Any, **kwargs: Any) -> None:
+        self._core: ChannelCore | None = None  # the channel's core it consumes on
         self.queue = queue
         self.no_ack = bool(kwargs.get("no_ack", False))
         self._exclusive = bool(kwargs.get("exclusive", False))
@@ -61,7 +61,8 @@ class QueueIterator:
     # ----- the user's side ----------------------------------------------------------------------
 
     async def consume(self) -> None:
-        self.consumer_tag = await self._core.consume(
+        core = self._core = self.queue.channel._live()
+        self.consumer_tag = await core.consume(
             self.queue.name, self, self._exclusive, self._arguments, self._tag, None, True)
 
     def __aiter__(self) -> QueueIterator:
@@ -104,12 +105,12 @@ class QueueIterator:
             return
         self._closed = True
         self._wake()
-        tag, buffered = self.consumer_tag, list(self._buffer)
+        tag, buffered, core = self.consumer_tag, list(self._buffer), self._core
         self._buffer.clear()
-        if tag is None or self._core.is_closed:
+        if tag is None or core is None or core.is_closed:
             return
         with contextlib.suppress(ChannelInvalidStateError):
-            await self._core.cancel(tag, None)
+            await core.cancel(tag, None)
         if self.no_ack:
             if buffered:
                 log.warning("%d no_ack messages buffered by the iterator are lost",

@@ -10,7 +10,8 @@ its future, a reply wakes its call.
 
 When the channel is lost the link says so at once (pending calls are tried again on the new
 channel; a call the broker refused gets that error) and recovers in a task of its own
-(:mod:`.recovery`: acquire, replay, re-send), so consumers come back without anyone calling.
+(:mod:`.recovery`: acquire, replay, re-send), so consumers come back without anyone calling;
+the owner is heard first (:meth:`LinkOwner.recovering`: a channel error's close callbacks).
 It tries until it succeeds or the lease is closed, backing off between tries; calls made
 meanwhile wait up to the lease's ``timeout`` and then raise why the last try failed (a
 sticky lease's :class:`~kzpool.BrokerUnavailable` names its broker; a pool that is gone,
@@ -73,7 +74,7 @@ class LeaseLink:
         self.phase = Phase.OPENING
         self.current: Bound | None = None  # the stream of the channel now
         self.failure: BaseException | None = None  # why the last recovery try failed
-        self.unreported: Reason | None = None  # a channel error no call has raised yet
+        self.generation = 0  # channels held so far
         self._changed: asyncio.Future[None] | None = None  # resolved on each state change
         self._rid = 0
         self._recovery: asyncio.Task[None] | None = None
@@ -97,9 +98,6 @@ class LeaseLink:
     @property
     def broker(self) -> str | None:
         return self.state.broker
-
-
-
 
     @property
     def closed(self) -> bool:
@@ -138,6 +136,7 @@ class LeaseLink:
         """The first channel: errors (no pool, refused, no broker in time) raise here."""
         await self.recovery.acquire()
         self.phase = Phase.READY
+        self.generation = 1
         self.changed()
 
     async def close(self) -> None:
@@ -199,11 +198,8 @@ class LeaseLink:
         return None if current is None else current.take_get(reply)
 
     async def ready(self, deadline: float | None = None) -> None:
-        """Until the link has a channel (replayed); a channel error no call raised yet is
-        raised here, once.  After ``deadline``: why the last try failed, or LeaseTimeout."""
-        if self.unreported is not None:
-            reason, self.unreported = self.unreported, None
-            raise channel_error(reason.code, reason.text)
+        """Until the link has a channel (replayed).  After ``deadline``: why the last try
+        failed, or LeaseTimeout."""
         if deadline is None:
             deadline = self.loop.time() + self.state.timeout
         while self.phase is not Phase.READY:
@@ -273,13 +269,12 @@ class LeaseLink:
         if reason.channel_error and not reported and had_channel:
             log.warning("lease %s: the broker closed the channel: %d %s", self.id, reason.code,
                         reason.text)
-            self.unreported = reason
         was_ready = self.phase is Phase.READY
         if self.phase is not Phase.CLOSED and had_channel:
             self.phase = Phase.LOST
         if had_channel:
             log.info("lease %s lost its channel on %s: %s", self.id, self.broker, reason.text)
-            self.owner.on_lost()
+            self.owner.on_lost(reason)
         if was_ready:
             self.recover(reason)
 
@@ -293,6 +288,7 @@ class LeaseLink:
         old = self.broker
         retry = Backoff(0.05, 2.0)
         recovery = self.recovery
+        await self.owner.recovering(reason)
         while self.phase is Phase.LOST:
             try:
                 if await recovery.replay(await recovery.acquire(), self.send_call):
@@ -310,6 +306,7 @@ class LeaseLink:
         if self.phase is not Phase.LOST:
             return  # closed meanwhile
         self.phase, self.failure = Phase.READY, None
+        self.generation += 1
         self.changed()
         why = POOL_RESTARTED if recovery.pool_wait.waited else reason.text
         recovery.pool_wait.waited = False
