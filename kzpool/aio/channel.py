@@ -228,6 +228,8 @@ class Channel:
         core = self._core
         if core is None:
             raise ChannelInvalidStateError("Channel was not opened")
+        if core.link.forked is not None:  # opened before fork(): this process's copy
+            raise core.link.forked
         if self._ending.closed or core.link.phase in _ENDED:
             raise ChannelInvalidStateError(f"{self!r} closed")
         if core.refusing:
