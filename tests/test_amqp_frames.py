@@ -119,3 +119,28 @@ def test_a_publishs_properties_that_would_close_the_connection_are_refused(
         encoded: bytes, fault: str) -> None:
     with pytest.raises(ValueError, match=fault):
         amqp.check_properties(encoded)
+
+
+_header_value = st.recursive(
+    st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-2**31, 2**31 - 1),
+              _short, st.booleans(), st.none()),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(_short, inner, max_size=3)), max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(_short, _header_value, min_size=1, max_size=4))
+def test_float_headers_travel_as_doubles_both_ways_as_py_amqp_has_them(
+        headers: dict[str, object]) -> None:
+    from amqp.basic_message import Message
+
+    ours = props.encode(spec.BasicProperties(content_type="c", headers=headers, priority=1))
+    read = Message()
+    read._load_properties(read.CLASS_ID, ours, 0)  # py-amqp reads what we send
+    assert read.properties == {"content_type": "c", "application_headers": headers,
+                               "priority": 1}
+    amqp.check_properties(ours)  # and a worker lets it through
+    theirs = Message(b"", content_type="c", application_headers=headers,
+                     priority=1)._serialize_properties()
+    assert props.decode(theirs) == spec.BasicProperties(content_type="c", headers=headers,
+                                                        priority=1)

@@ -7,7 +7,10 @@ comes after that consumer's last delivery: it ends the generator, or runs the
 ``add_on_cancel_callback`` callbacks and ends ``start_consuming`` once no consumer is left.
 Returns go to the ``add_on_return_callback`` callbacks (none registered: dropped, as pika
 does).  A :class:`~kzpool.client.lease.Lease` holds its :class:`Consumers`, which are also
-what the dispatcher sees of it (a :class:`~kzpool.client.dispatch.Member`).
+what the dispatcher sees of it (a :class:`~kzpool.client.dispatch.Member`).  Deliveries read
+together are handed out one at a time; after a callback that ran a while, the lease reads
+what came meanwhile first, so a channel lost during that callback voids the deliveries read
+before the loss (the broker gives them again) rather than handing them out with dead tags.
 
 Hazards: not thread-safe; every call blocks; a callback's exception goes through the
 dispatcher to its caller, and the events after it stay queued.
@@ -32,6 +35,11 @@ from .dispatch import Dispatcher
 from .link import LeaseLink
 
 log = logging.getLogger("kzpool.lease")
+
+# a callback (or a generator's caller) that ran this long may have outlived its channel: the
+# lease reads what came meanwhile before it hands out another delivery read before it, so a
+# loss voids them (the broker gives them again) instead of their running with dead tags
+STALE_AFTER = 0.001
 
 OnMessage = Callable[[Any, Any, Any, bytes], None]
 OnCancel = Callable[[Any], None]
@@ -219,7 +227,10 @@ class Consumers:
                 if isinstance(item, Cancel):
                     self.gen = None
                     return
+                handed = time.monotonic()
                 yield item
+                if gen.buffer and time.monotonic() - handed >= STALE_AFTER:
+                    link.drain()  # a loss read now voids the rest (on_lost)
             elif not self._wait_generator(gen, inactivity_timeout):
                 yield NOTHING
 
@@ -347,8 +358,12 @@ class Consumers:
         return bool(self.events)
 
     def dispatch_events(self) -> None:
-        while self.events and not self.link.closed:  # a callback may cancel or close
+        link = self.link
+        while self.events and not link.closed:  # a callback may cancel or close
+            started = time.monotonic()
             self._dispatch(self.events.popleft())
+            if self.events and time.monotonic() - started >= STALE_AFTER:
+                link.drain()  # a loss read now voids the rest (on_lost)
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, tuple):

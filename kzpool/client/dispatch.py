@@ -120,6 +120,13 @@ class Dispatcher:
             return list(self.members.values())
 
     @property
+    def wake_fd(self) -> int | None:
+        """The read end of the wake pipe (``None`` unless wakeable): readable once another
+        thread has added a callback (:meth:`add_threadsafe`), until a dispatch of the home
+        thread reads it."""
+        return None if self._wake is None else self._wake[0]
+
+    @property
     def dispatching(self) -> bool:
         """A dispatcher of this thread is running a callback now."""
         return bool(getattr(self._local, "depth", 0))
@@ -240,9 +247,8 @@ class Dispatcher:
             reader = fds[fd]
             if reader is not None:
                 reader.read_now()
-            elif self._wake is not None:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake[0], 4096)
+            else:
+                self._clear_wake()
         if home:
             self._note_blocked(mine)
         return True
@@ -260,6 +266,7 @@ class Dispatcher:
         local.depth = getattr(local, "depth", 0) + 1
         try:
             if home:  # a callback that raises leaves the rest queued, as pika does
+                self._clear_wake()  # (before taking them: a later one writes it again)
                 for _ in range(len(self._ready)):
                     if not self._ready:
                         break
@@ -269,6 +276,12 @@ class Dispatcher:
                     member.dispatch_events()
         finally:
             local.depth -= 1
+
+
+    def _clear_wake(self) -> None:
+        if self._wake is not None:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake[0], 4096)
 
 
 def _fired(timer: Timer) -> Callback:
