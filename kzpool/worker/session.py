@@ -387,7 +387,9 @@ class Session:
             not self.unanswered
         if handed_on:
             self.host.recycle(self.channel, settled_first=self.unsure)
-        elif self.channel.is_open:
+        elif self.channel.is_open:  # its consumers stay on (pika would cancel them first):
+            # the broker then requeues what they had before its CloseOk, not a moment after
+            self.channel._cancelled.update(getattr(self.channel, "_consumers", ()))
             self.channel.close(self.close_code, self.close_text)
         if answer:
             self.linger = Linger(self, at_once=handed_on)
