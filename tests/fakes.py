@@ -4,6 +4,7 @@ end of a socket pair for a lease."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -75,7 +76,8 @@ class FakeSystem:
 
 class FakeWorker:
     """The worker's end of a lease's socket, in a thread: each message the lease sends is
-    answered by ``script(message, worker)``, which may ``send`` anything back."""
+    answered by ``script(message, worker)``, which may ``send`` anything back; a close is
+    then answered as a worker answers it."""
 
     def __init__(self, sock: socket.socket,
                  script: Callable[[Message | tuple[int, int, bytes], FakeWorker], None]) -> None:
@@ -104,6 +106,9 @@ class FakeWorker:
                     else (kind, flags, payload))
                 self.received.append(item)
                 self.script(item, self)
+                if isinstance(item, messages.Close):  # as a worker answers a lease's close
+                    with contextlib.suppress(OSError):
+                        self.send(messages.Closed())
 
     def close(self) -> None:
         self.sock.close()

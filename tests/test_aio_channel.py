@@ -272,6 +272,34 @@ def test_closing_a_channel_gives_back_what_it_had_not_acked(socket: str, name: s
     assert drain(DEFAULT_URI, name) == [b"unacked"]
 
 
+def test_close_returns_once_the_broker_requeued_what_was_delivered(socket: str,
+                                                                    name: str) -> None:
+    """``await channel.close()``, in the consumer's callback too, returns after the broker's
+    CloseOk: a ``get`` on another channel right after finds the messages, many times over."""
+    async def main() -> None:
+        async with await kzpool.aio.connect(socket) as connection:
+            check = await connection.channel()
+            checked = await check.declare_queue(name)
+            for round_ in range(60):
+                channel = await connection.channel()
+                for body in (b"1", b"2"):
+                    await channel.default_exchange.publish(Message(body), name)
+                queue = await channel.get_queue(name)
+                closed = asyncio.Event()
+
+                async def on_message(_message: Any, channel: Any = channel,
+                                     closed: asyncio.Event = closed) -> None:
+                    await channel.close()
+                    closed.set()
+                await queue.consume(on_message)
+                await asyncio.wait_for(closed.wait(), 10)
+                got = [await checked.get(no_ack=True, fail=False) for _ in range(3)]
+                bodies = [m.body if m is not None else None for m in got]
+                assert bodies == [b"1", b"2", None], f"round {round_}: {bodies}"
+            await checked.delete()
+    run(main())
+
+
 def test_exchange_to_exchange_bindings_route(socket: str, name: str) -> None:
     async def main() -> None:
         async with await kzpool.aio.connect(socket) as connection:

@@ -196,3 +196,35 @@ def test_a_message_over_the_brokers_max_size_fails_that_publish_only(
     finally:
         brokers._ctl(faulty_node.name, "-q", "eval", limit.format(size=int(old)))
     assert drain(faulty_node.url, queue) == [b"small", b"still fine"]
+
+
+def test_a_call_that_closes_the_connection_moves_a_bystander_once_on_the_same_broker(
+        pools: PoolMaker, extra_node: Any) -> None:
+    pool = pools([extra_node.url, DEFAULT_URI], reconnect_backoff_min=1).start()
+    pool.wait_ready()
+    pool.wait_rows(lambda rs: all(r["available"] for r in rs), 10, "both brokers")
+    connection = kzpool.connect(pool.socket)
+    queue = f"kzt-{uuid.uuid4().hex[:10]}"
+    moves: list[kzpool.MoveEvent] = []
+    bystander = connection.channel(on_move=moves.append)
+    primary = bystander.broker
+    assert primary == extra_node.url.replace("guest:guest", "guest:***")
+    bystander.queue_declare(queue, auto_delete=True)
+    bystander.confirm_delivery()
+    culprit = connection.channel()
+    for round_ in range(3):  # the broker is up all along: no failover, no fail-back
+        with pytest.raises(kzpool.ConnectionClosedByBroker) as info:
+            culprit.exchange_declare(f"{queue}-x", exchange_type="kzt-no-such-type")
+        assert info.value.reply_code == 503
+        bystander.basic_publish("", queue, b"%d" % round_)  # confirmed, on the same broker
+        assert bystander.broker == primary
+        assert [(m.old_broker, m.new_broker) for m in moves] == [(primary, primary)] * (
+            round_ + 1), moves
+        assert "503" in moves[-1].reason or "COMMAND_INVALID" in moves[-1].reason
+    rows = pool.connections()
+    assert rows[0]["primary"] and not rows[1]["primary"]
+    assert pool.status()["pool"]["pid"] == pool.pid
+    culprit.queue_declare(queue, passive=True)  # the culprit carries on too, on the primary
+    assert culprit.broker == primary
+    bystander.queue_delete(queue)
+    connection.close()

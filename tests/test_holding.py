@@ -36,7 +36,9 @@ def test_a_consumer_the_broker_cancelled_takes_its_deliveries_back_and_may_consu
         holding.consuming(ctag, auto_ack=False)
     for tag, ctag in [(1, "c1"), (2, "c2"), (3, "c1")]:
         holding.delivered(tag, ctag)
-    assert holding.cancel("c1") == (1, 3)
+    counters = {"consumers_cancelled": 0, "deliveries_taken_back": 0}
+    assert holding.cancel("c1", counters, "lease1") == (1, 3)
+    assert counters == {"consumers_cancelled": 1, "deliveries_taken_back": 2}
     assert "c1" in holding.cancelled and list(holding.held) == [2]
     holding.consuming("c1", auto_ack=False)  # the same tag, consuming again
     assert "c1" not in holding.cancelled

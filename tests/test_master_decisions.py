@@ -21,12 +21,12 @@ from kzpool.common.exitcodes import CONSUMER_BOOT, OK, WORKER_FATAL
 from kzpool.common.messages import LeaseEvent, LeaseNews, LeaseRequest, Report
 from kzpool.common.options import LeaseOptions
 from kzpool.common.states import ConnState, ProcState
-from kzpool.master.assign import RowState
+from kzpool.master.assign import RowState, zone_primary
 from kzpool.master.consumers import ConsumerSet, changed_sections
 from kzpool.master.ladder import Ladder
 from kzpool.master.leasebook import LeaseBook
 from kzpool.master.life import STABLE_AFTER, Life, judge
-from kzpool.master.slots import Slot
+from kzpool.master.slots import Slot, broker_key
 from kzpool.master.workers import WorkerEvents, WorkerSet
 
 from .fakes import FakeSystem, exited, killed
@@ -423,3 +423,35 @@ def test_a_worker_that_cannot_be_forked_at_the_file_limit_is_tried_again(
     w.system.now += 1.0
     w.set.spawn_due(w.system.now)
     assert slot.pid
+
+
+def test_a_worker_reconnecting_at_once_stays_primary_for_a_connect_then_fails_over(
+        short_tmp: Path) -> None:
+    w = Workers(short_tmp)
+    book = LeaseBook(w.set, w.selector, w.system)
+    client, ours = socket.socketpair()
+    book.request(ours, LeaseRequest(LeaseOptions(), wait=30))  # before a worker connects
+    h1, h2 = w.slot(0), w.slot(1)
+    w.connect(h1)
+    w.connect(h2)
+    h1_key, h2_key = (broker_key(s.spec.broker) for s in (h1, h2))
+    # the broker closed h1's connection for a client's call (503): it is up, and h1 says it
+    # connects again at once
+    w.set._on_message(h1, Report(state="reconnecting", since=1.0))
+    assert zone_primary(w.set.slots.values(), "east") == h1_key  # no failover
+    book.place_waiting(w.system.now)
+    assert book.waiting  # the lease waits for h1 rather than move to h2 and back
+    w.system.now += 0.05
+    w.set._on_message(h1, Report(state="connected", since=2.0, prechannels=3))
+    book.place_waiting(w.system.now)
+    (row,) = book.rows.values()
+    assert row.state is RowState.ASSIGNING and row.slot is h1
+    # again, but the connect does not come back within connect_timeout and a second
+    w.set._on_message(h1, Report(state="reconnecting", since=3.0))
+    w.system.now += w.set.settings.connect_timeout + 0.5
+    w.set.check(w.system.now, sample=False)
+    assert zone_primary(w.set.slots.values(), "east") == h1_key
+    w.system.now += 1.0
+    w.set.check(w.system.now, sample=False)
+    assert zone_primary(w.set.slots.values(), "east") == h2_key  # now the zone fails over
+    client.close()

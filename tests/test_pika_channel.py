@@ -389,6 +389,35 @@ def test_closing_the_channel_in_its_callback_ends_start_consuming_and_requeues(
         assert [check.basic_get(queue, auto_ack=True)[2] for _ in range(2)] == [b"1", b"2"]
 
 
+def test_close_from_the_callback_returns_once_the_broker_requeued_its_deliveries(
+        connection: kzpool.Connection, names: Names) -> None:
+    """pika's TestCloseChannelFromBasicConsumeCallback, many times over: ``close()`` returns
+    after the broker's CloseOk, so a ``basic_get`` on another lease right after finds both
+    messages back in the queue (no wait: a close that returned early shows here)."""
+    queue = names("q")
+    with connection.channel() as setup:
+        setup.queue_declare(queue)
+    check = connection.channel()
+    for round_ in range(60):
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish("", queue, b"1", mandatory=True)
+        channel.basic_publish("", queue, b"2", mandatory=True)
+        channel.basic_consume(queue, lambda ch, *_: ch.close())
+        channel.start_consuming()
+        assert channel.is_closed
+        got = [check.basic_get(queue, auto_ack=True)[2] for _ in range(3)]
+        assert got == [b"1", b"2", None], f"round {round_}: {got}"
+    check.close()
+    # leases that left nothing on their channels are answered at once, even those whose
+    # channel the worker then closes (more are handed back than it keeps ready): a close
+    # that waited for their CloseOk would wait here for the lease's hour
+    spare = [connection.channel(timeout=3600) for _ in range(12)]
+    for lease in spare:
+        lease.queue_declare(queue, passive=True)
+        lease.close()
+
+
 def test_a_thread_acks_through_add_callback_threadsafe(connection: kzpool.Connection,
                                                        names: Names) -> None:
     channel = connection.channel()

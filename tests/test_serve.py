@@ -207,9 +207,9 @@ def test_registry_kill_9_rebuilds_the_tables(pools: PoolMaker, vhost: str) -> No
     before = pool.wait_rows(lambda rs: all(r["prechannels"] == 10 for r in rs), 10, "ready rows")
     registry = next(p for p, t in titles(pool).items() if t == "kzpool: registry")
     psutil.Process(registry).send_signal(signal.SIGKILL)
-    wait_for(lambda: "starting a new one" in pool.logs(), 5, "the registry restart")
+    wait_for(lambda: "starting a new one" in pool.logs(), 20, "the registry restart")
     rows = pool.wait_rows(lambda rs: len(rs) == 2 and all(r["prechannels"] == 10 for r in rs),
-                          5, "tables rebuilt")
+                          20, "tables rebuilt")
     assert [r["pid"] for r in rows] == [r["pid"] for r in before]
     assert registry not in titles(pool)
 

@@ -246,3 +246,15 @@ def test_a_confirm_is_a_future_to_every_caller() -> None:
     threading.Timer(0.05, later.set_result, (None,)).start()
     done, not_done = concurrent.futures.wait([ok, later], timeout=10)
     assert done == {ok, later} and not not_done
+
+
+def test_a_primary_reconnecting_at_once_keeps_the_pool_healthy() -> None:
+    from kzpool.common.status import health
+
+    def status(state: str, available: bool) -> dict[str, object]:
+        return {"pool": {"state": "running", "local_zone": "local"}, "connections": [
+            {"zone": "local", "broker": "amqp://h1/", "primary": True, "state": state,
+             "available": available}]}
+    assert health(status("reconnecting", False)).ok  # a client's call closed it: 503
+    assert not health(status("waiting", False)).ok  # its broker is away
+    assert health(status("connected", True)).ok

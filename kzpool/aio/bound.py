@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..common import messages
 from ..common.messages import Reason, Reply
-from ..lease.frames import Frames
+from ..lease.frames import Frames, ends_close
 from ..lease.state import LeaseState
 from .stream import FrameStream, attach
 
@@ -99,6 +100,21 @@ class Bound:
 
     # ----- ending ---------------------------------------------------------------------------
 
+    def after_fork(self) -> None:
+        """In a child of ``fork()``: the socket is the parent's conversation, and the event
+        loop's selector is shared with the parent's (an unregister here would unregister it
+        there).  So the child's descriptor is pointed at ``/dev/null`` rather than closed:
+        the parent's socket is out of reach, nothing is said on it, no call reaches the
+        loop, and the number stays taken until the transport closes it."""
+        self.dead, self.has_channel = True, False
+        stream = self.stream
+        sock = None if stream is None or stream.transport is None else (
+            stream.transport.get_extra_info("socket"))
+        if sock is not None and sock.fileno() >= 0:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            os.dup2(null, sock.fileno())
+            os.close(null)
+
     def lose(self, reason: Reason) -> None:
         """The channel (or the stream to its worker) is gone: close, tell ``on_lost`` once."""
         if self.dead:
@@ -113,17 +129,42 @@ class Bound:
         self._got_for.clear()
         self.on_lost(reason, reported, had_channel)
 
-    def close(self, last: bytes, error: BaseException) -> None:
-        """Closed by the lease's owner: send ``last``; calls in flight raise ``error``."""
+    async def close(self, last: bytes, error: BaseException, wait: float = 0.0) -> None:
+        """Closed by the lease's owner: calls in flight raise ``error``; send ``last`` and,
+        with ``wait``, wait until the worker answers it (:func:`~kzpool.lease.frames.
+        ends_close`), hangs up, or ``wait`` seconds pass, dropping what else comes
+        (deliveries of a closing lease go back to their queues); then close the stream."""
         self.dead = True
         self.has_channel = False
-        if self.stream is not None:
-            self.stream.close(last)
         replies, self.replies = self.replies, {}
         for future in replies.values():
             if not future.done():
                 future.set_exception(error)
         self._resolve_binding()
+        stream = self.stream
+        if stream is None or stream.closed:
+            return
+        if wait <= 0:
+            stream.close(last)
+            return
+        answered: asyncio.Future[None] = self.loop.create_future()
+
+        def answer(*_args: object) -> None:
+            if not answered.done():
+                answered.set_result(None)
+
+        def on_frame(kind: int, _flags: int, payload: bytes) -> None:
+            if ends_close(kind, payload):
+                answer()
+        stream.on_frame, stream.on_close = on_frame, answer  # a hang-up: as good as closed
+        stream.write(last)
+        try:
+            async with asyncio.timeout(wait):
+                await answered
+        except TimeoutError:
+            pass
+        finally:
+            stream.close()
 
     def _fail_calls(self, reason: Reason) -> bool:
         """Calls in flight: the broker's error if it closed the channel, else tried again;

@@ -96,6 +96,7 @@ class Ending:
     def __init__(self, sender: Any) -> None:
         self.callbacks = CallbackCollection(sender)
         self.closed = False
+        self.finished = False  # its close has completed
         self._future: asyncio.Future[bool] | None = None
 
     def begin(self) -> bool:
@@ -113,19 +114,20 @@ class Ending:
 
     def resolve(self) -> None:
         """Complete the future :meth:`future` gave (the channel is closed, for now)."""
+        self.finished = True
         if self._future is not None and not self._future.done():
             self._future.set_result(True)
 
     def reopen(self) -> None:
         """Open again: no longer closed, and a new future for the next close."""
-        self.closed = False
+        self.closed = self.finished = False
         if self._future is not None and self._future.done():
             self._future = None
 
     def future(self) -> asyncio.Future[bool]:
-        """Completes when it has closed (at once if it has)."""
+        """Completes when its close has completed (at once if it has)."""
         if self._future is None:
             self._future = asyncio.get_running_loop().create_future()
-            if self.closed:
+            if self.finished:
                 self._future.set_result(True)
         return self._future

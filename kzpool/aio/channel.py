@@ -127,23 +127,29 @@ class Channel:
         await self.close()
 
     async def close(self, exc: BaseException | None = None) -> None:
-        """Give the lease back: its consumers are cancelled, unacked messages requeued.  The
-        close callbacks hear ``exc``, else ``ChannelClosed(None, None)`` (aiormq's)."""
+        """Give the lease back: its consumers are cancelled, unacked messages requeued;
+        returns once the broker has confirmed it (within the lease's timeout), and a close
+        called while another is under way returns when that one does.  The close callbacks
+        hear ``exc``, else ``ChannelClosed(None, None)`` (aiormq's)."""
         await self._close(exc if exc is not None else ChannelClosed(None, None))
 
     async def _close(self, exc: BaseException | None) -> None:
         core = self._core
         if not self._ending.begin():
+            if core is not None:
+                await asyncio.shield(self._ending.future())
             return
         told = core is not None and core.error is not None and not self.ROBUST
-        if core is not None:
-            await core.close()
-        if self._connection is not None:
-            self._connection._forget(self)
-        if told:  # its close callbacks heard the broker's error already
-            self._ending.resolve()
-        else:
-            self._ending.finish(exc)
+        try:
+            if core is not None:
+                await core.close()
+        finally:
+            if self._connection is not None:
+                self._connection._forget(self)
+            if told:  # its close callbacks heard the broker's error already
+                self._ending.resolve()
+            else:
+                self._ending.finish(exc)
 
     async def reopen(self) -> None:
         """A channel again: after ``close()``, a new lease; after a channel error, the
@@ -222,6 +228,8 @@ class Channel:
         core = self._core
         if core is None:
             raise ChannelInvalidStateError("Channel was not opened")
+        if core.link.forked is not None:  # opened before fork(): this process's copy
+            raise core.link.forked
         if self._ending.closed or core.link.phase in _ENDED:
             raise ChannelInvalidStateError(f"{self!r} closed")
         if core.refusing:

@@ -159,6 +159,8 @@ class ChannelCore:
 
     async def close(self) -> None:
         await self.link.close()
+        if self.link.forked is not None:
+            return  # the consumers are the parent's, on the parent's loop
         for consumer in list(self.consumers.values()):
             if not isinstance(consumer, Cancelled):
                 consumer.closed()

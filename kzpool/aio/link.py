@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import socket
 import time
 from typing import Any
@@ -43,6 +44,7 @@ from ..common.errors import (
 from ..common.messages import Reason, Reply
 from ..common.options import LeaseOptions
 from ..common.wire import Flag, Kind
+from ..lease import forks
 from ..lease.state import POOL_RESTARTED, LeaseState
 from .bound import Bound, Got, LinkOwner
 from .errors import ChannelClosed, ChannelInvalidStateError, DeliveryTakenBack, channel_error
@@ -79,6 +81,9 @@ class LeaseLink:
         self._rid = 0
         self._recovery: asyncio.Task[None] | None = None
         self.recovery = Recovery(pool, self.state, self._attach)
+        self.pid = os.getpid()  # the process it was made in
+        self.forked: KzpoolError | None = None  # in a child of fork(): why it is unusable
+        forks.watch(self)
 
     async def _attach(self, sock: socket.socket) -> Bound:
         bound = Bound(self.state, self.owner, self._on_lost, self.changed)
@@ -114,6 +119,21 @@ class LeaseLink:
 
     # ----- life -----------------------------------------------------------------------------
 
+    def after_fork(self) -> None:
+        """In a child of ``fork()``: an event loop does not survive a fork (its selector is
+        shared with the parent's, its futures are the parent's), so neither does a channel:
+        its calls raise why, its close does nothing but mark it closed, and its socket is put
+        out of the child's reach without a word on it nor a touch of the loop
+        (:meth:`Bound.after_fork`).  The parent's channel goes on as before."""
+        self.forked = forks.forked_error(
+            "this channel", self.pid, "open a channel in this process, on its own event loop"
+            " (the connection made before the fork may still open it)")
+        current, self.current = self.current, None
+        if current is not None:
+            current.after_fork()
+        self.phase, self.failure, self._recovery, self._changed = (
+            Phase.FAILED, self.forked, None, None)
+
     async def open(self) -> None:
         """The first channel: errors (no pool, refused, no broker in time) raise here."""
         await self.recovery.acquire()
@@ -123,8 +143,12 @@ class LeaseLink:
 
     async def close(self) -> None:
         """Give the channel back (the worker cancels its consumers, unacked messages go back
-        to their queues); publishes still unconfirmed fail."""
+        to their queues) and wait, up to the lease's timeout, until the worker says the
+        broker closed it, or handed it on; publishes still unconfirmed fail."""
         if self.phase is Phase.CLOSED:
+            return
+        if self.forked is not None:  # the parent's loop and socket are left alone
+            self.phase = Phase.CLOSED
             return
         self.phase = Phase.CLOSED
         self.changed()
@@ -136,7 +160,7 @@ class LeaseLink:
         current, self.current = self.current, None
         error = ChannelInvalidStateError("the channel was closed", lease=self.id)
         if current is not None:
-            current.close(messages.encode(messages.Close()), error)
+            await current.close(messages.encode(messages.Close()), error, self.state.timeout)
         self.state.confirms.fail_all(ChannelInvalidStateError("the channel was closed",
                                                               lease=self.id))
 
@@ -262,6 +286,8 @@ class LeaseLink:
 
     def _on_lost(self, reason: Reason, reported: bool, had_channel: bool) -> None:
         """What an :class:`Bound` says when its channel is gone (once)."""
+        if self.forked is not None:
+            return
         confirms = self.state.confirms
         if reason.channel_error and confirms.pending:
             confirms.fail_all(ChannelClosedByBroker(reason.code, reason.text))

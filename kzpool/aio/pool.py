@@ -7,11 +7,13 @@ kind of lease last), every socket opened without blocking the loop.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
 from ..common import messages
 from ..common.options import ConnectionId
+from ..lease import forks
 from ..lease.asking import not_running
 from ..lease.state import RouteKey
 from .stream import AioBackend, UnixBackend, call
@@ -26,9 +28,18 @@ class PoolClient:
         # (kind, zone or broker) -> the lease socket of the worker that served it last
         self.routes: dict[RouteKey, str] = {}
         self.identity = ConnectionId()  # its leases' connection_id: their exclusive queues'
+        self.pid = os.getpid()  # the process it was made in (a child of fork() has a copy)
+        forks.watch(self)
 
     def __repr__(self) -> str:
         return f"<PoolClient {self.socket_path}>"
+
+    def after_fork(self) -> None:
+        """In a child of ``fork()`` (run by :mod:`kzpool.lease.forks`): the client holds no
+        socket and no event loop, so it serves the child's own channels on the child's own
+        loop; the channels opened before the fork are the parent's (they refuse to be used
+        here: :meth:`LeaseLink.after_fork`)."""
+        self.pid = os.getpid()
 
     async def open_pool(self) -> socket.socket:
         """A new connection to the pool's lease socket; a clear error if no pool answers."""

@@ -16,9 +16,9 @@ the caller's signal handler while it sends cuts the frame stream: the channel is
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,13 +30,15 @@ from ..common import messages, props, wire
 from ..common.errors import KzpoolError
 from ..common.messages import Reason, Reply
 from ..common.sockets import READ_SIZE, readable, receive
-from ..lease.frames import Frames
+from ..lease.forks import FORKED_REASON
+from ..lease.frames import Frames, ends_close
 from ..lease.state import LeaseState
 
 log = logging.getLogger("kzpool.lease")
 
 WORKER_GONE = Reason("ConnectionClosed", 0, "worker gone")
 INTERRUPTED = Reason("Interrupted", 0, "interrupted while sending")
+STOP_POLL = 0.25  # seconds between two looks at a closing lease's stop callable
 Delivery = tuple[Any, Any, bytes]
 OnLost = Callable[[Reason, bool, bool], None]  # (reason, a call was in flight, was bound)
 
@@ -98,13 +100,43 @@ class Bound:
         if self.settles and self.sock is not None:
             self.send(b"")
 
-    def close(self, last: bytes) -> None:
-        """Send the batched settles and ``last``, then close (errors ignored)."""
+    def close(self, last: bytes, wait: float = 0.0,
+              stop: Callable[[], bool] | None = None) -> None:
+        """Send the batched settles and ``last``; with ``wait``, read until the worker
+        answers it (:func:`~kzpool.lease.frames.ends_close`), hangs up, ``wait`` seconds
+        pass or ``stop()`` (asked every :data:`STOP_POLL` s) says its owner is stopping,
+        dropping what else comes (deliveries of a closing lease go back to their queues);
+        then close.  A worker that is gone counts as closed."""
         sock, self.sock = self.sock, None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.sendall(b"".join(self.settles) + last)
+        if sock is None:
+            return
+        try:
+            sock.sendall(b"".join(self.settles) + last)
+            if wait > 0:
+                self._await_answer(sock, time.monotonic() + wait, stop)
+        except OSError:
+            pass
+        finally:
             sock.close()
+
+    def _await_answer(self, sock: socket.socket, deadline: float,
+                      stop: Callable[[], bool] | None) -> None:
+        reader = self.reader  # frames already half read on this socket come first
+        while (left := deadline - time.monotonic()) > 0:
+            if stop is not None and stop():
+                return  # a stopping owner does not wait for a broker that may be silent
+            if not readable([sock.fileno()], left if stop is None else min(left, STOP_POLL)):
+                continue
+            data = receive(sock, READ_SIZE)
+            if not data:
+                if data is None:
+                    continue
+                return
+            try:
+                if any(ends_close(kind, payload) for kind, _flags, payload in reader.feed(data)):
+                    return
+            except KzpoolError:
+                return
 
     # ----- reading --------------------------------------------------------------------------
 
@@ -144,6 +176,12 @@ class Bound:
             self.lose(Reason("ProtocolError", 0, str(exc)))
 
     # ----- losing ---------------------------------------------------------------------------
+
+    def after_fork(self) -> None:
+        """In a child of ``fork()``: the socket is the parent's conversation; the child's
+        copy is closed without a word on it (the parent's stays open), and the channel is
+        lost here (:data:`~kzpool.lease.forks.FORKED`)."""
+        self.lose(FORKED_REASON)
 
     def lose(self, reason: Reason) -> None:
         """The channel is gone (or was never had): close, and tell ``on_lost`` once."""

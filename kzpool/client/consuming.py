@@ -325,6 +325,12 @@ class Consumers:
 
     # ----- what the dispatcher sees (a Member) ---------------------------------------------
 
+    def after_fork(self, parent: int, connection_id: str) -> None:
+        """In a child of ``fork()`` (see :meth:`LeaseLink.after_fork`): what the parent's
+        channel delivered is the parent's to handle."""
+        self.link.after_fork(parent, connection_id)
+        self.on_lost()
+
     @property
     def owner(self) -> int:
         return self.link.thread

@@ -56,6 +56,8 @@ class Member(Protocol):
 
     def prepare_wait(self) -> None: ...
 
+    def after_fork(self, parent: int, connection_id: str) -> None: ...
+
     def read_now(self) -> None: ...
 
     def has_events(self) -> bool: ...
@@ -160,6 +162,23 @@ class Dispatcher:
             self._timers.clear()
             self._wake = None
             self._close_wake()
+
+    def after_fork(self, parent: int, connection_id: str) -> None:
+        """In a child of ``fork()``: locks and the wake pipe of its own (another thread may
+        have held a lock at the fork, and the pipe is shared with the parent: a wake of the
+        child's would wake the parent); then each lease (:meth:`Member.after_fork`)."""
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.home = threading.get_ident()
+        if self._wake is not None:
+            self._close_wake()  # the child's copies only
+            read_end, write_end = os.pipe()
+            os.set_blocking(read_end, False)
+            os.set_blocking(write_end, False)
+            self._wake = (read_end, write_end)
+            self._close_wake = weakref.finalize(self, _close_fds, read_end, write_end)
+        for member in list(self.members.values()):
+            member.after_fork(parent, connection_id)
 
     # ----- dispatching ----------------------------------------------------------------------
 

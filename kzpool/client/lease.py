@@ -383,7 +383,8 @@ class Lease:
         self._settle(delivery_tag, Flag.SETTLE_REJECT | (Flag.REQUEUE if requeue else 0))
 
     def close(self, reply_code: int = 0, reply_text: str = "Normal shutdown") -> None:
-        """Give the channel back: consumers are cancelled, unacked messages requeued.  A
+        """Give the channel back: consumers cancelled, unacked messages requeued; returns
+        once the broker confirmed it (within the lease's ``timeout``), as pika's does.  A
         second close raises :class:`LeaseClosed` (pika's ``ChannelWrongStateError``)."""
         link = self._impl
         if link.closed and not link.aborted:
@@ -402,10 +403,8 @@ class Lease:
         self._tx_touch()
         self._impl.settle(delivery_tag, flags, self._consumers.more_waiting)
 
-    def _requeue(self, delivery_tag: int) -> None:
-        """A nack, not a reject: RabbitMQ 4.3 counts a reject toward a quorum queue's
-        delivery limit, not a nack."""
-        self.basic_nack(delivery_tag, requeue=True)
+    def _requeue(self, delivery_tag: int) -> None:  # a nack: RabbitMQ 4.3 counts a reject
+        self.basic_nack(delivery_tag, requeue=True)  # toward a delivery limit, not a nack
 
     def _rpc(self, method: str, **args: Any) -> Any:
         reply: Reply = self._impl.call("call", method, args)

@@ -48,6 +48,7 @@ from ..common.errors import (
 from ..common.messages import Reason, Reply
 from ..common.options import LeaseOptions
 from ..common.wire import Flag, Kind
+from ..lease.forks import FORKED_REASON
 from ..lease.state import POOL_RESTARTED, LeaseState
 from .bound import Bound, Delivery, Hooks
 from .recovery import Abort, Loss, Recovery, Sockets
@@ -119,6 +120,17 @@ class LeaseLink:
     @property
     def sock(self) -> socket.socket | None:
         return self.bound.sock
+
+    def after_fork(self, parent: int, connection_id: str) -> None:
+        """In a child of ``fork()``: the lease is the child's own from its next use on: a new
+        channel (a new lease id), its topology replayed (``on_move`` hears
+        :data:`~kzpool.lease.forks.FORKED`); the parent's socket is left to the parent, its
+        unconfirmed publishes too (they fail here), its unacked deliveries too (dropped)."""
+        self.thread = threading.get_ident()
+        self.bound.after_fork()
+        self.loss = Loss(FORKED_REASON)  # whatever the parent had still to raise is its own
+        self.state.forked(parent, connection_id)
+        self.recovery.handed = None
 
     # ----- recovering -----------------------------------------------------------------------
 
@@ -245,10 +257,13 @@ class LeaseLink:
             self.bound.send(data)
 
     def close(self, reply_code: int = 0, reply_text: str = "Normal shutdown") -> None:
+        """Give the channel back and wait, up to the lease's timeout, until the worker says
+        the broker closed it (unacked deliveries back in their queues) or handed it on."""
         if self.closed:
             return
         self._closed = True
-        self.bound.close(messages.encode(messages.Close(reply_code, reply_text)))
+        self.bound.close(messages.encode(messages.Close(reply_code, reply_text)),
+                         wait=self.state.timeout, stop=self._abort.abort)
 
     # ----- flow control ---------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ the other end.  The asyncio twin is :class:`kzpool.aio.pool.PoolClient`.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from collections.abc import Callable
 from typing import Any, Protocol, Unpack
@@ -24,6 +25,7 @@ from ..common import messages, wire
 from ..common.errors import ClientClosed
 from ..common.messages import Message
 from ..common.options import ConnectionId, LeaseOptions, OptionFields
+from ..lease import forks
 from ..lease.asking import not_running, read_answer
 from ..lease.state import MoveEvent, RouteKey
 from .dispatch import Dispatcher
@@ -58,9 +60,18 @@ class PoolClient:
         self.routes: dict[RouteKey, str] = {}
         self.identity = ConnectionId()  # its leases' connection_id: their exclusive queues'
         self.dispatcher = Dispatcher(wakeable)
+        self.pid = os.getpid()  # the process it was made in (a child of fork() has a copy)
+        forks.watch(self)
 
     def __repr__(self) -> str:
         return f"<PoolClient {self.socket_path}>"
+
+    def after_fork(self) -> None:
+        """In a child of ``fork()`` (run by :mod:`kzpool.lease.forks`): the parent's sockets
+        are closed here without a word on them, and each lease gets a channel of its own on
+        its next use, replaying its topology; the parent's leases stay the parent's."""
+        parent, self.pid = self.pid, os.getpid()
+        self.dispatcher.after_fork(parent, self.identity.value)  # the child's own identity
 
     def open_pool(self) -> socket.socket:
         """A new connection to the pool's lease socket; a clear error if no pool answers."""

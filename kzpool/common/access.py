@@ -11,6 +11,8 @@ import pwd
 import socket
 import struct
 
+from .sockets import FILE_LIMIT_ERRORS
+
 _UCRED = struct.Struct("3i")
 
 
@@ -58,15 +60,18 @@ def uid_of(pid: int) -> int | None:
 
 
 def _groups(pid: int, gid: int) -> set[int]:
-    """The peer's primary and supplementary groups."""
+    """The peer's primary and supplementary groups (the primary alone if it is gone).
+    :class:`OSError` at the file limit: the peer cannot be checked now, so it must be
+    turned away as the file limit's, not as refused access."""
     groups = {gid}
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as status:
             for line in status:
                 if line.startswith("Groups:"):
                     groups.update(int(g) for g in line.split()[1:])
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno in FILE_LIMIT_ERRORS:
+            raise
     return groups
 
 
@@ -80,7 +85,8 @@ class Access:
         return self.refusal_for(*peer(sock))
 
     def refusal_for(self, pid: int, uid: int, gid: int) -> str | None:
-        """:meth:`refusal` of a peer whose credentials were read already."""
+        """:meth:`refusal` of a peer whose credentials were read already; :class:`OSError`
+        if its groups cannot be read at the file limit."""
         if uid in self.uids or _groups(pid, gid) & self.gids:
             return None
         return (f"access refused: uid {uid} (pid {pid}) is not among the allowed users or"

@@ -21,7 +21,8 @@ client → worker (bound)     :class:`Call`, :class:`Consume`, :class:`ConfirmSe
                             :class:`Get`, :class:`Bye`, :class:`Close`
 worker → client             :class:`Leased`, :class:`Redirect`, :class:`Lost`,
                             :class:`Move`, :class:`Blocked`, :class:`Unblocked`,
-                            :class:`Error`, :class:`Reply`, :class:`Cancelled`
+                            :class:`Error`, :class:`Reply`, :class:`Cancelled`,
+                            :class:`Closed` (the answer to :class:`Close`)
 master or worker → client   :class:`Refused` (then the socket is closed)
 ==========================  ===========================================================
 
@@ -284,6 +285,15 @@ class Error(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Closed(Message):
+    """The answer to :class:`Close`: the channel is closed (the broker confirmed it, so its
+    unacked deliveries are back in their queues), or it was handed on clean; the worker then
+    closes the socket."""
+
+    OP = "closed"
+
+
+@dataclass(frozen=True, slots=True)
 class Cancelled(Message):
     """The broker cancelled consumer ``consumer_tag`` (its queue was deleted, or a consumer
     timeout elapsed); it comes after every delivery the consumer got before.
@@ -339,7 +349,7 @@ TO_MASTER_FROM_CLIENT = accepts(LeaseRequest, Ping, StatusRequest, BrokersReques
 TO_WORKER_FROM_CLIENT = accepts(LeaseRequest)
 TO_SESSION = accepts(Call, Consume, ConfirmSelect, Get, Bye, Close)
 TO_CLIENT = accepts(Leased, Redirect, Lost, Move, Blocked, Unblocked, Error, Reply, Refused,
-                    Cancelled)
+                    Cancelled, Closed)
 
 
 # ----- encoding and decoding --------------------------------------------------------------

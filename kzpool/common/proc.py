@@ -1,4 +1,8 @@
-"""Process plumbing shared by the master and its children: titles, parent death, fds, RSS."""
+"""Process plumbing shared by the master and its children: titles, parent death, fds, RSS.
+
+Reading another process's memory opens files under ``/proc``: at the file limit that
+reading is skipped (``None``), never raised.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import signal
 
 import psutil
 import setproctitle
+
+from .sockets import FILE_LIMIT_ERRORS
 
 _PR_SET_PDEATHSIG = 1
 
@@ -43,10 +49,16 @@ def close_fds_except(*keep: int) -> None:
     os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
-def rss_and_cpu(proc: psutil.Process) -> tuple[int, float]:
-    """Resident bytes and CPU percent since the last call; (0, 0.0) if it is gone."""
+def rss_and_cpu(proc: psutil.Process) -> tuple[int, float] | None:
+    """Resident bytes and CPU percent since the last call; (0, 0.0) if it is gone; ``None``
+    if they cannot be read now (``/proc`` cannot be opened at the file limit: the caller
+    skips this reading, see :class:`~kzpool.common.sockets.LimitEpisode`)."""
     try:
         with proc.oneshot():
             return proc.memory_info().rss, proc.cpu_percent(None)
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return 0, 0.0
+    except OSError as exc:
+        if exc.errno in FILE_LIMIT_ERRORS:
+            return None
+        raise

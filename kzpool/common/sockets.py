@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import math
 import os
 import resource
@@ -25,6 +26,45 @@ from collections import deque
 from collections.abc import Callable
 
 FILE_LIMIT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def at_file_limit(exc: BaseException) -> bool:
+    """``exc`` says the process (or the system) has no descriptor left for a new file or
+    socket: what a loop skips for now, never a reason to stop."""
+    return isinstance(exc, OSError) and exc.errno in FILE_LIMIT_ERRORS
+
+
+def out_of_files() -> bool:
+    """No descriptor can be opened now (one is tried, and closed at once)."""
+    try:
+        os.close(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as exc:
+        return at_file_limit(exc)
+    return False
+
+
+class LimitEpisode:
+    """Say once that something was skipped at the file limit, and once that it works again:
+    a loop that meets the limit on every tick must not log on every tick."""
+
+    def __init__(self, log: logging.Logger, what: str) -> None:
+        self.log = log
+        self.what = what  # "the memory readings of the processes", ...
+        self.skipped = 0  # in the episode now (0: none)
+
+    def hit(self, why: object = "too many open files") -> None:
+        """Skipped once more at the file limit (``why``: the error, for the first line)."""
+        if not self.skipped:
+            self.log.warning("at the file limit (%s): skipping %s until descriptors are"
+                             " free again", why, self.what)
+        self.skipped += 1
+
+    def clear(self) -> None:
+        """It worked: the episode, if there was one, is over."""
+        if self.skipped:
+            self.log.info("descriptors are free again: %s resumed after %d skip(s)",
+                          self.what, self.skipped)
+            self.skipped = 0
 
 
 READ_SIZE = 64 << 10

@@ -11,6 +11,8 @@ class ConnState(enum.Enum):
     STARTING = "starting"  # forked, not yet reporting
     CONNECTING = "connecting"
     CONNECTED = "connected"
+    RECONNECTING = "reconnecting"  # the broker closed the connection for a client's call
+    # (503, 540, ...): the broker is up, and the worker connects again at once
     WAITING = "waiting"  # backing off before the next connect
     FAILED = "failed"  # a restart will not fix it (credentials, vhost)
     STOPPING = "stopping"
@@ -23,6 +25,11 @@ class ConnState(enum.Enum):
     @property
     def final(self) -> bool:
         return self is ConnState.FAILED
+
+    @property
+    def connecting(self) -> bool:
+        """A connect attempt is under way."""
+        return self in (ConnState.CONNECTING, ConnState.RECONNECTING)
 
 
 class ProcState(enum.Enum):

@@ -85,7 +85,7 @@ def health(status: dict[str, Any]) -> Health:
         return Health(False, f"pool {pool.get('pid')} is {state or 'in an unknown state'},"
                              f" not running ({count})")
     local = [row for row in connections if row.get("zone") == zone and not row.get("hidden")]
-    primary = next((row for row in local if row.get("primary") and row.get("available")), None)
+    primary = next((row for row in local if row.get("primary") and _serving(row)), None)
     if primary is not None:
         return Health(True, f"primary {primary['broker']} in zone {zone}, {count}")
     seen: dict[str, str] = {}
@@ -93,6 +93,12 @@ def health(status: dict[str, Any]) -> Health:
         seen.setdefault(str(row.get("broker")), str(row.get("error") or row.get("state")))
     why = "; ".join(f"{broker}: {reason}" for broker, reason in seen.items())
     return Health(False, f"no primary in local zone {zone}: {why or 'it lists no broker'}")
+
+
+def _serving(row: dict[str, Any]) -> bool:
+    """Connected, or connecting again at once because the broker closed the connection for
+    a client's call (the broker is up, and the zone keeps it as its primary meanwhile)."""
+    return bool(row.get("available")) or row.get("state") == "reconnecting"
 
 
 def render(status: dict[str, Any], now: float | None = None) -> str:

@@ -101,7 +101,7 @@ class PoolWait:
         """How long to wait before looking again, ``left`` seconds before the deadline;
         raises ``error`` if the lease may not wait (a first lease, access refused, no
         time left)."""
-        if (isinstance(error, PoolAccessDenied) or not self.patient or self.state.id is None
+        if (isinstance(error, PoolAccessDenied) or not self.patient or self.state.new
                 or left <= 0):
             raise error
         self.waited = True

@@ -17,6 +17,7 @@ from time import monotonic as _monotonic
 from typing import Any, Protocol
 
 from ..common import messages, wire
+from ..common.errors import KzpoolError
 from ..common.messages import Reason, Reply
 from ..common.wire import Flag, Kind
 from .state import LeaseState
@@ -27,6 +28,19 @@ _DELIVER, _CONFIRM, _RETURN, _JSON = map(int, (Kind.DELIVER, Kind.CONFIRM, Kind.
 _GET, _REDELIVERED = int(Flag.GET), int(Flag.REDELIVERED)
 REDIRECTED = Reason("Redirect", 0, "ask the master")
 MOVED = Reason("Moved", 0, "moved to the primary")
+
+
+def ends_close(kind: int, payload: bytes) -> bool:
+    """A frame a closing lease waits for: the worker's answer to its close
+    (:class:`~kzpool.common.messages.Closed`: the broker confirmed the channel's close), or
+    the channel lost meanwhile (which requeues as much).  Other frames mean nothing now."""
+    if kind != _JSON:
+        return False
+    try:
+        op = wire.read_document(payload).get("op")
+    except KzpoolError:
+        return True  # a worker that speaks nonsense is as good as gone
+    return op in (messages.Closed.OP, messages.Lost.OP)
 
 
 class FrameSink(Protocol):

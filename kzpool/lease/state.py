@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from ..common import messages
 from ..common.options import LeaseOptions
 from .confirms import ConfirmBook
+from .forks import forked_error
 from .takeback import TakenBack
 from .topology import Topology
 
@@ -75,6 +76,7 @@ class TagMap:
 class LeaseState:
     options: LeaseOptions
     id: str | None = None  # the pool's name for the lease, from its first channel on
+    fresh: bool = False  # a copy made by fork(): its next channel is a new lease's
     broker: str | None = None  # the broker serving it now, password masked
     broker_zone: str | None = None  # and its zone
     channel_number: int = 0
@@ -96,13 +98,33 @@ class LeaseState:
 
     def request(self, left: float) -> messages.LeaseRequest:
         """The lease request for a new channel, waiting at most ``left`` seconds."""
-        return messages.LeaseRequest(self.options, lease=self.id, wait=max(0.0, left))
+        return messages.LeaseRequest(self.options, lease=None if self.fresh else self.id,
+                                     wait=max(0.0, left))
+
+    @property
+    def new(self) -> bool:
+        """No channel of its own yet: a first lease (or a fork's copy) does not wait for a
+        pool that is gone."""
+        return self.id is None or self.fresh
 
     def bound(self, event: messages.Leased) -> None:
         """A worker bound the lease to a channel: who serves it now."""
         self.id, self.broker, self.broker_zone = event.lease, event.broker, event.zone
+        self.fresh = False
         self.channel_number = event.channel
         self.set_blocked(event.blocked)
+
+    def forked(self, parent: int, connection_id: str) -> None:
+        """In a child of ``fork()``: the lease is a new one here from its next channel on
+        (the id, until then, is the parent's), of the child's copy of its connection
+        (``connection_id``: the parent's exclusive queues are not the child's); the
+        publishes not confirmed yet are the parent's, whose worker confirms them to it
+        alone: they fail here, never sent again."""
+        self.fresh, self.blocked = True, False
+        if self.options.connection_id is not None:
+            self.options = self.options.for_connection(connection_id)
+        self.confirms.fail_all(forked_error(
+            "this publish", parent, "its confirm goes to that process"))
 
     def set_blocked(self, blocked: bool) -> None:
         if blocked and not self.blocked:

@@ -87,10 +87,12 @@ def new_lease_id() -> str:
 
 
 def zone_primary(slots: Iterable[Slot], zone: str) -> str | None:
-    """Key of the first available, not hidden broker of ``zone`` in config order."""
+    """Key of the first available, not hidden broker of ``zone`` in config order (a worker
+    that connects again at once after a client's call made the broker close its connection
+    keeps the role meanwhile: :attr:`~.slots.Slot.holds_role`)."""
     ordered = sorted((s for s in slots if s.spec.broker.zone == zone and not s.spec.broker.hidden
                       and not s.removed), key=lambda s: (s.spec.broker.order, s.spec.index))
-    return next((broker_key(s.spec.broker) for s in ordered if s.available), None)
+    return next((broker_key(s.spec.broker) for s in ordered if s.holds_role), None)
 
 
 def choose_slot(slots: Iterable[Slot], target: str | None,

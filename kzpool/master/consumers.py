@@ -23,6 +23,7 @@ from ..common.config import Consumer
 from ..common.messages import LeaseRequest
 from ..common.options import LeaseOptions
 from ..common.settings import PoolSettings
+from ..common.sockets import LimitEpisode
 from ..common.states import ProcState
 from ..consumer.process import CONSUMER_LEASE_TIMEOUT, run_consumer
 from .life import Life, judge
@@ -44,6 +45,7 @@ class ConsumerSet:
         self.slots = [s for c in consumers for s in self._slots_of(c)]
         self.by_pid: dict[int, ConsumerSlot] = {}  # every live one, retired ones included
         self.stopping = False  # the pool stops: nothing is restarted
+        self.readings = LimitEpisode(log, "reading the consumers' memory")
 
     def pids(self) -> list[int]:
         return list(self.by_pid)
@@ -138,9 +140,18 @@ class ConsumerSet:
         return min(times, default=None)
 
     def sample(self) -> None:
+        """Read each consumer's memory; at the file limit, skip the readings this time."""
         for slot in self.slots:
-            if slot.life.process is not None:
-                slot.rss = proc.rss_and_cpu(slot.life.process)[0]
+            if not slot.pid:
+                continue
+            if slot.life.process is None:  # not made when it was born (the file limit)
+                slot.life.process = self.system.process(slot.pid)
+            reading = proc.rss_and_cpu(slot.life.process) if slot.life.process else None
+            if reading is None:
+                self.readings.hit()
+                return
+            self.readings.clear()
+            slot.rss = reading[0]
 
     def _kill(self, pid: int, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):

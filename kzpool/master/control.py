@@ -236,7 +236,11 @@ class LeaseSocket:
         except OSError:
             sock.close()
             return
-        refusal = self.access.refusal_for(pid, uid, gid)
+        try:
+            refusal = self.access.refusal_for(pid, uid, gid)
+        except OSError:  # its groups cannot be read: the file limit
+            self._at_file_limit(sock)
+            return
         if refusal is not None:
             self.throttle.warn("access", "%s", refusal)
             self._refuse(sock, PoolAccessDenied(refusal))

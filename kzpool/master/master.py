@@ -30,6 +30,7 @@ from ..common.access import Access
 from ..common.config import Config
 from ..common.errors import ConfigError, KzpoolError, StartupError
 from ..common.messages import Message
+from ..common.sockets import LimitEpisode, at_file_limit
 from ..common.states import PoolState
 from ..common.wakeup import SignalPipe
 from . import metrics
@@ -41,7 +42,7 @@ from .leasebook import LeaseBook
 from .life import exit_reason
 from .notify import Notifier
 from .registry import Registry, Row
-from .slots import Slot, broker_key, startup_hopeless, startup_settled
+from .slots import Slot, broker_key, masked, startup_hopeless, startup_settled
 from .system import HANDLED, OsSystem, System
 from .workers import WorkerEvents, WorkerSet
 
@@ -68,7 +69,7 @@ class Master:
                                  self.tally)
         self.leases = LeaseBook(self.workers, self.selector, self.system, self.tally)
         self.metrics: metrics.Server | None = None
-        self.last_primaries: dict[str, str] = {}  # zone → its last primary, for the metrics
+        self.primary_changes = metrics.PrimaryChanges(self.tally)  # failovers, fail-backs
         self.consumers = ConsumerSet(config.consumers, self.settings, self.system,
                                      self.leases.request)
         self.registry = Registry(self.settings.socket, self._registry_child_setup,
@@ -84,6 +85,8 @@ class Master:
         self.started_at = self.system.time()
         self.me = self.system.process(self.pid)
         self.rss = 0
+        self.readings = LimitEpisode(log, "reading the master's memory")
+        self.handlers = LimitEpisode(log, "a socket event")
 
     # ----- life cycle ---------------------------------------------------------------------
 
@@ -137,11 +140,18 @@ class Master:
             self.next_sample = now + SAMPLE_INTERVAL
             self.leases.forget_dead_clients()
             self.consumers.sample()
-            self.rss = proc.rss_and_cpu(self.me)[0] if self.me is not None else 0
+            self._sample_self()
         self.workers.check(now, sample)
         self.workers.spawn_due(now)
         self.consumers.spawn_due(now)
         self._publish(now)
+
+    def _sample_self(self) -> None:
+        """The master's own memory, for the pool table; skipped at the file limit."""
+        self.me = self.me or self.system.process(self.pid)
+        reading = proc.rss_and_cpu(self.me) if self.me is not None else None
+        self.readings.hit() if reading is None else self.readings.clear()
+        self.rss = reading[0] if reading is not None else self.rss
 
     def _timeout(self) -> float:
         if self.state is PoolState.STOPPING:
@@ -163,7 +173,7 @@ class Master:
             self.state = PoolState.RUNNING
             primary = zone_primary(self.workers.slots.values(), self.config.local_zone)
             log.info("ready in %.2f s; primary %s", self.system.time() - self.started_at,
-                     self._masked(primary))
+                     masked(self.workers.slots.values(), primary))
             self.consumers.start()
             self.notifier.ready(self.summary())
         elif now >= self.deadline or startup_hopeless(self.workers.slots.values()):
@@ -321,7 +331,14 @@ class Master:
         for key, _events in self.selector.select(timeout):
             self.unflushed = True  # what it changed reaches the registry within FLUSH_INTERVAL
             if registered.get(key.fd) is key:  # an earlier handler may have dropped it
-                key.data(key.fd)
+                try:
+                    key.data(key.fd)
+                except OSError as exc:  # a file or socket it could not open: next time
+                    if not at_file_limit(exc):
+                        raise
+                    self.handlers.hit(exc)
+                else:
+                    self.handlers.clear()
 
     def _serve_metrics(self) -> None:
         collector = metrics.Collector(lambda: self.workers.slots.values(),
@@ -360,25 +377,13 @@ class Master:
         if primaries != self.primaries:
             self.primaries = primaries
             self.leases.check_moves = True
-            self._count_primary_changes(primaries)
+            self.primary_changes.seen(self.config.zones, primaries,
+                                      {broker_key(b): b.order for b in self.config.brokers})
         self.leases.fail_back()
         if now >= self.next_flush:
             self.flush_registry()
             if self.state is PoolState.RUNNING and self.notifier.address:
                 self.notifier.status(self.summary())
-
-    def _count_primary_changes(self, primaries: tuple[str | None, ...]) -> None:
-        """A zone's new primary later in config order than its last one: a failover;
-        earlier: a fail-back (a zone with no primary for a while changes nothing)."""
-        order = {broker_key(b): b.order for b in self.config.brokers}
-        for zone, primary in zip(self.config.zones, primaries, strict=True):
-            last = self.last_primaries.get(zone)
-            if primary is None or primary == last:
-                continue
-            self.last_primaries[zone] = primary
-            if last is not None and last in order and primary in order:
-                name = "failovers" if order[primary] > order[last] else "failbacks"
-                self.tally.inc(name, zone=zone)
 
     def _rows(self) -> dict[str, dict[str, Row]]:
         """Every table but the assignments (the lease book keeps those), as rows by key."""
@@ -411,10 +416,4 @@ class Master:
         primary = zone_primary(slots, self.config.local_zone)
         leases = sum(1 for r in self.leases.rows.values() if r.state.placed)
         return (f"{up}/{len(self.workers.slots)} connections up, primary"
-                f" {self._masked(primary)}, {leases} leases")
-
-    def _masked(self, key: str | None) -> str:
-        for slot in self.workers.slots.values():
-            if broker_key(slot.spec.broker) == key:
-                return slot.spec.broker.uri.masked
-        return "none"
+                f" {masked(self.workers.slots.values(), primary)}, {leases} leases")

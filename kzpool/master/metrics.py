@@ -95,6 +95,28 @@ class Tally:
         return dict(self.counts)
 
 
+@dataclass
+class PrimaryChanges:
+    """Counts each zone's primary moving: to a broker later in config order than its last
+    one is a failover, earlier a fail-back (a zone with no primary for a while, or a worker
+    reconnecting that kept the role, changes nothing)."""
+
+    tally: Tally
+    last: dict[str, str] = field(default_factory=dict)  # zone → its last primary
+
+    def seen(self, zones: Iterable[str], primaries: Iterable[str | None],
+             order: Mapping[str, int]) -> None:
+        """The primary of each zone now (``order``: each broker key's place in the config)."""
+        for zone, primary in zip(zones, primaries, strict=True):
+            last = self.last.get(zone)
+            if primary is None or primary == last:
+                continue
+            self.last[zone] = primary
+            if last is not None and last in order and primary in order:
+                name = "failovers" if order[primary] > order[last] else "failbacks"
+                self.tally.inc(name, zone=zone)
+
+
 def listen(address: str, port: int) -> socket.socket:
     try:
         import prometheus_client  # noqa: F401  (checked here: fail at start-up, not on a scrape)
@@ -202,6 +224,8 @@ class Server:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.listener, self.selector, self.collector = listener, selector, collector
         self.health, self.clock = health, clock
+        self.exposition = _exposition_of(collector)  # imported now: at the file limit an
+        # import would fail
         self.peers: dict[int, Peer] = {}  # by fd, oldest first
         self.spare: int | None = os.open(os.devnull, os.O_RDONLY)
         listener.setblocking(False)
@@ -268,6 +292,13 @@ class Server:
         peer = self.peers.get(fd)
         if peer is None:
             return
+        try:
+            self._serve(fd, peer)
+        except Exception:  # one client must never end the master's loop
+            log.exception("metrics port: dropping a client after an error serving it")
+            self._drop(fd)
+
+    def _serve(self, fd: int, peer: Peer) -> None:
         if peer.outbox:
             self._write(fd, peer)
             return
@@ -294,18 +325,12 @@ class Server:
         if method != "GET":
             return 405, "text/plain", b"only GET\n"
         if path in ("/", "/metrics"):
-            return 200, "text/plain; version=0.0.4", self._exposition()
+            return 200, "text/plain; version=0.0.4", self.exposition()
         if path == "/healthz" and self.health is not None:
             verdict = self.health()
             return (200 if verdict.ok else 503), "text/plain", f"{verdict.reason}\n".encode()
         return 404, "text/plain", b"not found: /metrics or /healthz\n"
 
-    def _exposition(self) -> bytes:
-        from prometheus_client import CollectorRegistry, generate_latest
-
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(self.collector)
-        return bytes(generate_latest(registry))
 
     def _answer(self, fd: int, peer: Peer, code: int, kind: str, body: bytes) -> None:
         reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -335,3 +360,12 @@ class Server:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(peer.sock)
         peer.sock.close()
+
+
+def _exposition_of(collector: Collector) -> Callable[[], bytes]:
+    """What ``GET /metrics`` answers: ``collector``'s metrics in Prometheus's text format."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return lambda: bytes(generate_latest(registry))

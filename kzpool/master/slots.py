@@ -47,6 +47,7 @@ class Slot:
     retiring: bool = False  # replaced on purpose (RSS): respawn at once
     silenced: bool = False  # killed for being silent past worker_timeout
     removed: bool = False  # dropped from the config: never respawn
+    hold_until: float = 0.0  # monotonic: reconnecting at once, it stays primary until then
 
     @property
     def pid(self) -> int:
@@ -55,6 +56,14 @@ class Slot:
     @property
     def available(self) -> bool:
         return self.pid != 0 and self.state.available
+
+    @property
+    def holds_role(self) -> bool:
+        """It may be (or stay) its zone's primary: connected, or connecting again at once
+        because the broker closed its connection for a client's call (the broker is up),
+        for at most a connect's time (:attr:`hold_until`): leases wait for it meanwhile."""
+        return self.available or (self.pid != 0 and self.state is ConnState.RECONNECTING
+                                  and self.hold_until > 0)
 
     @property
     def has_room(self) -> bool:
@@ -75,7 +84,7 @@ class Slot:
         self.counters = {k: float(v) for k, v in report.counters.items()
                          if isinstance(v, int | float) and not isinstance(v, bool)}
         self.prechannels, self.channels = report.prechannels, report.channels
-        if self.state is not ConnState.CONNECTING:
+        if not self.state.connecting:
             self.tried = True
 
     def row(self) -> dict[str, Any]:
@@ -105,6 +114,12 @@ class Slot:
 def broker_key(broker: Broker) -> str:
     """Identity of a broker across reloads: the full URI (a new password is a new broker)."""
     return broker.uri.uri
+
+
+def masked(slots: Iterable[Slot], key: str | None) -> str:
+    """The password-free URI of the broker whose key is ``key`` (``"none"``: no such one)."""
+    return next((s.spec.broker.uri.masked for s in slots if broker_key(s.spec.broker) == key),
+                "none")
 
 
 def plan(config: Config) -> list[tuple[Broker, int]]:

@@ -65,10 +65,21 @@ class OsSystem:
         return time.time()
 
     def process(self, pid: int) -> psutil.Process | None:
+        """A handle to read ``pid``'s memory; ``None`` if it is gone, or if ``/proc`` cannot
+        be read now (the file limit: the caller tries again later)."""
         try:
             return psutil.Process(pid)
-        except psutil.Error:
+        except (psutil.Error, OSError):
             return None
 
     def pid_exists(self, pid: int) -> bool:
-        return psutil.pid_exists(pid)
+        """Signal 0, no file opened (psutil's reads ``/proc``, which the file limit fails)."""
+        if pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True

@@ -24,14 +24,12 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import psutil
-
 from ..common import exitcodes, messages, proc
 from ..common.backoff import Backoff
 from ..common.config import Broker, Config
 from ..common.errors import ProtocolError
 from ..common.messages import LeaseNews, Message
-from ..common.sockets import Outbox, receive
+from ..common.sockets import LimitEpisode, Outbox, at_file_limit, receive
 from ..common.states import ConnState
 from ..common.uri import BrokerURI
 from ..common.wire import FrameReader, Kind
@@ -48,6 +46,7 @@ log = logging.getLogger("kzpool.master")
 
 HIDDEN_ORDER = 1_000_000  # hidden brokers sort after every configured one
 SPAWN_RETRY = 1.0  # seconds before trying again to fork a worker that could not start
+HOLD_MARGIN = 1.0  # seconds past connect_timeout a reconnecting worker stays primary
 
 
 @dataclass(frozen=True)
@@ -82,6 +81,8 @@ class WorkerSet:
         self.by_pid: dict[int, Slot] = {}
         self.stopping = False  # the pool stops: nothing is respawned
         self._next_id = 1
+        self.readings = LimitEpisode(log, "reading the workers' memory")
+        self.spawns = LimitEpisode(log, "starting workers")
 
     def live(self) -> list[Slot]:
         return [s for s in self.slots.values() if not s.removed]
@@ -207,7 +208,7 @@ class WorkerSet:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path(slot))
         slot.life.died()
-        slot.link, slot.tried = None, True
+        slot.link, slot.tried, slot.hold_until = None, True, 0.0
         slot.rss = slot.cpu = slot.prechannels = slot.channels = 0
         self.events.exited(slot)
         if self.stopping or slot.removed:
@@ -243,8 +244,13 @@ class WorkerSet:
         except OSError as exc:
             slot.state, slot.error = ConnState.DEAD, f"cannot start a worker: {exc}"
             slot.life.respawn_at = now + SPAWN_RETRY
+            if at_file_limit(exc):
+                self.spawns.hit(exc)  # said once while the limit lasts
+                return
             log.error("cannot start a worker for %s (%s); trying again in %g s",
                       slot.spec.broker.uri.masked, exc, SPAWN_RETRY)
+            return
+        self.spawns.clear()
 
     def next_respawn(self) -> float | None:
         return min((s.life.respawn_at for s in self.slots.values() if s.life.respawn_at),
@@ -255,17 +261,30 @@ class WorkerSet:
         for slot in list(self.slots.values()):
             if not slot.pid:
                 continue
+            if slot.hold_until and now >= slot.hold_until:
+                log.warning("worker %d for %s did not connect again in time; its zone fails"
+                            " over", slot.pid, slot.spec.broker.uri.masked)
+                slot.hold_until = 0.0
             if now - slot.last_seen > self.settings.worker_timeout:
                 log.error("worker %d for %s silent for %.1f s; killing it", slot.pid,
                           slot.spec.broker.uri.masked, now - slot.last_seen)
                 slot.silenced = True
                 self.kill(slot, signal.SIGKILL)
                 slot.last_seen = now
-            elif sample and slot.life.process is not None:
-                self._sample(slot, slot.life.process)
+            elif sample:
+                self._sample(slot)
 
-    def _sample(self, slot: Slot, process: psutil.Process) -> None:
-        slot.rss, slot.cpu = proc.rss_and_cpu(process)
+    def _sample(self, slot: Slot) -> None:
+        """Read a worker's memory and CPU; at the file limit, skip it this time."""
+        process = slot.life.process
+        if process is None:  # its handle could not be made when it was born (file limit)
+            process = slot.life.process = self.system.process(slot.pid)
+        reading = proc.rss_and_cpu(process) if process is not None else None
+        if reading is None:
+            self.readings.hit()
+            return
+        self.readings.clear()
+        slot.rss, slot.cpu = reading
         limit = self.settings.worker_max_rss
         if limit and slot.rss > limit and not slot.retiring:
             log.warning("worker %d for %s uses %d MiB > worker_max_rss; replacing it",
@@ -307,11 +326,21 @@ class WorkerSet:
             case messages.Report():
                 was = slot.state
                 slot.apply_report(message)
+                self._hold(slot, was)
                 if was is ConnState.CONNECTED and slot.error == HEARTBEATS_MISSED:
                     self.tally.inc("missed_heartbeats", connection=slot.spec.id,
                                    broker=slot.spec.broker.uri.masked)
             case messages.LeaseNews():
                 self.events.lease_news(slot, message)
+
+    def _hold(self, slot: Slot, was: ConnState) -> None:
+        """A worker reconnecting at once (the broker closed its connection for a client's
+        call) stays its zone's primary for a connect's time: no failover for a broker that
+        is up, and leases wait for that worker rather than move away and back."""
+        if slot.state is not ConnState.RECONNECTING:
+            slot.hold_until = 0.0
+        elif was is not ConnState.RECONNECTING:
+            slot.hold_until = self.system.monotonic() + self.settings.connect_timeout + HOLD_MARGIN
 
     def drain(self) -> None:
         """Read whatever the workers have said, without waiting."""

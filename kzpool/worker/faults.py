@@ -130,13 +130,20 @@ def _innermost(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def in_maintenance(exc: BaseException | str) -> bool:
-    """The broker closed the connection because its node was put into maintenance
-    (``rabbitmq-upgrade drain``: 320 ``CONNECTION_FORCED - Node was put into maintenance
-    mode``); it refuses connections until it is revived or restarted.  RabbitMQ gives no
-    code of its own for it: its text says so."""
-    return isinstance(exc, pe.ConnectionClosedByBroker) and exc.reply_code == 320 and \
-        "maintenance" in str(exc.reply_text).lower()
+def in_maintenance(exc: BaseException | str, reason: str,
+                   since: str | None) -> tuple[str | None, str]:
+    """Whether the broker is in maintenance after failure ``exc`` (``reason``, as
+    :func:`classify` says it), and the error to report: (why it is, or ``None``; error).
+
+    A broker whose node was put into maintenance (``rabbitmq-upgrade drain``) closes the
+    connection with 320 ``CONNECTION_FORCED - Node was put into maintenance mode`` and
+    refuses connections until it is revived or restarted; ``since`` is the reason it said so
+    before (kept until the worker is connected again).  RabbitMQ gives no code of its own
+    for it: its text says so."""
+    if isinstance(exc, pe.ConnectionClosedByBroker) and exc.reply_code == 320 and \
+            "maintenance" in str(exc.reply_text).lower():
+        since = reason
+    return since, reason if since in (None, reason) else f"in maintenance ({since}): {reason}"
 
 
 def connection_lost(exc: BaseException) -> Reason:

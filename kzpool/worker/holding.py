@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 
+from pika.exceptions import ChannelClosedByBroker
+
 log = logging.getLogger("kzpool.session")
 
 
@@ -32,17 +34,23 @@ class Holding:
         self.no_ack: set[str] = set()  # consumers whose deliveries need no settle
         self.cancelled: set[str] = set()  # consumers the broker cancelled
 
-    def consuming(self, consumer_tag: str, auto_ack: bool) -> None:
-        """A consumer began (a tag the broker cancelled may be used again)."""
+    def consuming(self, consumer_tag: str, auto_ack: bool) -> str:
+        """A consumer began (a tag the broker cancelled may be used again); its tag."""
         self.cancelled.discard(consumer_tag)
         if auto_ack:
             self.no_ack.add(consumer_tag)
         else:
             self.no_ack.discard(consumer_tag)
+        return consumer_tag
 
     def delivered(self, tag: int, consumer_tag: str) -> None:
         if consumer_tag not in self.no_ack:
             self.held[tag] = consumer_tag
+
+    def got(self, tag: int, auto_ack: bool) -> None:
+        """A ``basic.get``'s message (held unless ``auto_ack``)."""
+        if not auto_ack:
+            self.held[tag] = ""
 
     def settled(self, tag: int, multiple: bool) -> None:
         """An ack, nack or reject the lease sent (``multiple``: every tag up to ``tag``;
@@ -56,13 +64,27 @@ class Holding:
             for done in [t for t in held if t <= tag]:
                 del held[done]
 
-    def cancel(self, consumer_tag: str) -> tuple[int, ...]:
-        """The broker cancelled ``consumer_tag``: the tags it took back with it."""
+    def cancel(self, consumer_tag: str, counters: dict[str, int],
+               lease: str) -> tuple[int, ...]:
+        """The broker cancelled ``consumer_tag`` of ``lease``: the tags it took back with it
+        (counted and logged)."""
         self.cancelled.add(consumer_tag)
         self.no_ack.discard(consumer_tag)
         taken = tuple(tag for tag, ctag in self.held.items() if ctag == consumer_tag)
         for tag in taken:
             del self.held[tag]
+        counters["consumers_cancelled"] += 1
+        taken_back(counters, lease, taken, f"the broker cancelled consumer {consumer_tag}")
+        return taken
+
+    def closed(self, reason: BaseException, counters: dict[str, int],
+               lease: str) -> tuple[int, ...]:
+        """The channel of ``lease`` closed for ``reason``: the tags the broker took back
+        with it if it closed it (counted and logged); none if it was lost otherwise."""
+        if not isinstance(reason, ChannelClosedByBroker):
+            return ()
+        taken = self.take_all()
+        taken_back(counters, lease, taken, f"the broker closed the channel ({reason})")
         return taken
 
     def take_all(self) -> tuple[int, ...]:

@@ -29,7 +29,7 @@ from ..common.access import Access, peer
 from ..common.errors import KzpoolError, LimitExceeded, PoolAccessDenied, ProtocolError
 from ..common.messages import LeaseRequest, Message
 from ..common.options import LeaseOptions
-from ..common.sockets import Acceptor, file_limit, receive, send_final
+from ..common.sockets import Acceptor, LimitEpisode, file_limit, receive, send_final
 
 log = logging.getLogger("kzpool.intake")
 
@@ -78,6 +78,7 @@ class Intake:
         self.access = access
         self.pending: dict[int, Pending] = {}
         self.sweeping = False
+        self.full = LimitEpisode(log, "new clients")
         self.acceptor: Acceptor | None = None
         if listener is not None:
             listener.setblocking(False)
@@ -103,7 +104,7 @@ class Intake:
     def _at_file_limit(self, sock: socket.socket) -> None:
         error = LimitExceeded(f"the worker is at its limit of {file_limit()} open files; try"
                               " again later", "max_peers")
-        log.warning("turning a client away: %s", error)
+        self.full.hit(error)  # said once while the limit lasts
         answer(sock, messages.Refused.of(error))
 
     def _admit(self, sock: socket.socket) -> None:
@@ -112,11 +113,16 @@ class Intake:
         except OSError:
             sock.close()
             return
-        refusal = self.access.refusal_for(pid, uid, gid)
+        try:
+            refusal = self.access.refusal_for(pid, uid, gid)
+        except OSError:  # its groups cannot be read: the file limit
+            self._at_file_limit(sock)
+            return
         if refusal is not None:
             log.warning("%s", refusal)
             answer(sock, messages.Refused.of(PoolAccessDenied(refusal)))
             return
+        self.full.clear()
         full = self.host.room()
         if full is not None:
             log.warning("turning a client away (pid %d): %s", pid, full)

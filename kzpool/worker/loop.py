@@ -5,7 +5,9 @@ pika's ``IOLoop`` lets an exception from a handler end ``start()``, and with it 
 and every lease on it.  :class:`GuardedLoop` wraps each handler it is given: when one raises,
 ``on_fault(fd, exc)`` is asked whether ``fd`` is a client's (it then drops that client, and
 the loop goes on) or not (the AMQP connection, the link to the master: the exception goes
-on up, as before).  Not thread-safe, like the loop itself.
+on up, as before).  The broker's socket, which pika makes in a callback of its own, may meet
+the file limit: that is told to ``on_file_limit`` (the worker tries again later).  Not
+thread-safe, like the loop itself.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable, Iterable
 
 from pika.adapters.select_connection import IOLoop
 
+from ..common.sockets import at_file_limit
 from ..common.wakeup import SignalPipe
 
 log = logging.getLogger("kzpool.worker")
@@ -24,9 +27,24 @@ OnFault = Callable[[int, Exception], bool]  # fd, what it raised → it was a cl
 
 
 class GuardedLoop(IOLoop):  # type: ignore[misc]
-    def __init__(self, on_fault: OnFault) -> None:
+    def __init__(self, on_fault: OnFault,
+                 on_file_limit: Callable[[OSError], None] = lambda exc: None) -> None:
         super().__init__()
         self.on_fault = on_fault
+        self.on_file_limit = on_file_limit
+
+    def add_callback(self, callback: Callable[[], None]) -> None:
+        """pika's callbacks from its other threads (the broker's address, resolved): the
+        one that makes the broker's socket meets the file limit there, which is told to
+        ``on_file_limit(exc)`` rather than ending the loop."""
+        def guarded() -> None:
+            try:
+                callback()
+            except OSError as exc:
+                if not at_file_limit(exc):
+                    raise
+                self.on_file_limit(exc)
+        super().add_callback_threadsafe(guarded)
 
     def add_handler(self, fd: int, handler: Handler, events: int) -> None:
         def guarded(fileno: int, happened: int) -> None:

@@ -11,8 +11,7 @@ consumer's last delivery).
 
 A session ends when the client goes away (``released``), when its channel or connection is
 lost (``lost``: the client comes back and replays its topology), or when the master moves
-it to another broker (``moved``, after the client says ``bye``).  See also :mod:`.holding`,
-:mod:`.timeouts` and :mod:`.handover`.
+it to another broker (``moved``, after the client says ``bye``).
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from ..common import messages, props, wire
 from ..common.errors import ProtocolError
 from ..common.messages import LeaseEvent, Message
 from ..common.options import LeaseOptions
-from ..common.settings import PoolSettings
 from ..common.sockets import READ_SIZE, receive
 from ..common.wire import Flag, Kind
 from . import amqp
@@ -45,7 +43,9 @@ from .calls import (
     reason_of,
 )
 from .handover import Handover
-from .holding import Holding, taken_back
+from .holding import Holding
+from .linger import Linger
+from .spec import WorkerSpec
 from .timeouts import ConsumeTimeout
 
 log = logging.getLogger("kzpool.session")
@@ -59,11 +59,7 @@ class SessionHost(Protocol):
     ioloop: IOLoop
     counters: dict[str, int]  # the worker's, counted here
 
-    @property
-    def default_prefetch(self) -> int: ...
-
-    @property
-    def settings(self) -> PoolSettings: ...
+    spec: WorkerSpec  # its settings
 
     def recycle(self, channel: Any, settled_first: bool) -> None: ...
 
@@ -103,6 +99,7 @@ class Session:
         self.qos_set = False
         self.watching_cancels = False
         self.close_code, self.close_text = 0, "Normal shutdown"  # the client's, at close
+        self.linger: Linger | None = None  # closed by the client, until it has the answer
         self.clean = True  # nothing of this lease stays on the channel: it may serve another
         self.unanswered = 0  # calls sent to the broker, not answered yet
         self.unsure = False  # published or settled: the broker may still close the channel
@@ -111,7 +108,7 @@ class Session:
         self.holding = Holding()  # the deliveries the broker holds for it
         self.number = channel.channel_number
         self.connection = channel.connection  # a BatchedConnection: frames past pika
-        self.timeout = ConsumeTimeout.of(options, host.settings, self.connection)
+        self.timeout = ConsumeTimeout.of(options, host.spec.settings, self.connection)
         self.connection.add_sink(self.number, self)
         sock.setblocking(False)
         self.ioloop.add_handler(self.fd, self._on_io, IOLoop.READ)
@@ -152,6 +149,9 @@ class Session:
     # ----- input ------------------------------------------------------------------------------
 
     def _on_io(self, _fd: int, events: int) -> None:
+        if self.linger is not None:
+            self.linger.on_io(events)
+            return
         if events & IOLoop.WRITE:
             self.flush()
         if not events & IOLoop.READ or self.ended is not None:
@@ -228,7 +228,7 @@ class Session:
                 self.end(LeaseEvent.MOVED, "moved")
             case messages.Close():
                 self.close_code, self.close_text = request.reply_code, request.reply_text
-                self.end(LeaseEvent.RELEASED, "closed by the client")
+                self.end(LeaseEvent.RELEASED, "closed by the client", answer=True)
             case messages.Call() | messages.Consume() | messages.ConfirmSelect() | \
                     messages.Get():
                 self.host.exclusives.call(self, request)
@@ -293,7 +293,7 @@ class Session:
 
     def _bound_prefetch(self) -> None:
         """A consumer without QoS would let the broker push without limit: bound it."""
-        prefetch = self.host.default_prefetch
+        prefetch = self.host.spec.settings.default_prefetch
         if not self.qos_set and prefetch:
             self.channel.basic_qos(prefetch_count=prefetch)
             self.qos_set = True
@@ -301,9 +301,7 @@ class Session:
     def _consumed(self, reply: Callable[[Any], None], auto_ack: bool) -> Callable[[Any], None]:
         """A consume's reply: from then on its deliveries come by the fast path."""
         def consumed(frame: Any) -> None:
-            tag = str(frame.method.consumer_tag)
-            self.consumers.add(tag)
-            self.holding.consuming(tag, auto_ack)
+            self.consumers.add(self.holding.consuming(str(frame.method.consumer_tag), auto_ack))
             reply(frame)
         return consumed
 
@@ -353,18 +351,15 @@ class Session:
         """The broker cancelled a consumer, taking back what it held (see :mod:`.holding`)."""
         tag = str(frame.method.consumer_tag)
         self.consumers.discard(tag)
-        taken = self.holding.cancel(tag)
+        taken = self.holding.cancel(tag, self.counters, self.lease)
         self.connection.send_raw(amqp.cancel(self.number, tag))
-        self.counters["consumers_cancelled"] += 1
-        taken_back(self.counters, self.lease, taken, f"the broker cancelled consumer {tag}")
         self.event(messages.Cancelled(tag, taken))
         if self.handover is not None:
             self.handover.check()
 
     def _on_get_ok(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
         rid, auto_ack = self.gets.popleft() if self.gets else (0, True)
-        if not auto_ack:
-            self.holding.delivered(method.delivery_tag, "")
+        self.holding.got(method.delivery_tag, auto_ack)
         flags = Flag.GET | (Flag.REDELIVERED if method.redelivered else 0)
         self.send(wire.deliver(method.delivery_tag, method.message_count, "",
                                wire.names(method.exchange, method.routing_key),
@@ -386,34 +381,38 @@ class Session:
 
     def on_channel_closed(self, reason: BaseException) -> None:
         if self.ended is None:
-            taken: tuple[int, ...] = ()
-            if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-                taken = self.holding.take_all()
-                taken_back(self.counters, self.lease, taken,
-                           f"the broker closed the channel ({reason})")
+            taken = self.holding.closed(reason, self.counters, self.lease)
             self.event(messages.Lost(reason_of(reason), taken))
             self.end(LeaseEvent.LOST, str(reason))
+        elif self.linger is not None:  # the broker's CloseOk (or the connection gone)
+            self.linger.answer()
 
     # ----- ending -----------------------------------------------------------------------------
 
     def move(self) -> None:
-        """The master moves this lease: handed over once it settled what it holds
-        (:mod:`.handover`)."""
+        """The master moves this lease: handed over once it settled what it holds."""
         if self.handover is None and self.ended is None:
-            self.handover = Handover(self, self.host.settings.move_grace)
+            self.handover = Handover(self, self.host.spec.settings.move_grace)
 
-    def end(self, how: LeaseEvent, why: str) -> None:
-        """Close the channel and the client socket; tell the worker."""
+    def end(self, how: LeaseEvent, why: str, answer: bool = False) -> None:
+        """Close the channel and the client socket (``answer``: once the client has the
+        answer to its close, :mod:`.linger`); tell the worker."""
         if self.ended is not None:
             return
         self.ended = how
         self.connection.remove_sink(self.number)
-        if self.channel.is_open and how is LeaseEvent.RELEASED and self.clean and \
-                not self.unanswered:
+        handed_on = self.channel.is_open and how is LeaseEvent.RELEASED and self.clean and \
+            not self.unanswered
+        if handed_on:
             self.host.recycle(self.channel, settled_first=self.unsure)
-        elif self.channel.is_open:
+        elif self.channel.is_open:  # its consumers stay on (pika would cancel them first):
+            # the broker then requeues what they had before its CloseOk, not a moment after
+            self.channel._cancelled.update(getattr(self.channel, "_consumers", ()))
             self.channel.close(self.close_code, self.close_text)
-        self.flush()
-        self.ioloop.remove_handler(self.fd)
-        self.sock.close()
+        if answer:
+            self.linger = Linger(self, at_once=handed_on)
+        else:
+            self.flush()
+            self.ioloop.remove_handler(self.fd)
+            self.sock.close()
         self.host.session_ended(self, how, why)

@@ -12,9 +12,12 @@ at once (its client is about to ask the master for a new channel), and so is a s
 The link is non-blocking: what the master does not read yet waits in an
 :class:`~kzpool.common.sockets.Outbox`, so the worker's loop (and its heartbeats) never
 waits on the master; a master that leaves :data:`UPLINK_LIMIT` bytes unread is taken for
-gone.  A client socket the master passes rides on the first byte of its ``adopt``; if the
-kernel had to drop it (the worker at its file limit: ``MSG_CTRUNC``), sockets and ``adopt``
-messages could no longer be paired, so the worker stops rather than guess.
+gone.  A client socket the master passes rides on the first byte of its ``adopt``, and
+Linux ends a read right after the bytes that carried descriptors, so one read brings at most
+one passed socket, that of the one ``adopt`` whose first byte it brought.  If the kernel had
+to drop it (the worker at its file limit: ``MSG_CTRUNC``, no descriptor), that ``adopt``
+comes without its socket: the worker tells the master the lease is lost (its client asks
+again), and the next sockets still pair with their ``adopt`` messages.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pika.adapters.select_connection import IOLoop
 from ..common import messages
 from ..common.errors import ProtocolError
 from ..common.messages import LeaseEvent, LeaseNews, Message, Report
-from ..common.sockets import Outbox
+from ..common.sockets import LimitEpisode, Outbox
 from ..common.wire import FrameReader, Kind
 
 log = logging.getLogger("kzpool.worker")
@@ -57,7 +60,10 @@ class Uplink:
         self._on_message = on_message
         self._on_gone = on_gone
         self._reader = FrameReader()
-        self._fds: list[int] = []  # passed by the master, not yet claimed
+        self._fds: list[int | None] = []  # passed by the master, not yet claimed (None:
+        # one the kernel dropped at the file limit)
+        self.dropped = LimitEpisode(log, "client sockets the master passes (their leases"
+                                    " are placed again)")
         self._news: list[LeaseNews] = []
         self._news_due = False
         self._report_due = False
@@ -144,12 +150,14 @@ class Uplink:
             return
         except OSError:
             data, fds, flags = b"", [], 0
-        self._fds += fds
-        if flags & socket.MSG_CTRUNC:
-            log.error("a client socket the master passed was dropped by the kernel (file"
-                      " limit?); stopping")
-            self._on_gone()
-            return
+        if flags & socket.MSG_CTRUNC and not fds:
+            # the kernel could not give us the socket of the one adopt whose first byte
+            # this read brought (the worker at its file limit): that adopt comes without it
+            self.dropped.hit()
+            self._fds.append(None)
+        else:
+            self._fds += fds
+            self.dropped.clear()
         if not data:
             self._on_gone()
             return
@@ -165,5 +173,6 @@ class Uplink:
 
     def _claim_fd(self, message: Message) -> socket.socket | None:
         if isinstance(message, messages.Adopt) and self._fds:
-            return socket.socket(fileno=self._fds.pop(0))
+            fd = self._fds.pop(0)
+            return None if fd is None else socket.socket(fileno=fd)
         return None

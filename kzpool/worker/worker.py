@@ -4,8 +4,8 @@ The master forks a worker per broker URI (times ``connections_per_broker``).  Ev
 worker does runs in one pika ``IOLoop``: the AMQP connection (:mod:`.connection`, heartbeats
 included), the link to the master (:mod:`.uplink`), the worker's own lease socket
 (:mod:`.intake`), its ready channels (:mod:`.prechannels`), one :mod:`.session` per lease,
-and a signal pipe.  No callback blocks, so
-heartbeats are answered even while clients are busy elsewhere.
+and a signal pipe.  No callback blocks, so heartbeats are answered even while clients are
+busy elsewhere.
 
 Hazards:
 
@@ -40,7 +40,7 @@ from ..common.backoff import Backoff
 from ..common.errors import KzpoolError, TLSError
 from ..common.messages import LeaseEvent, LeaseNews, LeaseRequest, Message, Reason
 from ..common.options import LeaseOptions
-from ..common.settings import PoolSettings
+from ..common.sockets import out_of_files
 from ..common.states import ConnState
 from .clients import Clients, Waiting, full
 from .connection import BatchedConnection, parameters
@@ -65,7 +65,7 @@ class ConnectionWorker:
     def __init__(self, spec: WorkerSpec, link: socket.socket, listener: socket.socket | None,
                  master_pid: int) -> None:
         self.spec = spec
-        self.ioloop = GuardedLoop(self._client_fault)
+        self.ioloop = GuardedLoop(self._client_fault, lambda e: self._on_open_error(None, e))
         self.state = ConnState.STARTING
         self.error: str | None = None
         self.since = time.time()
@@ -94,14 +94,6 @@ class ConnectionWorker:
         cap = (settings.reconnect_backoff_max if spec.broker.local
                else settings.reconnect_backoff_max_remote)
         self.backoff = Backoff(settings.reconnect_backoff_min, cap)
-
-    @property
-    def default_prefetch(self) -> int:
-        return self.spec.settings.default_prefetch
-
-    @property
-    def settings(self) -> PoolSettings:
-        return self.spec.settings
 
     # ----- life cycle -------------------------------------------------------------------
 
@@ -144,11 +136,12 @@ class ConnectionWorker:
     def _connect(self) -> None:
         if self.state is ConnState.STOPPING:
             return
-        self._set_state(ConnState.CONNECTING)
+        if self.state is not ConnState.RECONNECTING:  # that one stays primary meanwhile
+            self._set_state(ConnState.CONNECTING)
         try:
             params = parameters(self.spec)
-        except TLSError as exc:  # a TLS file gone or changed since the config was checked
-            self._lost(exc)
+        except (OSError, TLSError) as exc:  # a TLS file gone or changed, or the file limit
+            self._lost(f"at the file limit: {exc}" if out_of_files() else exc)
             return
         self.connection = BatchedConnection(
             params,
@@ -170,7 +163,11 @@ class ConnectionWorker:
         self.prechannels.fill()
         self.exclusives.start(connection)
 
-    def _on_open_error(self, _connection: SelectConnection, exc: BaseException | str) -> None:
+    def _on_open_error(self, connection: Any, exc: BaseException | str) -> None:
+        """A connect failed (``None``: pika could not make its socket, at the file limit)."""
+        current = self.connection
+        if current is None or connection not in (None, current) or current.is_open:
+            return  # an attempt given up already
         self.connection = None
         self._lost(exc)
 
@@ -180,6 +177,10 @@ class ConnectionWorker:
         self.prechannels.clear()
         self.bound.clear()
         lost = messages.Lost(connection_lost(exc))
+        again = lost.reason.connection_error and self.state is not ConnState.STOPPING
+        if again:  # said before the leases hear of it: the master keeps this one primary
+            self.error = f"closed by broker: {lost.reason.code} {lost.reason.text}"
+            self._set_state(ConnState.RECONNECTING)
         for session in list(self.sessions.values()):
             session.event(lost)
             session.end(LeaseEvent.LOST, "connection lost")
@@ -188,17 +189,18 @@ class ConnectionWorker:
             self._turn_away(entry.lease, entry.sock)
         if self.state is ConnState.STOPPING:
             self.ioloop.stop()
-            return
-        self._lost(exc)
+        elif again:
+            log.warning("%s: %s; connecting again at once", self.spec.broker.uri.masked, self.error)
+            self.ioloop.call_later(0, self._connect)
+        else:
+            self._lost(exc)
 
     def _lost(self, exc: BaseException | str) -> None:
         if self.state is ConnState.STOPPING:
             self.ioloop.stop()
             return
         fatal, reason = classify(exc)
-        self.maintenance = reason if in_maintenance(exc) else self.maintenance  # till back
-        self.error = reason if self.maintenance in (None, reason) else \
-            f"in maintenance ({self.maintenance}): {reason}"
+        self.maintenance, self.error = in_maintenance(exc, reason, self.maintenance)
         if fatal:
             log.error("%s: %s; not retrying", self.spec.broker.uri.masked, reason)
             self._set_state(ConnState.FAILED)
