@@ -699,6 +699,43 @@ def _rmq4_status() -> None:
 # --- extra nodes -----------------------------------------------------------------
 
 
+CLIENT_MEMORY = ("connection_readers", "connection_writers", "connection_channels",
+                 "connection_other")  # memory_breakdown's categories for client connections
+
+
+def memory_breakdown(name: str | None, timeout: float = CTL_TIMEOUT) -> dict[str, int]:
+    """`rabbitmq-diagnostics memory_breakdown` of node `name` (None: the default node), by the
+    install that runs it: bytes per category (CLIENT_MEMORY: the connections' and channels')."""
+    root = _root_of(name)
+    flags = [*(["-n", full_name(name)] if name else []), "--timeout", str(max(int(timeout), 1)),
+             "memory_breakdown", "--unit", "bytes", "--formatter", "json"]
+    if root is None:
+        cmd, env = [_need_tool("rabbitmq-diagnostics"), *flags], _clean_env()
+    else:
+        cmd = _chroot_cmd(root, "/usr/sbin/rabbitmq-diagnostics", *flags)
+        env = _chroot_env(root)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30,
+                         stdin=subprocess.DEVNULL, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {res.returncode}): "
+                           f"{(res.stderr.strip() or res.stdout.strip())[:300]}")
+    try:
+        rows = json.loads(res.stdout)
+        return {key: int(row["bytes"]) for key, row in rows.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise RuntimeError(f"{' '.join(cmd)}: unexpected output {res.stdout[:200]!r}") from e
+
+
+def client_counts(name: str | None, timeout: float = CTL_TIMEOUT) -> tuple[int, int]:
+    """Client connections and channels open on node `name` (None: the default node)."""
+    counts = []
+    for what in ("list_connections", "list_channels"):
+        res = _ctl(name and full_name(name), what, "pid", "--no-table-headers", "--quiet",
+                   timeout=timeout)
+        counts.append(sum(1 for line in res.stdout.splitlines() if line.strip()))
+    return counts[0], counts[1]
+
+
 def start_node(name: str, port: int, base: Path | None = None, timeout: float = 90,
                tls_port: int | None = None, certs: Certs | None = None,
                rabbitmq: int | None = None, conf: Sequence[str] = ()) -> Node:
