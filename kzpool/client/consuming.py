@@ -358,12 +358,16 @@ class Consumers:
         return bool(self.events)
 
     def dispatch_events(self) -> None:
-        link = self.link
+        link, clock = self.link, time.monotonic
+        started = clock()
         while self.events and not link.closed:  # a callback may cancel or close
-            started = time.monotonic()
             self._dispatch(self.events.popleft())
-            if self.events and time.monotonic() - started >= STALE_AFTER:
-                link.drain()  # a loss read now voids the rest (on_lost)
+            if self.events:
+                now = clock()
+                if now - started >= STALE_AFTER:
+                    link.drain()  # a loss read now voids the rest (on_lost)
+                    now = clock()
+                started = now
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, tuple):

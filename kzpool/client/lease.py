@@ -400,7 +400,8 @@ class Lease:
             self._on_move(MoveEvent(str(self.id), old, self.broker, reason, renamed))
 
     def _settle(self, delivery_tag: int, flags: int) -> None:
-        self._tx_touch()
+        if self._tx:
+            self._tx_touch()
         self._impl.settle(delivery_tag, flags, self._consumers.more_waiting)
 
     def _requeue(self, delivery_tag: int) -> None:  # a nack: RabbitMQ 4.3 counts a reject

@@ -55,6 +55,9 @@ from .recovery import Abort, Loss, Recovery, Sockets
 
 log = logging.getLogger("kzpool.lease")
 
+_monotonic = time.monotonic
+_tagged = wire.tagged
+_SETTLE = Kind.SETTLE
 SETTLE_BATCH = 64  # acks sent together at most
 STALE = 1.0  # seconds unread after which a settle reads what the worker sent first
 
@@ -211,18 +214,20 @@ class LeaseLink:
         """Ack, nack or reject; ``more_coming``: read deliveries wait, so batch it.
         :class:`DeliveryTakenBack` if the broker took the delivery back (after a long
         callback, what the worker said meanwhile is read first)."""
-        if self.closed:
+        if self._closed or self._abort.aborted:
             raise LeaseClosed("the lease is closed", lease=self.id)
         state = self.state
-        if time.monotonic() - state.read_at > STALE:
+        if _monotonic() - state.read_at > STALE:
             self.drain()
-        taken = self.taken_back(delivery_tag, flags)
+        # (once per delivery: the common case, nothing taken back, stays short)
+        taken = self.taken_back(delivery_tag, flags) if state.taken_back.tags else None
         tag = None if self.loss is not None else state.tags.channel_tag(delivery_tag)
         if tag is not None:
-            settles = self.bound.settles
-            settles.append(wire.tagged(Kind.SETTLE, tag, flags))
-            if len(settles) >= SETTLE_BATCH or not more_coming:
-                self.bound.send(b"")  # sends the settles; while deliveries wait, they batch
+            bound = self.bound
+            settles = bound.settles
+            settles.append(_tagged(_SETTLE, tag, flags))
+            if not more_coming or len(settles) >= SETTLE_BATCH:
+                bound.send(b"")  # sends the settles; while deliveries wait, they batch
         elif taken is None:
             log.debug("lease %s: dropping settle of tag %d from a lost channel", self.id,
                       delivery_tag)
