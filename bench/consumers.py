@@ -1,7 +1,7 @@
 """In-service consumers under CPU-heavy work: throughput against what the cores allow, and
 the pool's own CPU per message against what direct pika spends per message.
 
-    .venv/bin/python bench/consumers.py [--messages 6000] [--processes 8]
+    .venv/bin/python bench/consumers.py [--messages 6000] [--processes 8] [--uri URI]
 
 A [consumer:bench] section runs `processes` consumer processes whose handler burns about
 1 ms of CPU per message (bench/cpu_handler.py); the clock starts once they have handled
@@ -33,7 +33,7 @@ from leases import broker_process
 import kzpool
 
 ROOT = Path(__file__).resolve().parent.parent
-URI = "amqp://guest:guest@127.0.0.1:5672/%2F"
+DEFAULT = URI = "amqp://guest:guest@127.0.0.1:5672/%2F"
 QUEUE = "kzpool-bench-consumers"
 WARM_UP = 200  # messages handled before the clock starts: steady state only
 
@@ -172,9 +172,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=6000)
     parser.add_argument("--processes", type=int, default=8)
+    parser.add_argument("--uri", default=URI, help="the broker (a node serving nothing else"
+                        " measures best: its CPU per message is reported)")
     args = parser.parse_args()
+    global URI
+    URI = args.uri
     cores = os.cpu_count() or 1
-    print(f"$ python bench/consumers.py --messages {args.messages} --processes {args.processes}")
+    print(f"$ python bench/consumers.py --messages {args.messages} --processes {args.processes}"
+          + (f" --uri {args.uri}" if args.uri != DEFAULT else ""))
     elapsed, pool_cpu, broker_cpu = pool_run(args.messages, args.processes)
     best = cores / 0.001
     rate = args.messages / elapsed
