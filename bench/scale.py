@@ -14,7 +14,9 @@ the same run, pool and pika alternating which goes first:
 * then, all N still connected: the broker's memory for client connections and channels
   (``rabbitmq-diagnostics memory_breakdown``: connection_readers + connection_writers +
   connection_channels + connection_other, not RSS), the connections and channels it lists,
-  and the pool's RSS (master and connection workers);
+  and the pool's RSS (master and connection workers); then the same memory again after a
+  garbage collection of every process of the node (at rest: what the connections and
+  channels hold, not heaps that traffic grew);
 * ``consume``: each process consumes what it published, prefetch ``--prefetch``, each
   message acked on its own: the aggregate msg/s (all messages over the time to the last
   one's ack) and p50/p99 of the time between one process's consecutive deliveries.
@@ -72,6 +74,7 @@ class Phase:
     consume_lat: list[float] = field(default_factory=list)
     memory: int = 0  # bytes: the kind's connections and channels on the broker
     parts: dict[str, int] = field(default_factory=dict)  # the same by memory_breakdown key
+    rest: int = 0  # bytes: the same after a garbage collection of the node
     connections: int = 0
     channels: int = 0
     pool_rss: int = 0
@@ -175,9 +178,13 @@ class Broker:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.collects = brokers.full_name(name) != brokers.DEFAULT_NODE
 
-    def memory(self) -> dict[str, int]:
-        """The client categories of memory_breakdown (bytes), and their "total"."""
+    def memory(self, rest: bool = False) -> dict[str, int]:
+        """The client categories of memory_breakdown (bytes), and their "total"; ``rest``:
+        after a garbage collection of the node's processes (an extra node only)."""
+        if rest and self.collects:
+            brokers.collect_garbage(self.name)
         breakdown = brokers.memory_breakdown(self.name)
         parts = {key: breakdown[key] for key in brokers.CLIENT_MEMORY}
         return {**parts, "total": sum(parts.values())}
@@ -195,7 +202,7 @@ def run_phase(plan: Plan, n: int, pool: Pool, broker: Broker,
     start = ctx.Value("d", 0.0, lock=False)
     phase = Phase(plan.kind, n)
     # the pool's connection and every channel it holds are its own cost
-    before = empty if plan.kind == "pool" else (broker.memory(), *broker.counts())
+    before = empty if plan.kind == "pool" else (broker.memory(rest=True), *broker.counts())
     tag = uuid.uuid4().hex[:6]
     procs = [ctx.Process(target=client, daemon=True,
                          args=(plan, f"kzscale-{plan.kind}-{n}-{tag}-{i}", out, go_publish,
@@ -214,6 +221,7 @@ def run_phase(plan: Plan, n: int, pool: Pool, broker: Broker,
         during = broker.memory()
         phase.parts = {key: during[key] - before[0][key] for key in during}
         phase.memory = phase.parts["total"]
+        phase.rest = broker.memory(rest=True)["total"] - before[0]["total"]
         connections, channels = broker.counts()
         phase.connections, phase.channels = connections - before[1], channels - before[2]
         phase.pool_rss = pool.rss()
@@ -239,7 +247,8 @@ def ms(seconds: float) -> str:
 
 def report(phases: dict[tuple[str, int], Phase], ns: list[int]) -> bool:
     print("\n| N | client | publish msg/s | p50 / p99 ms | consume msg/s | p50 / p99 ms |"
-          " broker conn+chan memory | connections / channels | pool RSS |")
+          " broker conn+chan memory: after traffic / at rest | connections / channels |"
+          " pool RSS |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n in ns:
         for kind in KINDS:
@@ -250,10 +259,12 @@ def report(phases: dict[tuple[str, int], Phase], ns: list[int]) -> bool:
                    if p.consume_lat else "-")
             rss = f"{p.pool_rss / 2**20:.0f} MiB" if kind == "pool" else ""
             print(f"| {n} | {kind} | {p.rate('publish'):,.0f} | {pub} | {p.rate('consume'):,.0f}"
-                  f" | {con} | {p.memory / 2**20:.2f} MiB | {p.connections} / {p.channels}"
+                  f" | {con} | {p.memory / 2**20:.2f} / {p.rest / 2**20:.2f} MiB"
+                  f" | {p.connections} / {p.channels}"
                   f" | {rss} |")
     met = True
-    print("\n| N | publish pool / pika | consume pool / pika | memory pika / pool | targets |")
+    print("\n| N | publish pool / pika | consume pool / pika | memory pika / pool: after"
+          " traffic, at rest | targets |")
     print("|---|---|---|---|---|")
     for n in ns:
         pool, plain = phases[("pool", n)], phases[("pika", n)]
@@ -263,7 +274,8 @@ def report(phases: dict[tuple[str, int], Phase], ns: list[int]) -> bool:
         ok = pub_x >= 1.0 and con_x >= 1.0 and (n != max(ns) or mem >= MEMORY_TARGET)
         met = met and ok
         goal = "rates >= 1.0x" + (f", memory >= {MEMORY_TARGET:.0f}x" if n == max(ns) else "")
-        print(f"| {n} | {pub_x:.2f}x | {con_x:.2f}x | {mem:.1f}x | {goal}:"
+        rest = plain.rest / max(pool.rest, 1)
+        print(f"| {n} | {pub_x:.2f}x | {con_x:.2f}x | {mem:.1f}x, {rest:.1f}x | {goal}:"
               f" **{'met' if ok else 'missed'}** |")
     return met
 
@@ -308,7 +320,7 @@ def main() -> None:
     broker = Broker(name)
     print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit {commit()},"
           f" node {name}, {multiprocessing.cpu_count()} cores")
-    empty = (broker.memory(), *broker.counts())
+    empty = (broker.memory(rest=True), *broker.counts())
     pool = Pool(uri, prechannels=10)
     phases: dict[tuple[str, int], Phase] = {}
     try:
@@ -319,7 +331,7 @@ def main() -> None:
                 phases[(kind, n)] = phase
                 print(f"  N={n} {kind}: publish {phase.rate('publish'):,.0f} msg/s, consume"
                       f" {phase.rate('consume'):,.0f} msg/s, memory"
-                      f" {phase.memory / 2**20:.2f} MiB ("
+                      f" {phase.memory / 2**20:.2f} MiB, at rest {phase.rest / 2**20:.2f} MiB ("
                       + ", ".join(f"{k} {v / 2**10:,.0f} KiB" for k, v in phase.parts.items()
                                   if k != "total") + ")", flush=True)
     finally:

@@ -726,6 +726,16 @@ def memory_breakdown(name: str | None, timeout: float = CTL_TIMEOUT) -> dict[str
         raise RuntimeError(f"{' '.join(cmd)}: unexpected output {res.stdout[:200]!r}") from e
 
 
+def collect_garbage(name: str, timeout: float = CTL_TIMEOUT) -> None:
+    """A full garbage collection of every Erlang process of extra node `name`, so that a
+    memory_breakdown after it shows what its processes hold at rest, not heaps grown by
+    traffic (never the default node: it serves other people's tests)."""
+    name = full_name(name)
+    _refuse_default(name)
+    _ctl(name, "eval", "[erlang:garbage_collect(P) || P <- erlang:processes()], ok.",
+         timeout=timeout)
+
+
 def client_counts(name: str | None, timeout: float = CTL_TIMEOUT) -> tuple[int, int]:
     """Client connections and channels open on node `name` (None: the default node)."""
     counts = []
