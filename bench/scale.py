@@ -59,6 +59,9 @@ NODE = ("kzscale", 5811)
 KINDS = ("pool", "pika")
 CONNECT_TIMEOUT = 120.0  # every process connected and ready (N = 256 on 2 cores)
 MEMORY_TARGET = 10.0  # pika's connection+channel memory / the pool's, at the largest N
+# the pool's defaults that bound N: every process is this user's (max_leases_per_uid 4096)
+# and a client of the one connection worker (max_peers 4000); each process holds one lease
+MAX_N = 4000
 
 
 @dataclass
@@ -304,6 +307,9 @@ def main() -> None:
         parser.error(f"--n {args.n!r}: comma-separated process counts, e.g. 1,8,64,256")
     if not ns or min(ns) < 1 or args.duration <= 0:
         parser.error("--n needs counts >= 1 and --duration a positive number of seconds")
+    if max(ns) > MAX_N:
+        parser.error(f"--n {max(ns)}: at most {MAX_N}, the clients one connection worker"
+                     " serves at once (the pool's max_peers)")
     if args.uri and not args.node_name:
         parser.error("--uri needs --node-name (the node whose memory is measured)")
     print(f"$ python bench/scale.py --n {','.join(map(str, ns))} --duration {args.duration:g}"
