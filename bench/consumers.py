@@ -175,8 +175,7 @@ def main() -> None:
     parser.add_argument("--uri", default=URI, help="the broker (a node serving nothing else"
                         " measures best: its CPU per message is reported)")
     args = parser.parse_args()
-    global URI
-    URI = args.uri
+    globals()["URI"] = args.uri  # the module's broker, for every step below
     cores = os.cpu_count() or 1
     print(f"$ python bench/consumers.py --messages {args.messages} --processes {args.processes}"
           + (f" --uri {args.uri}" if args.uri != DEFAULT else ""))
