@@ -169,13 +169,14 @@ def wait(probe: object, timeout: float = 30) -> object:
 
 
 def main() -> None:
+    global URI
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=6000)
     parser.add_argument("--processes", type=int, default=8)
-    parser.add_argument("--uri", default=URI, help="the broker (a node serving nothing else"
+    parser.add_argument("--uri", default=DEFAULT, help="the broker (a node serving nothing else"
                         " measures best: its CPU per message is reported)")
     args = parser.parse_args()
-    globals()["URI"] = args.uri  # the module's broker, for every step below
+    URI = args.uri  # the module's broker, for every step below
     cores = os.cpu_count() or 1
     print(f"$ python bench/consumers.py --messages {args.messages} --processes {args.processes}"
           + (f" --uri {args.uri}" if args.uri != DEFAULT else ""))
