@@ -736,13 +736,16 @@ def collect_garbage(name: str, timeout: float = CTL_TIMEOUT) -> None:
          timeout=timeout)
 
 
-def client_counts(name: str | None, timeout: float = CTL_TIMEOUT) -> tuple[int, int]:
-    """Client connections and channels open on node `name` (None: the default node)."""
+def client_counts(name: str | None, vhost: str | None = None,
+                  timeout: float = CTL_TIMEOUT) -> tuple[int, int]:
+    """Client connections and channels open on node `name` (None: the default node), on
+    `vhost` only if one is named."""
     counts = []
-    for what in ("list_connections", "list_channels"):
-        res = _ctl(name and full_name(name), what, "pid", "--no-table-headers", "--quiet",
+    for what in ("list_connections", "list_channels"):  # (neither takes a vhost to list)
+        res = _ctl(name and full_name(name), what, "vhost", "--no-table-headers", "--quiet",
                    timeout=timeout)
-        counts.append(sum(1 for line in res.stdout.splitlines() if line.strip()))
+        rows = [line.strip() for line in res.stdout.splitlines() if line.strip()]
+        counts.append(sum(1 for row in rows if vhost is None or row == vhost))
     return counts[0], counts[1]
 
 
