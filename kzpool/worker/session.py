@@ -30,7 +30,6 @@ from ..common import messages, props, wire
 from ..common.errors import ProtocolError
 from ..common.messages import LeaseEvent, Message
 from ..common.options import LeaseOptions
-from ..common.sockets import READ_SIZE, receive
 from ..common.wire import Flag, Kind
 from . import amqp
 from .calls import (
@@ -45,6 +44,7 @@ from .calls import (
 from .handover import Handover
 from .holding import Holding
 from .linger import Linger
+from .reading import Reading
 from .spec import WorkerSpec
 from .timeouts import ConsumeTimeout
 
@@ -88,7 +88,6 @@ class Session:
         self.lease = lease
         self.channel = channel
         self.options = options  # the client's, whole: what this session honours
-        self.reader = wire.FrameReader(wire.MAX_DATA_FRAME)
         self.out = bytearray()
         self.flush_pending = False
         self.writing = False
@@ -110,6 +109,7 @@ class Session:
         self.connection = channel.connection  # a BatchedConnection: frames past pika
         self.timeout = ConsumeTimeout.of(options, host.spec.settings, self.connection)
         self.connection.add_sink(self.number, self)
+        self.reading = Reading(self)
         sock.setblocking(False)
         self.ioloop.add_handler(self.fd, self._on_io, IOLoop.READ)
         log.debug("lease %s on channel %d: %s", lease, self.number, options)
@@ -144,7 +144,8 @@ class Session:
         want_write = bool(self.out)
         if want_write != self.writing:
             self.writing = want_write
-            self.ioloop.update_handler(self.fd, IOLoop.READ | (IOLoop.WRITE if want_write else 0))
+            self.ioloop.update_handler(self.fd, self.reading.events
+                                       | (IOLoop.WRITE if want_write else 0))
 
     # ----- input ------------------------------------------------------------------------------
 
@@ -154,25 +155,10 @@ class Session:
             return
         if events & IOLoop.WRITE:
             self.flush()
-        if not events & IOLoop.READ or self.ended is not None:
-            return
-        data = receive(self.sock, READ_SIZE)
-        if data is None:
-            return
-        if not data:
-            self.end(LeaseEvent.MOVED if self.moving else LeaseEvent.RELEASED, "client closed")
-            return
-        try:
-            for kind, flags, payload in self.reader.feed(data):
-                self._dispatch(kind, flags, payload)
-                if self.done:
-                    return
-        except (ProtocolError, TypeError, ValueError, KeyError, AttributeError) as exc:
-            # whatever a client sends, it must not take the worker down: drop that client
-            log.warning("lease %s: dropping the client: %s", self.lease, exc)
-            self.end(LeaseEvent.RELEASED, f"protocol error: {exc}")
+        if events & IOLoop.READ and self.ended is None:
+            self.reading.on_readable()  # held back, in turns, bounded: :mod:`.reading`
 
-    def _dispatch(self, kind: int, flags: int, payload: bytes) -> None:
+    def dispatch(self, kind: int, flags: int, payload: bytes) -> None:
         if kind == _PUBLISH:
             self._publish(flags, payload)
         elif kind == _SETTLE:
@@ -185,17 +171,23 @@ class Session:
     def _publish(self, flags: int, payload: bytes) -> None:
         """A client's publish, its properties checked and passed on as they are."""
         exchange, routing_key, properties, body = wire.read_publish(payload)
+        if self.publish_content(flags, exchange, routing_key, properties):
+            self.connection.send_raw(amqp.publish(
+                self.number, exchange, routing_key, properties, body,
+                bool(flags & Flag.MANDATORY), self.connection.body_max))
+
+    def publish_content(self, flags: int, exchange: str, routing_key: str,
+                        properties: bytes) -> bool:
+        """Whether a publish may go to the broker (its body is the caller's to send)."""
         amqp.check_properties(properties)  # a bad one would close the whole connection
-        mandatory = bool(flags & Flag.MANDATORY)
-        if mandatory:
+        if flags & Flag.MANDATORY:
             self.clean = False  # a return may still come back on this channel
         self.unsure = True  # a missing exchange closes the channel, later
         self.counters["publishes"] += 1
         if not self.channel.is_open:
             self.event(messages.Error(CHANNEL_CLOSED))
-            return
-        self.connection.send_raw(amqp.publish(self.number, exchange, routing_key, properties,
-                                              body, mandatory, self.connection.body_max))
+            return False
+        return True
 
     def _settle(self, tag: int, flags: int) -> None:
         if not self.channel.is_open:
@@ -401,6 +393,7 @@ class Session:
             return
         self.ended = how
         self.connection.remove_sink(self.number)
+        self.reading.close()
         handed_on = self.channel.is_open and how is LeaseEvent.RELEASED and self.clean and \
             not self.unanswered
         if handed_on:

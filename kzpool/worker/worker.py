@@ -149,6 +149,7 @@ class ConnectionWorker:
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_closed,
             custom_ioloop=self.ioloop,
+            budget=self.spec.settings.worker_buffer,
         )
 
     def _on_open(self, connection: SelectConnection) -> None:
