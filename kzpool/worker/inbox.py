@@ -1,8 +1,8 @@
 """What a lease's client sends its worker, cut into frames, bounded in time and in bytes.
 
 A frame of at most :data:`BIG` bytes is cut from one buffer, as :class:`~kzpool.common.wire.
-FrameReader` cuts them.  A larger one (a large publish) is read straight into a buffer of
-its own size (``recv_into``: no copy on the way), once the worker's budget has room for it
+FrameReader` cuts them.  A larger one (a large publish) is read into a buffer of its own,
+never copied again, once the worker's budget has room for all it announced
 (:meth:`kzpool.worker.turns.Turns.reserve`): until then nothing more is read from that
 client, whose sends wait in its own process.  A publish so read goes to the broker from that
 very buffer (:class:`~kzpool.worker.turns.Content`), which holds the reservation until its
@@ -51,7 +51,6 @@ class Inbox:
         self.resume = resume
         self.buffer = bytearray()
         self.big: bytearray | None = None  # a large frame arriving
-        self.got = 0  # bytes of it read
         self.head = (0, 0)  # its kind and flags
         self.reserved = 0  # budget held for it
         self.stalled = False  # a large frame's header read, waiting for the budget
@@ -91,19 +90,17 @@ class Inbox:
         self.big, self.reserved, self.buffer = None, 0, bytearray()
 
     def _fill(self, sock: socket.socket, frames: list[Frame]) -> bool:
+        """More of the large frame (grown as it comes: a buffer made whole at once would be
+        written through, and count in full, for a frame that may never come)."""
         big = self.big
         assert big is not None
-        try:
-            with memoryview(big) as view:
-                count = sock.recv_into(view[self.got:])
-        except (BlockingIOError, InterruptedError):
+        data = receive(sock, min(READ_SIZE, self.reserved - len(big)))
+        if data is None:
             return True
-        except OSError:
+        if not data:
             return False
-        if not count:
-            return False
-        self.got += count
-        if self.got == len(big):
+        big += data
+        if len(big) == self.reserved:
             frames.append((*self.head, big, self.reserved))
             self.big, self.reserved = None, 0
             self.restart_clock()
@@ -140,9 +137,8 @@ class Inbox:
         self.stalled = False
         self.reserved = length
         have = min(len(buffer) - pos - 8, length)
-        self.big = bytearray(length)
-        self.big[:have] = buffer[pos + 8:pos + 8 + have]
-        self.got, self.head = have, (kind, flags)
+        self.big = bytearray(buffer[pos + 8:pos + 8 + have])
+        self.head = (kind, flags)
         self.since = time.monotonic()
         return pos + 8 + have
 
