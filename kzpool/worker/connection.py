@@ -17,7 +17,7 @@ from ..common import tls
 from . import amqp
 from .fastpath import Inbound, Sink
 from .spec import WorkerSpec
-from .turns import LOWAT, Content, Turns, set_lowat, unsent
+from .turns import LOWAT, Budget, Content, Turns, set_lowat, unsent
 
 RECV_SIZE = 64 << 10  # bytes read from the broker at a time
 _CONNECTION_CLOSE = amqp.FRAME_HEAD.pack(amqp.FRAME_METHOD, 0, 0)[:3]
@@ -36,7 +36,7 @@ class BatchedConnection(SelectConnection):  # type: ignore[misc]
 
     _frame_buffer: bytes  # pika's: what the socket read that is not a whole frame yet
 
-    def __init__(self, *args: Any, budget: int = 64 << 20, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, budget: Budget, **kwargs: Any) -> None:
         self._out: list[bytes] = []
         self._flush_due = False
         self.inbound = Inbound(self._to_pika)

@@ -3,7 +3,7 @@
 A frame of at most :data:`BIG` bytes is cut from one buffer, as :class:`~kzpool.common.wire.
 FrameReader` cuts them.  A larger one (a large publish) is read into a buffer of its own,
 never copied again, once the worker's budget has room for all it announced
-(:meth:`kzpool.worker.turns.Turns.reserve`): until then nothing more is read from that
+(:meth:`kzpool.worker.turns.Budget.reserve`): until then nothing more is read from that
 client, whose sends wait in its own process.  A publish so read goes to the broker from that
 very buffer (:class:`~kzpool.worker.turns.Content`), which holds the reservation until its
 last frame is out.
@@ -35,7 +35,7 @@ Frame = tuple[int, int, bytes | bytearray, int]  # kind, flags, payload, bytes r
 
 
 class Budget(Protocol):
-    """The worker's bound on what it buffers (:class:`~kzpool.worker.turns.Turns`)."""
+    """The worker's bound on what it buffers (:class:`~kzpool.worker.turns.Budget`)."""
 
     def reserve(self, size: int, resume: Callable[[], None]) -> bool: ...
 

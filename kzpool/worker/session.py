@@ -32,6 +32,7 @@ from ..common.messages import LeaseEvent, Message
 from ..common.options import LeaseOptions
 from ..common.wire import Flag, Kind
 from . import amqp
+from .bulk import Bulk
 from .calls import (
     CHANNEL_CLOSED,
     CHANNEL_STATE,
@@ -51,6 +52,7 @@ from .timeouts import ConsumeTimeout
 log = logging.getLogger("kzpool.session")
 
 _PUBLISH, _SETTLE, _JSON = int(Kind.PUBLISH), int(Kind.SETTLE), int(Kind.JSON)
+_NOT_BULK = ("confirm_delivery", "tx_select")  # modes that keep publishes on the channel
 
 
 class SessionHost(Protocol):
@@ -58,12 +60,13 @@ class SessionHost(Protocol):
 
     ioloop: IOLoop
     counters: dict[str, int]  # the worker's, counted here
-
     spec: WorkerSpec  # its settings
 
     def recycle(self, channel: Any, settled_first: bool) -> None: ...
 
     def session_ended(self, session: Session, how: LeaseEvent, why: str) -> None: ...
+
+    bulk: Bulk  # its second connection, for leases publishing flat out (:mod:`.bulk`)
 
     @property
     def exclusives(self) -> CallGuard: ...  # a client's calls go through it
@@ -109,6 +112,10 @@ class Session:
         self.connection = channel.connection  # a BatchedConnection: frames past pika
         self.timeout = ConsumeTimeout.of(options, host.spec.settings, self.connection)
         self.connection.add_sink(self.number, self)
+        self.lane: tuple[Any, int] = (self.connection, self.number)  # where publishes go
+        self.bulk_channel: Any = None  # its channel on the bulk connection, if it went there
+        self.bulk_ok = True  # no confirms, transactions, mandatory publishes: it may go there
+        self.bulk = host.bulk
         self.reading = Reading(self)
         sock.setblocking(False)
         self.ioloop.add_handler(self.fd, self._on_io, IOLoop.READ)
@@ -172,8 +179,9 @@ class Session:
         """A client's publish, its properties checked and passed on as they are."""
         exchange, routing_key, properties, body = wire.read_publish(payload)
         if self.publish_content(flags, exchange, routing_key, properties):
-            self.connection.send_raw(amqp.publish(
-                self.number, exchange, routing_key, properties, body,
+            connection, number = self.lane
+            connection.send_raw(amqp.publish(
+                number, exchange, routing_key, properties, body,
                 bool(flags & Flag.MANDATORY), self.connection.body_max))
 
     def publish_content(self, flags: int, exchange: str, routing_key: str,
@@ -181,7 +189,7 @@ class Session:
         """Whether a publish may go to the broker (its body is the caller's to send)."""
         amqp.check_properties(properties)  # a bad one would close the whole connection
         if flags & Flag.MANDATORY:
-            self.clean = False  # a return may still come back on this channel
+            self.clean = self.bulk_ok = False  # a return may still come back on this channel
         self.unsure = True  # a missing exchange closes the channel, later
         self.counters["publishes"] += 1
         if not self.channel.is_open:
@@ -214,7 +222,8 @@ class Session:
             case messages.Call(method=method) if method not in CHANNEL_STATE:
                 pass
             case _:  # consumers, deliveries, QoS, confirm or tx mode live on the channel
-                self.clean = False
+                self.clean = False  # and with confirms or a transaction, no bulk publishes:
+                self.bulk_ok &= getattr(request, "method", "") not in _NOT_BULK
         match request:
             case messages.Bye():
                 self.end(LeaseEvent.MOVED, "moved")

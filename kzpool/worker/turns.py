@@ -91,21 +91,44 @@ class Lane:
         self.bytes = 0  # queued, reservations of its contents included
 
 
-class Turns:
-    """Lanes of frames toward the broker.  ``write(data) -> sent``: one non-blocking send
-    (``None``: cannot send directly now, give pika the round); ``watch(on)``: wake
-    :meth:`pump` when the socket is writable again (``on``) or stop."""
+class Budget:
+    """What a worker buffers toward its broker, all lanes of its connections together, and
+    what its sessions reserved for large frames still arriving (``[pool] worker_buffer``)."""
 
-    def __init__(self, budget: int, share: int = SHARE) -> None:
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.held = 0
+        self.reserving: deque[Callable[[], None]] = deque()  # sessions waiting for room
+
+    def reserve(self, size: int, resume: Callable[[], None]) -> bool:
+        """Hold ``size`` bytes for a frame still arriving; ``False``: not now, ``resume()``
+        is called (in the loop) once the others have sent theirs: ask again then."""
+        if self.held and self.held + size > self.total:
+            self.reserving.append(resume)
+            return False
+        self.held += size
+        return True
+
+    def unreserve(self, size: int) -> None:
+        self.held -= size
+        self.wake()
+
+    def wake(self) -> None:
+        while self.reserving and self.held < self.total:
+            self.reserving.popleft()()
+
+
+class Turns:
+    """Lanes of frames toward the broker, served by :meth:`round`; ``budget`` is shared
+    with the worker's other connection (:mod:`.bulk`)."""
+
+    def __init__(self, budget: Budget, share: int = SHARE) -> None:
         self.share, self.budget = share, budget
         self.last: list[bytes] = []  # the connection's close: after every lane's frames
         self.lanes: dict[int, Lane] = {}
         self.order: deque[int] = deque()  # channels with frames queued, in turn order
-        self.held = 0  # bytes queued in every lane, and reserved
         self.rest = b""  # the end of a round the socket did not take
         self.waiters: dict[int, Callable[[], None]] = {}  # lanes over their share
-        self.reserving: deque[Callable[[], None]] = deque()  # sessions waiting for budget
-        self.sent_rounds = 0
 
     # ----- in -----------------------------------------------------------------------------
 
@@ -125,39 +148,30 @@ class Turns:
             self.order.append(channel)
         lane.pieces.append(piece)
         lane.bytes += size + (piece.reserved if isinstance(piece, Content) else 0)
-        self.held += size
+        self.budget.held += size
 
     def over(self, channel: int) -> bool:
         """Whether ``channel``'s lane holds its share or more."""
         lane = self.lanes.get(channel)
         return lane is not None and lane.bytes >= self.share
 
+    def queued(self, channel: int) -> int:
+        lane = self.lanes.get(channel)
+        return 0 if lane is None else lane.bytes
+
     def wait(self, channel: int, resume: Callable[[], None]) -> None:
         """``resume()`` once ``channel``'s lane is under half its share."""
         self.waiters[channel] = resume
-
-    def reserve(self, size: int, resume: Callable[[], None]) -> bool:
-        """Hold ``size`` bytes of the budget for a frame still arriving; ``False``: not now,
-        ``resume()`` is called when the others have sent theirs (try again then)."""
-        if self.held and self.held + size > self.budget:
-            self.reserving.append(resume)
-            return False
-        self.held += size
-        return True
-
-    def unreserve(self, size: int) -> None:
-        self.held -= size
-        self._wake()
 
     def forget(self, channel: int) -> None:
         """A session gone: no more waking it (what its lane holds still goes out)."""
         self.waiters.pop(channel, None)
 
-    # ----- out ----------------------------------------------------------------------------
-
     def put_last(self, data: bytes) -> None:
         """The connection's close: sent once every lane is empty."""
         self.last.append(data)
+
+    # ----- out ----------------------------------------------------------------------------
 
     @property
     def pending(self) -> bool:
@@ -176,7 +190,6 @@ class Turns:
         if self.last and not self.order and not (0 in self.lanes and self.lanes[0].pieces):
             out += self.last
             self.last = []
-        self.sent_rounds += 1
         self._wake()
         return b"".join(out)
 
@@ -192,14 +205,14 @@ class Turns:
                 if done:
                     lane.pieces.popleft()
                     lane.bytes -= piece.reserved
-                    self.held -= piece.reserved
+                    self.budget.held -= piece.reserved
                 continue
             end = _frames(piece, lane.pos, want - got)
             out.append(piece[lane.pos:end] if lane.pos or end < len(piece) else piece)
             size = end - lane.pos
             got += size
             lane.bytes -= size
-            self.held -= size
+            self.budget.held -= size
             if end >= len(piece):
                 lane.pieces.popleft()
                 lane.pos = 0
@@ -212,12 +225,7 @@ class Turns:
     def _wake(self) -> None:
         for channel in [c for c in self.waiters if not self._above_half(c)]:
             self.waiters.pop(channel)()
-        while self.reserving and self.held < self.budget:
-            before = len(self.reserving)
-            self.reserving.popleft()()
-            if len(self.reserving) >= before:  # it asked again and waits: first in line
-                self.reserving.rotate(1)
-                break
+        self.budget.wake()
 
     def _above_half(self, channel: int) -> bool:
         lane = self.lanes.get(channel)
