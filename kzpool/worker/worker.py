@@ -2,10 +2,9 @@
 
 The master forks a worker per broker URI (times ``connections_per_broker``).  Everything the
 worker does runs in one pika ``IOLoop``: the AMQP connection (:mod:`.connection`, heartbeats
-included), the link to the master (:mod:`.uplink`), the worker's own lease socket
-(:mod:`.intake`), its ready channels (:mod:`.prechannels`), a :mod:`.session` per lease,
-a signal pipe, a second connection for leases that publish flat out (:mod:`.bulk`).  No
-callback blocks, so heartbeats are answered even while clients are busy elsewhere.
+included), the link to the master (:mod:`.uplink`), its own lease socket (:mod:`.intake`),
+ready channels (:mod:`.prechannels`), a :mod:`.session` per lease, a signal pipe, a second
+connection for leases that publish flat out (:mod:`.bulk`).  No callback blocks.
 
 Hazards:
 
