@@ -22,8 +22,10 @@ whether the worker and the bystander's lease stayed the same.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +40,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import kzpool  # noqa: E402
+from kzpool.common import wire  # noqa: E402
 from kzpool.testing import DEFAULT_URI, Pool  # noqa: E402
 
 ROLE = r"""
@@ -173,13 +177,141 @@ def main() -> None:
             pk = row1("pika", pool.socket, args.seconds)
             k99, p99 = show1("kzpool", kz), show1("pika", pk)
             print(f"kzpool under load / pika under load, p99: x{k99 / p99:.2f}")
-        frames_rows(pool, rows)
+        frames_rows(pool, rows, args.seconds)
     finally:
         pool.stop(10)
 
 
-def frames_rows(pool: Pool, rows: set[int]) -> None:
-    pass
+class Bystander(threading.Thread):
+    """Publishes 100 bytes with confirms, one by one, recording each one's latency."""
+
+    def __init__(self, pool: Pool) -> None:
+        super().__init__(daemon=True)
+        self.client = kzpool.connect(pool.socket)
+        self.moves: list[Any] = []
+        self.lease = self.client.lease("float", on_move=self.moves.append)
+        self.queue = f"kzb-fair-by-{uuid.uuid4().hex[:8]}"
+        self.lease.queue_declare(self.queue, auto_delete=True)
+        self.lease.confirm_delivery()
+        self.lat: list[float] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            t = time.perf_counter()
+            self.lease.basic_publish("", self.queue, b"b" * 100)
+            self.lat.append(time.perf_counter() - t)
+            if len(self.lat) % 200 == 0:
+                self.lease.queue_purge(self.queue)
+
+    def finish(self) -> list[float]:
+        self.halt.set()
+        self.join(60)
+        self.client.close()
+        return self.lat
+
+
+class Peak(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.process, self.peak, self.halt = psutil.Process(pid), 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(0.02):
+            with contextlib.suppress(psutil.Error):
+                self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def finish(self) -> int:
+        self.halt.set()
+        self.join(5)
+        return self.peak
+
+
+def announce(sock: socket.socket, size: int, then: bytes = b"") -> None:
+    sock.setblocking(True)
+    with contextlib.suppress(OSError):
+        sock.sendall(wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.Kind.PUBLISH, 0, size)
+                     + then)
+
+
+def closed(sock: socket.socket) -> bool:
+    try:
+        return not sock.recv(65536, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def row7(pool: Pool) -> str:
+    client = kzpool.connect(pool.socket)
+    socks = [client.lease("float")._impl.sock for _ in range(4)]
+    threads = [threading.Thread(target=announce, args=(s, 120 << 20, bytes(100 << 20)),
+                                daemon=True) for s in socks]
+    for thread in threads:
+        thread.start()
+    started, open_ones = time.monotonic(), list(socks)
+    while open_ones and time.monotonic() - started < 120:
+        open_ones = [s for s in open_ones if s is not None and not closed(s)]
+        time.sleep(0.05)
+    client.close()
+    return f"4 leases dropped: {not open_ones}, in {time.monotonic() - started:.1f} s"
+
+
+def row8(pool: Pool) -> str:
+    client = kzpool.connect(pool.socket)
+    lease = client.lease("float", timeout=10)
+    sock = lease._impl.sock
+    assert sock is not None
+    announce(sock, 129 << 20)
+    started = time.monotonic()
+    try:
+        lease.queue_declare(f"kzb-after-{uuid.uuid4().hex[:8]}", auto_delete=True)
+        how = "answered"
+    except Exception as exc:
+        how = f"raised {type(exc).__name__}"
+    took = time.monotonic() - started
+    client.close()
+    return f"next call {how} after {took:.1f} s (its timeout 10 s)"
+
+
+def row10(pool: Pool) -> str:
+    client = kzpool.connect(pool.socket)
+    lease = client.lease("float", timeout=120)
+    queue = f"kzb-large-{uuid.uuid4().hex[:8]}"
+    lease.queue_declare(queue, auto_delete=True)
+    lease.confirm_delivery()
+    started = time.monotonic()
+    lease.basic_publish("", queue, bytes(100_000_000))
+    for _ in range(20):
+        lease.basic_publish("", queue, bytes(10_000_000))
+    took = time.monotonic() - started
+    lease.queue_delete(queue)
+    client.close()
+    return f"300 MB confirmed in {took:.1f} s"
+
+
+def frames_rows(pool: Pool, rows: set[int], seconds: float) -> None:
+    attacks = {7: row7, 8: row8, 10: row10}
+    chosen = [r for r in (7, 8, 10) if r in rows]
+    if not chosen:
+        return
+    pid = int(pool.connections()[0]["pid"])
+    quiet = Bystander(pool)
+    quiet.start()
+    time.sleep(seconds)
+    q99 = pct(quiet.finish(), 0.99)
+    print(f"rows 7, 8, 10: worker {pid}, bystander p99 quiet {q99:.2f} ms")
+    for row in chosen:
+        bystander, peak = Bystander(pool), Peak(pid)
+        peak.start()
+        bystander.start()
+        what = attacks[row](pool)
+        lat, top = bystander.finish(), peak.finish()
+        now = int(pool.connections()[0]["pid"])
+        print(f"row {row:2}: {what}; worker peak RSS {top >> 20} MiB, same worker: {now == pid};"
+              f" bystander p99 {pct(lat, .99):.2f} ms (x{pct(lat, .99) / q99:.1f} of quiet),"
+              f" max {max(lat) * 1000:.0f} ms, n {len(lat)}, moves {len(bystander.moves)}")
 
 
 if __name__ == "__main__":

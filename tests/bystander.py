@@ -10,12 +10,13 @@ from types import TracebackType
 import psutil
 
 import kzpool
-from kzpool.testing import Pool, wait_for
+from kzpool.testing import Pool, queue_depth, wait_for
 
 
 class Bystander:
-    """A lease publishing 100 bytes with confirms, one by one, until :meth:`stop`: what it
-    confirmed and its moves are counted.  A publish that raises is kept in ``errors``."""
+    """A lease publishing 100 bytes with confirms, one by one, while in the ``with``: what
+    it confirmed and its moves are counted, a publish that raised kept in ``errors``.  Its
+    client is the caller's to close (after :meth:`all_there`)."""
 
     def __init__(self, pool: Pool) -> None:
         self.client = kzpool.connect(pool.socket)
@@ -38,7 +39,6 @@ class Bystander:
                  tb: TracebackType | None) -> None:
         self._stop.set()
         self._thread.join(30)
-        self.client.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -48,8 +48,10 @@ class Bystander:
                 self.errors.append(exc)
                 return
             self.confirmed += 1
-            if self.confirmed % 200 == 0:
-                self.lease.queue_purge(self.queue)
+
+    def all_there(self) -> bool:
+        """Every publish it saw confirmed is in its queue (after :meth:`__exit__`)."""
+        return queue_depth(self.queue) == self.confirmed
 
     def keeps_confirming(self, more: int = 20, timeout: float = 30) -> None:
         """``more`` publishes confirmed from now on (within ``timeout``)."""

@@ -17,7 +17,7 @@ import pytest
 
 import kzpool
 from kzpool.common import wire
-from kzpool.testing import DEFAULT_URI, Pool, queue_depth, wait_for
+from kzpool.testing import DEFAULT_URI, Pool, queue_depth
 
 from .bystander import Bystander, PeakRSS, worker_pid
 from .hostile import wait_eof
@@ -65,7 +65,8 @@ def test_a_frame_header_then_silence_drops_that_lease_alone(pool: Pool) -> None:
         bystander.keeps_confirming()
     client.close()
     assert worker_pid(pool) == pid
-    assert bystander.moves == [] and not bystander.errors
+    assert bystander.moves == [] and not bystander.errors and bystander.all_there()
+    bystander.client.close()
     assert rss.peak < RSS_BOUND, rss.peak
 
 
@@ -88,7 +89,8 @@ def test_unfinished_large_frames_on_several_leases_drop_each_alone(pool: Pool) -
             sender.join(30)
     client.close()
     assert worker_pid(pool) == pid
-    assert bystander.moves == [] and not bystander.errors
+    assert bystander.moves == [] and not bystander.errors and bystander.all_there()
+    bystander.client.close()
     assert rss.peak < RSS_BOUND, rss.peak
 
 
@@ -110,6 +112,7 @@ def test_large_publishes_pass_one_at_a_time(pool: Pool) -> None:
         assert method is not None and len(body) == 100_000_000
         conn.channel().queue_delete(queue)
     client.close()
-    wait_for(lambda: worker_pid(pool) == pid, 5, "the worker's pid")
-    assert bystander.moves == [] and not bystander.errors
+    assert worker_pid(pool) == pid
+    assert bystander.moves == [] and not bystander.errors and bystander.all_there()
+    bystander.client.close()
     assert rss.peak < RSS_BOUND, rss.peak
