@@ -134,7 +134,7 @@ def declare(queue: str) -> None:
     connection.close()
 
 
-def row1(system: str, sock: str, seconds: float) -> dict[str, Any]:
+def row1(system: str, sock: str, seconds: float, consume: bool = True) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     bulk, mine = f"kzb-fair-bulk-{tag}", f"kzb-fair-by-{tag}"
     declare(bulk)
@@ -142,12 +142,13 @@ def row1(system: str, sock: str, seconds: float) -> dict[str, Any]:
     go(alone)
     quiet = result(alone)["lat"]
     loader = start("loader", system, bulk, seconds + 1, sock)
-    consumer = start("consumer", system, bulk, seconds + 1, sock)
+    consumer = start("consumer", system, bulk, seconds + 1, sock) if consume else None
     bystander = start("bystander", system, mine, seconds, sock)
-    go(loader, consumer)
+    go(loader, *([consumer] if consumer else []))
     time.sleep(1)  # the loader at full speed first
     go(bystander)
-    loaded, loads, eats = result(bystander), result(loader), result(consumer)
+    loaded, loads = result(bystander), result(loader)
+    eats = result(consumer) if consumer else {"n": 0}
     return {"quiet": quiet, "loaded": loaded["lat"], "moves": loaded["moves"],
             "loader": loads["n"] / (seconds + 1), "consumer": eats["n"] / (seconds + 1)}
 
@@ -165,6 +166,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rows", default="1,7,8,10")
+    parser.add_argument("--no-consumer", action="store_true",
+                        help="row 1 with the loader alone beside the bystander")
     args = parser.parse_args()
     rows = {int(r) for r in args.rows.split(",")}
     tmp = Path(tempfile.mkdtemp(prefix="kzb-fair-"))
@@ -173,8 +176,8 @@ def main() -> None:
         pool.wait_ready()
         if 1 in rows:
             print("row 1: bystander publishing with confirms one by one (alone / under load)")
-            kz = row1("kzpool", pool.socket, args.seconds)
-            pk = row1("pika", pool.socket, args.seconds)
+            kz = row1("kzpool", pool.socket, args.seconds, not args.no_consumer)
+            pk = row1("pika", pool.socket, args.seconds, not args.no_consumer)
             k99, p99 = show1("kzpool", kz), show1("pika", pk)
             print(f"kzpool under load / pika under load, p99: x{k99 / p99:.2f}")
         frames_rows(pool, rows, args.seconds)

@@ -3,7 +3,7 @@ confirms and another consuming flat out do not hold back a third lease of the sa
 confirming its publishes one by one.  Afterwards the worker is the same process and stayed
 under :data:`RSS_BOUND`, the bystander never moved and every publish it saw confirmed is in
 its queue, and the loader's publishes reached their queue in the order it made them (across
-the worker's moves of them to its bulk connection and back, which its calls cause)."""
+the worker's moves of them to its bulk connection and back, which a call causes)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from .bystander import Bystander, PeakRSS, worker_pid
 PoolMaker = Callable[..., Pool]
 RSS_BOUND = 200 << 20
 
-# argv: role, queue.  The loader numbers its bodies and, every 20,000, makes a call (which
+# argv: role, queue.  The loader numbers its bodies and, at 20,000, makes a call (which
 # brings its publishes back to its own channel first); the consumer checks their order.
 ROLE = r"""
 import sys
@@ -38,7 +38,7 @@ if role == "loader":
             lease.basic_publish("", queue, n.to_bytes(8, "big"))
             n += 1
         print(n, flush=True)
-        if n % 20000 == 0:
+        if n == 20000:
             lease.queue_declare(queue, passive=True)
 else:
     lease.basic_qos(prefetch_count=200)

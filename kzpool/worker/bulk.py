@@ -102,8 +102,9 @@ class Bulk:
         self._failed(exc)
 
     def _failed(self, exc: BaseException) -> None:
-        log.warning("bulk connection to %s: %r; its leases publish on their own channels",
-                    self.spec.broker.uri.masked, exc)
+        if self.asking:
+            log.warning("bulk connection to %s: %r; its leases publish on their own channels",
+                        self.spec.broker.uri.masked, exc)
         asking, self.asking = self.asking, []
         for on_ready, _on_closed in asking:
             on_ready(None)
