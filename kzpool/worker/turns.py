@@ -73,12 +73,16 @@ class Content:
         return out, done
 
 
-def _frames(data: bytes, pos: int, want: int) -> int:
-    """The end of the whole frames of ``data`` from ``pos`` that make about ``want`` bytes."""
+def _frames(data: bytes, pos: int, want: int, first: bool) -> int:
+    """The end of the whole frames of ``data`` from ``pos`` that fit in ``want`` bytes (at
+    least one, if ``first``)."""
     end, size = pos, len(data)
-    while end < size and end - pos < want:
+    while end < size:
         (_kind, _channel, length) = _FRAME.unpack_from(data, end)
-        end += 8 + length
+        after = end + 8 + length
+        if after - pos > want and (end > pos or not first):
+            break
+        end = after
     return min(end, size)
 
 
@@ -207,7 +211,9 @@ class Turns:
                     lane.bytes -= piece.reserved
                     self.budget.held -= piece.reserved
                 continue
-            end = _frames(piece, lane.pos, want - got)
+            end = _frames(piece, lane.pos, want - got, not got)
+            if end == lane.pos:
+                break
             out.append(piece[lane.pos:end] if lane.pos or end < len(piece) else piece)
             size = end - lane.pos
             got += size
