@@ -99,9 +99,13 @@ class BatchedConnection(SelectConnection):  # type: ignore[misc]
         self._flush_soon()
 
     def _flush_soon(self) -> None:
+        """Send at the end of the loop pass; once open, the first frames of a pass at once
+        too, so a lease's lone frame does not wait for what the others' handlers do."""
         if not self._flush_due:
             self._flush_due = True
             self.ioloop.call_later(0, self._flush_out)
+            if self._turning:
+                self._pump()
 
     def _start_turns(self) -> bool:
         transport = self._transport
