@@ -12,11 +12,11 @@ prefetch 200).  First the bystander alone, then with the other two; once on kzpo
 the ratio, and the loader's and consumer's rates.
 
 Rows 7, 8, 10 (kzpool only, beside a bystander publishing with confirms on the same
-worker): 7, four leases each sending 100 MiB of a frame announced as 120 MiB, never
-finished; 8, a frame header announcing 129 MiB, then silence (how long until the client's
-next call ends); 10, one 100 MB publish with confirms, then 20 x 10 MB.  Printed: the
-worker's peak RSS (sampled every 20 ms), the bystander's p99 next to its quiet run, and
-whether the worker and the bystander's lease stayed the same.
+worker, in a process of its own): 7, four leases each sending 100 MiB of a frame announced
+as 120 MiB, never finished; 8, a frame header announcing 129 MiB, then silence (how long
+until the client's next call ends); 10, one 100 MB publish with confirms, then 20 x 10 MB.
+Printed: the worker's peak RSS (sampled every 20 ms), the bystander's p99 next to its quiet
+run, and whether the worker and the bystander's lease stayed the same.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from kzpool.common import wire  # noqa: E402
 from kzpool.testing import DEFAULT_URI, Pool  # noqa: E402
 
 ROLE = r"""
-import json, sys, time
+import json, select, sys, time
 import pika
 import kzpool
 role, system, queue, seconds, uri = sys.argv[1:6]
@@ -64,7 +64,8 @@ if role == "bystander":
     channel.queue_declare(queue, auto_delete=True)
     channel.confirm_delivery()
     lat = []
-    while time.monotonic() < end:
+    while time.monotonic() < end and not (
+            len(lat) % 10 == 0 and select.select([sys.stdin], [], [], 0)[0]):
         t = time.perf_counter()
         channel.basic_publish("", queue, b"b" * 100)
         lat.append(time.perf_counter() - t)
@@ -185,33 +186,21 @@ def main() -> None:
         pool.stop(10)
 
 
-class Bystander(threading.Thread):
-    """Publishes 100 bytes with confirms, one by one, recording each one's latency."""
+class Bystander:
+    """A bystander process of :data:`ROLE` on a lease of ``pool``, until :meth:`finish`."""
 
     def __init__(self, pool: Pool) -> None:
-        super().__init__(daemon=True)
-        self.client = kzpool.connect(pool.socket)
-        self.moves: list[Any] = []
-        self.lease = self.client.lease("float", on_move=self.moves.append)
-        self.queue = f"kzb-fair-by-{uuid.uuid4().hex[:8]}"
-        self.lease.queue_declare(self.queue, auto_delete=True)
-        self.lease.confirm_delivery()
-        self.lat: list[float] = []
-        self.halt = threading.Event()
+        self.proc = start("bystander", "kzpool", f"kzb-fair-by-{uuid.uuid4().hex[:8]}", 600,
+                          pool.socket)
 
-    def run(self) -> None:
-        while not self.halt.is_set():
-            t = time.perf_counter()
-            self.lease.basic_publish("", self.queue, b"b" * 100)
-            self.lat.append(time.perf_counter() - t)
-            if len(self.lat) % 200 == 0:
-                self.lease.queue_purge(self.queue)
+    def start(self) -> None:
+        go(self.proc)
 
-    def finish(self) -> list[float]:
-        self.halt.set()
-        self.join(60)
-        self.client.close()
-        return self.lat
+    def finish(self) -> tuple[list[float], int]:
+        """Its latencies, and how many times its lease moved."""
+        go(self.proc)  # a second line: stop
+        answer = result(self.proc)
+        return answer["lat"], answer["moves"]
 
 
 class Peak(threading.Thread):
@@ -303,18 +292,18 @@ def frames_rows(pool: Pool, rows: set[int], seconds: float) -> None:
     quiet = Bystander(pool)
     quiet.start()
     time.sleep(seconds)
-    q99 = pct(quiet.finish(), 0.99)
+    q99 = pct(quiet.finish()[0], 0.99)
     print(f"rows 7, 8, 10: worker {pid}, bystander p99 quiet {q99:.2f} ms")
     for row in chosen:
         bystander, peak = Bystander(pool), Peak(pid)
         peak.start()
         bystander.start()
         what = attacks[row](pool)
-        lat, top = bystander.finish(), peak.finish()
+        (lat, moves), top = bystander.finish(), peak.finish()
         now = int(pool.connections()[0]["pid"])
         print(f"row {row:2}: {what}; worker peak RSS {top >> 20} MiB, same worker: {now == pid};"
               f" bystander p99 {pct(lat, .99):.2f} ms (x{pct(lat, .99) / q99:.1f} of quiet),"
-              f" max {max(lat) * 1000:.0f} ms, n {len(lat)}, moves {len(bystander.moves)}")
+              f" max {max(lat) * 1000:.0f} ms, n {len(lat)}, moves {moves}")
 
 
 if __name__ == "__main__":
