@@ -114,7 +114,8 @@ class BatchedConnection(SelectConnection):  # type: ignore[misc]
         sock = transport._sock
         set_lowat(sock)
         if type(transport) is _AsyncPlaintextTransport:
-            self._watch_fd = os.dup(sock.fileno())
+            with contextlib.suppress(OSError):  # at the file limit: pika's buffer, polled
+                self._watch_fd = os.dup(sock.fileno())
         return True
 
     def _flush_out(self) -> None:
