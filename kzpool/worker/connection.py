@@ -44,6 +44,7 @@ class BatchedConnection(SelectConnection):  # type: ignore[misc]
         self._turning = False
         self._watch_fd = -1  # a second descriptor of the broker socket, watched for room
         self._watching = False
+        self._polling = False  # without that descriptor (TLS): a timer while frames wait
         super().__init__(*args, **kwargs)
 
     def add_sink(self, channel: int, sink: Sink) -> None:
@@ -148,8 +149,9 @@ class BatchedConnection(SelectConnection):  # type: ignore[misc]
             while turns.pending and transport.get_write_buffer_size() < LOWAT:
                 super()._adapter_emit_data(turns.rest or turns.round())
                 turns.rest = b""
-            if turns.pending:
-                self.ioloop.call_later(0.002, self._pump)
+            if turns.pending and not self._polling:
+                self._polling = True
+                self.ioloop.call_later(0.002, self._poll)
             return
         sock = transport._sock
         while turns.rest or (turns.pending and unsent(sock) < LOWAT):
@@ -164,6 +166,10 @@ class BatchedConnection(SelectConnection):  # type: ignore[misc]
                 return
             turns.rest = data[sent:]
         self._watch(turns.pending)
+
+    def _poll(self) -> None:
+        self._polling = False
+        self._pump()
 
     def _watch(self, on: bool) -> None:
         if on != self._watching:
