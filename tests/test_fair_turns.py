@@ -139,3 +139,34 @@ def test_a_flat_out_publish_to_a_missing_exchange_closes_that_lease_alone(pool: 
     assert bystander.moves == [] and not bystander.errors and bystander.all_there()
     bystander.client.close()
     client.close()
+
+
+def test_publishes_keep_their_order_across_calls(pool: Pool) -> None:
+    """A lease publishing flat out, with a call every 3,000 (each brings its publishes back
+    to its own channel, and the next ones may go to the bulk connection again): its queue
+    holds them in the order it made them."""
+    client = kzpool.connect(pool.socket)
+    lease = client.lease("float")
+    queue = f"kzt-order-{uuid.uuid4().hex[:8]}"
+    lease.queue_declare(queue, arguments={"x-expires": 120_000})
+    total = 60_000
+    for n in range(total):
+        lease.basic_publish("", queue, n.to_bytes(8, "big"))
+        if n % 3000 == 2999:
+            lease.queue_declare(queue, passive=True)
+    client.close()
+    got: list[int] = []
+    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
+        channel = conn.channel()
+        channel.basic_qos(prefetch_count=1000)
+        for method, _props, body in channel.consume(queue, auto_ack=True,
+                                                    inactivity_timeout=5):
+            if method is None:
+                break
+            got.append(int.from_bytes(body, "big"))
+            if len(got) == total:
+                break
+        channel.cancel()
+        channel.queue_delete(queue)
+    wrong = next((at for at, n in enumerate(got) if n != at), None)
+    assert wrong is None and len(got) == total, (len(got), wrong, got[wrong or 0:][:5])
