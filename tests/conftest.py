@@ -42,7 +42,7 @@ T = TypeVar("T")
 # marked ``broker``.
 BROKER_FREE = frozenset({
     "test_aio_link", "test_amqp_frames", "test_config", "test_layout", "test_lease_link",
-    "test_holding", "test_master_decisions", "test_prechannels", "test_units",
+    "test_holding", "test_master_decisions", "test_prechannels", "test_turns", "test_units",
 })
 
 

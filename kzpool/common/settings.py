@@ -212,6 +212,14 @@ class PoolSettings:
         to_int, "1000",
         "Prefetch a lease's consumers get when the lease set no basic_qos: it bounds what"
         " a worker buffers for a client that stops reading; 0: unlimited.", at_least(0))
+    # --- what a worker buffers on the way to its broker (kzpool/worker/turns.py) ---
+    worker_buffer: int = setting(
+        to_size, "64M",
+        "Bytes a connection worker holds at once of what its leases send the broker (large"
+        " publishes arriving, frames waiting for their turn), all leases together: past it"
+        " a lease's next large publish waits in its own client; one always passes, so a"
+        " message larger than this still goes, alone. Keep it well under worker_max_rss.",
+        at_least(1))
     consumer_timeout: float = setting(
         to_seconds, "86400",
         "Seconds a lease's consumer may keep a delivery unacked before the broker takes it"

@@ -57,13 +57,19 @@ def publish(channel: int, exchange: str, routing_key: str, properties: bytes, bo
     ``properties``: the property flags and list (kzpool's wire format carries them so;
     empty for none); ``body_max``: the connection's frame_max minus 8.
     """
-    args = shortstr(exchange) + shortstr(routing_key) + (b"\x01" if mandatory else b"\x00")
-    method = _PUBLISH_HEAD.pack(FRAME_METHOD, channel, 6 + len(args), BASIC, PUBLISH, 0)
-    header_payload = _HEADER.pack(BASIC, 0, len(body)) + (properties or NO_PROPERTIES)
-    pieces = [method, args, FRAME_END, frame(FRAME_HEADER, channel, header_payload)]
+    pieces = [publish_head(channel, exchange, routing_key, properties, len(body), mandatory)]
     for start in range(0, len(body), body_max):
         pieces.append(frame(FRAME_BODY, channel, body[start:start + body_max]))
     return b"".join(pieces)
+
+
+def publish_head(channel: int, exchange: str, routing_key: str, properties: bytes,
+                 body_size: int, mandatory: bool) -> bytes:
+    """Basic.Publish and its content header: what goes before the body frames."""
+    args = shortstr(exchange) + shortstr(routing_key) + (b"\x01" if mandatory else b"\x00")
+    method = _PUBLISH_HEAD.pack(FRAME_METHOD, channel, 6 + len(args), BASIC, PUBLISH, 0)
+    header_payload = _HEADER.pack(BASIC, 0, body_size) + (properties or NO_PROPERTIES)
+    return b"".join((method, args, FRAME_END, frame(FRAME_HEADER, channel, header_payload)))
 
 
 def settle(channel: int, method: int, tag: int, multiple: bool, requeue: bool) -> bytes:

@@ -30,9 +30,9 @@ from ..common import messages, props, wire
 from ..common.errors import ProtocolError
 from ..common.messages import LeaseEvent, Message
 from ..common.options import LeaseOptions
-from ..common.sockets import READ_SIZE, receive
 from ..common.wire import Flag, Kind
 from . import amqp
+from .bulk import Bulk
 from .calls import (
     CHANNEL_CLOSED,
     CHANNEL_STATE,
@@ -45,12 +45,14 @@ from .calls import (
 from .handover import Handover
 from .holding import Holding
 from .linger import Linger
+from .reading import Reading
 from .spec import WorkerSpec
 from .timeouts import ConsumeTimeout
 
 log = logging.getLogger("kzpool.session")
 
 _PUBLISH, _SETTLE, _JSON = int(Kind.PUBLISH), int(Kind.SETTLE), int(Kind.JSON)
+_NOT_BULK = ("confirm_delivery", "tx_select")  # modes that keep publishes on the channel
 
 
 class SessionHost(Protocol):
@@ -58,12 +60,13 @@ class SessionHost(Protocol):
 
     ioloop: IOLoop
     counters: dict[str, int]  # the worker's, counted here
-
     spec: WorkerSpec  # its settings
 
     def recycle(self, channel: Any, settled_first: bool) -> None: ...
 
     def session_ended(self, session: Session, how: LeaseEvent, why: str) -> None: ...
+
+    bulk: Bulk  # its second connection, for leases publishing flat out (:mod:`.bulk`)
 
     @property
     def exclusives(self) -> CallGuard: ...  # a client's calls go through it
@@ -88,7 +91,6 @@ class Session:
         self.lease = lease
         self.channel = channel
         self.options = options  # the client's, whole: what this session honours
-        self.reader = wire.FrameReader(wire.MAX_DATA_FRAME)
         self.out = bytearray()
         self.flush_pending = False
         self.writing = False
@@ -110,6 +112,11 @@ class Session:
         self.connection = channel.connection  # a BatchedConnection: frames past pika
         self.timeout = ConsumeTimeout.of(options, host.spec.settings, self.connection)
         self.connection.add_sink(self.number, self)
+        self.lane: tuple[Any, int] = (self.connection, self.number)  # where publishes go
+        self.bulk_channel: Any = None  # its channel on the bulk connection, if it went there
+        self.bulk_ok = True  # no confirms, transactions, mandatory publishes: it may go there
+        self.bulk = host.bulk
+        self.reading = Reading(self)
         sock.setblocking(False)
         self.ioloop.add_handler(self.fd, self._on_io, IOLoop.READ)
         log.debug("lease %s on channel %d: %s", lease, self.number, options)
@@ -144,7 +151,8 @@ class Session:
         want_write = bool(self.out)
         if want_write != self.writing:
             self.writing = want_write
-            self.ioloop.update_handler(self.fd, IOLoop.READ | (IOLoop.WRITE if want_write else 0))
+            self.ioloop.update_handler(self.fd, self.reading.events
+                                       | (IOLoop.WRITE if want_write else 0))
 
     # ----- input ------------------------------------------------------------------------------
 
@@ -154,25 +162,10 @@ class Session:
             return
         if events & IOLoop.WRITE:
             self.flush()
-        if not events & IOLoop.READ or self.ended is not None:
-            return
-        data = receive(self.sock, READ_SIZE)
-        if data is None:
-            return
-        if not data:
-            self.end(LeaseEvent.MOVED if self.moving else LeaseEvent.RELEASED, "client closed")
-            return
-        try:
-            for kind, flags, payload in self.reader.feed(data):
-                self._dispatch(kind, flags, payload)
-                if self.done:
-                    return
-        except (ProtocolError, TypeError, ValueError, KeyError, AttributeError) as exc:
-            # whatever a client sends, it must not take the worker down: drop that client
-            log.warning("lease %s: dropping the client: %s", self.lease, exc)
-            self.end(LeaseEvent.RELEASED, f"protocol error: {exc}")
+        if events & IOLoop.READ and self.ended is None:
+            self.reading.on_readable()  # held back, in turns, bounded: :mod:`.reading`
 
-    def _dispatch(self, kind: int, flags: int, payload: bytes) -> None:
+    def dispatch(self, kind: int, flags: int, payload: bytes) -> None:
         if kind == _PUBLISH:
             self._publish(flags, payload)
         elif kind == _SETTLE:
@@ -185,17 +178,24 @@ class Session:
     def _publish(self, flags: int, payload: bytes) -> None:
         """A client's publish, its properties checked and passed on as they are."""
         exchange, routing_key, properties, body = wire.read_publish(payload)
+        if self.publish_content(flags, exchange, routing_key, properties):
+            connection, number = self.lane
+            connection.send_raw(amqp.publish(
+                number, exchange, routing_key, properties, body,
+                bool(flags & Flag.MANDATORY), self.connection.body_max))
+
+    def publish_content(self, flags: int, exchange: str, routing_key: str,
+                        properties: bytes) -> bool:
+        """Whether a publish may go to the broker (its body is the caller's to send)."""
         amqp.check_properties(properties)  # a bad one would close the whole connection
-        mandatory = bool(flags & Flag.MANDATORY)
-        if mandatory:
-            self.clean = False  # a return may still come back on this channel
+        if flags & Flag.MANDATORY:
+            self.clean = self.bulk_ok = False  # a return may still come back on this channel
         self.unsure = True  # a missing exchange closes the channel, later
         self.counters["publishes"] += 1
         if not self.channel.is_open:
             self.event(messages.Error(CHANNEL_CLOSED))
-            return
-        self.connection.send_raw(amqp.publish(self.number, exchange, routing_key, properties,
-                                              body, mandatory, self.connection.body_max))
+            return False
+        return True
 
     def _settle(self, tag: int, flags: int) -> None:
         if not self.channel.is_open:
@@ -222,7 +222,8 @@ class Session:
             case messages.Call(method=method) if method not in CHANNEL_STATE:
                 pass
             case _:  # consumers, deliveries, QoS, confirm or tx mode live on the channel
-                self.clean = False
+                self.clean = False  # and with confirms or a transaction, no bulk publishes:
+                self.bulk_ok &= getattr(request, "method", "") not in _NOT_BULK
         match request:
             case messages.Bye():
                 self.end(LeaseEvent.MOVED, "moved")
@@ -401,6 +402,7 @@ class Session:
             return
         self.ended = how
         self.connection.remove_sink(self.number)
+        self.reading.close()
         handed_on = self.channel.is_open and how is LeaseEvent.RELEASED and self.clean and \
             not self.unanswered
         if handed_on:

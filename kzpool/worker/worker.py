@@ -2,10 +2,9 @@
 
 The master forks a worker per broker URI (times ``connections_per_broker``).  Everything the
 worker does runs in one pika ``IOLoop``: the AMQP connection (:mod:`.connection`, heartbeats
-included), the link to the master (:mod:`.uplink`), the worker's own lease socket
-(:mod:`.intake`), its ready channels (:mod:`.prechannels`), one :mod:`.session` per lease,
-and a signal pipe.  No callback blocks, so heartbeats are answered even while clients are
-busy elsewhere.
+included), the link to the master (:mod:`.uplink`), its own lease socket (:mod:`.intake`),
+ready channels (:mod:`.prechannels`), a :mod:`.session` per lease, a signal pipe, a second
+connection for leases that publish flat out (:mod:`.bulk`).  No callback blocks.
 
 Hazards:
 
@@ -17,7 +16,7 @@ Hazards:
 * A failure a reconnect will not fix (credentials, vhost) is reported, then the worker exits
   with :data:`~kzpool.common.exitcodes.WORKER_FATAL` and the master does not respawn it.
 * An exception from a client's socket drops that client only (:mod:`.loop`); what clients
-  hold is bounded (:mod:`.clients`); a resume goes to the master, which knows whose it is.
+  hold is bounded (:mod:`.clients`, :mod:`.turns`); a resume goes to the master.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ from ..common.messages import LeaseEvent, LeaseNews, LeaseRequest, Message, Reas
 from ..common.options import LeaseOptions
 from ..common.sockets import out_of_files
 from ..common.states import ConnState
+from .bulk import Bulk
 from .clients import Clients, Waiting, full
 from .connection import BatchedConnection, parameters
 from .exclusive import Exclusives
@@ -51,6 +51,7 @@ from .loop import GuardedLoop
 from .prechannels import Prechannels
 from .session import Session
 from .spec import WorkerSpec
+from .turns import Budget
 from .uplink import Uplink
 
 log = logging.getLogger("kzpool.worker")
@@ -79,7 +80,7 @@ class ConnectionWorker:
         self.connection: SelectConnection | None = None
         self.prechannels = Prechannels(spec.settings.prechannels, self.ioloop,
                                        spec.broker.uri.masked, self._offer,
-                                       lambda: len(self.waiting), self._report_soon)
+                                       lambda: len(self.waiting), lambda: self.uplink.report_soon())
         self.prechannels.on_open = self._on_channel_open
         self.sessions: dict[str, Session] = {}  # by lease id
         self.bound: dict[int, Session] = {}  # by channel number
@@ -94,6 +95,8 @@ class ConnectionWorker:
         cap = (settings.reconnect_backoff_max if spec.broker.local
                else settings.reconnect_backoff_max_remote)
         self.backoff = Backoff(settings.reconnect_backoff_min, cap)
+        self.budget = Budget(settings.worker_buffer)  # what its connections buffer, together
+        self.bulk = Bulk(self.ioloop, spec, self.budget)  # for leases publishing flat out
 
     # ----- life cycle -------------------------------------------------------------------
 
@@ -111,6 +114,7 @@ class ConnectionWorker:
         self.exit_code = code
         self._set_state(ConnState.STOPPING)
         self.ioloop.call_later(self.spec.settings.shutdown_timeout, self.ioloop.stop)
+        self.bulk.stop()
         connection = self.connection
         if connection is None or connection.is_closed:
             self.ioloop.stop()
@@ -149,6 +153,7 @@ class ConnectionWorker:
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_closed,
             custom_ioloop=self.ioloop,
+            budget=self.budget,
         )
 
     def _on_open(self, connection: SelectConnection) -> None:
@@ -257,9 +262,6 @@ class ConnectionWorker:
         self.exclusives.channel_closed(channel)
         if session is not None:
             session.on_channel_closed(reason)
-
-    def _report_soon(self) -> None:
-        self.uplink.report_soon()
 
     def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         session = self.bound.get(channel.channel_number)
