@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pika
+import psutil
 import pytest
 
 import kzpool
@@ -21,6 +26,7 @@ from kzpool.testing import DEFAULT_URI, Pool, wait_for
 
 PoolMaker = Callable[..., Pool]
 KB = 1 << 10
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def queue_name(what: str) -> str:
@@ -111,3 +117,125 @@ def test_a_worker_stopped_while_large_deliveries_arrive_closes_cleanly(
         bystander.queue_delete(queue)
     assert not [r for r in reasons if "Stream connection lost" in r or "Error" in r], reasons
     assert "body_size" not in pool.logs()
+
+
+# ----- the attacks: a client that asked for deliveries or returns and reads none -------------
+
+RSS_CAP = 160 << 20  # the test pool's worker_max_rss
+BOUND = 110 << 20  # what the worker's RSS must stay under meanwhile
+
+
+def fill(queue: str, count: int, size: int) -> None:
+    """``count`` distinct messages of ``size`` bytes in ``queue`` (declared), with pika."""
+    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
+        channel = conn.channel()
+        channel.queue_declare(queue)
+        channel.confirm_delivery()
+        pad = os.urandom(size - 8)
+        for i in range(count):
+            channel.basic_publish("", queue, i.to_bytes(8, "big") + pad)
+
+
+class Hostile:
+    """``tests/unread.py`` in its own process: it asks, and reads nothing until told to."""
+
+    def __init__(self, pool: Pool, mode: str, queue: str, count: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.unread", pool.socket, mode, queue, str(count)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.strip() == "ready", line
+
+    def read_all(self) -> str:
+        """Tell it to read; what it got (``got N distinct M``, or its error)."""
+        out, _ = self.proc.communicate("read\n", timeout=90)
+        return out.strip()
+
+
+class Watch:
+    """The worker's pid and peak RSS, and a bystander on two other leases of that worker
+    publishing with confirms and consuming, round after round, while an attack goes on."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.pid = worker_pid(pool)
+        self.peak = 0
+        self.moves: list[kzpool.MoveEvent] = []
+        self.client = kzpool.connect(pool.socket)
+        self.publisher = self.client.lease("float", on_move=self.moves.append)
+        self.consumer = self.client.lease("float", on_move=self.moves.append)
+        self.queue = queue_name("bystander")
+        self.publisher.queue_declare(self.queue)
+        self.publisher.confirm_delivery()
+        self.sent = self.received = 0
+
+    def round(self) -> None:
+        """One confirmed publish, and its delivery on the other lease; the worker's RSS."""
+        self.peak = max(self.peak, psutil.Process(self.pid).memory_info().rss)
+        self.publisher.basic_publish("", self.queue, str(self.sent).encode())
+        self.sent += 1
+        method, _props, _body = self.consumer.basic_get(self.queue, auto_ack=True)
+        self.received += method is not None
+
+    def during(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.round()
+
+    def until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        def check() -> bool:
+            self.round()
+            return done()
+        wait_for(check, timeout, what)
+
+    def held_back(self) -> int:
+        return int(self.pool.connections()[0]["held_back"])
+
+    def check(self) -> None:
+        """The worker is the same, under its bound; the bystander never moved and got
+        every confirmed publish."""
+        self.during(0.5)
+        left = self.sent - self.received
+        while left and self.consumer.basic_get(self.queue, auto_ack=True)[0] is not None:
+            left -= 1
+        assert worker_pid(self.pool) == self.pid, self.pool.logs()[-3000:]
+        assert self.peak < BOUND, f"worker peaked at {self.peak >> 20} MiB"
+        assert not self.moves, self.moves
+        assert left == 0, f"{left} confirmed publishes not delivered"
+        self.publisher.queue_delete(self.queue)
+        self.client.close()
+
+
+@pytest.fixture
+def budget_pool(pools: PoolMaker) -> Pool:
+    pool = pools([DEFAULT_URI], prechannels=2, lease_buffer="1M", lease_buffer_grace="60",
+                 worker_max_rss=f"{RSS_CAP >> 20}M").start()
+    pool.wait_ready()
+    return pool
+
+
+@pytest.mark.parametrize(("mode", "count", "size"), [
+    ("auto_ack", 30_000, 2 * KB),  # row 2: auto_ack, never read
+    ("default", 300, 300 * KB),  # row 3: the default prefetch (1000), large messages
+    ("prefetch0", 50_000, 1 * KB),  # row 6: basic_qos(0), never read
+])
+def test_a_consumer_that_never_reads_is_held_back_alone(
+        budget_pool: Pool, mode: str, count: int, size: int) -> None:
+    queue = queue_name(mode)
+    fill(queue, count, size)
+    watch = Watch(budget_pool)
+    hostile = Hostile(budget_pool, mode, queue, count)
+    watch.until(lambda: watch.held_back() == 1, 30, "the lease to be held back")
+    watch.during(3)  # held back: what it asked for waits in its queue
+    assert watch.held_back() == 1
+    answer = hostile.read_all()
+    assert answer == f"got {count} distinct {count}", answer  # every one, once
+    watch.until(lambda: watch.held_back() == 0, 30, "the lease to consume again")
+    watch.check()
+    budget_pool_queue_delete(queue)
+
+
+def budget_pool_queue_delete(queue: str) -> None:
+    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
+        conn.channel().queue_delete(queue)

@@ -212,6 +212,19 @@ class PoolSettings:
         to_int, "1000",
         "Prefetch a lease's consumers get when the lease set no basic_qos: it bounds what"
         " a worker buffers for a client that stops reading; 0: unlimited.", at_least(0))
+    # what a worker holds toward one lease's client (kzpool.worker.budget)
+    lease_buffer: int = setting(
+        to_size, "4M",
+        "Bytes a worker holds for one lease that its client has not read (deliveries,"
+        " auto_ack ones too, returns, answers), whatever the prefetch; past it that lease"
+        " alone is held back: its consumers are cancelled at the broker and consume again,"
+        " same tags, once the client has read. The leases of one worker hold a quarter of"
+        " worker_max_rss at most, all together.", at_least(64 << 10))
+    lease_buffer_grace: float = setting(
+        to_seconds, "60",
+        "Seconds a lease held back by lease_buffer may go without its client reading"
+        " anything; then its lease is closed, with LimitExceeded naming lease_buffer.",
+        above(0))
     consumer_timeout: float = setting(
         to_seconds, "86400",
         "Seconds a lease's consumer may keep a delivery unacked before the broker takes it"

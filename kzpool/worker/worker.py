@@ -42,6 +42,7 @@ from ..common.messages import LeaseEvent, LeaseNews, LeaseRequest, Message, Reas
 from ..common.options import LeaseOptions
 from ..common.sockets import out_of_files
 from ..common.states import ConnState
+from .budget import Pot
 from .clients import Clients, Waiting, full
 from .connection import BatchedConnection, parameters
 from .exclusive import Exclusives
@@ -82,6 +83,7 @@ class ConnectionWorker:
                                        lambda: len(self.waiting), self._report_soon)
         self.prechannels.on_open = self._on_channel_open
         self.sessions: dict[str, Session] = {}  # by lease id
+        self.pot = Pot.of(spec.settings)  # what they hold toward their clients (.budget)
         self.bound: dict[int, Session] = {}  # by channel number
         self.waiting: list[Waiting] = []  # clients waiting for a channel
         self.clients = Clients()  # the client process of each lease bound or waiting
@@ -403,7 +405,7 @@ class ConnectionWorker:
             state=self.state.value, since=self.since, error=self.error, blocked=self.blocked,
             full=self.prechannels.full,
             counters={**self.counters, "channels_reused": self.prechannels.reused,
-                      "blocked_seconds": round(self.blocked_seconds, 3)},
+                      "blocked_seconds": round(self.blocked_seconds, 3), **self.pot.counters()},
             prechannels=len(self.prechannels), channels=len(self.sessions))
 
 
