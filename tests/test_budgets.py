@@ -130,10 +130,11 @@ def fill(queue: str, count: int, size: int) -> None:
     with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
         channel = conn.channel()
         channel.queue_declare(queue)
-        channel.confirm_delivery()
         pad = os.urandom(size - 8)
         for i in range(count):
             channel.basic_publish("", queue, i.to_bytes(8, "big") + pad)
+        wait_for(lambda: channel.queue_declare(queue, passive=True).method.message_count
+                 == count, 30, f"{count} messages in {queue}")
 
 
 class Hostile:

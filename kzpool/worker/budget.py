@@ -50,10 +50,11 @@ class Pot:
     held: set[str] = field(default_factory=set)
     holds: int = 0  # leases held back, ever
     closed: int = 0  # leases closed for it, ever
+    changed: Callable[[], None] = lambda: None  # a lease was held back, or is no more
 
     @classmethod
-    def of(cls, settings: PoolSettings) -> Pot:
-        return cls(settings.worker_max_rss // 4)
+    def of(cls, settings: PoolSettings, changed: Callable[[], None]) -> Pot:
+        return cls(settings.worker_max_rss // 4, changed=changed)
 
     @property
     def over(self) -> bool:
@@ -168,6 +169,7 @@ class Outbox:
         self.held_since = self.read_at = time.monotonic()
         self.pot.held.add(self.owner.lease)
         self.pot.holds += 1
+        self.pot.changed()
         self.pause.hold()
         self.timer = self.owner.ioloop.call_later(CHECK, self._check)
         log.info("lease %s held back: %d bytes unread by its client", self.owner.lease,
@@ -176,6 +178,7 @@ class Outbox:
     def _resume(self) -> None:
         self.held_since = None
         self.pot.held.discard(self.owner.lease)
+        self.pot.changed()
         if self.timer is not None:
             self.owner.ioloop.remove_timeout(self.timer)
             self.timer = None
@@ -210,6 +213,7 @@ class Outbox:
         if self.held_since is not None:
             self.pot.held.discard(self.owner.lease)
             self.held_since = None
+            self.pot.changed()
         if self.timer is not None:
             self.owner.ioloop.remove_timeout(self.timer)
             self.timer = None

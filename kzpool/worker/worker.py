@@ -83,7 +83,7 @@ class ConnectionWorker:
                                        lambda: len(self.waiting), self._report_soon)
         self.prechannels.on_open = self._on_channel_open
         self.sessions: dict[str, Session] = {}  # by lease id
-        self.pot = Pot.of(spec.settings)  # what they hold toward their clients (.budget)
+        self.pot = Pot.of(spec.settings, self._report_soon)  # toward clients (.budget)
         self.bound: dict[int, Session] = {}  # by channel number
         self.waiting: list[Waiting] = []  # clients waiting for a channel
         self.clients = Clients()  # the client process of each lease bound or waiting
