@@ -210,7 +210,7 @@ class Watch:
 
 @pytest.fixture
 def budget_pool(pools: PoolMaker) -> Pool:
-    pool = pools([DEFAULT_URI], prechannels=2, lease_buffer="1M", lease_buffer_grace="60",
+    pool = pools([DEFAULT_URI], prechannels=2, lease_buffer="1M", lease_buffer_grace="600",
                  worker_max_rss=f"{RSS_CAP >> 20}M").start()
     pool.wait_ready()
     return pool
@@ -240,3 +240,80 @@ def test_a_consumer_that_never_reads_is_held_back_alone(
 def budget_pool_queue_delete(queue: str) -> None:
     with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
         conn.channel().queue_delete(queue)
+
+
+def test_two_hundred_leases_that_never_read_are_held_back_alone(budget_pool: Pool) -> None:
+    """Row 5: 200 leases, each consuming with prefetch 0 on one queue, never reading: the
+    worker's leases together hold a quarter of worker_max_rss at most."""
+    queue, count = queue_name("many"), 100_000
+    fill(queue, count, 1 * KB)
+    watch = Watch(budget_pool)
+    hostile = Hostile(budget_pool, "many", queue, count)
+    watch.until(lambda: watch.held_back() > 0, 60, "leases to be held back")
+    watch.during(3)
+    answer = hostile.read_all()
+    assert answer == f"got {count} distinct {count}", answer
+    watch.until(lambda: watch.held_back() == 0, 30, "the leases to consume again")
+    watch.check()
+    budget_pool_queue_delete(queue)
+
+
+def test_a_consumer_reading_every_few_seconds_keeps_its_lease(budget_pool: Pool) -> None:
+    """Row 4: basic_qos(0), the client reading now and then: held back between its reads,
+    never moved, every message once."""
+    queue, count = queue_name("slow"), 20_000
+    fill(queue, count, 1 * KB)
+    watch = Watch(budget_pool)
+    client = kzpool.connect(budget_pool.socket)
+    moves: list[kzpool.MoveEvent] = []
+    lease = client.lease("float", on_move=moves.append)
+    lease.basic_qos(prefetch_count=0)
+    got: list[bytes] = []
+
+    def on_message(ch: kzpool.Lease, method: object, _props: object, body: bytes) -> None:
+        got.append(body)
+        ch.basic_ack(method.delivery_tag)  # type: ignore[attr-defined]
+
+    lease.basic_consume(queue, on_message)
+    for _ in range(3):
+        watch.until(lambda: watch.held_back() == 1, 30, "the lease to be held back")
+        watch.during(2)
+        client.process_data_events(0)  # what is there now
+    wait_for(lambda: client.process_data_events(0.2) or len(got) == count, 60, "the rest")
+    assert len(set(got)) == count
+    assert not moves, moves
+    client.close()
+    watch.check()
+    budget_pool_queue_delete(queue)
+
+
+def test_returns_never_read_hold_back_their_publisher_alone(pools: PoolMaker) -> None:
+    """Row 9: mandatory publishes no queue takes, their returns never read: the worker stops
+    reading that client's publishes while it holds twice lease_buffer for it, and closes
+    its lease once it has read nothing for lease_buffer_grace."""
+    pool = pools([DEFAULT_URI], prechannels=2, lease_buffer="1M", lease_buffer_grace="3",
+                 worker_max_rss=f"{RSS_CAP >> 20}M").start()
+    pool.wait_ready()
+    watch = Watch(pool)
+    hostile = Hostile(pool, "returns", str(2 << 20), 20)  # 20 x 2 MiB
+    watch.until(lambda: watch.held_back() == 1, 30, "the lease to be held back")
+    watch.until(lambda: "closing it" in pool.logs(), 30, "the lease to be closed")
+    hostile.read_all()  # it goes on as it can: only the pool's side is asserted
+    watch.check()
+
+
+def test_a_client_that_reads_nothing_past_the_grace_has_its_lease_closed(
+        pools: PoolMaker) -> None:
+    pool = pools([DEFAULT_URI], prechannels=2, lease_buffer="1M", lease_buffer_grace="2",
+                 worker_max_rss=f"{RSS_CAP >> 20}M").start()
+    pool.wait_ready()
+    queue, count = queue_name("grace"), 20_000
+    fill(queue, count, 2 * KB)
+    watch = Watch(pool)
+    hostile = Hostile(pool, "auto_ack", queue, count)
+    watch.until(lambda: "closing it" in pool.logs(), 30, "the lease to be closed")
+    answer = hostile.read_all()
+    assert "error: LimitExceeded: " in answer and "lease_buffer" in answer, answer
+    assert watch.held_back() == 0
+    watch.check()
+    budget_pool_queue_delete(queue)

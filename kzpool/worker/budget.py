@@ -8,13 +8,14 @@ back*: its consumers are cancelled at the broker (:class:`Pause`), which keeps t
 their queues, and they consume again, same tags and arguments, once the client has read
 its outbox down to :data:`FLOOR`.  Deliveries already on their way when the cancel went
 out still reach the client, but one of a consumer that acks, arriving while the outbox
-holds twice ``lease_buffer``, is nacked back to its queue instead (it comes again, marked
-redelivered): the client had not seen it.  While the outbox holds twice ``lease_buffer``
-the worker also stops reading the client's socket, so that its publishes (and their
-returns) wait in the client.  A lease held back whose client reads nothing for
-``lease_buffer_grace`` seconds is closed: its client is told :class:`LimitExceeded` naming
-``lease_buffer``, after the rest of the frame it was reading, and the rest is dropped (what
-its consumers held unacked goes back to their queues with the channel).
+holds twice ``lease_buffer`` (twice :data:`FLOOR` while the pot is over), is nacked back to
+its queue instead (it comes again, marked redelivered): the client had not seen it.  While
+the outbox holds twice ``lease_buffer`` the worker also stops reading the client's socket,
+so that its publishes (and their returns) wait in the client.  A lease held back whose
+client reads nothing for ``lease_buffer_grace`` seconds is closed: its client is told
+:class:`LimitExceeded` naming ``lease_buffer``, after the rest of the frame it was reading,
+and the rest is dropped (what its consumers held unacked goes back to their queues with the
+channel).
 
 Runs in the worker's loop only; nothing here blocks.
 """
@@ -112,8 +113,9 @@ class Outbox:
 
     @property
     def full(self) -> bool:
-        """Twice ``lease_buffer`` is queued: what acks may go back to its queue."""
-        return len(self.out) > 2 * self.limit
+        """Twice ``lease_buffer`` is queued (twice :data:`FLOOR` while the pot is over): what
+        acks may go back to its queue."""
+        return len(self.out) > 2 * self.limit or (self.pot.over and len(self.out) > 2 * FLOOR)
 
     def send(self, data: bytes) -> None:
         """Queue whole frames for the client."""
@@ -156,8 +158,9 @@ class Outbox:
             self._resume()
 
     def _watch(self) -> None:
-        """Poll for writable while something waits; stop reading the client while full."""
-        writing, reading = bool(self.out), not self.full
+        """Poll for writable while something waits; stop reading the client while its
+        outbox holds twice ``lease_buffer``."""
+        writing, reading = bool(self.out), len(self.out) <= 2 * self.limit
         if (writing, reading) != (self.writing, self.reading):
             self.writing, self.reading = writing, reading
             self.owner.ioloop.update_handler(self.owner.fd, (IOLoop.READ if reading else 0) |
