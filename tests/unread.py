@@ -4,16 +4,19 @@
     python -m tests.unread SOCKET MODE QUEUE COUNT
 
 MODE: ``auto_ack`` (one consumer with auto_ack), ``prefetch0`` (basic_qos(0), acks),
+``every`` (as ``prefetch0``, reading what is there every 5 s until told to read all),
 ``default`` (the pool's default prefetch, acks), ``many`` (200 leases, each basic_qos(0) on
 QUEUE), ``returns`` (COUNT mandatory publishes of QUEUE bytes that no queue takes).  It
 prints ``ready`` once set up, then reads nothing until a line comes on stdin; then it reads
 until it has COUNT messages (or returns) or none came for 5 s, makes a call on each lease,
-prints ``got N distinct M`` and exits.  An error is printed first, as ``error: TYPE: TEXT``.
+prints ``got N distinct M`` and ``moves N`` (its leases' moves), and exits.  An error is
+printed first, as ``error: TYPE: TEXT``.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import sys
 import time
 from typing import Any
@@ -24,7 +27,9 @@ import kzpool
 def main(socket_path: str, mode: str, queue: str, count: int) -> None:
     client = kzpool.connect(socket_path)
     got: list[Any] = []
-    leases = [client.lease("float") for _ in range(200 if mode == "many" else 1)]
+    moves: list[kzpool.MoveEvent] = []
+    leases = [client.lease("float", on_move=moves.append)
+              for _ in range(200 if mode == "many" else 1)]
     try:
         if mode == "returns":  # its publishes may wait: its client's socket is not read
             print("ready", flush=True)
@@ -42,6 +47,10 @@ def main(socket_path: str, mode: str, queue: str, count: int) -> None:
         print(f"error: {type(exc).__name__}: {exc}", flush=True)
     if mode != "returns":
         print("ready", flush=True)
+    stdin = select.poll()
+    stdin.register(sys.stdin, select.POLLIN)
+    while mode == "every" and len(got) < count and not stdin.poll(5000):
+        client.process_data_events(0)  # what is there, every 5 s
     sys.stdin.readline()
     try:
         idle = time.monotonic()
@@ -54,6 +63,7 @@ def main(socket_path: str, mode: str, queue: str, count: int) -> None:
     except Exception as exc:  # told to the test as text
         print(f"error: {type(exc).__name__}: {exc}", flush=True)
     print(f"got {len(got)} distinct {len(set(map(bytes, got)))}", flush=True)
+    print(f"moves {len(moves)}", flush=True)
 
 
 if __name__ == "__main__":
