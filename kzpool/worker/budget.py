@@ -251,8 +251,9 @@ class Pause:
         self.paused.pop(tag, None)
 
     def stop(self) -> list[str]:
-        """Consume again no more (the lease moves): the tags cancelled here already."""
-        done = [tag for tag in self.paused if not self._cancelling(tag)]
+        """Consume again no more (the lease moves): the tags cancelled here (what still
+        comes for one goes to pika, which requeues it)."""
+        done = list(self.paused)
         self.consumers.clear()
         self.paused.clear()
         self.holding = False
