@@ -217,10 +217,10 @@ def budget_pool(pools: PoolMaker) -> Pool:
     return pool
 
 
-@pytest.mark.parametrize(("mode", "count", "size"), [
-    ("auto_ack", 30_000, 2 * KB),  # row 2: auto_ack, never read
-    ("default", 300, 300 * KB),  # row 3: the default prefetch (1000), large messages
-    ("prefetch0", 50_000, 1 * KB),  # row 6: basic_qos(0), never read
+@pytest.mark.parametrize(("mode", "count", "size"), [  # each more than BOUND, whole
+    ("auto_ack", 60_000, 2 * KB),  # row 2: auto_ack, never read
+    ("default", 400, 300 * KB),  # row 3: the default prefetch (1000), large messages
+    ("prefetch0", 120_000, 1 * KB),  # row 6: basic_qos(0), never read
 ])
 def test_a_consumer_that_never_reads_is_held_back_alone(
         budget_pool: Pool, mode: str, count: int, size: int) -> None:
