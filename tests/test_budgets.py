@@ -243,10 +243,11 @@ def budget_pool_queue_delete(queue: str) -> None:
         conn.channel().queue_delete(queue)
 
 
+@pytest.mark.timeout(300)  # 200 consumes on one queue wait on the broker's queue process
 def test_two_hundred_leases_that_never_read_are_held_back_alone(budget_pool: Pool) -> None:
     """Row 5: 200 leases, each consuming with prefetch 0 on one queue, never reading: the
     worker's leases together hold a quarter of worker_max_rss at most."""
-    queue, count = queue_name("many"), 100_000
+    queue, count = queue_name("many"), 80_000
     fill(queue, count, 1 * KB)
     watch = Watch(budget_pool)
     hostile = Hostile(budget_pool, "many", queue, count)

@@ -84,6 +84,7 @@ class Owner(Protocol):
     sock: socket.socket
     fd: int
     lease: str
+    writing: bool  # it waits for its socket to be writable (set here)
 
     def client_gone(self) -> None: ...
 
@@ -99,7 +100,6 @@ class Outbox:
         self.limit, self.grace = settings.lease_buffer, settings.lease_buffer_grace
         self.out = bytearray()
         self.flush_pending = False
-        self.writing = False
         self.reading = True
         self.added = self.sent = self.boundary = 0  # bytes ever: queued, sent, last frame end
         self.ends: deque[int] = deque()  # where each frame queued and not all sent ends
@@ -126,7 +126,7 @@ class Outbox:
         if self.held_since is None and (len(self.out) > self.limit or (
                 self.pot.over and len(self.out) > FLOOR)):
             self._hold()
-        if not self.flush_pending and not self.writing:
+        if not self.flush_pending and not self.owner.writing:
             self.flush_pending = True
             self.owner.ioloop.call_later(0, self.flush)
 
@@ -161,8 +161,8 @@ class Outbox:
         """Poll for writable while something waits; stop reading the client while its
         outbox holds twice ``lease_buffer``."""
         writing, reading = bool(self.out), len(self.out) <= 2 * self.limit
-        if (writing, reading) != (self.writing, self.reading):
-            self.writing, self.reading = writing, reading
+        if (writing, reading) != (self.owner.writing, self.reading):
+            self.owner.writing, self.reading = writing, reading
             self.owner.ioloop.update_handler(self.owner.fd, (IOLoop.READ if reading else 0) |
                                              (IOLoop.WRITE if writing else 0))
 
@@ -196,10 +196,12 @@ class Outbox:
             self.timer = self.owner.ioloop.call_later(CHECK, self._check)
             return
         self.pot.closed += 1
-        self.owner.over_budget(LimitExceeded(
+        error = LimitExceeded(
             f"lease {self.owner.lease} was held back with {len(self.out)} bytes its client"
             f" did not read for {idle:.0f} s ([pool] lease_buffer = {self.limit},"
-            f" lease_buffer_grace = {self.grace:g})", "lease_buffer"))
+            f" lease_buffer_grace = {self.grace:g})", "lease_buffer")
+        log.warning("lease %s: closing it: %s", self.owner.lease, error)
+        self.owner.over_budget(error)
 
     def cut(self) -> None:
         """Drop what is queued, all but the rest of the frame the client is reading."""

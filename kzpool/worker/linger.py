@@ -36,6 +36,7 @@ class Lingering(Protocol):
     channel: Any
     options: LeaseOptions
     outbox: Outbox  # what the client has not read yet
+    writing: bool  # the session waits for its socket to be writable
     ended: LeaseEvent | None  # LOST: the client was told why already
 
     def event(self, message: Message) -> None: ...
@@ -73,7 +74,7 @@ class Linger:
     def _flushed_or_gone(self) -> None:
         session = self.session
         session.flush()
-        if not session.outbox.out or not session.outbox.writing:  # all sent, or it is gone
+        if not session.outbox.out or not session.writing:  # all sent, or the client is gone
             self.hang_up()
 
     def hang_up(self) -> None:

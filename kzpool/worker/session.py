@@ -94,6 +94,7 @@ class Session:
         self.reader = wire.FrameReader(wire.MAX_DATA_FRAME)
         self.pause = Pause(self.ioloop, channel, self._on_message, lease)
         self.outbox = Outbox(self, host.spec.settings, host.pot, self.pause)
+        self.writing = False
         self.ended: LeaseEvent | None = None
         self.gets: deque[tuple[int, bool]] = deque()  # basic.gets in flight: id, auto_ack
         self.handover: Handover | None = None  # moved by the master: settling first
@@ -136,7 +137,6 @@ class Session:
 
     def over_budget(self, error: LimitExceeded) -> None:
         """Held back, its client reading nothing: closed, told why (:mod:`.budget`)."""
-        log.warning("lease %s: closing it: %s", self.lease, error)
         self.outbox.cut()
         self.event(messages.Lost(reason_of(error)))
         self.end(LeaseEvent.LOST, str(error), answer=True)  # a linger, its answer that Lost
