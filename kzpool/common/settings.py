@@ -221,10 +221,10 @@ class PoolSettings:
         " same tags, once the client has read. The leases of one worker hold a quarter of"
         " worker_max_rss at most, all together.", at_least(64 << 10))
     lease_buffer_grace: float = setting(
-        to_seconds, "60",
+        to_seconds, "1800",
         "Seconds a lease held back by lease_buffer may go without its client reading"
-        " anything; then its lease is closed, with LimitExceeded naming lease_buffer.",
-        above(0))
+        " anything; then its lease is closed, with LimitExceeded naming lease_buffer. Keep it"
+        " above the longest a callback of your clients computes without reading.", above(0))
     consumer_timeout: float = setting(
         to_seconds, "86400",
         "Seconds a lease's consumer may keep a delivery unacked before the broker takes it"
