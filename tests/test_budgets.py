@@ -7,6 +7,7 @@ arrive closes its connection cleanly."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -299,6 +300,9 @@ def test_returns_never_read_hold_back_their_publisher_alone(pools: PoolMaker) ->
     watch = Watch(pool)
     hostile = Hostile(pool, "returns", str(2 << 20), 20)  # 20 x 2 MiB
     watch.until(lambda: watch.held_back() == 1, 30, "the lease to be held back")
+    shown = subprocess.run([sys.executable, "-m", "kzpool", "status", "--json", "--socket",
+                            pool.socket], capture_output=True, text=True, timeout=30, check=True)
+    assert json.loads(shown.stdout)["connections"][0]["held_back"] == 1  # as kzpool status says
     watch.until(lambda: "closing it" in pool.logs(), 30, "the lease to be closed")
     hostile.read_all(unmoved=False)  # it goes on as it can: the pool's side is asserted
     watch.check()
