@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -148,8 +149,8 @@ def main() -> None:
     print("| attack | worker peak RSS | same worker | bystander p99 confirm | ratio |"
           " p99 delivery | ratio | bystander moves | held back | what the hostile got |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    pool = Pool(Path(tempfile.mkdtemp(prefix="kzb-isolation-")), [DEFAULT_URI], prechannels=4,
-                lease_buffer_grace="30").start()
+    tmp = Path(tempfile.mkdtemp(prefix="kzb-isolation-"))
+    pool = Pool(tmp, [DEFAULT_URI], prechannels=4, lease_buffer_grace="30").start()
     try:
         pool.wait_ready()
         quiet: dict[str, Any] = {}
@@ -164,6 +165,7 @@ def main() -> None:
                   f" | {f['held_back']} | {f['got'] or '-'} |", flush=True)
     finally:
         pool.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
