@@ -44,6 +44,7 @@ from ..common.errors import (
     KzpoolError,
     LeaseClosed,
     LeaseTimeout,
+    LimitExceeded,
 )
 from ..common.messages import Reason, Reply
 from ..common.options import LeaseOptions
@@ -342,6 +343,8 @@ class LeaseLink:
         own caused it; nothing (the lease just moves) otherwise.  A call in flight is taken
         for the cause before pipelined publishes are."""
         confirms = self.state.confirms
+        if reason.kind == LimitExceeded.__name__:  # held back, unread: closed by the worker
+            return LimitExceeded(reason.text, "lease_buffer")
         if reason.channel_error:
             error: Exception = ChannelClosedByBroker(reason.code, reason.text)
             if not calling and confirms.pending:  # a publish: not re-sent

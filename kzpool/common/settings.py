@@ -220,6 +220,19 @@ class PoolSettings:
         " a lease's next large publish waits in its own client; one always passes, so a"
         " message larger than this still goes, alone. Keep it well under worker_max_rss.",
         at_least(1))
+    # what a worker holds toward one lease's client (kzpool.worker.outbox)
+    lease_buffer: int = setting(
+        to_size, "4M",
+        "Bytes a worker holds for one lease that its client has not read (deliveries,"
+        " auto_ack ones too, returns, answers), whatever the prefetch; past it that lease"
+        " alone is held back: its consumers are cancelled at the broker and consume again,"
+        " same tags, once the client has read. The leases of one worker hold a quarter of"
+        " worker_max_rss at most, all together.", at_least(64 << 10))
+    lease_buffer_grace: float = setting(
+        to_seconds, "1800",
+        "Seconds a lease held back by lease_buffer may go without its client reading"
+        " anything; then its lease is closed, with LimitExceeded naming lease_buffer. Keep it"
+        " above the longest a callback of your clients computes without reading.", above(0))
     consumer_timeout: float = setting(
         to_seconds, "86400",
         "Seconds a lease's consumer may keep a delivery unacked before the broker takes it"

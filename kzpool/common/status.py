@@ -16,7 +16,7 @@ Row = dict[str, Any]
 PLACED = frozenset({"assigning", "assigned", "moving"})  # a lease on a channel
 
 CONNECTION_COLUMNS = ("id", "broker", "zone", "primary", "state", "pid", "prechannels",
-                      "channels", "blocked", "rss", "since", "error")
+                      "channels", "blocked", "held_back", "rss", "since", "error")
 BROKER_COLUMNS = ("broker", "zone", "primary", "connections", "available", "prechannels",
                   "float", "sticky", "waiting")
 CONSUMER_COLUMNS = ("name", "index", "pid", "state", "queue", "restarts", "rss", "since",

@@ -35,7 +35,13 @@ from .slots import Slot
 log = logging.getLogger("kzpool.metrics")
 
 WORKER_COUNTERS = ("publishes", "deliveries", "redeliveries", "acks", "channels_reused",
-                   "blocked_seconds", "consumers_cancelled", "deliveries_taken_back")
+                   "blocked_seconds", "consumers_cancelled", "deliveries_taken_back",
+                   "lease_holds", "leases_closed_unread")
+WORKER_GAUGES = {  # a worker's report's counter -> (metric, help): what it holds now
+    "leases_held_back": ("kzpool_leases_held_back",
+                         "Leases held back: their clients left over lease_buffer unread"),
+    "client_buffered_bytes": ("kzpool_client_buffered_bytes",
+                              "Bytes a worker holds that its clients have not read")}
 PEER_DEADLINE = 5.0  # seconds a client has to send its request and read the answer
 MAX_PEERS = 8
 MAX_REQUEST = 8192  # bytes of request line and headers
@@ -151,8 +157,12 @@ class Collector:
         counters = {name: CounterMetricFamily(f"kzpool_{name}", f"{name} through the pool",
                                               labels=["connection", "broker"])
                     for name in WORKER_COUNTERS}
+        gauges = {key: GaugeMetricFamily(metric, text, labels=["connection", "broker"])
+                  for key, (metric, text) in WORKER_GAUGES.items()}
         for slot in self.slots():
             labels = [slot.spec.id, slot.spec.broker.uri.masked]
+            for name, gauge in gauges.items():
+                gauge.add_metric(labels, float(slot.counters.get(name, 0)))
             up.add_metric([*labels, slot.spec.broker.zone], float(slot.available))
             blocked.add_metric(labels, float(slot.blocked))
             prechannels.add_metric(labels, float(slot.prechannels))
@@ -168,7 +178,8 @@ class Collector:
             leases.add_metric([kind, state], float(count))
         moves = CounterMetricFamily("kzpool_lease_moves", "Leases moved to another channel")
         moves.add_metric([], float(self.moves()))
-        yield from (up, blocked, prechannels, leases, moves, *counters.values())
+        yield from (up, blocked, prechannels, leases, moves, *counters.values(),
+                    *gauges.values())
         yield from self._counted(CounterMetricFamily)
 
     def _counted(self, family_type: Any) -> Iterator[Any]:

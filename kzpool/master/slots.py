@@ -103,6 +103,7 @@ class Slot:
             "prechannels": self.prechannels,
             "channels": self.channels,
             "blocked": self.blocked,
+            "held_back": int(self.counters.get("leases_held_back", 0)),  # over lease_buffer
             "full": self.full,
             "error": self.error,
             "since": round(self.since, 3),

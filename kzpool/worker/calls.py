@@ -73,3 +73,11 @@ def reason_of(exc: BaseException) -> Reason:
     if isinstance(exc, pika.exceptions.ChannelClosed | pika.exceptions.ConnectionClosed):
         return Reason(type(exc).__name__, exc.reply_code, exc.reply_text)
     return Reason(type(exc).__name__, 0, str(exc))
+
+
+def consuming(channel: Any, args: dict[str, Any]) -> bool:
+    """Whether pika's ``channel`` still has the consumer a ``basic_cancel`` names: one the
+    broker cancelled already gets no answer from pika, so the session answers for it."""
+    tag = args.get("consumer_tag")
+    return tag in getattr(channel, "consumer_tags", ()) and tag not in getattr(
+        channel, "_cancelled", ())

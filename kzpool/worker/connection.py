@@ -35,6 +35,7 @@ class BatchedConnection(SelectConnection):  # type: ignore[misc]
     """
 
     _frame_buffer: bytes  # pika's: what the socket read that is not a whole frame yet
+    _opened: bool  # pika's: the connection opened (it stays so while it closes)
 
     def __init__(self, *args: Any, budget: Budget, **kwargs: Any) -> None:
         self._out: list[bytes] = []
@@ -74,7 +75,11 @@ class BatchedConnection(SelectConnection):  # type: ignore[misc]
         super()._proto_connection_made(transport)
 
     def _on_data_available(self, data_in: bytes) -> None:
-        if not self.is_open:  # the handshake, and the close: pika's own way
+        # The handshake goes pika's way; from the open on, every frame goes through the
+        # fast path, the close's too: a delivery it took the method frame of may still be
+        # under way, and its header or body alone would break pika's frame assembly
+        # (``'NoneType' object has no attribute 'body_size'``: the connection lost).
+        if not self._opened:
             super()._on_data_available(data_in)
             return
         buffered: bytes = self._frame_buffer

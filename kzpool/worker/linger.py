@@ -19,9 +19,10 @@ from typing import Any, Protocol
 from pika.adapters.select_connection import IOLoop
 
 from ..common import messages
-from ..common.messages import Message
+from ..common.messages import LeaseEvent, Message
 from ..common.options import LeaseOptions
 from ..common.sockets import READ_SIZE, receive
+from .outbox import Outbox
 
 GRACE = 5.0  # seconds past the lease's timeout a closed lease's socket is kept at most
 
@@ -34,8 +35,9 @@ class Lingering(Protocol):
     fd: int
     channel: Any
     options: LeaseOptions
-    out: bytearray
+    outbox: Outbox  # what the client has not read yet
     writing: bool  # the session waits for its socket to be writable
+    ended: LeaseEvent | None  # LOST: the client was told why already
 
     def event(self, message: Message) -> None: ...
 
@@ -49,9 +51,11 @@ class Linger:
         """``at_once``: the channel was handed back clean (the worker may still close it,
         with nothing of the lease's on it, but that close is no longer the session's)."""
         self.session = session
-        self.answered = False
+        self.answered = session.ended is LeaseEvent.LOST  # closed over its budget: told so
         self.timer = session.ioloop.call_later(session.options.timeout + GRACE, self.hang_up)
-        if at_once or not session.channel.is_closing:
+        if self.answered:
+            self._flushed_or_gone()
+        elif at_once or not session.channel.is_closing:
             self.answer()
 
     def answer(self) -> None:
@@ -70,7 +74,7 @@ class Linger:
     def _flushed_or_gone(self) -> None:
         session = self.session
         session.flush()
-        if not session.out or not session.writing:  # all sent, or the client is gone
+        if not session.outbox.out or not session.writing:  # all sent, or the client is gone
             self.hang_up()
 
     def hang_up(self) -> None:

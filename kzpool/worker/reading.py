@@ -50,12 +50,15 @@ class ReadHost(Protocol):
     bulk_ok: bool  # no confirms, transactions or mandatory publishes: it may move there
     writing: bool
     moving: bool
+    outbox: Any  # its way to the client (:mod:`.outbox`): ``reading`` while it has room
 
     @property
     def bulk(self) -> Bulk: ...
 
     @property
     def done(self) -> bool: ...
+
+    def watch(self) -> None: ...  # its socket watched for what both sides want
 
     def dispatch(self, kind: int, flags: int, payload: bytes) -> None: ...
 
@@ -181,7 +184,8 @@ class Reading:
             return
         self._watch(IOLoop.READ)
         self.inbox.restart_clock()
-        self.on_readable()
+        if self.session.outbox.reading:  # else it reads on once its client has read
+            self.on_readable()
 
     # ----- to the bulk connection and back (:mod:`.bulk`) --------------------------------
 
@@ -240,10 +244,8 @@ class Reading:
             session.on_channel_closed(reason)
 
     def _watch(self, events: int) -> None:
-        session = self.session
         self.events = events
-        session.ioloop.update_handler(session.fd,
-                                      events | (IOLoop.WRITE if session.writing else 0))
+        self.session.watch()  # with what the way to its client wants (:mod:`.outbox`)
 
     def _check_frame(self) -> None:
         self.timer = None

@@ -3,7 +3,8 @@
 From the moment a worker binds a client's socket to a channel, the client and the worker
 talk directly, in :mod:`kzpool.common.wire` frames.  Everything here runs in the worker's
 pika ``IOLoop``: no call blocks.  Output to the client is buffered per session and flushed
-once per loop pass; a client that stops reading is held back by the channel's QoS.
+once per loop pass, and bounded in bytes: a client that stops reading is held back, its
+consumers cancelled at the broker until it reads again (:mod:`.outbox`).
 
 Broker events on the channel go to the client in the order they came: deliveries, returns,
 and the broker's cancel of a consumer (:class:`~kzpool.common.messages.Cancelled`, after the
@@ -27,7 +28,7 @@ from pika import spec
 from pika.adapters.select_connection import IOLoop
 
 from ..common import messages, props, wire
-from ..common.errors import ProtocolError
+from ..common.errors import LimitExceeded, ProtocolError
 from ..common.messages import LeaseEvent, Message
 from ..common.options import LeaseOptions
 from ..common.wire import Flag, Kind
@@ -39,12 +40,14 @@ from .calls import (
     RPC_METHODS,
     CancelOk,
     check_args,
+    consuming,
     fields,
     reason_of,
 )
 from .handover import Handover
 from .holding import Holding
 from .linger import Linger
+from .outbox import Consume, Outbox, Pause, Pot
 from .reading import Reading
 from .spec import WorkerSpec
 from .timeouts import ConsumeTimeout
@@ -61,6 +64,7 @@ class SessionHost(Protocol):
     ioloop: IOLoop
     counters: dict[str, int]  # the worker's, counted here
     spec: WorkerSpec  # its settings
+    pot: Pot  # what its leases hold toward their clients, together
 
     def recycle(self, channel: Any, settled_first: bool) -> None: ...
 
@@ -91,8 +95,8 @@ class Session:
         self.lease = lease
         self.channel = channel
         self.options = options  # the client's, whole: what this session honours
-        self.out = bytearray()
-        self.flush_pending = False
+        self.pause = Pause(self.ioloop, channel, self._on_message, lease)
+        self.outbox = Outbox(self, host.spec.settings, host.pot, self.pause)
         self.writing = False
         self.ended: LeaseEvent | None = None
         self.gets: deque[tuple[int, bool]] = deque()  # basic.gets in flight: id, auto_ack
@@ -128,31 +132,26 @@ class Session:
     # ----- output ---------------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        self.out += data
-        if not self.flush_pending and not self.writing:
-            self.flush_pending = True
-            self.ioloop.call_later(0, self.flush)
+        self.outbox.send(data)
 
     def event(self, message: Message) -> None:
-        self.send(messages.encode(message))
+        self.outbox.send(messages.encode(message))
 
     def flush(self) -> None:
-        self.flush_pending = False
-        if not self.out or self.sock.fileno() < 0:
-            return
-        try:
-            sent = self.sock.send(self.out)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.end(LeaseEvent.RELEASED, "client gone")
-            return
-        del self.out[:sent]
-        want_write = bool(self.out)
-        if want_write != self.writing:
-            self.writing = want_write
-            self.ioloop.update_handler(self.fd, self.reading.events
-                                       | (IOLoop.WRITE if want_write else 0))
+        self.outbox.flush()
+
+    def watch(self) -> None:  # reading unless its read side or its outbox holds it back
+        reading = self.reading.events if self.outbox.reading else 0
+        self.ioloop.update_handler(self.fd, reading | (IOLoop.WRITE if self.writing else 0))
+
+    def client_gone(self) -> None:
+        self.end(LeaseEvent.RELEASED, "client gone")
+
+    def over_budget(self, error: LimitExceeded) -> None:
+        """Held back, its client reading nothing: closed, told why (:mod:`.outbox`)."""
+        self.outbox.cut()
+        self.event(messages.Lost(reason_of(error)))
+        self.end(LeaseEvent.LOST, str(error), answer=True)  # a linger, its answer that Lost
 
     # ----- input ------------------------------------------------------------------------------
 
@@ -250,7 +249,8 @@ class Session:
         args, reply = request.args, self._replier(request.id, seen)
         check_args(args)  # pika would fail to encode them after it began, and end the connection
         match request:
-            case messages.Call(method="basic_cancel") if not self._consuming(args):
+            case messages.Call(method="basic_cancel") if not consuming(self.channel, args):
+                self.pause.forget(str(args.get("consumer_tag", "")))  # held back, maybe
                 reply(CancelOk(str(args.get("consumer_tag", ""))))  # pika would not answer
             case messages.Call(method="flow"):
                 self.channel.flow(bool(args.get("active")), callback=lambda active: self.event(
@@ -270,12 +270,13 @@ class Session:
                 if not self.watching_cancels:  # the channel is never handed on after this
                     self.watching_cancels = True
                     self.channel.add_on_cancel_callback(self._on_cancelled)
-                queue, auto_ack = str(args.get("queue", "")), bool(args.get("auto_ack"))
+                queue = str(args.get("queue", ""))
+                how = Consume(queue, bool(args.get("auto_ack")), bool(args.get("exclusive")),
+                              self.timeout.arguments(queue, args.get("arguments")))
                 self.channel.basic_consume(
-                    queue, self._on_message, auto_ack=auto_ack,
-                    exclusive=bool(args.get("exclusive")), consumer_tag=args.get("consumer_tag"),
-                    arguments=self.timeout.arguments(queue, args.get("arguments")),
-                    callback=self._consumed(reply, auto_ack))
+                    queue, self._on_message, auto_ack=how.auto_ack, exclusive=how.exclusive,
+                    consumer_tag=args.get("consumer_tag"), arguments=how.arguments,
+                    callback=self._consumed(reply, how))
             case messages.ConfirmSelect():
                 self.channel.confirm_delivery(self._on_confirm, callback=reply)
             case messages.Get():
@@ -285,13 +286,6 @@ class Session:
             case _:
                 raise ProtocolError(f"unknown call {request.method[:40]!r}")
 
-    def _consuming(self, args: dict[str, Any]) -> bool:
-        """Whether the channel still has the consumer a ``basic_cancel`` names: one the broker
-        cancelled already gets no answer from pika, so the session answers for it."""
-        tag = args.get("consumer_tag")
-        return tag in getattr(self.channel, "consumer_tags", ()) and tag not in getattr(
-            self.channel, "_cancelled", ())
-
     def _bound_prefetch(self) -> None:
         """A consumer without QoS would let the broker push without limit: bound it."""
         prefetch = self.host.spec.settings.default_prefetch
@@ -299,10 +293,12 @@ class Session:
             self.channel.basic_qos(prefetch_count=prefetch)
             self.qos_set = True
 
-    def _consumed(self, reply: Callable[[Any], None], auto_ack: bool) -> Callable[[Any], None]:
+    def _consumed(self, reply: Callable[[Any], None], how: Consume) -> Callable[[Any], None]:
         """A consume's reply: from then on its deliveries come by the fast path."""
         def consumed(frame: Any) -> None:
-            self.consumers.add(self.holding.consuming(str(frame.method.consumer_tag), auto_ack))
+            tag = self.holding.consuming(str(frame.method.consumer_tag), how.auto_ack)
+            self.consumers.add(tag)
+            self.pause.consuming(tag, how)
             reply(frame)
         return consumed
 
@@ -334,7 +330,8 @@ class Session:
                 properties: bytes, body: bytes) -> None:
         if self.ended is not None:
             return
-        if consumer_tag in self.holding.cancelled:  # late, after the broker cancelled it
+        if consumer_tag in self.holding.cancelled or (  # late, after the broker cancelled it,
+                self.outbox.full and consumer_tag not in self.holding.no_ack):  # or unseen
             self.connection.send_raw(amqp.settle(self.number, amqp.NACK, tag, False, True))
             return
         self.holding.delivered(tag, consumer_tag)
@@ -393,6 +390,7 @@ class Session:
     def move(self) -> None:
         """The master moves this lease: handed over once it settled what it holds."""
         if self.handover is None and self.ended is None:
+            self.consumers.difference_update(self.pause.stop())  # cancelled here already
             self.handover = Handover(self, self.host.spec.settings.move_grace)
 
     def end(self, how: LeaseEvent, why: str, answer: bool = False) -> None:
@@ -401,6 +399,7 @@ class Session:
         if self.ended is not None:
             return
         self.ended = how
+        self.outbox.close()
         self.connection.remove_sink(self.number)
         self.reading.close()
         handed_on = self.channel.is_open and how is LeaseEvent.RELEASED and self.clean and \

@@ -48,6 +48,7 @@ from .exclusive import Exclusives
 from .faults import classify, connection_lost, in_maintenance
 from .intake import Intake, answer
 from .loop import GuardedLoop
+from .outbox import Pot
 from .prechannels import Prechannels
 from .session import Session
 from .spec import WorkerSpec
@@ -83,6 +84,7 @@ class ConnectionWorker:
                                        lambda: len(self.waiting), lambda: self.uplink.report_soon())
         self.prechannels.on_open = self._on_channel_open
         self.sessions: dict[str, Session] = {}  # by lease id
+        self.pot = Pot.of(spec.settings, lambda: self.uplink.report_soon())  # (.outbox)
         self.bound: dict[int, Session] = {}  # by channel number
         self.waiting: list[Waiting] = []  # clients waiting for a channel
         self.clients = Clients()  # the client process of each lease bound or waiting
@@ -148,13 +150,8 @@ class ConnectionWorker:
             self._lost(f"at the file limit: {exc}" if out_of_files() else exc)
             return
         self.connection = BatchedConnection(
-            params,
-            on_open_callback=self._on_open,
-            on_open_error_callback=self._on_open_error,
-            on_close_callback=self._on_closed,
-            custom_ioloop=self.ioloop,
-            budget=self.budget,
-        )
+            params, on_open_callback=self._on_open, on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_closed, custom_ioloop=self.ioloop, budget=self.budget)
 
     def _on_open(self, connection: SelectConnection) -> None:
         log.info("connected to %s", self.spec.broker.uri.masked)
@@ -405,7 +402,7 @@ class ConnectionWorker:
             state=self.state.value, since=self.since, error=self.error, blocked=self.blocked,
             full=self.prechannels.full,
             counters={**self.counters, "channels_reused": self.prechannels.reused,
-                      "blocked_seconds": round(self.blocked_seconds, 3)},
+                      "blocked_seconds": round(self.blocked_seconds, 3), **self.pot.counters()},
             prechannels=len(self.prechannels), channels=len(self.sessions))
 
 
