@@ -210,8 +210,9 @@ class PoolSettings:
         at_least(0))
     default_prefetch: int = setting(
         to_int, "1000",
-        "Prefetch a lease's consumers get when the lease set no basic_qos: it bounds what"
-        " a worker buffers for a client that stops reading; 0: unlimited.", at_least(0))
+        "Prefetch a lease's consumers get when the lease set no basic_qos: it bounds the"
+        " deliveries a consumer has unacked at once (lease_buffer bounds their bytes);"
+        " 0: unlimited.", at_least(0))
     # --- what a worker buffers on the way to its broker (kzpool/worker/turns.py) ---
     worker_buffer: int = setting(
         to_size, "64M",
