@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import kzpool  # noqa: E402
 from kzpool.testing import DEFAULT_URI, Pool  # noqa: E402
+from kzpool.testing.amqp import fill  # noqa: E402
 
 KB, MB = 1 << 10, 1 << 20
 ATTACKS: dict[str, tuple[str, int, int]] = {  # name -> unread.py mode, count, size
@@ -47,16 +48,6 @@ ATTACKS: dict[str, tuple[str, int, int]] = {  # name -> unread.py mode, count, s
     "quiet, after": ("", 0, 0),
 }
 
-
-def fill(queue: str, count: int, size: int) -> None:
-    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
-        channel = conn.channel()
-        channel.queue_declare(queue)
-        pad = os.urandom(size - 8)
-        for i in range(count):
-            channel.basic_publish("", queue, i.to_bytes(8, "big") + pad)
-        while channel.queue_declare(queue, passive=True).method.message_count < count:
-            time.sleep(0.1)
 
 
 def delete(queue: str) -> None:

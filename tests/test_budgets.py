@@ -24,6 +24,7 @@ import pytest
 
 import kzpool
 from kzpool.testing import DEFAULT_URI, Pool, wait_for
+from kzpool.testing.amqp import fill
 
 PoolMaker = Callable[..., Pool]
 KB = 1 << 10
@@ -125,17 +126,6 @@ def test_a_worker_stopped_while_large_deliveries_arrive_closes_cleanly(
 RSS_CAP = 160 << 20  # the test pool's worker_max_rss
 BOUND = 110 << 20  # what the worker's RSS must stay under meanwhile
 
-
-def fill(queue: str, count: int, size: int) -> None:
-    """``count`` distinct messages of ``size`` bytes in ``queue`` (declared), with pika."""
-    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
-        channel = conn.channel()
-        channel.queue_declare(queue)
-        pad = os.urandom(size - 8)
-        for i in range(count):
-            channel.basic_publish("", queue, i.to_bytes(8, "big") + pad)
-        wait_for(lambda: channel.queue_declare(queue, passive=True).method.message_count
-                 == count, 30, f"{count} messages in {queue}")
 
 
 class Hostile:

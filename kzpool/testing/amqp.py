@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pika
 import pika.exceptions
 
@@ -64,3 +67,21 @@ def queue_exists(queue: str, uri: str = DEFAULT_URI) -> bool:
         if exc.reply_code not in (404, 405):
             raise
         return bool(exc.reply_code == 405)
+
+
+def fill(queue: str, count: int, size: int, uri: str = DEFAULT_URI,
+         timeout: float = 30.0) -> None:
+    """``count`` distinct messages of ``size`` bytes (at least 8: a big-endian counter, then
+    random bytes) in ``queue``, declared if need be, with plain pika; waits until the broker
+    counts them all ready."""
+    with pika.BlockingConnection(pika.URLParameters(uri)) as conn:
+        channel = conn.channel()
+        channel.queue_declare(queue)
+        pad = os.urandom(max(size - 8, 0))
+        for i in range(count):
+            channel.basic_publish("", queue, i.to_bytes(8, "big") + pad)
+        deadline = time.monotonic() + timeout
+        while channel.queue_declare(queue, passive=True).method.message_count < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{count} messages in {queue} not ready within {timeout} s")
+            conn.sleep(0.05)
