@@ -131,10 +131,13 @@ BOUND = 110 << 20  # what the worker's RSS must stay under meanwhile
 class Hostile:
     """``tests/unread.py`` in its own process: it asks, and reads nothing until told to."""
 
+    running: list[subprocess.Popen[str]] = []  # ended after each test, whatever happened
+
     def __init__(self, pool: Pool, mode: str, queue: str, count: int) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.unread", pool.socket, mode, queue, str(count)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        Hostile.running.append(self.proc)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert line.strip() == "ready", line
@@ -144,6 +147,16 @@ class Hostile:
         out, _ = self.proc.communicate("read\n", timeout=90)
         assert out.strip().endswith("moves 0") or not unmoved, out  # its own leases stayed
         return out.strip().rsplit("\n", 1)[0]
+
+
+@pytest.fixture(autouse=True)
+def _end_hostiles() -> Iterator[None]:
+    yield
+    while Hostile.running:
+        proc = Hostile.running.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
 
 
 class Watch:
@@ -238,8 +251,8 @@ def budget_pool_queue_delete(queue: str) -> None:
 def test_two_hundred_leases_that_never_read_are_held_back_alone(budget_pool: Pool) -> None:
     """Row 5: 200 leases, each consuming with prefetch 0 on one queue, never reading: the
     worker's leases together hold a quarter of worker_max_rss at most."""
-    queue, count = queue_name("many"), 80_000
-    fill(queue, count, 1 * KB)
+    queue, count = queue_name("many"), 30_000  # 60 MB: past the 40 MB of the pot
+    fill(queue, count, 2 * KB)
     watch = Watch(budget_pool)
     hostile = Hostile(budget_pool, "many", queue, count)
     watch.until(lambda: watch.held_back() > 0, 60, "leases to be held back")
