@@ -22,11 +22,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
+import pika
+import pika.exceptions
 import pytest
 from filelock import FileLock
 
 import kzpool
-from kzpool.testing import LAYOUT, Pool, default_uri
+from kzpool.testing import DEFAULT_URI, LAYOUT, Pool, default_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = Path(os.environ.get("KZPOOL_BROKERS_DIR", "/tmp/kzpool-brokers"))
@@ -294,3 +296,35 @@ def default_ctl(*args: str, check: bool = True) -> Any:
 def brokers_run(args: list[str]) -> None:
     """rabbitmqctl ARGS against the default broker; fails the test if it fails."""
     default_ctl(*args)
+
+
+Names = Callable[[str], str]
+
+
+@pytest.fixture
+def names() -> Iterator[Names]:
+    """``names("q")``: a name of this test's own; the queues and exchanges named so are
+    deleted afterwards."""
+    made: list[str] = []
+    prefix = f"kzt-{uuid.uuid4().hex[:8]}"
+
+    def name(what: str) -> str:
+        made.append(f"{prefix}-{what}")
+        return made[-1]
+
+    yield name
+    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
+        for made_name in made:
+            for delete in ("queue_delete", "exchange_delete"):
+                # one exclusive to a connection still open goes with it
+                with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
+                    getattr(conn.channel(), delete)(made_name)
+
+
+@pytest.fixture
+def queue() -> Iterator[str]:
+    """A queue name of this test's own; the queue is deleted afterwards."""
+    name = f"kzt-{uuid.uuid4().hex[:10]}"
+    yield name
+    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
+        conn.channel().queue_delete(name)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,6 @@ def pool(tmp_path: Path) -> Iterator[Pool]:
         served.close()
 
 
-@pytest.fixture
-def queue() -> Iterator[str]:
-    name = f"kzt-{uuid.uuid4().hex[:10]}"
-    yield name
-    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
-        conn.channel().queue_delete(name)
 
 
 def send(queue: str, *bodies: bytes) -> None:

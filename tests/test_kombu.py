@@ -13,15 +13,13 @@ import socket
 import subprocess
 import sys
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import amqp.exceptions
 import kombu
 import kombu.exceptions
-import pika
 import pytest
 from kombu import Consumer, Exchange, Producer, Queue
 
@@ -29,7 +27,7 @@ import kzpool
 import kzpool.kombu
 from kzpool.testing import DEFAULT_URI, Pool, queue_counts, wait_for
 
-Names = Callable[[str], str]
+from .conftest import Names
 
 
 @pytest.fixture(scope="module")
@@ -62,23 +60,6 @@ def confirmed(url: str) -> Iterator[kombu.Connection]:
     connection.close()
 
 
-@pytest.fixture
-def names() -> Iterator[Names]:
-    """``names("q")``: a name of this test's own; queues and exchanges so named are deleted
-    afterwards."""
-    made: list[str] = []
-    prefix = f"kzt-{uuid.uuid4().hex[:8]}"
-
-    def name(what: str) -> str:
-        made.append(f"{prefix}-{what}")
-        return made[-1]
-
-    yield name
-    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as broker:
-        for made_name in made:
-            for delete in ("queue_delete", "exchange_delete"):
-                with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
-                    getattr(broker.channel(), delete)(made_name)
 
 
 def drain_all(conn: kombu.Connection, timeout: float = 0.5) -> None:

@@ -6,8 +6,7 @@ import multiprocessing
 import os
 import signal
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.queues import SimpleQueue
 
 import pika
@@ -27,12 +26,6 @@ def pool(pools: PoolMaker) -> Pool:
     return p
 
 
-@pytest.fixture
-def queue() -> Iterator[str]:
-    name = f"kzt-{uuid.uuid4().hex[:10]}"
-    yield name
-    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
-        conn.channel().queue_delete(name)
 
 
 def message_count(queue: str) -> int:

@@ -7,10 +7,8 @@ when they run, what goes back to the queue), through ``kzpool.connect()`` and
 
 from __future__ import annotations
 
-import contextlib
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from pika.exchange_type import ExchangeType
 import kzpool
 from kzpool.testing import DEFAULT_URI, Pool, queue_depth, wait_for
 
-Names = Callable[[str], str]
+from .conftest import Names
 
 
 @pytest.fixture(scope="module")
@@ -35,24 +33,6 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         served.close()
 
 
-@pytest.fixture
-def names() -> Iterator[Names]:
-    """``names("q")``: a name of this test's own; the queues and exchanges named so are
-    deleted afterwards."""
-    made: list[str] = []
-    prefix = f"kzt-{uuid.uuid4().hex[:8]}"
-
-    def name(what: str) -> str:
-        made.append(f"{prefix}-{what}")
-        return made[-1]
-
-    yield name
-    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
-        for made_name in made:
-            for delete in ("queue_delete", "exchange_delete"):
-                # one exclusive to a connection still open goes with it
-                with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
-                    getattr(conn.channel(), delete)(made_name)
 
 
 def publish(connection: kzpool.Connection, queue: str, *bodies: bytes) -> None:

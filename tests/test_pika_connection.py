@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,6 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         served.close()
 
 
-@pytest.fixture
-def queue() -> Iterator[str]:
-    name = f"kzt-{uuid.uuid4().hex[:10]}"
-    yield name
-    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
-        conn.channel().queue_delete(name)
 
 
 def test_connect_gives_a_blocking_connection(pool: Pool, queue: str) -> None:

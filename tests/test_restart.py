@@ -21,11 +21,11 @@ import kzpool.aio
 from kzpool.lease.state import POOL_RESTARTED
 from kzpool.testing import DEFAULT_URI, Pool, consumer_count, wait_for
 
-from . import test_consumers, test_leases
+from . import test_consumers
 from .test_consumers import consumer_pool, consumers, publish, traced
 
-names = test_consumers.names  # fixtures: a queue and an exchange of the test's own,
-queue = test_leases.queue  # and a queue, deleted after
+names = test_consumers.names  # fixture: a queue and an exchange of the test's own (and
+# conftest's queue: a queue, deleted after)
 
 PoolMaker = Callable[..., Pool]
 
