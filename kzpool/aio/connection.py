@@ -13,14 +13,13 @@ channels of both move to another broker and back with their topology.  The conne
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, ClassVar, Unpack
 
 from ..common.errors import LeaseRequestError
 from ..common.options import LeaseOptions, OptionFields
-from ..common.settings import BY_NAME
+from ..common.settings import client_socket
 from ..lease.state import MoveEvent
 from .callbacks import CallbackCollection, Ending
 from .channel import Channel
@@ -136,7 +135,7 @@ async def _client(socket: str | None, timeout: float, backend: AioBackend | None
             f"kzpool.aio.connect() takes the pool's socket path, not a broker URL"
             f" ({str(socket).split('@')[-1]}): the pool's config names its brokers; a"
             " channel on one broker is connection.channel(kind='sticky', broker=URL)")
-    path = socket or os.environ.get("KZPOOL_SOCKET") or str(BY_NAME["socket"].default)
+    path = client_socket(socket)
     client = PoolClient(path, backend)
     await client.ping(timeout)
     return client

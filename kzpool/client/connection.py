@@ -22,7 +22,6 @@ worker thread asks for an ack, as with pika); the methods that dispatch block.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from pika import spec, validators
 
 from ..common.errors import ClientClosed, LeaseRequestError
 from ..common.options import LeaseOptions, OptionFields
-from ..common.settings import BY_NAME
+from ..common.settings import client_socket
 from ..lease.state import MoveEvent
 from .dispatch import Callback, Timer
 from .lease import Lease
@@ -193,7 +192,7 @@ class Connection(PoolClient):
 def connect(socket: str | None = None) -> Connection:
     """The pool at ``socket``, else ``$KZPOOL_SOCKET``, else the default socket path, as a
     pika ``BlockingConnection``; :class:`PoolNotRunning` if no pool answers there."""
-    path = socket or os.environ.get("KZPOOL_SOCKET") or str(BY_NAME["socket"].default)
+    path = client_socket(socket)
     client = Connection(path)
     try:
         client.ping()

@@ -336,3 +336,9 @@ SETTINGS = _table(PoolSettings)
 BY_NAME = {s.name: s for s in SETTINGS}
 CONSUMER_SETTINGS = _table(ConsumerSettings)
 CONSUMER_BY_NAME = {s.name: s for s in CONSUMER_SETTINGS}
+
+
+def client_socket(socket: str | None = None) -> str:
+    """The pool's socket for a client: ``socket``, else ``$KZPOOL_SOCKET``, else the
+    default path."""
+    return socket or os.environ.get("KZPOOL_SOCKET") or str(BY_NAME["socket"].default)

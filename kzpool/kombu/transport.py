@@ -26,7 +26,6 @@ versions).
 from __future__ import annotations
 
 import dataclasses
-import os
 import urllib.parse
 from typing import Any, NamedTuple
 
@@ -36,7 +35,7 @@ from kombu.transport import base
 from .. import __version__
 from ..common.errors import LeaseRequestError
 from ..common.options import LeaseOptions
-from ..common.settings import BY_NAME
+from ..common.settings import client_socket
 from . import connection as driver
 
 LEASE_OPTIONS = tuple(f.name for f in dataclasses.fields(LeaseOptions))
@@ -69,7 +68,7 @@ def socket_of(client: Any) -> str:
         path = client.virtual_host if client.virtual_host not in (None, "", "/") else ""
     if path:
         return "/" + path.lstrip("/")
-    return os.environ.get("KZPOOL_SOCKET") or str(BY_NAME["socket"].default)
+    return client_socket()
 
 
 def _path_of(url: str) -> str:
