@@ -39,7 +39,7 @@ _TAG_BITS = struct.Struct(">QB")
 _U64 = struct.Struct(">Q")
 
 
-def frame(kind: int, channel: int, payload: bytes) -> bytes:
+def frame(kind: int, channel: int, payload: bytes | memoryview) -> bytes:
     return FRAME_HEAD.pack(kind, channel, len(payload)) + payload + FRAME_END
 
 

@@ -110,10 +110,6 @@ class Outbox:
         self.timer: object | None = None
 
     @property
-    def held(self) -> bool:
-        return self.held_since is not None
-
-    @property
     def full(self) -> bool:
         """Twice ``lease_buffer`` is queued (twice :data:`FLOOR` while the pot is over): what
         acks may go back to its queue."""

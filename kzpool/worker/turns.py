@@ -64,7 +64,7 @@ class Content:
             got, self.pos = len(self.head), 0
         while self.pos < len(self.body) and (got < want or not out):
             chunk = self.body[self.pos:self.pos + self.body_max]
-            out.append(amqp.frame(amqp.FRAME_BODY, self.channel, bytes(chunk)))
+            out.append(amqp.frame(amqp.FRAME_BODY, self.channel, chunk))  # one copy: the frame
             got += len(chunk) + 8
             self.pos += len(chunk)
         done = self.pos >= len(self.body)
