@@ -26,6 +26,8 @@ import kzpool
 from kzpool.testing import DEFAULT_URI, Pool, wait_for
 from kzpool.testing.amqp import fill
 
+from .bystander import worker_pid
+
 PoolMaker = Callable[..., Pool]
 KB = 1 << 10
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,11 +62,6 @@ def flood() -> Iterator[Callable[[str, int], None]]:
     for thread in threads:
         thread.join(10)
 
-
-def worker_pid(pool: Pool) -> int:
-    pid = pool.connections()[0]["pid"]
-    assert pid, pool.connections()
-    return int(pid)
 
 
 # ----- a worker stopped while large deliveries arrive -----------------------------------------

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,11 +40,6 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         yield served
     finally:
         served.close()
-
-
-@pytest.fixture
-def queue() -> str:
-    return f"kzt-fork-{uuid.uuid4().hex[:10]}"
 
 
 def fork_child(action: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:

@@ -323,7 +323,7 @@ def test_confirm_publish_raises_what_the_broker_refused_and_carries_on(
     producer = Producer(channel, on_return=lambda *args: returned.append(args))
     nobody = names("nobody2")
     producer.publish("unroutable", routing_key=nobody, mandatory=True)  # the handler has it
-    drain_all(conn, 0.2)
+    wait_for(lambda: drain_all(conn, 0.1) or returned, 5, "the return")
     assert len(returned) == 1
     exc, exchange, routing_key, message = returned[0]
     assert isinstance(exc, amqp.exceptions.ChannelError) and exc.reply_code == 312
@@ -433,4 +433,5 @@ def test_an_ack_from_a_thread_that_does_not_drain_is_sent_by_the_one_that_does(
                  "the next: prefetch 1 waited for the ack", ignore=(socket.timeout,))
         got[1].ack()
         drain_all(conn, 0.2)
+    conn.close()  # an unacked message would go back to its queue now
     assert queue_counts(queue.name) == (0, 0)
