@@ -8,8 +8,9 @@ import pytest
 import kzpool
 from kzpool.common.config import loads
 from kzpool.common.options import LeaseOptions
+from kzpool.common.wire import Flag
 from kzpool.lease.takeback import TakenBack, Why
-from kzpool.worker import timeouts
+from kzpool.worker import amqp, timeouts
 from kzpool.worker.holding import Holding
 from kzpool.worker.timeouts import ConsumeTimeout
 
@@ -17,7 +18,7 @@ from kzpool.worker.timeouts import ConsumeTimeout
 
 
 def test_held_deliveries_are_settled_one_by_one_many_at_once_or_all() -> None:
-    holding = Holding()
+    holding = Holding(1)
     holding.consuming("c1", auto_ack=False)
     holding.consuming("quick", auto_ack=True)
     for tag, ctag in [(1, "c1"), (2, "quick"), (3, "c1"), (4, "c1"), (5, "")]:
@@ -31,7 +32,7 @@ def test_held_deliveries_are_settled_one_by_one_many_at_once_or_all() -> None:
 
 
 def test_a_consumer_the_broker_cancelled_takes_its_deliveries_back_and_may_consume_again() -> None:
-    holding = Holding()
+    holding = Holding(1)
     for ctag in ("c1", "c2"):
         holding.consuming(ctag, auto_ack=False)
     for tag, ctag in [(1, "c1"), (2, "c2"), (3, "c1")]:
@@ -43,6 +44,47 @@ def test_a_consumer_the_broker_cancelled_takes_its_deliveries_back_and_may_consu
     holding.consuming("c1", auto_ack=False)  # the same tag, consuming again
     assert "c1" not in holding.cancelled
     assert holding.take_all() == (2,) and not holding.held
+
+
+def _held(*tags: int) -> Holding:
+    holding = Holding(1)
+    holding.consuming("c1", auto_ack=False)
+    holding.consuming("quick", auto_ack=True)
+    for tag in tags:
+        holding.delivered(tag, "c1")
+    return holding
+
+
+def test_acks_of_the_oldest_held_in_turn_go_as_one() -> None:
+    holding = _held(1, 2, 4, 5)
+    holding.delivered(3, "quick")  # needs no settle: it does not stop the run
+    assert [holding.settle(tag, 0) for tag in (1, 2, 4)] == [b"", b"", b""]
+    assert holding.run() == amqp.settle(1, amqp.ACK, 4, True, False)
+    assert holding.run() == b""
+    assert holding.settle(5, 0) == b"" and list(holding.held) == []
+    assert holding.run() == amqp.settle(1, amqp.ACK, 5, False, False)  # one: as it was
+
+
+def test_an_ack_past_one_still_held_goes_alone_after_the_run() -> None:
+    holding = _held(1, 2, 3, 4)
+    assert holding.settle(1, 0) == b""
+    assert holding.settle(3, 0) == amqp.settle(1, amqp.ACK, 1, False, False) + \
+        amqp.settle(1, amqp.ACK, 3, False, False)  # 2 is still held: not covered
+    assert holding.settle(2, 0) == b""  # the oldest again
+    assert holding.settle(4, Flag.SETTLE_NACK | Flag.REQUEUE) == \
+        amqp.settle(1, amqp.ACK, 2, False, False) + amqp.settle(1, amqp.NACK, 4, False, True)
+    assert not holding.held and holding.run() == b""
+
+
+def test_acks_go_one_by_one_when_asked_or_once_the_broker_took_deliveries_back() -> None:
+    holding = _held(1, 2)
+    assert holding.settle(1, 0, alone=True) == amqp.settle(1, amqp.ACK, 1, False, False)
+    assert holding.settle(2, Flag.MULTIPLE) == amqp.settle(1, amqp.ACK, 2, True, False)
+    holding = _held(1, 2, 3)
+    holding.delivered(4, "c2")
+    holding.cancel("c2", {"consumers_cancelled": 0, "deliveries_taken_back": 0}, "lease1")
+    assert holding.settle(1, 0) == amqp.settle(1, amqp.ACK, 1, False, False)
+    assert holding.settle(3, Flag.SETTLE_REJECT) == amqp.settle(1, amqp.REJECT, 3, False, False)
 
 
 # ----- the lease's side: a settle of what was taken back ---------------------------------------

@@ -12,7 +12,14 @@ A consumer the broker cancelled is cancelled again by the session: RabbitMQ 4.3 
 quorum queue's consumer that timed out its deliveries again if its channel settles one of
 the taken-back ones, under the cancelled consumer tag.  Such a late delivery is nacked
 back to its queue (a nack, not a reject: RabbitMQ 4.3 counts a reject toward a quorum
-queue's delivery limit, not a nack).  Pure bookkeeping on the worker's loop.
+queue's delivery limit, not a nack).
+
+Acks a lease sends one by one, of its oldest held deliveries in turn, go to the broker as
+one ``multiple`` ack for each read of the client's socket (:meth:`Holding.settle`, then
+:meth:`Holding.run`): the broker settles them in one step instead of one each.  It is the
+same ack, since nothing else up to its tag is held; on a channel whose deliveries the broker
+took back (it may still count them as its own), acks go one by one.  Pure bookkeeping on
+the worker's loop.
 """
 
 from __future__ import annotations
@@ -21,18 +28,24 @@ import logging
 
 from pika.exceptions import ChannelClosedByBroker
 
+from ..common.wire import Flag
+from . import amqp
+
 log = logging.getLogger("kzpool.session")
 
 
 class Holding:
     """One channel's held deliveries, by delivery tag (see the module)."""
 
-    __slots__ = ("cancelled", "held", "no_ack")
+    __slots__ = ("acked", "acks", "cancelled", "held", "no_ack", "number", "taken")
 
-    def __init__(self) -> None:
+    def __init__(self, number: int) -> None:
+        self.number = number  # the channel's
         self.held: dict[int, str] = {}  # delivery tag -> consumer tag ("" for a basic.get)
         self.no_ack: set[str] = set()  # consumers whose deliveries need no settle
         self.cancelled: set[str] = set()  # consumers the broker cancelled
+        self.taken = False  # the broker took deliveries back: acks go one by one
+        self.acked, self.acks = 0, 0  # acks waiting to go as one: the last tag, how many
 
     def consuming(self, consumer_tag: str, auto_ack: bool) -> str:
         """A consumer began (a tag the broker cancelled may be used again); its tag."""
@@ -51,6 +64,31 @@ class Holding:
         """A ``basic.get``'s message (held unless ``auto_ack``)."""
         if not auto_ack:
             self.held[tag] = ""
+
+    def settle(self, tag: int, flags: int, alone: bool = False) -> bytes:
+        """The frames that pass the lease's settle of ``tag`` (its wire ``flags``) on to the
+        broker; none yet if it is an ack that waits to go with the next (``alone``: it may
+        not), the acks waiting first otherwise."""
+        held = self.held
+        if not (flags or alone or self.taken) and held and next(iter(held)) == tag:
+            del held[tag]
+            self.acked = tag
+            self.acks += 1
+            return b""
+        multiple = bool(flags & Flag.MULTIPLE)
+        self.settled(tag, multiple)
+        method = amqp.REJECT if flags & Flag.SETTLE_REJECT else \
+            amqp.NACK if flags & Flag.SETTLE_NACK else amqp.ACK
+        return self.run() + amqp.settle(self.number, method, tag, multiple,
+                                        bool(flags & Flag.REQUEUE))
+
+    def run(self) -> bytes:
+        """The frame of the acks waiting to go as one (``multiple`` if more than one)."""
+        if not self.acks:
+            return b""
+        tag, multiple = self.acked, self.acks > 1
+        self.acked = self.acks = 0
+        return amqp.settle(self.number, amqp.ACK, tag, multiple, False)
 
     def settled(self, tag: int, multiple: bool) -> None:
         """An ack, nack or reject the lease sent (``multiple``: every tag up to ``tag``;
@@ -73,6 +111,7 @@ class Holding:
         taken = tuple(tag for tag, ctag in self.held.items() if ctag == consumer_tag)
         for tag in taken:
             del self.held[tag]
+        self.taken = self.taken or bool(taken)
         counters["consumers_cancelled"] += 1
         taken_back(counters, lease, taken, f"the broker cancelled consumer {consumer_tag}")
         return taken

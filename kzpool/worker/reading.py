@@ -62,6 +62,8 @@ class ReadHost(Protocol):
 
     def dispatch(self, kind: int, flags: int, payload: bytes) -> None: ...
 
+    def pass_acks(self) -> None: ...  # the acks of one read go as one, at its end
+
     def on_channel_closed(self, reason: BaseException) -> None: ...
 
     def publish_content(self, flags: int, exchange: str, routing_key: str,
@@ -112,6 +114,7 @@ class Reading:
                     self._to_main()
                     return False
                 if reserved and kind == _PUBLISH:
+                    session.pass_acks()
                     self._content(flags, payload, reserved)
                 else:
                     session.dispatch(kind, flags, bytes(payload))
@@ -124,6 +127,9 @@ class Reading:
             log.warning("lease %s: dropping the client: %s", session.lease, exc)
             session.end(LeaseEvent.RELEASED, f"protocol error: {exc}")
             return False
+        finally:
+            if not session.done:
+                session.pass_acks()
         return True
 
     def close(self) -> None:

@@ -65,12 +65,11 @@ class SessionHost(Protocol):
     counters: dict[str, int]  # the worker's, counted here
     spec: WorkerSpec  # its settings
     pot: Pot  # what its leases hold toward their clients, together
+    bulk: Bulk  # its second connection, for leases publishing flat out (:mod:`.bulk`)
 
     def recycle(self, channel: Any, settled_first: bool) -> None: ...
 
     def session_ended(self, session: Session, how: LeaseEvent, why: str) -> None: ...
-
-    bulk: Bulk  # its second connection, for leases publishing flat out (:mod:`.bulk`)
 
     @property
     def exclusives(self) -> CallGuard: ...  # a client's calls go through it
@@ -111,8 +110,8 @@ class Session:
         self.unsure = False  # published or settled: the broker may still close the channel
         self.counters = host.counters
         self.consumers: set[str] = set()  # tags of its consumers, while they consume
-        self.holding = Holding()  # the deliveries the broker holds for it
         self.number = channel.channel_number
+        self.holding = Holding(self.number)  # the deliveries the broker holds for it
         self.connection = channel.connection  # a BatchedConnection: frames past pika
         self.timeout = ConsumeTimeout.of(options, host.spec.settings, self.connection)
         self.connection.add_sink(self.number, self)
@@ -165,10 +164,12 @@ class Session:
             self.reading.on_readable()  # held back, in turns, bounded: :mod:`.reading`
 
     def dispatch(self, kind: int, flags: int, payload: bytes) -> None:
+        if kind == _SETTLE:
+            self._settle(wire.read_tag(payload), flags)
+            return
+        self.pass_acks()  # the acks read before it go first
         if kind == _PUBLISH:
             self._publish(flags, payload)
-        elif kind == _SETTLE:
-            self._settle(wire.read_tag(payload), flags)
         elif kind == _JSON:
             self._request(messages.decode(payload, messages.TO_SESSION))
         else:
@@ -201,18 +202,17 @@ class Session:
             self.event(messages.Error(CHANNEL_CLOSED))
             return
         self.unsure = True  # an unknown tag closes the channel, later
-        multiple, requeue = bool(flags & Flag.MULTIPLE), bool(flags & Flag.REQUEUE)
-        self.holding.settled(tag, multiple)
-        if flags & Flag.SETTLE_REJECT:
-            method = amqp.REJECT
-        elif flags & Flag.SETTLE_NACK:
-            method = amqp.NACK
-        else:
-            method = amqp.ACK
-            self.counters["acks"] += 1
-        self.connection.send_raw(amqp.settle(self.number, method, tag, multiple, requeue))
+        self.counters["acks"] += not flags & (Flag.SETTLE_NACK | Flag.SETTLE_REJECT)
+        frames = self.holding.settle(tag, flags, alone=self.handover is not None)
+        if frames:  # an ack may wait for the acks read after it (:mod:`.holding`)
+            self.connection.send_raw(frames)
         if self.handover is not None:
             self.handover.check()
+
+    def pass_acks(self) -> None:
+        """The acks that waited for the rest of the read, to the broker as one."""
+        if (frames := self.holding.run()) and self.channel.is_open:
+            self.connection.send_raw(frames)
 
     def _request(self, request: Message) -> None:
         match request:
@@ -398,6 +398,7 @@ class Session:
         answer to its close, :mod:`.linger`); tell the worker."""
         if self.ended is not None:
             return
+        self.pass_acks()
         self.ended = how
         self.outbox.close()
         self.connection.remove_sink(self.number)
