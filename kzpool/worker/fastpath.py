@@ -6,6 +6,8 @@ a channel whose lease has a :class:`Sink` goes to that sink as bytes, properties
 everything else (replies, returns, ``basic.get``, closes, heartbeats, a delivery for a
 consumer the sink does not claim) is handed to pika as one frame, as pika would have cut it.
 Frames are cut with a moving offset: the buffer is trimmed once per read, not once per frame.
+A delivery whose three frames (method, header, one body) are all in the bytes read, as most
+are, is taken in one step.
 
 Runs in the worker's loop; a frame that breaks AMQP is pika's ``InvalidFrameError``.
 """
@@ -21,6 +23,7 @@ from . import amqp
 
 _HEAD = amqp.FRAME_HEAD
 _END = 0xCE
+_DELIVER = bytes((0, amqp.BASIC, 0, amqp.DELIVER))  # a method payload's class and method
 
 
 class Sink(Protocol):
@@ -64,6 +67,7 @@ class Inbound:
     def feed(self, data: bytes) -> int:
         """Handle every whole frame of ``data``; the number of bytes used."""
         pos, size = 0, len(data)
+        sinks, content = self.sinks, self._content
         while size - pos >= 8:
             kind, channel, length = _HEAD.unpack_from(data, pos)
             end = pos + 8 + length
@@ -71,12 +75,50 @@ class Inbound:
                 break
             if data[end - 1] != _END:
                 raise InvalidFrameError("Invalid FRAME_END marker")
+            if kind == amqp.FRAME_METHOD and channel in sinks and channel not in content and \
+                    data[pos + 7:pos + 11] == _DELIVER:
+                whole = self._delivery(data, pos + 7, end, channel)
+                if whole:
+                    pos = whole
+                    continue
             payload = data[pos + 7:end - 1]
             if not (channel in self.sinks or channel in self._content) or not self._take(
                     kind, channel, payload):
                 self.to_pika(data[pos:end])
             pos = end
         return pos
+
+    def _delivery(self, data: bytes, start: int, end: int, channel: int) -> int:
+        """A delivery whose header and body follow its method frame (at ``start`` .. ``end``)
+        in ``data``, taken whole: where it ends; 0 if they do not, or it is not ours."""
+        size = len(data)
+        if size - end < 8:
+            return 0
+        kind, on, length = _HEAD.unpack_from(data, end)
+        after: int = end + 8 + length
+        if kind != amqp.FRAME_HEADER or on != channel or after > size or \
+                data[after - 1] != _END:
+            return 0
+        try:
+            body_size, properties = amqp.header(data[end + 7:after - 1])
+            body = b""
+            if body_size:
+                if size - after < 8:
+                    return 0
+                kind, on, length = _HEAD.unpack_from(data, after)
+                body_end = after + 8 + length
+                if kind != amqp.FRAME_BODY or on != channel or length != body_size or \
+                        body_end > size or data[body_end - 1] != _END:
+                    return 0
+                body, after = data[after + 7:body_end - 1], body_end
+            method = amqp.deliver(data[start:end - 1])
+        except ValueError as exc:
+            raise InvalidFrameError(str(exc)) from None
+        sink = self.sinks[channel]
+        if not sink.claims(method[0]):
+            return 0  # pika's: cut one frame at a time
+        sink.deliver(*method, properties, body)
+        return after
 
     def _take(self, kind: int, channel: int, payload: bytes) -> bool:
         """Whether a frame of a channel with a sink (or a content under way) was taken."""

@@ -1,12 +1,13 @@
 """The read side of a session: a lease's client socket read in turn with the others, and
 held back in its own client when its share of the way to the broker is full.
 
-After each read the session's frames are handed on (:meth:`ReadHost.dispatch`); then, if
-its channel's lane holds its share (:mod:`.turns`) or a large frame waits for the worker's
-budget (:mod:`.inbox`), the session stops reading its socket (the client's sends then wait
-in its own process, as on a blocked pika connection) until there is room again.  A frame
-that does not arrive whole within :data:`~kzpool.worker.inbox.FRAME_TIME` of reading drops
-that lease alone.
+Each read's publishes and settles go to the broker together, once the read is handed on
+(its acks of the oldest held deliveries in turn as one, :mod:`.holding`), its calls to the
+session after what came before them.  Then, if its channel's lane holds its share
+(:mod:`.turns`) or a large frame waits for the worker's budget (:mod:`.inbox`), the session
+stops reading its socket (the client's sends then wait in its own process, as on a blocked
+pika connection) until there is room again.  A frame that does not arrive whole within
+:data:`~kzpool.worker.inbox.FRAME_TIME` of reading drops that lease alone.
 
 Not thread-safe: the worker's loop only.
 """
@@ -20,18 +21,23 @@ from typing import Any, Protocol
 
 from pika.adapters.select_connection import IOLoop
 
-from ..common import wire
+from ..common import messages, wire
 from ..common.errors import ProtocolError
 from ..common.messages import LeaseEvent
 from ..common.sockets import receive
 from . import amqp
 from .bulk import Bulk, barrier
+from .calls import CHANNEL_CLOSED
+from .handover import Handover
+from .holding import Holding
 from .inbox import FRAME_TIME, Frame, Inbox
 from .turns import Content, Turns
 
 log = logging.getLogger("kzpool.session")
 
-_PUBLISH, _JSON = int(wire.Kind.PUBLISH), int(wire.Kind.JSON)
+_PUBLISH, _SETTLE, _JSON = int(wire.Kind.PUBLISH), int(wire.Kind.SETTLE), int(wire.Kind.JSON)
+_MANDATORY, _MULTIPLE = wire.Flag.MANDATORY, wire.Flag.MULTIPLE
+_NOT_ACK = wire.Flag.SETTLE_NACK | wire.Flag.SETTLE_REJECT
 _PUBLISH_HEAD = 1 + 255 + 1 + 255 + 2 + 65535  # a publish's names and properties, at most
 
 
@@ -50,6 +56,10 @@ class ReadHost(Protocol):
     bulk_ok: bool  # no confirms, transactions or mandatory publishes: it may move there
     writing: bool
     moving: bool
+    unsure: bool  # published or settled: the broker may still close the channel
+    counters: dict[str, int]
+    holding: Holding  # the deliveries the broker holds for it
+    handover: Handover | None  # moved: settling what it holds first
     outbox: Any  # its way to the client (:mod:`.outbox`): ``reading`` while it has room
 
     @property
@@ -60,9 +70,9 @@ class ReadHost(Protocol):
 
     def watch(self) -> None: ...  # its socket watched for what both sides want
 
-    def dispatch(self, kind: int, flags: int, payload: bytes) -> None: ...
+    def request(self, payload: bytes) -> None: ...  # a JSON frame
 
-    def pass_acks(self) -> None: ...  # the acks of one read go as one, at its end
+    def event(self, message: messages.Message) -> None: ...
 
     def on_channel_closed(self, reason: BaseException) -> None: ...
 
@@ -81,6 +91,7 @@ class Reading:
         self.timer: object | None = None
         self.switching = False  # its publishes moving to or from the bulk connection
         self.stash: list[Frame] = []  # frames read, waiting for the move back
+        self.out: list[bytes] = []  # frames for the broker of the read under way
 
     @property
     def held(self) -> bool:
@@ -113,13 +124,20 @@ class Reading:
                     self.stash = frames[at:]  # a call, or a return to wait for: back first
                     self._to_main()
                     return False
-                if reserved and kind == _PUBLISH:
-                    session.pass_acks()
+                if kind == _SETTLE:
+                    self._settle(wire.read_tag(bytes(payload)), flags)
+                elif kind == _PUBLISH and not reserved:
+                    self._publish(flags, bytes(payload))
+                elif kind == _PUBLISH:
+                    self.pass_on()
                     self._content(flags, payload, reserved)
-                else:
-                    session.dispatch(kind, flags, bytes(payload))
+                elif kind == _JSON:
+                    self.pass_on()  # what the read had before it goes first
+                    session.request(bytes(payload))
                     if reserved:
                         self.budget.unreserve(reserved)
+                else:
+                    raise ProtocolError(f"unexpected frame kind {kind} from a client")
                 if session.done:
                     return False
         except (ProtocolError, TypeError, ValueError, KeyError, AttributeError) as exc:
@@ -129,8 +147,49 @@ class Reading:
             return False
         finally:
             if not session.done:
-                session.pass_acks()
+                self.pass_on()
         return True
+
+    def _publish(self, flags: int, payload: bytes) -> None:
+        """A client's publish, its properties checked and passed on as they are."""
+        session = self.session
+        exchange, routing_key, properties, body = wire.read_publish(payload)
+        if session.publish_content(flags, exchange, routing_key, properties):
+            connection, number = session.lane
+            frames = amqp.publish(number, exchange, routing_key, properties, body,
+                                  bool(flags & _MANDATORY), connection.body_max)
+            if connection is not session.connection:  # the bulk connection's
+                connection.send_raw(frames)
+                return
+            if session.holding.acks:
+                self.out.append(session.holding.run())
+            self.out.append(frames)
+
+    def _settle(self, tag: int, flags: int) -> None:
+        session = self.session
+        if not session.channel.is_open:
+            session.event(messages.Error(CHANNEL_CLOSED))
+            return
+        session.unsure = True  # an unknown tag closes the channel, later
+        session.counters["acks"] += not flags & _NOT_ACK
+        handover = session.handover
+        frames = session.holding.settle(tag, flags, alone=handover is not None)
+        if frames:  # an ack may wait for the acks read after it (:mod:`.holding`)
+            self.out.append(frames)
+        if handover is not None:
+            self.pass_on()
+            handover.check()
+
+    def pass_on(self) -> None:
+        """What the read brought for the broker, sent at once: its publishes and settles in
+        order, the acks that waited among them as one."""
+        session = self.session
+        if session.holding.acks:
+            self.out.append(session.holding.run())
+        if self.out:
+            out, self.out = self.out, []
+            if session.channel.is_open:
+                session.connection.send_raw(b"".join(out))
 
     def close(self) -> None:
         """The session ends (its bulk channel closes behind what it published there)."""

@@ -54,7 +54,6 @@ from .timeouts import ConsumeTimeout
 
 log = logging.getLogger("kzpool.session")
 
-_PUBLISH, _SETTLE, _JSON = int(Kind.PUBLISH), int(Kind.SETTLE), int(Kind.JSON)
 _NOT_BULK = ("confirm_delivery", "tx_select")  # modes that keep publishes on the channel
 
 
@@ -163,26 +162,9 @@ class Session:
         if events & IOLoop.READ and self.ended is None:
             self.reading.on_readable()  # held back, in turns, bounded: :mod:`.reading`
 
-    def dispatch(self, kind: int, flags: int, payload: bytes) -> None:
-        if kind == _SETTLE:
-            self._settle(wire.read_tag(payload), flags)
-            return
-        self.pass_acks()  # the acks read before it go first
-        if kind == _PUBLISH:
-            self._publish(flags, payload)
-        elif kind == _JSON:
-            self._request(messages.decode(payload, messages.TO_SESSION))
-        else:
-            raise ProtocolError(f"unexpected frame kind {kind} from a client")
-
-    def _publish(self, flags: int, payload: bytes) -> None:
-        """A client's publish, its properties checked and passed on as they are."""
-        exchange, routing_key, properties, body = wire.read_publish(payload)
-        if self.publish_content(flags, exchange, routing_key, properties):
-            connection, number = self.lane
-            connection.send_raw(amqp.publish(
-                number, exchange, routing_key, properties, body,
-                bool(flags & Flag.MANDATORY), self.connection.body_max))
+    def request(self, payload: bytes) -> None:
+        """A client's JSON frame (its publishes and settles are :mod:`.reading`'s)."""
+        self._request(messages.decode(payload, messages.TO_SESSION))
 
     def publish_content(self, flags: int, exchange: str, routing_key: str,
                         properties: bytes) -> bool:
@@ -196,23 +178,6 @@ class Session:
             self.event(messages.Error(CHANNEL_CLOSED))
             return False
         return True
-
-    def _settle(self, tag: int, flags: int) -> None:
-        if not self.channel.is_open:
-            self.event(messages.Error(CHANNEL_CLOSED))
-            return
-        self.unsure = True  # an unknown tag closes the channel, later
-        self.counters["acks"] += not flags & (Flag.SETTLE_NACK | Flag.SETTLE_REJECT)
-        frames = self.holding.settle(tag, flags, alone=self.handover is not None)
-        if frames:  # an ack may wait for the acks read after it (:mod:`.holding`)
-            self.connection.send_raw(frames)
-        if self.handover is not None:
-            self.handover.check()
-
-    def pass_acks(self) -> None:
-        """The acks that waited for the rest of the read, to the broker as one."""
-        if (frames := self.holding.run()) and self.channel.is_open:
-            self.connection.send_raw(frames)
 
     def _request(self, request: Message) -> None:
         match request:
@@ -398,7 +363,7 @@ class Session:
         answer to its close, :mod:`.linger`); tell the worker."""
         if self.ended is not None:
             return
-        self.pass_acks()
+        self.reading.pass_on()
         self.ended = how
         self.outbox.close()
         self.connection.remove_sink(self.number)

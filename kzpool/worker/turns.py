@@ -211,7 +211,8 @@ class Turns:
                     lane.bytes -= piece.reserved
                     self.budget.held -= piece.reserved
                 continue
-            end = _frames(piece, lane.pos, want - got, not got)
+            end = len(piece) if len(piece) - lane.pos <= want - got else \
+                _frames(piece, lane.pos, want - got, not got)  # whole frames: all fit
             if end == lane.pos:
                 break
             out.append(piece[lane.pos:end] if lane.pos or end < len(piece) else piece)
