@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pika import frame, spec
 
-from kzpool.common import props
+from kzpool.common import props, wire
 from kzpool.common.errors import ProtocolError
 from kzpool.worker import amqp
 
@@ -29,7 +29,8 @@ def pika_publish(channel: int, exchange: str, key: str, properties: spec.BasicPr
 @pytest.mark.parametrize("body", [b"", bytes(range(256)), bytes(3 * FRAME_MAX + 5)])
 @pytest.mark.parametrize("properties", [PROPS, spec.BasicProperties()])
 def test_publish_frames_are_pikas(body: bytes, properties: spec.BasicProperties) -> None:
-    ours = amqp.publish(3, "ex", "rk", props.encode(properties), body, True, FRAME_MAX - 8)
+    ours = amqp.publish(3, wire.names("ex", "rk"), props.encode(properties), body, True,
+                        FRAME_MAX - 8)
     assert ours == pika_publish(3, "ex", "rk", properties, body, True)
 
 
@@ -149,3 +150,13 @@ def test_float_headers_travel_as_doubles_both_ways_as_py_amqp_has_them(
                      priority=1)._serialize_properties()
     assert props.decode(theirs) == spec.BasicProperties(content_type="c", headers=headers,
                                                         priority=1)
+
+
+def test_a_publishs_names_pass_through_as_they_are_and_bad_ones_are_refused() -> None:
+    payload = wire.publish("ex", "r\u00e9", b"\x00\x00", b"body", False)[wire.HEADER.size:]
+    names, properties, start = wire.read_publish_head(payload)
+    assert names == wire.names("ex", "r\u00e9") and properties == b"\x00\x00"
+    assert payload[start:] == b"body"
+    for bad in (b"", b"\x05ab", b"\x02ab\x01", b"\x01\xff\x00\x00\x00", b"\x00\x00\x00\x09ab"):
+        with pytest.raises(ProtocolError):
+            wire.read_publish_head(bad)

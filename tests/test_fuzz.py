@@ -39,6 +39,7 @@ def test_any_bytes_are_frames_or_a_protocol_error(data: bytes, chunk: int) -> No
                 if kind == protocol.Kind.JSON:
                     protocol.read_document(payload)
                 elif kind == protocol.Kind.PUBLISH:
+                    protocol.read_publish_head(payload)
                     protocol.read_publish(payload)
                 elif kind == protocol.Kind.DELIVER:
                     protocol.read_deliver(payload)
@@ -61,6 +62,9 @@ def test_publish_frames_survive_any_split(exchange: str, routing_key: str, props
     assert len(frames) == 2
     for _kind, flags, payload in frames:
         assert protocol.read_publish(payload) == (exchange, routing_key, props, body)
+        names, properties, start = protocol.read_publish_head(payload)
+        assert (names, properties, payload[start:]) == (
+            protocol.names(exchange, routing_key), props, body)
         assert bool(flags & protocol.Flag.MANDATORY) == mandatory
 
 

@@ -3,6 +3,7 @@ logic over bytes, no broker."""
 
 from __future__ import annotations
 
+from kzpool.common import wire
 from kzpool.worker import amqp
 from kzpool.worker.turns import TURN, Budget, Content, Turns, _frames
 
@@ -79,13 +80,13 @@ def test_a_content_is_sent_from_its_buffer_frame_by_frame_holding_its_reservatio
     turns = Turns(budget)
     payload = bytearray(b"x" * 300_000)
     assert budget.reserve(len(payload), lambda: None)
-    head = amqp.publish_head(5, "", "q", b"", len(payload), False)
+    head = amqp.publish_head(5, wire.names("", "q"), b"", len(payload), False)
     turns.put_content(Content(5, head, memoryview(payload), 131_064, len(payload)))
     assert turns.over(5) and budget.held == len(payload)
     sent = b""
     while turns.pending:
         sent += turns.round()
-    assert sent == amqp.publish(5, "", "q", b"", bytes(payload), False, 131_064)
+    assert sent == amqp.publish(5, wire.names("", "q"), b"", bytes(payload), False, 131_064)
     assert budget.held == 0 and not turns.over(5)
 
 

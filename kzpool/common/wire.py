@@ -262,6 +262,26 @@ def read_publish(payload: bytes) -> tuple[str, str, bytes, bytes]:
     return cursor.str8(), cursor.str8(), cursor.props(), cursor.rest()
 
 
+def read_publish_head(payload: bytes | bytearray) -> tuple[bytes, bytes, int]:
+    """A PUBLISH frame's exchange and routing key as they are (two ``str8``, as AMQP's
+    Basic.Publish carries them: checked as UTF-8, nothing decoded and encoded again), its
+    properties, and where its body begins; an overrun is a :class:`ProtocolError`."""
+    try:
+        second = 1 + payload[0]
+        end = second + 1 + payload[second]
+        bytes(payload[1:second]).decode()
+        bytes(payload[second + 1:end]).decode()
+        (size,) = _U16.unpack_from(payload, end)
+    except (IndexError, struct.error) as exc:
+        raise ProtocolError("truncated frame") from exc
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("a string field is not UTF-8") from exc
+    start = end + 2 + size
+    if start > len(payload):
+        raise ProtocolError("truncated frame")
+    return bytes(payload[:end]), bytes(payload[end + 2:start]), start
+
+
 def read_return(payload: bytes) -> tuple[int, str, str, str, bytes, bytes]:
     cursor = Cursor(payload)
     (code,) = cursor.struct(_U16)

@@ -37,6 +37,7 @@ _HEADER = struct.Struct(">HHQ")
 _PUBLISH_HEAD = struct.Struct(">BHIHHH")  # frame head, class, method, reserved short
 _TAG_BITS = struct.Struct(">QB")
 _U64 = struct.Struct(">Q")
+_MANDATORY, _NOT_MANDATORY = b"\x01" + FRAME_END, b"\x00" + FRAME_END  # its bits, its end
 
 
 def frame(kind: int, channel: int, payload: bytes | memoryview) -> bytes:
@@ -50,26 +51,29 @@ def shortstr(text: str) -> bytes:
     return bytes((len(data),)) + data
 
 
-def publish(channel: int, exchange: str, routing_key: str, properties: bytes, body: bytes,
+def publish(channel: int, names: bytes, properties: bytes, body: bytes | memoryview,
             mandatory: bool, body_max: int) -> bytes:
     """Basic.Publish, its content header and body frames, as one piece of output.
 
-    ``properties``: the property flags and list (kzpool's wire format carries them so;
-    empty for none); ``body_max``: the connection's frame_max minus 8.
+    ``names``: the exchange and routing key, two short strings (as kzpool's wire format
+    carries them); ``properties``: the property flags and list (empty for none);
+    ``body_max``: the connection's frame_max minus 8.
     """
-    pieces = [publish_head(channel, exchange, routing_key, properties, len(body), mandatory)]
+    pieces: list[bytes | memoryview] = [publish_head(channel, names, properties, len(body),
+                                                     mandatory)]
     for start in range(0, len(body), body_max):
-        pieces.append(frame(FRAME_BODY, channel, body[start:start + body_max]))
+        chunk = body[start:start + body_max]
+        pieces += (FRAME_HEAD.pack(FRAME_BODY, channel, len(chunk)), chunk, FRAME_END)
     return b"".join(pieces)
 
 
-def publish_head(channel: int, exchange: str, routing_key: str, properties: bytes,
-                 body_size: int, mandatory: bool) -> bytes:
+def publish_head(channel: int, names: bytes, properties: bytes, body_size: int,
+                 mandatory: bool) -> bytes:
     """Basic.Publish and its content header: what goes before the body frames."""
-    args = shortstr(exchange) + shortstr(routing_key) + (b"\x01" if mandatory else b"\x00")
-    method = _PUBLISH_HEAD.pack(FRAME_METHOD, channel, 6 + len(args), BASIC, PUBLISH, 0)
+    method = _PUBLISH_HEAD.pack(FRAME_METHOD, channel, 7 + len(names), BASIC, PUBLISH, 0)
     header_payload = _HEADER.pack(BASIC, 0, body_size) + (properties or NO_PROPERTIES)
-    return b"".join((method, args, FRAME_END, frame(FRAME_HEADER, channel, header_payload)))
+    return b"".join((method, names, _MANDATORY if mandatory else _NOT_MANDATORY,
+                     frame(FRAME_HEADER, channel, header_payload)))
 
 
 def settle(channel: int, method: int, tag: int, multiple: bool, requeue: bool) -> bytes:

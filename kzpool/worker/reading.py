@@ -38,7 +38,6 @@ log = logging.getLogger("kzpool.session")
 _PUBLISH, _SETTLE, _JSON = int(wire.Kind.PUBLISH), int(wire.Kind.SETTLE), int(wire.Kind.JSON)
 _MANDATORY, _MULTIPLE = wire.Flag.MANDATORY, wire.Flag.MULTIPLE
 _NOT_ACK = wire.Flag.SETTLE_NACK | wire.Flag.SETTLE_REJECT
-_PUBLISH_HEAD = 1 + 255 + 1 + 255 + 2 + 65535  # a publish's names and properties, at most
 
 
 class ReadHost(Protocol):
@@ -76,8 +75,7 @@ class ReadHost(Protocol):
 
     def on_channel_closed(self, reason: BaseException) -> None: ...
 
-    def publish_content(self, flags: int, exchange: str, routing_key: str,
-                        properties: bytes) -> bool: ...
+    def publish_content(self, flags: int, properties: bytes) -> bool: ...
 
     def end(self, how: LeaseEvent, why: str, answer: bool = False) -> None: ...
 
@@ -153,10 +151,10 @@ class Reading:
     def _publish(self, flags: int, payload: bytes) -> None:
         """A client's publish, its properties checked and passed on as they are."""
         session = self.session
-        exchange, routing_key, properties, body = wire.read_publish(payload)
-        if session.publish_content(flags, exchange, routing_key, properties):
+        names, properties, start = wire.read_publish_head(payload)
+        if session.publish_content(flags, properties):
             connection, number = session.lane
-            frames = amqp.publish(number, exchange, routing_key, properties, body,
+            frames = amqp.publish(number, names, properties, memoryview(payload)[start:],
                                   bool(flags & _MANDATORY), connection.body_max)
             if connection is not session.connection:  # the bulk connection's
                 connection.send_raw(frames)
@@ -208,11 +206,9 @@ class Reading:
 
     def _content(self, flags: int, payload: bytes | bytearray, reserved: int) -> None:
         """A large publish: sent to the broker from its own buffer, a frame at a time."""
-        view = memoryview(payload)
         try:
-            cursor = wire.Cursor(bytes(view[:_PUBLISH_HEAD]))
-            exchange, routing_key, properties = cursor.str8(), cursor.str8(), cursor.props()
-            sent = self.session.publish_content(flags, exchange, routing_key, properties)
+            names, properties, start = wire.read_publish_head(payload)
+            sent = self.session.publish_content(flags, properties)
         except Exception:
             self.budget.unreserve(reserved)
             raise
@@ -220,10 +216,10 @@ class Reading:
             self.budget.unreserve(reserved)
             return
         connection, number = self.session.lane
-        head = amqp.publish_head(number, exchange, routing_key, properties,
-                                 len(payload) - cursor.pos, bool(flags & wire.Flag.MANDATORY))
-        connection.send_content(Content(number, head, view[cursor.pos:], connection.body_max,
-                                        reserved))
+        head = amqp.publish_head(number, names, properties, len(payload) - start,
+                                 bool(flags & _MANDATORY))
+        connection.send_content(Content(number, head, memoryview(payload)[start:],
+                                        connection.body_max, reserved))
 
     def _after_read(self) -> None:
         session = self.session

@@ -166,8 +166,7 @@ class Session:
         """A client's JSON frame (its publishes and settles are :mod:`.reading`'s)."""
         self._request(messages.decode(payload, messages.TO_SESSION))
 
-    def publish_content(self, flags: int, exchange: str, routing_key: str,
-                        properties: bytes) -> bool:
+    def publish_content(self, flags: int, properties: bytes) -> bool:
         """Whether a publish may go to the broker (its body is the caller's to send)."""
         amqp.check_properties(properties)  # a bad one would close the whole connection
         if flags & Flag.MANDATORY:
