@@ -10,6 +10,7 @@ from pika import frame, spec
 from kzpool.common import props, wire
 from kzpool.common.errors import ProtocolError
 from kzpool.worker import amqp
+from kzpool.worker.fastpath import Inbound
 
 PROPS = spec.BasicProperties(content_type="text/plain", delivery_mode=2, headers={"a": 1},
                              correlation_id="c1", reply_to="r")
@@ -62,6 +63,55 @@ def test_deliveries_and_confirms_read_as_pika_wrote_them() -> None:
     nack = frame.Method(1, spec.Basic.Nack(13, False, True)).marshal()
     assert amqp.method_id(nack[7:-1]) == (amqp.BASIC, amqp.NACK)
     assert amqp.confirm(nack[7:-1]) == (13, False)
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.got: list[tuple[object, ...]] = []
+
+    def claims(self, consumer_tag: str) -> bool:
+        return consumer_tag != "pikas"
+
+    def deliver(self, *fields: object) -> None:
+        self.got.append(fields)
+
+    def confirm(self, tag: int, multiple: bool, nack: bool) -> None:
+        self.got.append(("confirm", tag, multiple, nack))
+
+
+def _delivery(channel: int, ctag: str, tag: int, body: bytes) -> bytes:
+    step = FRAME_MAX - 8
+    return b"".join([frame.Method(channel, spec.Basic.Deliver(ctag, tag, False, "", "q")).marshal(),
+                     frame.Header(channel, len(body), PROPS).marshal()] + [
+        frame.Body(channel, body[i:i + step]).marshal() for i in range(0, len(body), step)])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 300, 1 << 20])
+def test_deliveries_reach_their_sink_whole_however_the_bytes_come(chunk: int) -> None:
+    data = b"".join([
+        _delivery(1, "c", 1, b""), _delivery(1, "c", 2, b"small"),
+        _delivery(1, "pikas", 3, b"not ours"),  # a consumer the session does not claim
+        _delivery(1, "c", 4, bytes(2 * FRAME_MAX + 3)),  # several body frames
+        frame.Method(1, spec.Basic.Ack(9, True)).marshal(),
+        _delivery(2, "c", 1, b"no sink on channel 2"),
+        frame.Method(1, spec.Basic.Qos(prefetch_count=1)).marshal(), _delivery(1, "c", 5, b"x")])
+    to_pika: list[bytes] = []
+    inbound, sink = Inbound(to_pika.append), _Sink()
+    inbound.sinks[1] = sink
+    buffer = b""
+    for at in range(0, len(data), chunk):
+        buffer += data[at:at + chunk]
+        buffer = buffer[inbound.feed(buffer):]
+    assert buffer == b""
+    names, properties = wire.names("", "q"), props.encode(PROPS)
+    assert sink.got == [("c", 1, False, names, properties, b""),
+                        ("c", 2, False, names, properties, b"small"),
+                        ("c", 4, False, names, properties, bytes(2 * FRAME_MAX + 3)),
+                        ("confirm", 9, True, False), ("c", 5, False, names, properties, b"x")]
+    assert b"".join(to_pika) == _delivery(1, "pikas", 3, b"not ours") + _delivery(
+        2, "c", 1, b"no sink on channel 2") + frame.Method(
+        1, spec.Basic.Qos(prefetch_count=1)).marshal()
+    assert len(to_pika) == 7  # one whole frame at a time, as pika cuts them
 
 
 def test_truncated_frames_are_value_errors() -> None:
