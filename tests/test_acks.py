@@ -99,3 +99,22 @@ def test_acks_a_client_sent_just_before_it_died_all_count(pool: Pool, queue: str
     wait_for(lambda: not [r for r in pool.status()["assignments"]
                           if r["client_pid"] == child.pid], 10, "the dead client's lease to go")
     assert _bodies(queue) == []
+
+
+def test_an_ack_sent_twice_closes_the_channel_as_on_pika_and_the_acks_before_it_count(
+        pool: Pool, queue: str) -> None:
+    _fill(queue, b"m", 10)
+    lease = kzpool.connect(pool.socket).lease("float")
+    lease.basic_qos(prefetch_count=10)
+    for method, _props, _body in lease.consume(queue, inactivity_timeout=2):
+        assert method is not None
+        lease.basic_ack(method.delivery_tag)
+        if method.delivery_tag == 5:
+            lease.basic_ack(method.delivery_tag)  # a bug of the client's: an unknown tag now
+            break
+    with pytest.raises(kzpool.ChannelClosedByBroker) as closed:
+        lease.queue_declare(queue, passive=True)
+    assert closed.value.reply_code == 406 and "unknown delivery tag 5" in closed.value.reply_text
+    lease.cancel()  # the lease recovered on a new channel, its consumer with it
+    lease.close()
+    assert _bodies(queue) == [b"m%02d" % i for i in range(5, 10)]
