@@ -118,3 +118,24 @@ def test_an_ack_sent_twice_closes_the_channel_as_on_pika_and_the_acks_before_it_
     lease.cancel()  # the lease recovered on a new channel, its consumer with it
     lease.close()
     assert _bodies(queue) == [b"m%02d" % i for i in range(5, 10)]
+
+
+def test_a_rolled_back_reject_leaves_its_message_unacked_whatever_is_acked_after(
+        pool: Pool, queue: str) -> None:
+    _fill(queue, b"m", 4)
+    lease = kzpool.connect(pool.socket).lease("float")
+    lease.basic_qos(prefetch_count=4)
+    lease.tx_select()
+    for method, _props, body in lease.consume(queue, inactivity_timeout=2):
+        assert method is not None
+        if body == b"m00":
+            lease.basic_reject(method.delivery_tag, requeue=True)
+            lease.tx_rollback()  # the broker holds m00 unsettled again
+        elif body == b"m03":
+            break  # never settled
+        else:
+            lease.basic_ack(method.delivery_tag)  # m01 and m02: sent together
+    lease.tx_commit()
+    lease.cancel()
+    lease.close()
+    assert _bodies(queue) == [b"m00", b"m03"]

@@ -17,9 +17,11 @@ queue's delivery limit, not a nack).
 Acks a lease sends one by one, of its oldest held deliveries in turn, go to the broker as
 one ``multiple`` ack for each read of the client's socket (:meth:`Holding.settle`, then
 :meth:`Holding.run`): the broker settles them in one step instead of one each.  It is the
-same ack, since nothing else up to its tag is held; on a channel whose deliveries the broker
-took back (it may still count them as its own), acks go one by one.  Pure bookkeeping on
-the worker's loop.
+same ack, since nothing else up to its tag is held.  Acks go one by one on a channel where
+what is held may not be what the broker holds: once the broker took deliveries back (it
+may still count them as its own), once a transaction began (a rollback makes the settles it
+held back unsettled again) or after a ``basic.recover`` (deliveries already on their way
+come with tags the broker no longer holds).  Pure bookkeeping on the worker's loop.
 """
 
 from __future__ import annotations
@@ -37,14 +39,14 @@ log = logging.getLogger("kzpool.session")
 class Holding:
     """One channel's held deliveries, by delivery tag (see the module)."""
 
-    __slots__ = ("acked", "acks", "cancelled", "held", "no_ack", "number", "taken")
+    __slots__ = ("acked", "acks", "cancelled", "held", "no_ack", "number", "singly")
 
     def __init__(self, number: int) -> None:
         self.number = number  # the channel's
         self.held: dict[int, str] = {}  # delivery tag -> consumer tag ("" for a basic.get)
         self.no_ack: set[str] = set()  # consumers whose deliveries need no settle
         self.cancelled: set[str] = set()  # consumers the broker cancelled
-        self.taken = False  # the broker took deliveries back: acks go one by one
+        self.singly = False  # acks go one by one from now on (see the module)
         self.acked, self.acks = 0, 0  # acks waiting to go as one: the last tag, how many
 
     def consuming(self, consumer_tag: str, auto_ack: bool) -> str:
@@ -70,7 +72,7 @@ class Holding:
         broker; none yet if it is an ack that waits to go with the next (``alone``: it may
         not), the acks waiting first otherwise."""
         held = self.held
-        if not (flags or alone or self.taken) and held and next(iter(held)) == tag:
+        if not (flags or alone or self.singly) and held and next(iter(held)) == tag:
             del held[tag]
             self.acked = tag
             self.acks += 1
@@ -111,7 +113,7 @@ class Holding:
         taken = tuple(tag for tag, ctag in self.held.items() if ctag == consumer_tag)
         for tag in taken:
             del self.held[tag]
-        self.taken = self.taken or bool(taken)
+        self.singly = self.singly or bool(taken)
         counters["consumers_cancelled"] += 1
         taken_back(counters, lease, taken, f"the broker cancelled consumer {consumer_tag}")
         return taken

@@ -227,6 +227,8 @@ class Session:
                     self.timeout.declared(args)
                 elif method == "basic_recover":  # what it held comes again, tagged anew
                     self.holding.take_all()
+                if method in ("basic_recover", "tx_select"):  # see holding.py
+                    self.holding.singly = True
                 kwargs = {k: args[k] for k in RPC_METHODS[method] if k in args}
                 getattr(self.channel, method)(callback=reply, **kwargs)
             case messages.Consume():
@@ -313,6 +315,7 @@ class Session:
         """The broker cancelled a consumer, taking back what it held (see :mod:`.holding`)."""
         tag = str(frame.method.consumer_tag)
         self.consumers.discard(tag)
+        self.pause.forget(tag)  # never consumed again, held back or not
         taken = self.holding.cancel(tag, self.counters, self.lease)
         self.connection.send_raw(amqp.cancel(self.number, tag))
         self.event(messages.Cancelled(tag, taken))
