@@ -153,4 +153,10 @@ def gone(pid: int) -> bool:
 
 
 def titles(pool: Pool) -> dict[int, str]:
-    return {p.pid: " ".join(p.cmdline()).strip() for p in pool.group()}
+    """The title of each of the pool's processes, by pid; one that exits meanwhile (a
+    registry being replaced, say) is left out."""
+    found = {}
+    for process in pool.group():
+        with contextlib.suppress(psutil.Error):
+            found[process.pid] = " ".join(process.cmdline()).strip()
+    return found
