@@ -258,8 +258,9 @@ def read_deliver(payload: bytes) -> tuple[int, int, str, str, str, bytes, bytes]
 
 
 def read_publish(payload: bytes) -> tuple[str, str, bytes, bytes]:
-    cursor = Cursor(payload)
-    return cursor.str8(), cursor.str8(), cursor.props(), cursor.rest()
+    names, properties, start = read_publish_head(payload)
+    cursor = Cursor(names)
+    return cursor.str8(), cursor.str8(), properties, payload[start:]
 
 
 def read_publish_head(payload: bytes | bytearray) -> tuple[bytes, bytes, int]:
@@ -269,8 +270,8 @@ def read_publish_head(payload: bytes | bytearray) -> tuple[bytes, bytes, int]:
     try:
         second = 1 + payload[0]
         end = second + 1 + payload[second]
-        bytes(payload[1:second]).decode()
-        bytes(payload[second + 1:end]).decode()
+        payload[1:second].decode()
+        payload[second + 1:end].decode()
         (size,) = _U16.unpack_from(payload, end)
     except (IndexError, struct.error) as exc:
         raise ProtocolError("truncated frame") from exc

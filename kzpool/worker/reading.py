@@ -36,7 +36,7 @@ from .turns import Content, Turns
 log = logging.getLogger("kzpool.session")
 
 _PUBLISH, _SETTLE, _JSON = int(wire.Kind.PUBLISH), int(wire.Kind.SETTLE), int(wire.Kind.JSON)
-_MANDATORY, _MULTIPLE = wire.Flag.MANDATORY, wire.Flag.MULTIPLE
+_MANDATORY = wire.Flag.MANDATORY
 _NOT_ACK = wire.Flag.SETTLE_NACK | wire.Flag.SETTLE_REJECT
 
 
@@ -159,8 +159,7 @@ class Reading:
             if connection is not session.connection:  # the bulk connection's
                 connection.send_raw(frames)
                 return
-            if session.holding.acks:
-                self.out.append(session.holding.run())
+            self._end_acks()
             self.out.append(frames)
 
     def _settle(self, tag: int, flags: int) -> None:
@@ -181,13 +180,16 @@ class Reading:
     def pass_on(self) -> None:
         """What the read brought for the broker, sent at once: its publishes and settles in
         order, the acks that waited among them as one."""
-        session = self.session
-        if session.holding.acks:
-            self.out.append(session.holding.run())
+        self._end_acks()
         if self.out:
             out, self.out = self.out, []
-            if session.channel.is_open:
-                session.connection.send_raw(b"".join(out))
+            if self.session.channel.is_open:
+                self.session.connection.send_raw(b"".join(out))
+
+    def _end_acks(self) -> None:
+        """The acks waiting to go as one, next in line (what comes after follows them)."""
+        if self.session.holding.acks:
+            self.out.append(self.session.holding.run())
 
     def close(self) -> None:
         """The session ends (its bulk channel closes behind what it published there)."""
