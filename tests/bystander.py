@@ -49,6 +49,11 @@ class Bystander:
                 return
             self.confirmed += 1
 
+    def unharmed(self) -> bool:
+        """Never moved, no error, every confirmed publish in its queue (after
+        :meth:`__exit__`)."""
+        return self.moves == [] and not self.errors and self.all_there()
+
     def all_there(self) -> bool:
         """Every publish it saw confirmed is in its queue (after :meth:`__exit__`)."""
         return queue_depth(self.queue) == self.confirmed

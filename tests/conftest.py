@@ -240,6 +240,14 @@ def _start_timeouts() -> Any:
 
 
 @pytest.fixture
+def pool(pools: Callable[..., Pool]) -> Pool:
+    """A started pool on the default broker, 2 prechannels (a module may have its own)."""
+    started = pools([DEFAULT_URI], prechannels=2).start()
+    started.wait_ready()
+    return started
+
+
+@pytest.fixture
 def connection(pool: Pool) -> Iterator[kzpool.Connection]:
     """``kzpool.connect()`` to the test module's own ``pool`` fixture; closed after."""
     conn = kzpool.connect(pool.socket)

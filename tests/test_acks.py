@@ -5,45 +5,24 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable
 
-import pika
 import pytest
 
 import kzpool
 from kzpool.testing import DEFAULT_URI, Pool, wait_for
+from kzpool.testing.amqp import drain, fill
 
 from .conftest import Names
 
-PoolMaker = Callable[..., Pool]
+
+def n(i: int) -> bytes:
+    """The body of :func:`fill`'s ``i``-th message (8 bytes: only its counter)."""
+    return i.to_bytes(8, "big")
 
 
-@pytest.fixture
-def pool(pools: PoolMaker) -> Pool:
-    p = pools([DEFAULT_URI], prechannels=2).start()
-    p.wait_ready()
-    return p
-
-
-def _bodies(queue: str) -> list[bytes]:
-    """What ``queue`` holds, read off with pika (and acked)."""
-    bodies = []
-    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
-        channel = conn.channel()
-        while True:
-            method, _props, body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                return sorted(bodies)
-            bodies.append(body)
-
-
-def _fill(queue: str, prefix: bytes, count: int) -> None:
-    with pika.BlockingConnection(pika.URLParameters(DEFAULT_URI)) as conn:
-        channel = conn.channel()
-        channel.queue_declare(queue)
-        channel.confirm_delivery()
-        for i in range(count):
-            channel.basic_publish("", queue, b"%s%02d" % (prefix, i))
+def left(queue: str) -> list[bytes]:
+    """What ``queue`` still holds, in order of its counters (the queue then deleted)."""
+    return sorted(drain(DEFAULT_URI, queue))
 
 
 KEPT = {7, 8, 16, 30}  # of the consumed messages, those never acked
@@ -52,30 +31,30 @@ KEPT = {7, 8, 16, 30}  # of the consumed messages, those never acked
 def test_acks_between_unacked_auto_acked_and_got_messages_settle_exactly_those(
         pool: Pool, names: Names) -> None:
     consumed, other = names("consumed"), names("other")
-    _fill(consumed, b"a", 40)
-    _fill(other, b"b", 3)
+    fill(consumed, 40, 8)
+    fill(other, 3, 8)
     lease = kzpool.connect(pool.socket).lease("float")
     lease.basic_qos(prefetch_count=50)
-    assert lease.basic_get(other, auto_ack=True)[2] == b"b00"  # a tag nobody settles
+    assert lease.basic_get(other, auto_ack=True)[2] == n(0)  # a tag nobody settles
     got, _props, first = lease.basic_get(consumed)  # held, acked among the consumed
-    assert got is not None and first == b"a00"
+    assert got is not None and first == n(0)
     seen = 1
     for method, _props, body in lease.consume(consumed, inactivity_timeout=2):
         if method is None:
             break
-        assert body == b"a%02d" % seen
+        assert body == n(seen)
         if seen == 1:
             lease.basic_ack(got.delivery_tag)
         if seen not in KEPT:
             lease.basic_ack(method.delivery_tag)
         if seen == 20:  # an auto-acked tag between held ones
-            assert lease.basic_get(other, auto_ack=True)[2] == b"b01"
+            assert lease.basic_get(other, auto_ack=True)[2] == n(1)
         seen += 1
     assert seen == 40
     lease.cancel()
     lease.close()
-    assert _bodies(consumed) == sorted(b"a%02d" % i for i in KEPT)
-    assert _bodies(other) == [b"b02"]
+    assert left(consumed) == sorted(n(i) for i in KEPT)
+    assert left(other) == [n(2)]
 
 
 def _ack_all_and_exit(socket: str, queue: str) -> None:
@@ -90,7 +69,7 @@ def _ack_all_and_exit(socket: str, queue: str) -> None:
 
 
 def test_acks_a_client_sent_just_before_it_died_all_count(pool: Pool, queue: str) -> None:
-    _fill(queue, b"m", 100)
+    fill(queue, 100, 8)
     child = multiprocessing.get_context("fork").Process(
         target=_ack_all_and_exit, args=(pool.socket, queue))
     child.start()
@@ -98,12 +77,12 @@ def test_acks_a_client_sent_just_before_it_died_all_count(pool: Pool, queue: str
     assert child.exitcode == 0
     wait_for(lambda: not [r for r in pool.status()["assignments"]
                           if r["client_pid"] == child.pid], 10, "the dead client's lease to go")
-    assert _bodies(queue) == []
+    assert left(queue) == []
 
 
 def test_an_ack_sent_twice_closes_the_channel_as_on_pika_and_the_acks_before_it_count(
         pool: Pool, queue: str) -> None:
-    _fill(queue, b"m", 10)
+    fill(queue, 10, 8)
     lease = kzpool.connect(pool.socket).lease("float")
     lease.basic_qos(prefetch_count=10)
     for method, _props, _body in lease.consume(queue, inactivity_timeout=2):
@@ -117,25 +96,25 @@ def test_an_ack_sent_twice_closes_the_channel_as_on_pika_and_the_acks_before_it_
     assert closed.value.reply_code == 406 and "unknown delivery tag 5" in closed.value.reply_text
     lease.cancel()  # the lease recovered on a new channel, its consumer with it
     lease.close()
-    assert _bodies(queue) == [b"m%02d" % i for i in range(5, 10)]
+    assert left(queue) == [n(i) for i in range(5, 10)]
 
 
 def test_a_rolled_back_reject_leaves_its_message_unacked_whatever_is_acked_after(
         pool: Pool, queue: str) -> None:
-    _fill(queue, b"m", 4)
+    fill(queue, 4, 8)
     lease = kzpool.connect(pool.socket).lease("float")
     lease.basic_qos(prefetch_count=4)
     lease.tx_select()
     for method, _props, body in lease.consume(queue, inactivity_timeout=2):
         assert method is not None
-        if body == b"m00":
+        if body == n(0):
             lease.basic_reject(method.delivery_tag, requeue=True)
-            lease.tx_rollback()  # the broker holds m00 unsettled again
-        elif body == b"m03":
+            lease.tx_rollback()  # the broker holds the first unsettled again
+        elif body == n(3):
             break  # never settled
         else:
-            lease.basic_ack(method.delivery_tag)  # m01 and m02: sent together
+            lease.basic_ack(method.delivery_tag)  # the second and third: sent together
     lease.tx_commit()
     lease.cancel()
     lease.close()
-    assert _bodies(queue) == [b"m00", b"m03"]
+    assert left(queue) == [n(0), n(3)]

@@ -115,7 +115,7 @@ def test_a_flat_out_loader_and_consumer_do_not_hold_back_a_bystander(
     assert published > start and seen > 0  # both went on while the bystander confirmed
     assert wrong == 0  # the loader's publishes in the order it made them
     assert worker_pid(pool) == pid
-    assert bystander.moves == [] and not bystander.errors and bystander.all_there()
+    assert bystander.unharmed()
     bystander.client.close()
     assert rss.peak < RSS_BOUND, rss.peak
 
@@ -136,7 +136,7 @@ def test_a_flat_out_publish_to_a_missing_exchange_closes_that_lease_alone(pool: 
         assert closed.value.reply_code == 404
         bystander.keeps_confirming()
     assert worker_pid(pool) == pid
-    assert bystander.moves == [] and not bystander.errors and bystander.all_there()
+    assert bystander.unharmed()
     bystander.client.close()
     client.close()
 

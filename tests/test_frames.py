@@ -66,7 +66,7 @@ def test_a_frame_header_then_silence_drops_that_lease_alone(pool: Pool) -> None:
         bystander.keeps_confirming()
     client.close()
     assert worker_pid(pool) == pid
-    assert bystander.moves == [] and not bystander.errors and bystander.all_there()
+    assert bystander.unharmed()
     bystander.client.close()
     assert rss.peak < RSS_BOUND, rss.peak
 
@@ -90,7 +90,7 @@ def test_unfinished_large_frames_on_several_leases_drop_each_alone(pool: Pool) -
             sender.join(30)
     client.close()
     assert worker_pid(pool) == pid
-    assert bystander.moves == [] and not bystander.errors and bystander.all_there()
+    assert bystander.unharmed()
     bystander.client.close()
     assert rss.peak < RSS_BOUND, rss.peak
 
@@ -118,6 +118,6 @@ def test_large_publishes_pass_one_at_a_time(pool: Pool) -> None:
         conn.channel().queue_delete(queue)
     client.close()
     assert worker_pid(pool) == pid
-    assert bystander.moves == [] and not bystander.errors and bystander.all_there()
+    assert bystander.unharmed()
     bystander.client.close()
     assert rss.peak < RSS_BOUND, rss.peak

@@ -51,13 +51,6 @@ from .hostile import (
 PoolMaker = Callable[..., Pool]
 
 
-@pytest.fixture
-def pool(pools: PoolMaker) -> Pool:
-    p = pools([DEFAULT_URI], prechannels=2).start()
-    p.wait_ready()
-    return p
-
-
 def worker_socket(pool: Pool) -> str:
     return f"{pool.socket}.c1"
 
